@@ -1,0 +1,274 @@
+"""agent.toml: loading, defaults and validation (SURFACE.md).
+
+Every key has a safe default; an unknown key or a bad value is an error that names the key.
+Search order: ``--config PATH``, then ``$EDGE_AGENT_CONFIG``, then /etc/edge-agent/agent.toml
+(absent default file → defaults).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import socket
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from agent.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+DEFAULT_CONFIG_PATH = Path("/etc/edge-agent/agent.toml")
+ENV_CONFIG = "EDGE_AGENT_CONFIG"
+NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+@dataclass
+class MqttConfig:
+    url: str = "mqtt://127.0.0.1:1883"
+    topic_prefix: str = "edge"
+    client_id: str = ""
+    username: str = ""
+    password_file: str = ""
+    ca_file: str = ""
+    cert_file: str = ""
+    key_file: str = ""
+    keepalive_s: int = 60
+    session_expiry_s: int = 7 * 24 * 3600  # broker keeps our subscriptions and QoS1 backlog this long
+    protocol: str = "auto"  # "auto" (MQTT 5, falling back to 3.1.1), "5" or "3.1.1"
+
+
+@dataclass
+class TrustConfig:
+    keys_dir: str = "/etc/edge-agent/trust"
+    threshold: int = 1
+    require_signed_commands: bool = True
+    max_clock_skew_s: int = 300
+
+
+@dataclass
+class TelemetryConfig:
+    heartbeat_s: float = 60
+    window_s: float = 60
+    outbox_max_mb: float = 64
+
+
+@dataclass
+class ApiConfig:
+    listen: str = "127.0.0.1:8470"
+    control_socket: str = "/run/edge-agent/control.sock"
+    control_group: str = "edge-agent"
+
+
+@dataclass
+class HardwareConfig:
+    profile: str = "auto"
+    profiles_dirs: list[str] = field(default_factory=lambda: [
+        "/etc/edge-agent/hw-profiles", "/usr/share/edge-agent/hw-profiles"])
+
+
+@dataclass
+class BackendsConfig:
+    prefer: list[str] = field(default_factory=list)
+    autotune: bool = True
+    threads: int = 0  # 0: the runtime's default
+    allow_spinning: bool = False  # onnxruntime busy-wait pools burn a core; off by default
+
+
+@dataclass
+class StorageConfig:
+    max_disk_mb: float = 4096
+    keep_versions: int = 2
+
+
+@dataclass
+class Config:
+    device_id: str = ""
+    groups: list[str] = field(default_factory=list)
+    state_dir: str = "/var/lib/edge-agent"
+    mqtt: MqttConfig = field(default_factory=MqttConfig)
+    trust: TrustConfig = field(default_factory=TrustConfig)
+    telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
+    api: ApiConfig = field(default_factory=ApiConfig)
+    hardware: HardwareConfig = field(default_factory=HardwareConfig)
+    backends: BackendsConfig = field(default_factory=BackendsConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    source: str = "defaults"
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d.pop("source", None)
+        return d
+
+
+# Keys a signed remote ``config`` command may change; everything else needs local access.
+REMOTE_SETTABLE = {
+    "telemetry.heartbeat_s", "telemetry.window_s", "telemetry.outbox_max_mb",
+    "backends.prefer", "backends.autotune", "backends.threads", "backends.allow_spinning",
+    "storage.keep_versions", "storage.max_disk_mb", "groups",
+}
+
+_SECTIONS: dict[str, type] = {
+    "mqtt": MqttConfig, "trust": TrustConfig, "telemetry": TelemetryConfig, "api": ApiConfig,
+    "hardware": HardwareConfig, "backends": BackendsConfig, "storage": StorageConfig,
+}
+
+
+def _coerce(key: str, value: Any, default: Any) -> Any:
+    """Check ``value`` has the default's type (ints accepted for floats); error names ``key``."""
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if isinstance(default, int):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if isinstance(default, str):
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    if isinstance(default, list):
+        if not isinstance(value, list) or not all(isinstance(x, str) for x in value):
+            raise ConfigError(f"{key}: expected a list of strings, got {value!r}")
+        return list(value)
+    raise ConfigError(f"{key}: unsupported value {value!r}")
+
+
+def from_dict(data: dict[str, Any], source: str = "dict") -> Config:
+    """Build and validate a Config from a TOML-shaped dict."""
+    cfg = Config(source=source)
+    for key, value in data.items():
+        if key in _SECTIONS:
+            if not isinstance(value, dict):
+                raise ConfigError(f"[{key}]: expected a table")
+            section = getattr(cfg, key)
+            names = {f.name for f in dataclasses.fields(section)}
+            for sub, v in value.items():
+                if sub not in names:
+                    raise ConfigError(f"{key}.{sub}: unknown key (known: {', '.join(sorted(names))})")
+                setattr(section, sub, _coerce(f"{key}.{sub}", v, getattr(section, sub)))
+        elif key in ("device_id", "groups", "state_dir"):
+            setattr(cfg, key, _coerce(key, value, getattr(cfg, key)))
+        else:
+            raise ConfigError(f"{key}: unknown key")
+    if not cfg.device_id:
+        cfg.device_id = re.sub(r"[^A-Za-z0-9_.-]", "-", socket.gethostname())[:64] or "device"
+    validate(cfg)
+    return cfg
+
+
+def set_dotted(cfg: Config, key: str, value: Any) -> None:
+    """Set ``section.key`` (or a top-level key) on ``cfg`` with type checks; validates after."""
+    parts = key.split(".")
+    if len(parts) == 1:
+        if key not in ("groups", "device_id", "state_dir"):
+            raise ConfigError(f"{key}: unknown key")
+        setattr(cfg, key, _coerce(key, value, getattr(cfg, key)))
+    elif len(parts) == 2 and parts[0] in _SECTIONS:
+        section = getattr(cfg, parts[0])
+        if not hasattr(section, parts[1]):
+            raise ConfigError(f"{key}: unknown key")
+        setattr(section, parts[1], _coerce(key, value, getattr(section, parts[1])))
+    else:
+        raise ConfigError(f"{key}: unknown key")
+    validate(cfg)
+
+
+def validate(cfg: Config) -> None:
+    """Range and format checks; each error names the key."""
+    if not NAME_RE.match(cfg.device_id):
+        raise ConfigError(f"device_id: {cfg.device_id!r} must match [A-Za-z0-9_.-]{{1,64}}")
+    for g in cfg.groups:
+        if not NAME_RE.match(g):
+            raise ConfigError(f"groups: {g!r} must match [A-Za-z0-9_.-]{{1,64}}")
+    u = urlsplit(cfg.mqtt.url)
+    if u.scheme not in ("mqtt", "mqtts") or not u.hostname:
+        raise ConfigError(f"mqtt.url: {cfg.mqtt.url!r} must be mqtt://host[:port] or mqtts://host[:port]")
+    try:
+        _ = u.port
+    except ValueError as e:
+        raise ConfigError(f"mqtt.url: bad port in {cfg.mqtt.url!r}") from e
+    if not NAME_RE.match(cfg.mqtt.topic_prefix):
+        raise ConfigError(f"mqtt.topic_prefix: {cfg.mqtt.topic_prefix!r} must match [A-Za-z0-9_.-]{{1,64}}")
+    if not 5 <= cfg.mqtt.keepalive_s <= 3600:
+        raise ConfigError(f"mqtt.keepalive_s: {cfg.mqtt.keepalive_s} not in 5..3600")
+    if cfg.mqtt.protocol not in ("auto", "5", "3.1.1"):
+        raise ConfigError(f"mqtt.protocol: {cfg.mqtt.protocol!r} not one of auto, 5, 3.1.1")
+    if cfg.mqtt.session_expiry_s < 0:
+        raise ConfigError("mqtt.session_expiry_s: must be >= 0")
+    if not 1 <= cfg.trust.threshold <= 16:
+        raise ConfigError(f"trust.threshold: {cfg.trust.threshold} not in 1..16")
+    if not 0 <= cfg.trust.max_clock_skew_s <= 86400:
+        raise ConfigError(f"trust.max_clock_skew_s: {cfg.trust.max_clock_skew_s} not in 0..86400")
+    if not 0.05 <= cfg.telemetry.heartbeat_s <= 86400:
+        raise ConfigError(f"telemetry.heartbeat_s: {cfg.telemetry.heartbeat_s} not in 0.05..86400")
+    if not 0.05 <= cfg.telemetry.window_s <= 86400:
+        raise ConfigError(f"telemetry.window_s: {cfg.telemetry.window_s} not in 0.05..86400")
+    if not 1 <= cfg.telemetry.outbox_max_mb <= 65536:
+        raise ConfigError(f"telemetry.outbox_max_mb: {cfg.telemetry.outbox_max_mb} not in 1..65536")
+    if cfg.api.listen:
+        host, _, port = cfg.api.listen.rpartition(":")
+        if not host or not port.isdigit() or int(port) > 65535:
+            raise ConfigError(f"api.listen: {cfg.api.listen!r} must be host:port (or empty to disable)")
+    if cfg.hardware.profile != "auto" and not NAME_RE.match(cfg.hardware.profile):
+        raise ConfigError(f"hardware.profile: {cfg.hardware.profile!r} is not a profile name")
+    for p in cfg.backends.prefer:
+        if ":" not in p:
+            raise ConfigError(f"backends.prefer: {p!r} must be runtime:target, e.g. onnxruntime:CPUExecutionProvider")
+    if not 0 <= cfg.backends.threads <= 256:
+        raise ConfigError(f"backends.threads: {cfg.backends.threads} not in 0..256")
+    if not 1 <= cfg.storage.keep_versions <= 32:
+        raise ConfigError(f"storage.keep_versions: {cfg.storage.keep_versions} not in 1..32")
+    if cfg.storage.max_disk_mb <= 0:
+        raise ConfigError(f"storage.max_disk_mb: {cfg.storage.max_disk_mb} must be positive")
+    if not cfg.state_dir:
+        raise ConfigError("state_dir: must not be empty")
+
+
+def config_path(explicit: str | None = None) -> Path | None:
+    """The config file to read: --config, $EDGE_AGENT_CONFIG, or the default if it exists."""
+    if explicit:
+        return Path(explicit)
+    env = os.environ.get(ENV_CONFIG)
+    if env:
+        return Path(env)
+    return DEFAULT_CONFIG_PATH if DEFAULT_CONFIG_PATH.exists() else None
+
+
+def load(explicit: str | None = None) -> Config:
+    """Load and validate the config; ConfigError names the file and the key."""
+    path = config_path(explicit)
+    if path is None:
+        return from_dict({}, source="defaults")
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror or e}") from e
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from e
+    try:
+        cfg = from_dict(data, source=str(path))
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e.message}") from e
+    base = path.parent
+    # Relative paths in the file are relative to the file, so a config folder can be moved whole.
+    for obj, attr in ((cfg, "state_dir"), (cfg.trust, "keys_dir"), (cfg.mqtt, "password_file"),
+                      (cfg.mqtt, "ca_file"), (cfg.mqtt, "cert_file"), (cfg.mqtt, "key_file"),
+                      (cfg.api, "control_socket")):
+        val = getattr(obj, attr)
+        if val and not os.path.isabs(val):
+            setattr(obj, attr, str((base / val).resolve()))
+    cfg.hardware.profiles_dirs = [d if os.path.isabs(d) else str((base / d).resolve())
+                                  for d in cfg.hardware.profiles_dirs]
+    return cfg

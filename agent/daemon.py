@@ -1,0 +1,424 @@
+"""The daemon's composition root: build the parts, start them, stop them in reverse order.
+
+Start: config → state → trust (refused if writable by others) → serving models restored →
+local API and control socket → MQTT (birth status, subscriptions) → telemetry timers → READY.
+Stop (SIGTERM/SIGINT): STOPPING → no new commands → in-flight requests and the running deploy
+step finish (bounded) → final status ``online: false`` → disconnect → state closed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import queue
+import signal
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from agent import __version__, config, errors, logs
+from agent.bundles.fetch import Fetcher
+from agent.bundles.store import Store
+from agent.bundles.trust import TrustStore
+from agent.commands.verify import Command, CommandVerifier, peek_id
+from agent.deploy.jobs import JobReporter
+from agent.deploy.runner import DeployContext, DeployRunner, DeploySettings, load_model
+from agent.mqtt.connection import Connection
+from agent.mqtt.topics import Topics
+from agent.sdnotify import Notifier
+from agent.serving.control import ControlServer
+from agent.serving.registry import Registry, ServingVersion
+from agent.state import StateDB
+from agent.telemetry.outbox import KIND_HEARTBEAT, KIND_TELEMETRY, Outbox
+from agent.telemetry.windows import LatencyWindows
+from agent.timeutil import now_rfc3339
+
+log = logging.getLogger("agent.daemon")
+
+STOP_TIMEOUT_S = 5.0  # SIGTERM to exit, in-flight work included
+DEPLOY_QUEUE_MAX = 64
+EXIT_CONFIG = 2
+EXIT_UNSAFE = 3
+
+
+class Agent:
+    """All long-lived parts of one running agent."""
+
+    def __init__(self, cfg: config.Config) -> None:
+        self.cfg = cfg
+        self.started = time.time()
+        self.boot_id = uuid.uuid4().hex[:16]
+        self.state_dir = Path(cfg.state_dir)
+        self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
+        self.topics = Topics(cfg.mqtt.topic_prefix, cfg.device_id)
+        self.db = StateDB(self.state_dir / "state.db")
+        self.outbox = Outbox(self.state_dir / "outbox.db", int(cfg.telemetry.outbox_max_mb * 2**20))
+        self.store = Store(self.state_dir / "store")
+        self.trust = TrustStore.load(Path(cfg.trust.keys_dir))
+        self.windows = LatencyWindows()
+        self.registry = Registry(observer=self.windows.observe)
+        self.reporter = JobReporter(self.db, self.outbox, self.topics)
+        self.backends = self._backends()
+        self.profile = self._profile()
+        self.runner = DeployRunner(self.db, self.store, Fetcher(), lambda: self.trust, self.registry,
+                                   self.backends, self.reporter, self.deploy_settings)
+        self.verifier = CommandVerifier(self.trust, cfg.trust.threshold, cfg.device_id, cfg.groups,
+                                        cfg.trust.max_clock_skew_s, cfg.trust.require_signed_commands)
+        subs = [self.topics.cmd] + [self.topics.group_cmd(g) for g in cfg.groups]
+        self.mqtt = Connection(cfg.mqtt, cfg.mqtt.client_id or cfg.device_id, subs, self.topics.status,
+                               birth=lambda: self.status_doc(True), will=lambda: self.status_doc(False, "connection lost"),
+                               outbox=self.outbox, on_command=self.on_command)
+        self.notifier = Notifier()
+        self.stopping = threading.Event()
+        self._deploys: queue.Queue[DeployContext | None] = queue.Queue(DEPLOY_QUEUE_MAX)
+        self._current: DeployContext | None = None
+        self._threads: list[threading.Thread] = []
+        self.kserve: Any = None
+        self.control: ControlServer | None = None
+
+    # -- parts -------------------------------------------------------------------------------
+    @staticmethod
+    def _backends() -> list[Any]:
+        from agent.backends.onnxruntime import OnnxRuntimeBackend
+
+        return [OnnxRuntimeBackend()]
+
+    def _profile(self) -> str:
+        try:
+            from agent.hardware import hw_report
+
+            rep = hw_report("/", self.cfg.hardware.profiles_dirs, self.cfg.hardware.profile, probe_runtimes=False)
+            return str(rep.get("profile", "unknown"))
+        except Exception as e:  # detection must never stop the agent
+            log.warning("hardware detection failed: %s", e)
+            return "unknown"
+
+    def deploy_settings(self) -> DeploySettings:
+        c = self.cfg
+        return DeploySettings(threshold=c.trust.threshold, max_clock_skew_s=c.trust.max_clock_skew_s,
+                              prefer=tuple(c.backends.prefer), threads=c.backends.threads,
+                              allow_spinning=c.backends.allow_spinning, keep_versions=c.storage.keep_versions,
+                              max_disk_bytes=int(c.storage.max_disk_mb * 2**20))
+
+    # -- status ------------------------------------------------------------------------------
+    def models_status(self) -> list[dict[str, Any]]:
+        out = []
+        for rec in self.db.models():
+            sv = self.registry.get(rec["name"])
+            entry: dict[str, Any] = {"name": rec["name"], "version": rec["serving"], "state": rec["state"] if sv else "not_loaded",
+                                     "previous": rec["previous"]}
+            if sv is not None:
+                entry.update(variant=sv.variant, backend=sv.backend)
+            out.append(entry)
+        return out
+
+    def status_doc(self, online: bool, reason: str = "") -> dict[str, Any]:
+        doc: dict[str, Any] = {"v": 1, "device": self.cfg.device_id, "online": online, "ts": now_rfc3339(),
+                               "seq": self.outbox.next_seq("status"), "agent": __version__, "boot_id": self.boot_id,
+                               "profile": self.profile, "models": self.models_status()}
+        if reason:
+            doc["reason"] = reason
+        if self.db.get("clock_untrusted"):
+            doc["clock"] = "untrusted"
+        return doc
+
+    def publish_status(self) -> None:
+        self.mqtt.publish_status(self.status_doc(True))
+
+    def full_status(self) -> dict[str, Any]:
+        """What `agentctl status` and the `status` command report."""
+        return {"device": self.cfg.device_id, "agent": __version__, "boot_id": self.boot_id,
+                "uptime_s": round(time.time() - self.started, 1), "profile": self.profile,
+                "groups": self.cfg.groups, "mqtt": self.mqtt.state.to_dict(), "outbox": self.outbox.stats(),
+                "models": self.models_status(), "config": self.cfg.source,
+                "api": self.kserve.address if self.kserve else None,
+                "deploying": self._current.job_id if self._current else None}
+
+    # -- commands ----------------------------------------------------------------------------
+    def on_command(self, topic: str, raw: bytes) -> None:
+        """Verify and route one command (runs on the command worker, never the network thread)."""
+        try:
+            cmd = self.verifier.verify(raw)
+        except errors.AgentError as e:
+            cid = peek_id(raw)
+            log.warning("command on %s refused: %s", topic, e)
+            if cid is not None and not self.db.job(cid):
+                self.reporter.update(cid, "unknown", "REJECTED", error=e, persist=False)
+            return
+        model = cmd.params.get("model") if isinstance(cmd.params.get("model"), str) else None
+        if not self.db.create_job(cmd.id, cmd.type, model, cmd.params, cmd.expires_at):
+            prior = self.db.job(cmd.id) or {}
+            err = errors.RejectError(errors.REPLAYED, f"command {cmd.id} was already received (state {prior.get('state')}); not executed again")
+            self.reporter.update(cmd.id, cmd.type, "REJECTED", error=err, persist=False,
+                                 extra={"recorded": {"state": prior.get("state"), "error": prior.get("error"),
+                                                     "result": prior.get("result")}})
+            return
+        self.reporter.update(cmd.id, cmd.type, "QUEUED", persist=False)
+        try:
+            self._route(cmd)
+        except errors.AgentError as e:
+            state = "REJECTED" if isinstance(e, errors.RejectError) else "FAILED"
+            self.reporter.update(cmd.id, cmd.type, state, error=e)
+
+    def _route(self, cmd: Command) -> None:
+        p = cmd.params
+        if cmd.type == "ping":
+            self.reporter.update(cmd.id, "ping", "SUCCEEDED", result={"pong": now_rfc3339()})
+        elif cmd.type == "status":
+            self.reporter.update(cmd.id, "status", "SUCCEEDED", result=self.full_status())
+        elif cmd.type == "deploy":
+            model, url = p.get("model"), p.get("manifest_url")
+            if not isinstance(model, str) or not isinstance(url, str):
+                raise errors.RejectError(errors.INVALID_COMMAND, "deploy needs params.model and params.manifest_url (strings)")
+            pin = p.get("backend")
+            sha = p.get("manifest_sha256")
+            ctx = DeployContext(cmd.id, model, url, sha if isinstance(sha, str) else None,
+                                pin if isinstance(pin, str) else None)
+            try:
+                self._deploys.put_nowait(ctx)
+            except queue.Full as e:
+                raise errors.RetryableError("busy", f"{DEPLOY_QUEUE_MAX} deploys already queued") from e
+        else:
+            raise errors.RejectError(errors.UNKNOWN_COMMAND, f"command type {cmd.type!r} is not supported by agent {__version__}")
+
+    def _deploy_loop(self) -> None:
+        while True:
+            ctx = self._deploys.get()
+            if ctx is None or self.stopping.is_set():
+                return
+            self._current = ctx
+            try:
+                self.runner.run(ctx)
+            finally:
+                self._current = None
+            self.publish_status()
+
+    # -- restore -----------------------------------------------------------------------------
+    def restore(self) -> None:
+        """Load every model's serving version (falling back to its previous one)."""
+        for job in self.db.unfinished_jobs():
+            err = errors.AgentError(errors.INTERNAL, f"the agent restarted during {job['step'] or job['state']}; the serving version is unchanged")
+            self.reporter.update(job["id"], job["type"], "FAILED", job["step"], error=err)
+        settings = self.deploy_settings()
+        for rec in self.db.models():
+            for version in (rec["serving"], rec["previous"]):
+                if version is None:
+                    continue
+                info = self.db.version(rec["name"], version)
+                if info is None:
+                    continue
+                from agent.bundles.manifest import parse_document
+
+                try:
+                    m = parse_document(info["manifest"])
+                    runtime, target = info["backend"].split(":", 1)
+                    path = self.store.version_dir(m.name, m.version) / m.variant(info["variant"]).main_file.path
+                    loaded = load_model(self.backends, runtime, target, path, settings)
+                except (errors.AgentError, ValueError) as e:
+                    log.error("%s v%s could not be restored: %s", rec["name"], version, e)
+                    self.reporter.event("restore_failed", model=rec["name"], version=version, error=str(e))
+                    continue
+                self.registry.activate(ServingVersion(m.name, m.version, info["variant"], loaded, manifest=m.raw))
+                if version != rec["serving"]:
+                    self.db.set_serving(rec["name"], version, None)
+                    self.reporter.event("rollback", model=rec["name"], to=version, reason="serving version failed to load at start")
+                break
+
+    # -- telemetry ---------------------------------------------------------------------------
+    def _heartbeat_loop(self) -> None:
+        from agent.telemetry.system import system_figures
+
+        while not self.stopping.wait(self.cfg.telemetry.heartbeat_s):
+            try:
+                ob = self.outbox.stats()
+                doc = {"v": 1, "device": self.cfg.device_id, "ts": now_rfc3339(),
+                       "uptime_s": round(time.time() - self.started, 1),
+                       "system": system_figures(self.cfg.state_dir),
+                       "outbox": {"depth": ob["depth"], "oldest_s": ob["oldest_s"], "dropped": ob["dropped"]},
+                       "mqtt": {"reconnects": self.mqtt.state.reconnects}}
+                self.outbox.add(self.topics.heartbeat, doc, KIND_HEARTBEAT)
+            except Exception:
+                log.exception("heartbeat failed")
+
+    def _window_loop(self) -> None:
+        window_s = self.cfg.telemetry.window_s
+        while not self.stopping.wait(window_s):
+            self._flush_window(window_s)
+
+    def _flush_window(self, window_s: float) -> None:
+        done = self.windows.swap()
+        if not done:
+            return
+        doc = {"v": 1, "device": self.cfg.device_id, "ts": now_rfc3339(), "window_s": window_s,
+               "models": {name: w.summary() for name, w in done.items()}}
+        self.outbox.add(self.topics.telemetry, doc, KIND_TELEMETRY)
+
+    def _watchdog_loop(self) -> None:
+        interval = self.notifier.watchdog_s / 2
+        while not self.stopping.wait(interval):
+            self.notifier.watchdog()
+
+    # -- local API ---------------------------------------------------------------------------
+    def _control_handlers(self, control: ControlServer) -> None:
+        from agent import tensors
+
+        def models(_: dict[str, Any]) -> Any:
+            out = []
+            for m in self.models_status():
+                m["kept"] = self.db.versions(m["name"])
+                sv = self.registry.get(m["name"])
+                if sv is not None:
+                    m["io"] = sv.describe()
+                out.append(m)
+            return out
+
+        def infer(p: dict[str, Any]) -> Any:
+            name = p.get("model")
+            if not isinstance(name, str):
+                raise errors.RejectError(errors.INVALID_INPUT, "infer needs a model name")
+            raw = p.get("inputs") or {}
+            if not isinstance(raw, dict):
+                raise errors.RejectError(errors.INVALID_INPUT, "inputs must be an object of tensors")
+            inputs = {k: tensors.decode(v, k) for k, v in raw.items()}
+            t0 = time.perf_counter()
+            sv, out = self.registry.infer(name, inputs)
+            return {"model": name, "version": sv.version, "backend": sv.backend,
+                    "latency_ms": round((time.perf_counter() - t0) * 1000, 3),
+                    "outputs": {k: tensors.encode(v) for k, v in out.items()}}
+
+        def explain(p: dict[str, Any]) -> Any:
+            job = self.db.job(str(p.get("job", "")))
+            if job is None:
+                raise errors.RejectError("unknown_job", f"no job {p.get('job')!r} on this device")
+            job["timeline"] = self.db.job_timeline(job["id"])
+            return job
+
+        def hw(_: dict[str, Any]) -> Any:
+            from agent.hardware import hw_report
+
+            return hw_report("/", self.cfg.hardware.profiles_dirs, self.cfg.hardware.profile)
+
+        control.register("status", lambda _: self.full_status())
+        control.register("models", models)
+        control.register("jobs", lambda p: self.db.jobs(int(p.get("limit", 20))))
+        control.register("explain", explain)
+        control.register("infer", infer)
+        control.register("hw", hw)
+        control.register("config", lambda _: self.cfg.to_dict())
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def start(self) -> None:
+        bad = self.trust.writable_by_others()
+        if bad:
+            raise errors.AgentError("unsafe_trust", f"trust folder is writable by others: {', '.join(bad)} (chmod go-w)")
+        if not len(self.trust):
+            log.warning("trust folder %s holds no keys: every signed command and bundle will be refused", self.cfg.trust.keys_dir)
+        self.control = ControlServer(self.cfg.api.control_socket, self.cfg.api.control_group)
+        self._control_handlers(self.control)
+        self.control.start()  # first: it also refuses a second daemon on the same socket
+        self.restore()
+        if self.cfg.api.listen:
+            from agent.serving.kserve import KServeServer, parse_listen
+
+            host, port = parse_listen(self.cfg.api.listen)
+            self.kserve = KServeServer(self.registry, host, port, ready_fn=lambda: not self.stopping.is_set())
+            self.kserve.start()
+        self.mqtt.start()
+        for target, name in ((self._deploy_loop, "deploy"), (self._heartbeat_loop, "heartbeat"),
+                             (self._window_loop, "telemetry")):
+            t = threading.Thread(target=target, name=name, daemon=True)
+            t.start()
+            self._threads.append(t)
+        if self.notifier.watchdog_s:
+            threading.Thread(target=self._watchdog_loop, name="watchdog", daemon=True).start()
+        self.notifier.ready(f"serving {len(self.registry.names())} model(s)")
+        log.info("edge-agent %s started: device %s, profile %s, api %s, broker %s",
+                 __version__, self.cfg.device_id, self.profile,
+                 self.kserve.address if self.kserve else "off", self.cfg.mqtt.url)
+
+    def stop(self) -> None:
+        log.info("stopping")
+        self.notifier.stopping()
+        self.stopping.set()
+        deadline = time.monotonic() + STOP_TIMEOUT_S
+        if self._current is not None:
+            self._current.cancel_code = errors.CANCELED
+            self._current.cancel.set()
+        try:
+            self._deploys.put_nowait(None)
+        except queue.Full:
+            pass
+        if self.kserve is not None:
+            self.kserve.stop(timeout_s=max(0.5, deadline - time.monotonic() - 2))
+        if self.control is not None:
+            self.control.stop()
+        for t in self._threads:
+            t.join(max(0.0, min(1.0, deadline - time.monotonic() - 1.5)))
+        self._flush_window(self.cfg.telemetry.window_s)
+        self.mqtt.stop(final_status=self.status_doc(False, "shutdown"), timeout_s=max(0.5, deadline - time.monotonic() - 0.5))
+        self.registry.close(timeout_s=max(0.1, deadline - time.monotonic()))
+        self.outbox.close()
+        self.db.close()
+        log.info("stopped")
+
+
+def run(cfg: config.Config) -> int:
+    agent = Agent(cfg)
+    done = threading.Event()
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        log.info("received %s", signal.Signals(signum).name)
+        done.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        agent.start()
+    except errors.AgentError as e:
+        log.error("cannot start: %s", e.message)
+        return EXIT_UNSAFE
+    while not done.wait(1.0):
+        pass
+    agent.stop()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="edge-agent", description="Edge ML agent daemon")
+    ap.add_argument("--version", action="version", version=f"edge-agent {__version__}")
+    sub = ap.add_subparsers(dest="cmd")
+    r = sub.add_parser("run", help="run the daemon")
+    r.add_argument("--config", help=f"config file (default ${config.ENV_CONFIG} or {config.DEFAULT_CONFIG_PATH})")
+    r.add_argument("--log-format", choices=["text", "json"], default="text")
+    r.add_argument("--log-level", default=os.environ.get("EDGE_AGENT_LOG_LEVEL", "info"))
+    c = sub.add_parser("check-config", help="validate the config and print the effective values")
+    c.add_argument("--config")
+    args = ap.parse_args(argv)
+    if args.cmd is None:
+        ap.print_help(sys.stderr)
+        return 2
+    if args.cmd == "check-config":
+        try:
+            cfg = config.load(args.config)
+        except errors.ConfigError as e:
+            print(f"edge-agent: {e.message}", file=sys.stderr)
+            return EXIT_CONFIG
+        import json
+
+        print(json.dumps(cfg.to_dict(), indent=2))
+        return 0
+    logs.setup(args.log_level, args.log_format)
+    try:
+        cfg = config.load(args.config)
+    except errors.ConfigError as e:
+        log.error("config: %s", e.message)
+        return EXIT_CONFIG
+    return run(cfg)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,60 @@
+"""Job updates (PROTOCOL.md "Job updates"): persisted to the state database, then queued durably.
+
+Every state change of a job is written to state.db (the timeline `agentctl explain` shows) and
+to the outbox as one job update on ``{prefix}/{device}/jobs/{id}`` with the ``jobs`` seq stream.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from agent.errors import AgentError
+from agent.mqtt.topics import Topics
+from agent.state import StateDB
+from agent.telemetry.outbox import KIND_EVENT, KIND_JOB, Outbox
+from agent.timeutil import now_rfc3339
+
+log = logging.getLogger(__name__)
+
+
+class JobReporter:
+    def __init__(self, db: StateDB, outbox: Outbox, topics: Topics) -> None:
+        self.db = db
+        self.outbox = outbox
+        self.topics = topics
+
+    def update(self, job_id: str, type_: str, state: str, step: str | None = None,
+               error: AgentError | dict[str, Any] | None = None, result: dict[str, Any] | None = None,
+               progress: dict[str, int] | None = None, persist: bool = True,
+               extra: dict[str, Any] | None = None) -> None:
+        err = error.to_dict() if isinstance(error, AgentError) else error
+        if persist:
+            self.db.update_job(job_id, state, step, err, result)
+        doc: dict[str, Any] = {"v": 1, "device": self.topics.device, "job": job_id, "type": type_,
+                               "state": state, "ts": now_rfc3339()}
+        if step:
+            doc["step"] = step
+        if progress:
+            doc["progress"] = progress
+        if err:
+            doc["error"] = err
+        if result is not None:
+            doc["result"] = result
+        if extra:
+            doc.update(extra)
+        self.outbox.add(self.topics.job(job_id), doc, KIND_JOB, stream="jobs")
+        if err:
+            log.warning("job %s (%s): %s%s: %s", job_id, type_, state, f" at {step}" if step else "",
+                        err.get("message"))
+        else:
+            log.info("job %s (%s): %s%s", job_id, type_, state, f" {step}" if step else "")
+
+    def progress(self, job_id: str, type_: str, step: str, done: int, total: int) -> None:
+        """A progress-only update: not persisted (the step is), only published."""
+        self.update(job_id, type_, "IN_PROGRESS", step, progress={"done": done, "total": total}, persist=False)
+
+    def event(self, kind: str, **fields: Any) -> None:
+        doc = {"v": 1, "device": self.topics.device, "ts": now_rfc3339(), "event": kind, **fields}
+        self.outbox.add(self.topics.events, doc, KIND_EVENT, stream="events")
+        log.info("event %s %s", kind, fields)

@@ -1,0 +1,83 @@
+"""One error tree for the agent, split by what the caller should do.
+
+- ``RejectError``: the input is bad (signature, schema, hash, policy). Never retried; the job
+  ends REJECTED or FAILED with the error's stable ``code``.
+- ``RetryableError``: the transport failed (network, server, timeout). Retried with capped,
+  jittered back-off; once the retries are spent it becomes a FAILED job with its code.
+
+Every error carries a stable ``code`` from PROTOCOL.md and a message naming the thing at fault.
+Foreign exceptions are wrapped at the boundary with ``raise ... from e``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+# Stable error codes (PROTOCOL.md, BUNDLE.md, plus the additions documented in docs/protocol.md).
+INVALID_COMMAND = "invalid_command"
+BAD_SIGNATURE = "bad_signature"
+UNTRUSTED_KEY = "untrusted_key"
+THRESHOLD_NOT_MET = "threshold_not_met"
+EXPIRED = "expired"
+NOT_YET_VALID = "not_yet_valid"
+REPLAYED = "replayed"
+WRONG_TARGET = "wrong_target"
+UNSUPPORTED_VERSION = "unsupported_version"
+UNSIGNED_COMMAND = "unsigned_command"
+ROLLBACK_REFUSED = "rollback_refused"
+HASH_MISMATCH = "hash_mismatch"
+SIZE_EXCEEDED = "size_exceeded"
+DOWNLOAD_FAILED = "download_failed"
+INVALID_MANIFEST = "invalid_manifest"
+INVALID_BUNDLE = "invalid_bundle"
+NO_COMPATIBLE_BACKEND = "no_compatible_backend"
+LOAD_FAILED = "load_failed"
+VALIDATION_FAILED = "validation_failed"
+SLO_FAILED = "slo_failed"
+DISK_FULL = "disk_full"
+INSUFFICIENT_MEMORY = "insufficient_memory"
+UNKNOWN_MODEL = "unknown_model"
+UNKNOWN_COMMAND = "unknown_command"
+SUPERSEDED = "superseded"
+CANCELED = "canceled"
+TIMEOUT = "timeout"
+CLOCK_UNTRUSTED = "clock_untrusted"
+INVALID_INPUT = "invalid_input"
+INTERNAL = "internal"
+
+
+class AgentError(Exception):
+    """Base of every error the agent raises on purpose: a stable code and a clear message."""
+
+    code: str = INTERNAL
+
+    def __init__(self, code: str, message: str, **details: Any) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.details = details
+
+    def to_dict(self) -> dict[str, Any]:
+        """The ``error`` object of a job update or API response."""
+        out: dict[str, Any] = {"code": self.code, "message": self.message}
+        if self.details:
+            out["details"] = self.details
+        return out
+
+    def __str__(self) -> str:
+        return f"{self.code}: {self.message}"
+
+
+class RejectError(AgentError):
+    """Bad content or policy: refuse, never retry."""
+
+
+class RetryableError(AgentError):
+    """Transport or transient failure: may succeed when tried again."""
+
+
+class ConfigError(AgentError):
+    """The configuration is invalid; the message names the key."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__("invalid_config", message)

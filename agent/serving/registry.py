@@ -1,0 +1,145 @@
+"""Model registry: which version of each model serves, with hot swap.
+
+Invariants:
+- Each model name has at most one serving version; a request is bound to one version from start
+  to end (no response mixes versions).
+- A swap never fails an in-flight request: the old version is closed only after its in-flight
+  calls finished (or a bounded drain timeout passed).
+- The registry holds loaded models only; what is installed and kept lives in the state database.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from agent import errors
+from agent.backends.base import InflightGate, LoadedModel
+
+if TYPE_CHECKING:
+    import numpy as np
+
+log = logging.getLogger(__name__)
+DRAIN_TIMEOUT_S = 30.0  # an old version waits this long for in-flight calls before closing anyway
+
+LatencyObserver = Callable[[str, int, str, float, bool], None]
+
+
+@dataclass
+class ServingVersion:
+    """A loaded version of a model."""
+
+    name: str
+    version: int
+    variant: str
+    model: LoadedModel
+    manifest: dict[str, Any] = field(default_factory=dict)
+    loaded_at: float = field(default_factory=time.time)
+    gate: InflightGate = field(default_factory=InflightGate)
+
+    @property
+    def backend(self) -> str:
+        return self.model.backend_id
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "version": self.version, "variant": self.variant,
+                "backend": self.backend,
+                "inputs": [t.to_dict() for t in self.model.inputs],
+                "outputs": [t.to_dict() for t in self.model.outputs]}
+
+
+class Registry:
+    """name → serving version; thread-safe."""
+
+    def __init__(self, observer: LatencyObserver | None = None) -> None:
+        self._lock = threading.Lock()
+        self._serving: dict[str, ServingVersion] = {}
+        self._observer = observer
+        self._draining: list[threading.Thread] = []
+
+    def set_observer(self, observer: LatencyObserver | None) -> None:
+        self._observer = observer
+
+    def get(self, name: str) -> ServingVersion | None:
+        with self._lock:
+            return self._serving.get(name)
+
+    def names(self) -> list[str]:
+        with self._lock:
+            return sorted(self._serving)
+
+    def all(self) -> list[ServingVersion]:
+        with self._lock:
+            return [self._serving[n] for n in sorted(self._serving)]
+
+    def acquire(self, name: str, version: int | None = None) -> ServingVersion:
+        """Bind a request to the serving version (and count it in flight); release() after."""
+        with self._lock:
+            sv = self._serving.get(name)
+            if sv is None:
+                raise errors.RejectError(errors.UNKNOWN_MODEL, f"model {name!r} is not serving")
+            if version is not None and sv.version != version:
+                raise errors.RejectError(errors.UNKNOWN_MODEL,
+                                         f"model {name!r} version {version} is not serving (serving: {sv.version})")
+            sv.gate.enter()
+            return sv
+
+    def infer(self, name: str, inputs: dict[str, Any], version: int | None = None
+              ) -> tuple[ServingVersion, dict[str, np.ndarray]]:
+        """Run one inference on the serving version; records latency and errors."""
+        sv = self.acquire(name, version)
+        t0 = time.perf_counter()
+        ok = False
+        try:
+            out = sv.model.infer(inputs)
+            ok = True
+            return sv, out
+        finally:
+            sv.gate.leave()
+            obs = self._observer
+            if obs is not None:
+                obs(sv.name, sv.version, sv.backend, time.perf_counter() - t0, ok)
+
+    def activate(self, sv: ServingVersion) -> ServingVersion | None:
+        """Make ``sv`` the serving version; the previous one drains and closes in the background."""
+        with self._lock:
+            old = self._serving.get(sv.name)
+            self._serving[sv.name] = sv
+        if old is not None and old is not sv:
+            self._retire(old)
+        log.info("serving %s v%d (%s, %s)", sv.name, sv.version, sv.variant, sv.backend)
+        return old
+
+    def remove(self, name: str) -> ServingVersion | None:
+        with self._lock:
+            old = self._serving.pop(name, None)
+        if old is not None:
+            self._retire(old)
+        return old
+
+    def _retire(self, old: ServingVersion) -> None:
+        def drain() -> None:
+            if not old.gate.wait_idle(DRAIN_TIMEOUT_S):
+                log.warning("%s v%d: %d call(s) still in flight after %.0f s; closing anyway",
+                            old.name, old.version, old.gate.count, DRAIN_TIMEOUT_S)
+            old.model.close()
+
+        t = threading.Thread(target=drain, name=f"drain-{old.name}-{old.version}", daemon=True)
+        t.start()
+        self._draining = [d for d in self._draining if d.is_alive()] + [t]
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        """Stop serving everything, waiting up to ``timeout_s`` for in-flight calls."""
+        with self._lock:
+            olds = list(self._serving.values())
+            self._serving.clear()
+        deadline = time.monotonic() + timeout_s
+        for old in olds:
+            old.gate.wait_idle(max(0.0, deadline - time.monotonic()))
+            old.model.close()
+        for t in self._draining:
+            t.join(max(0.0, deadline - time.monotonic()))

@@ -1,0 +1,231 @@
+"""The agent's state database (SQLite, WAL, synchronous=FULL).
+
+Holds what must survive a restart or a power cut: commands seen (replay protection until they
+expire) and their jobs with a timeline, installed versions and which one serves, the highest
+version installed per model (so an old signed bundle cannot be replayed), the last trusted time.
+Every change is one transaction, so a crash leaves the old or the new state.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+BUSY_TIMEOUT_S = 5.0
+TERMINAL = ("SUCCEEDED", "FAILED", "REJECTED", "CANCELED", "TIMED_OUT")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS jobs (
+  id TEXT PRIMARY KEY, type TEXT NOT NULL, model TEXT, state TEXT NOT NULL, step TEXT,
+  params TEXT NOT NULL, error TEXT, result TEXT, expires_at REAL NOT NULL,
+  created REAL NOT NULL, updated REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS job_events (
+  job TEXT NOT NULL, ts REAL NOT NULL, state TEXT NOT NULL, step TEXT, detail TEXT);
+CREATE INDEX IF NOT EXISTS job_events_job ON job_events(job);
+CREATE TABLE IF NOT EXISTS models (
+  name TEXT PRIMARY KEY, serving INTEGER, previous INTEGER, highwater INTEGER NOT NULL DEFAULT 0,
+  state TEXT NOT NULL DEFAULT 'serving', updated REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS versions (
+  name TEXT NOT NULL, version INTEGER NOT NULL, variant TEXT NOT NULL, backend TEXT NOT NULL,
+  manifest TEXT NOT NULL, files TEXT NOT NULL, installed REAL NOT NULL,
+  PRIMARY KEY (name, version));
+"""
+
+
+def _j(v: Any) -> str | None:
+    return None if v is None else json.dumps(v, separators=(",", ":"))
+
+
+def _l(v: str | None) -> Any:
+    return None if v is None else json.loads(v)
+
+
+class StateDB:
+    """Thread-safe access to state.db."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.RLock()
+        self._db = sqlite3.connect(self.path, check_same_thread=False, timeout=BUSY_TIMEOUT_S,
+                                   isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def tx(self) -> _Tx:
+        return _Tx(self)
+
+    # -- kv ----------------------------------------------------------------------------------
+    def get(self, key: str, default: Any = None) -> Any:
+        with self._lock:
+            row = self._db.execute("SELECT value FROM kv WHERE key = ?", (key,)).fetchone()
+        return default if row is None else json.loads(row[0])
+
+    def put(self, key: str, value: Any) -> None:
+        with self._lock:
+            self._db.execute("INSERT OR REPLACE INTO kv(key, value) VALUES (?, ?)", (key, json.dumps(value)))
+
+    # -- jobs --------------------------------------------------------------------------------
+    def job(self, job_id: str) -> dict[str, Any] | None:
+        with self._lock:
+            r = self._db.execute(
+                "SELECT id, type, model, state, step, params, error, result, expires_at, created, updated "
+                "FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        if r is None:
+            return None
+        return {"id": r[0], "type": r[1], "model": r[2], "state": r[3], "step": r[4],
+                "params": _l(r[5]), "error": _l(r[6]), "result": _l(r[7]), "expires_at": r[8],
+                "created": r[9], "updated": r[10]}
+
+    def create_job(self, job_id: str, type_: str, model: str | None, params: dict[str, Any],
+                   expires_at: float, state: str = "QUEUED") -> bool:
+        """Record a new job; False when the id is already known (a replay)."""
+        now = time.time()
+        with self._lock:
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                self._db.execute(
+                    "INSERT INTO jobs(id, type, model, state, step, params, expires_at, created, updated) "
+                    "VALUES (?, ?, ?, ?, NULL, ?, ?, ?, ?)",
+                    (job_id, type_, model, state, _j(params), expires_at, now, now))
+                self._db.execute("INSERT INTO job_events(job, ts, state, step, detail) VALUES (?, ?, ?, NULL, NULL)",
+                                 (job_id, now, state))
+                self._db.execute("COMMIT")
+            except sqlite3.IntegrityError:
+                self._db.execute("ROLLBACK")
+                return False
+        return True
+
+    def update_job(self, job_id: str, state: str, step: str | None = None,
+                   error: dict[str, Any] | None = None, result: dict[str, Any] | None = None,
+                   detail: dict[str, Any] | None = None) -> None:
+        """Persist a job's new state/step before the step runs (and its outcome after)."""
+        now = time.time()
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.execute("UPDATE jobs SET state = ?, step = ?, error = ?, result = ?, updated = ? WHERE id = ?",
+                             (state, step, _j(error), _j(result), now, job_id))
+            self._db.execute("INSERT INTO job_events(job, ts, state, step, detail) VALUES (?, ?, ?, ?, ?)",
+                             (job_id, now, state, step, _j(detail or error)))
+            self._db.execute("COMMIT")
+
+    def jobs(self, limit: int = 50) -> list[dict[str, Any]]:
+        with self._lock:
+            ids = [r[0] for r in self._db.execute(
+                "SELECT id FROM jobs ORDER BY created DESC LIMIT ?", (limit,)).fetchall()]
+        return [j for j in (self.job(i) for i in ids) if j is not None]
+
+    def unfinished_jobs(self) -> list[dict[str, Any]]:
+        with self._lock:
+            ids = [r[0] for r in self._db.execute(
+                f"SELECT id FROM jobs WHERE state NOT IN ({','.join('?' * len(TERMINAL))}) ORDER BY created",
+                TERMINAL).fetchall()]
+        return [j for j in (self.job(i) for i in ids) if j is not None]
+
+    def job_timeline(self, job_id: str) -> list[dict[str, Any]]:
+        with self._lock:
+            rows = self._db.execute("SELECT ts, state, step, detail FROM job_events WHERE job = ? ORDER BY rowid",
+                                    (job_id,)).fetchall()
+        return [{"ts": r[0], "state": r[1], "step": r[2], "detail": _l(r[3])} for r in rows]
+
+    def forget_expired_jobs(self, now: float | None = None, keep_s: float = 7 * 86400) -> int:
+        """Drop finished jobs whose command expired more than ``keep_s`` ago (replay ids
+        only need remembering until expiry; the margin keeps `agentctl jobs` useful)."""
+        cutoff = (time.time() if now is None else now) - keep_s
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            ids = [r[0] for r in self._db.execute(
+                f"SELECT id FROM jobs WHERE expires_at < ? AND state IN ({','.join('?' * len(TERMINAL))})",
+                (cutoff, *TERMINAL)).fetchall()]
+            for i in ids:
+                self._db.execute("DELETE FROM job_events WHERE job = ?", (i,))
+                self._db.execute("DELETE FROM jobs WHERE id = ?", (i,))
+            self._db.execute("COMMIT")
+        return len(ids)
+
+    # -- models and versions -----------------------------------------------------------------
+    def model(self, name: str) -> dict[str, Any] | None:
+        with self._lock:
+            r = self._db.execute("SELECT name, serving, previous, highwater, state FROM models WHERE name = ?",
+                                 (name,)).fetchone()
+        if r is None:
+            return None
+        return {"name": r[0], "serving": r[1], "previous": r[2], "highwater": r[3], "state": r[4]}
+
+    def models(self) -> list[dict[str, Any]]:
+        with self._lock:
+            names = [r[0] for r in self._db.execute("SELECT name FROM models ORDER BY name").fetchall()]
+        return [m for m in (self.model(n) for n in names) if m is not None]
+
+    def version(self, name: str, version: int) -> dict[str, Any] | None:
+        with self._lock:
+            r = self._db.execute("SELECT variant, backend, manifest, files, installed FROM versions "
+                                 "WHERE name = ? AND version = ?", (name, version)).fetchone()
+        if r is None:
+            return None
+        return {"name": name, "version": version, "variant": r[0], "backend": r[1],
+                "manifest": _l(r[2]), "files": _l(r[3]), "installed": r[4]}
+
+    def versions(self, name: str) -> list[int]:
+        with self._lock:
+            return [r[0] for r in self._db.execute(
+                "SELECT version FROM versions WHERE name = ? ORDER BY version", (name,)).fetchall()]
+
+    def all_version_files(self) -> list[dict[str, str]]:
+        with self._lock:
+            return [_l(r[0]) for r in self._db.execute("SELECT files FROM versions").fetchall()]
+
+    def record_install(self, name: str, version: int, variant: str, backend: str,
+                       manifest: dict[str, Any], files: dict[str, str]) -> None:
+        """An installed (verified, on disk) version; raises the high-water mark."""
+        now = time.time()
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.execute("INSERT OR REPLACE INTO versions(name, version, variant, backend, manifest, files, installed) "
+                             "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                             (name, version, variant, backend, _j(manifest), _j(files), now))
+            self._db.execute("INSERT INTO models(name, serving, previous, highwater, state, updated) "
+                             "VALUES (?, NULL, NULL, ?, 'installing', ?) ON CONFLICT(name) DO UPDATE SET "
+                             "highwater = MAX(highwater, excluded.highwater), updated = excluded.updated",
+                             (name, version, now))
+            self._db.execute("COMMIT")
+
+    def set_serving(self, name: str, version: int, previous: int | None, backend: str | None = None) -> None:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.execute("UPDATE models SET serving = ?, previous = ?, state = 'serving', updated = ? WHERE name = ?",
+                             (version, previous, time.time(), name))
+            if backend is not None:
+                self._db.execute("UPDATE versions SET backend = ? WHERE name = ? AND version = ?",
+                                 (backend, name, version))
+            self._db.execute("COMMIT")
+
+    def delete_version(self, name: str, version: int) -> None:
+        with self._lock:
+            self._db.execute("DELETE FROM versions WHERE name = ? AND version = ?", (name, version))
+
+
+class _Tx:
+    def __init__(self, db: StateDB) -> None:
+        self.db = db
+
+    def __enter__(self) -> sqlite3.Connection:
+        self.db._lock.acquire()
+        self.db._db.execute("BEGIN IMMEDIATE")
+        return self.db._db
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        try:
+            self.db._db.execute("ROLLBACK" if exc_type else "COMMIT")
+        finally:
+            self.db._lock.release()

@@ -1,0 +1,85 @@
+"""Per-model latency windows: count, errors, exact p50/p90/p99/max/mean and a mergeable histogram.
+
+Recording is O(1) and lock-light (called on every inference); a window is swapped out whole when
+it is reported. Exact percentiles come from a bounded sample list (reservoir past
+``MAX_SAMPLES``), the histogram from every call.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+from agent.telemetry.histogram import Histogram
+
+MAX_SAMPLES = 8192  # per model per window: bounds memory at ~64 KiB per model
+
+
+@dataclass
+class Window:
+    version: int
+    backend: str
+    count: int = 0
+    errors: int = 0
+    total_s: float = 0.0
+    max_s: float = 0.0
+    samples: list[float] = field(default_factory=list)
+    hist: Histogram = field(default_factory=Histogram)
+
+    def add(self, latency_s: float, ok: bool) -> None:
+        self.count += 1
+        if not ok:
+            self.errors += 1
+        self.total_s += latency_s
+        if latency_s > self.max_s:
+            self.max_s = latency_s
+        self.hist.add(latency_s)
+        if len(self.samples) < MAX_SAMPLES:
+            self.samples.append(latency_s)
+        else:
+            j = random.randrange(self.count)
+            if j < MAX_SAMPLES:
+                self.samples[j] = latency_s
+
+    def summary(self) -> dict[str, Any]:
+        s = sorted(self.samples)
+
+        def pct(q: float) -> float:
+            if not s:
+                return 0.0
+            k = min(len(s) - 1, max(0, int(round(q / 100.0 * len(s) + 0.5)) - 1))
+            return round(s[k] * 1000.0, 3)
+
+        return {"version": self.version, "backend": self.backend, "count": self.count,
+                "errors": self.errors,
+                "latency_ms": {"p50": pct(50), "p90": pct(90), "p99": pct(99),
+                               "max": round(self.max_s * 1000.0, 3),
+                               "mean": round(self.total_s / self.count * 1000.0, 3) if self.count else 0.0},
+                "hist": self.hist.to_wire()}
+
+
+class LatencyWindows:
+    """Collects per-model windows; ``swap()`` returns the finished ones and starts anew."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._w: dict[str, Window] = {}
+
+    def observe(self, name: str, version: int, backend: str, latency_s: float, ok: bool) -> None:
+        with self._lock:
+            w = self._w.get(name)
+            if w is None or w.version != version or w.backend != backend:
+                w = self._w[name] = Window(version, backend) if w is None or w.count == 0 else self._rollover(name, w, version, backend)
+            w.add(latency_s, ok)
+
+    def _rollover(self, name: str, old: Window, version: int, backend: str) -> Window:
+        # A swap inside a window: keep the old version's figures under a versioned key.
+        self._w[f"{name}@{old.version}"] = old
+        return Window(version, backend)
+
+    def swap(self) -> dict[str, Window]:
+        with self._lock:
+            out, self._w = self._w, {}
+        return {k: v for k, v in out.items() if v.count}
