@@ -9,6 +9,7 @@ step finish (bounded) → final status ``online: false`` → disconnect → stat
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import queue
@@ -348,10 +349,8 @@ class Agent:
         if self._current is not None:
             self._current.cancel_code = errors.CANCELED
             self._current.cancel.set()
-        try:
+        with contextlib.suppress(queue.Full):
             self._deploys.put_nowait(None)
-        except queue.Full:
-            pass
         if self.kserve is not None:
             self.kserve.stop(timeout_s=max(0.5, deadline - time.monotonic() - 2))
         if self.control is not None:

@@ -125,14 +125,14 @@ class DeployRunner:
         while step != DONE:
             if ctx.cancel.is_set():
                 self._close_unused(ctx)
-                err = errors.RejectError(ctx.cancel_code, f"deploy of {ctx.model} {ctx.cancel_code} at {step}")
-                self.reporter.update(ctx.job_id, "deploy", "CANCELED", step, error=err)
+                self.reporter.update(ctx.job_id, "deploy", "CANCELED", step, error=errors.RejectError(
+                    ctx.cancel_code, f"deploy of {ctx.model} {ctx.cancel_code} at {step}"))
                 return
             entries[step] = entries.get(step, 0) + 1
             if entries[step] > MAX_STEP_ENTRIES:
-                err = errors.AgentError(errors.INTERNAL, f"step {step} entered {MAX_STEP_ENTRIES} times; giving up")
                 self._close_unused(ctx)
-                self.reporter.update(ctx.job_id, "deploy", "FAILED", step, error=err)
+                self.reporter.update(ctx.job_id, "deploy", "FAILED", step, error=errors.AgentError(
+                    errors.INTERNAL, f"step {step} entered {MAX_STEP_ENTRIES} times; giving up"))
                 return
             self.reporter.update(ctx.job_id, "deploy", "IN_PROGRESS", step)
             t0 = time.monotonic()

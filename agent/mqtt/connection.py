@@ -14,6 +14,7 @@ Invariants:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import random
@@ -123,7 +124,7 @@ class Connection:
         if client is not None:
             try:
                 client.disconnect()
-            except Exception as e:  # noqa: BLE001 - shutting down; nothing left to protect
+            except Exception as e:
                 log.debug("mqtt: disconnect: %s", e)
         with self._lock:
             self._connected_cv.notify_all()
@@ -177,10 +178,8 @@ class Connection:
 
     @staticmethod
     def _on_socket_open(client: mqtt.Client, userdata: Any, sock: Any) -> None:
-        try:
+        with contextlib.suppress(OSError, AttributeError):  # unix sockets: nothing to set
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except (OSError, AttributeError):
-            pass  # TLS wrappers or unix sockets: nothing to set
 
     def _network_loop(self) -> None:
         attempt = 0
@@ -219,10 +218,8 @@ class Connection:
                 self.state.connected = False
                 self._inflight = {k: v for k, v in self._inflight.items() if k[0] != gen}
                 self._connected_cv.notify_all()
-            try:
-                client.socket() and client.disconnect()
-            except Exception:  # noqa: BLE001 - best effort on a dead connection
-                pass
+            with contextlib.suppress(Exception):  # best effort on a dead connection
+                client.disconnect()
             if self._stop.is_set():
                 break
             self.state.state = "refused" if refused else "disconnected"

@@ -19,7 +19,7 @@ def bucket_of(latency_s: float) -> int:
     us = latency_s * 1e6
     if us <= MIN_US:
         return 0
-    return int(math.floor(math.log2(us) * SUB_BUCKETS))
+    return math.floor(math.log2(us) * SUB_BUCKETS)
 
 
 def bucket_mid_ms(i: int) -> float:

@@ -49,7 +49,7 @@ class Window:
         def pct(q: float) -> float:
             if not s:
                 return 0.0
-            k = min(len(s) - 1, max(0, int(round(q / 100.0 * len(s) + 0.5)) - 1))
+            k = min(len(s) - 1, max(0, round(q / 100.0 * len(s) + 0.5) - 1))
             return round(s[k] * 1000.0, 3)
 
         return {"version": self.version, "backend": self.backend, "count": self.count,
