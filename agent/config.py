@@ -54,9 +54,11 @@ class TrustConfig:
 
 @dataclass
 class TelemetryConfig:
-    heartbeat_s: float = 60
-    window_s: float = 60
-    outbox_max_mb: float = 64
+    # float literals: _coerce checks a value against the default's type, so an int default
+    # would refuse fractional values such as window_s = 0.5 that the ranges allow.
+    heartbeat_s: float = 60.0
+    window_s: float = 60.0
+    outbox_max_mb: float = 64.0
 
 
 @dataclass
@@ -83,7 +85,7 @@ class BackendsConfig:
 
 @dataclass
 class StorageConfig:
-    max_disk_mb: float = 4096
+    max_disk_mb: float = 4096.0
     keep_versions: int = 2
 
 

@@ -18,6 +18,7 @@ import sys
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ from agent import __version__, config, errors, logs
 from agent.bundles.fetch import Fetcher
 from agent.bundles.store import Store
 from agent.bundles.trust import TrustStore
+from agent.commands.handlers import REMOTE_CONFIG_FILE, Handlers, apply_remote_overrides
 from agent.commands.verify import Command, CommandVerifier, peek_id
 from agent.deploy.jobs import JobReporter
 from agent.deploy.runner import DeployContext, DeployRunner, DeploySettings, load_model
@@ -59,6 +61,9 @@ class Agent:
         self.db = StateDB(self.state_dir / "state.db")
         self.outbox = Outbox(self.state_dir / "outbox.db", int(cfg.telemetry.outbox_max_mb * 2**20))
         self.store = Store(self.state_dir / "store")
+        applied = apply_remote_overrides(cfg, self.state_dir / REMOTE_CONFIG_FILE)
+        if applied:
+            log.info("remote config applied: %s", ", ".join(applied))
         self.trust = TrustStore.load(Path(cfg.trust.keys_dir))
         self.windows = LatencyWindows()
         self.registry = Registry(observer=self.windows.observe)
@@ -77,6 +82,10 @@ class Agent:
         self.stopping = threading.Event()
         self._deploys: queue.Queue[DeployContext | None] = queue.Queue(DEPLOY_QUEUE_MAX)
         self._current: DeployContext | None = None
+        self._queued: dict[str, DeployContext] = {}
+        self._queue_lock = threading.Lock()
+        self.handlers = Handlers(self)
+        self._ops = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ops")  # rollback, remove, bench: in order
         self._threads: list[threading.Thread] = []
         self.kserve: Any = None
         self.control: ControlServer | None = None
@@ -179,18 +188,68 @@ class Agent:
             sha = p.get("manifest_sha256")
             ctx = DeployContext(cmd.id, model, url, sha if isinstance(sha, str) else None,
                                 pin if isinstance(pin, str) else None)
+            self._supersede(ctx)
             try:
                 self._deploys.put_nowait(ctx)
             except queue.Full as e:
                 raise errors.RetryableError("busy", f"{DEPLOY_QUEUE_MAX} deploys already queued") from e
-        else:
+            with self._queue_lock:
+                self._queued[ctx.job_id] = ctx
+        elif cmd.type in ("config", "trust", "cancel"):
+            result = getattr(self.handlers, cmd.type)(p)
+            self.reporter.update(cmd.id, cmd.type, "SUCCEEDED", result=result)
+        elif cmd.type in ("rollback", "remove", "bench"):
+            self.reporter.update(cmd.id, cmd.type, "IN_PROGRESS")
+            self._ops.submit(self._run_op, cmd)
+        else:  # the verifier knows every type; this is a bug guard
             raise errors.RejectError(errors.UNKNOWN_COMMAND, f"command type {cmd.type!r} is not supported by agent {__version__}")
+
+    def _run_op(self, cmd: Command) -> None:
+        try:
+            result = getattr(self.handlers, cmd.type)(cmd.params)
+        except errors.AgentError as e:
+            self.reporter.update(cmd.id, cmd.type, "REJECTED" if isinstance(e, errors.RejectError) else "FAILED", error=e)
+        except Exception as e:
+            log.exception("%s %s failed", cmd.type, cmd.id)
+            self.reporter.update(cmd.id, cmd.type, "FAILED", error=errors.AgentError(errors.INTERNAL, f"{type(e).__name__}: {e}"))
+        else:
+            self.reporter.update(cmd.id, cmd.type, "SUCCEEDED", result=result)
+
+    def _supersede(self, new: DeployContext) -> None:
+        """A newer deploy of the same model cancels the running or queued one (CANCELED, superseded)."""
+        with self._queue_lock:
+            olds = [c for c in self._queued.values() if c.model == new.model]
+        cur = self._current
+        if cur is not None and cur.model == new.model and cur not in olds:
+            olds.append(cur)
+        for old in olds:
+            old.cancel_code = errors.SUPERSEDED
+            old.cancel.set()
+
+    def cancel_deploy(self, job_id: str, code: str) -> bool:
+        with self._queue_lock:
+            ctx = self._queued.get(job_id)
+        if ctx is None and self._current is not None and self._current.job_id == job_id:
+            ctx = self._current
+        if ctx is None:
+            return False
+        ctx.cancel_code = code
+        ctx.cancel.set()
+        return True
+
+    def config_changed(self, keys: set[str]) -> None:
+        """Apply remotely changed settings that live parts hold copies of."""
+        if "groups" in keys:
+            self.verifier.groups = self.cfg.groups
+            self.mqtt.set_subscriptions([self.topics.cmd] + [self.topics.group_cmd(g) for g in self.cfg.groups])
 
     def _deploy_loop(self) -> None:
         while True:
             ctx = self._deploys.get()
             if ctx is None or self.stopping.is_set():
                 return
+            with self._queue_lock:
+                self._queued.pop(ctx.job_id, None)
             self._current = ctx
             try:
                 self.runner.run(ctx)
@@ -359,6 +418,7 @@ class Agent:
             t.join(max(0.0, min(1.0, deadline - time.monotonic() - 1.5)))
         self._flush_window(self.cfg.telemetry.window_s)
         self.mqtt.stop(final_status=self.status_doc(False, "shutdown"), timeout_s=max(0.5, deadline - time.monotonic() - 0.5))
+        self._ops.shutdown(wait=False, cancel_futures=True)
         self.registry.close(timeout_s=max(0.1, deadline - time.monotonic()))
         self.outbox.close()
         self.db.close()

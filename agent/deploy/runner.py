@@ -115,7 +115,7 @@ class DeployRunner:
             DOWNLOADING: self._download, INSTALLING: self._install, LOADING: self._load,
             VALIDATING: self._validate, ACTIVATING: self._activate,
         }
-        self._lock = threading.Lock()  # one activation at a time
+        self.activation_lock = threading.Lock()  # one activation at a time, deploy or rollback
 
     def run(self, ctx: DeployContext) -> None:
         """Drive ``ctx`` to a terminal state, reporting every step."""
@@ -287,7 +287,7 @@ class DeployRunner:
     def _activate(self, ctx: DeployContext) -> str:
         m = ctx.manifest
         assert m is not None and ctx.loaded is not None
-        with self._lock:
+        with self.activation_lock:
             rec = self.db.model(m.name)
             previous = rec["serving"] if rec else None
             sv = ServingVersion(m.name, m.version, ctx.candidate.variant.id, ctx.loaded, manifest=m.raw)

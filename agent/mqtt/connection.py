@@ -136,6 +136,17 @@ class Connection:
         with self._connected_cv:
             return self._connected_cv.wait_for(lambda: self.state.connected, timeout=timeout_s)
 
+    def set_subscriptions(self, topics: list[str]) -> None:
+        """Change the command topics (a group change); applied now and on every reconnect."""
+        old = set(self.subscriptions)
+        self.subscriptions = list(topics)
+        client = self._client
+        if client is not None and self.state.connected:
+            for t in old - set(topics):
+                client.unsubscribe(t)
+            for t in set(topics) - old:
+                client.subscribe(t, qos=1)
+
     # -- publishing --------------------------------------------------------------------------
     def publish_status(self, doc: dict[str, Any]) -> bool:
         """Publish the retained status now if connected (it bypasses the outbox: only the

@@ -1,0 +1,370 @@
+"""Build and verify model bundles (BUNDLE.md) on the fleet side.
+
+A build writes, into one folder: the model (variant ``onnx-fp32``), golden samples
+(``samples/input.npz`` and ``samples/expected.npz``, computed with onnxruntime on CPU), any extra
+common files, and last ``manifest.json``, the signed DSSE envelope of the manifest document.
+
+Invariants:
+- ``manifest.json`` is written last and atomically, so a folder with a manifest is a complete
+  bundle; every size and sha256 in it is measured from the bytes written to the folder.
+- The document passes ``agent.bundles.manifest.parse_document`` (the device's own schema check)
+  before it is signed; a bundle the agent would reject as ``invalid_manifest`` is never produced.
+- ``.npz`` files hold plain numeric arrays only (no pickle, no object arrays).
+- Verification checks the signature with the given trust store first, then every listed file's
+  size (reading at most size + 1 bytes) and sha256, and fails on the first problem with the stable
+  error code a device would use.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from agent import errors
+from agent.bundles import dsse
+from agent.bundles.manifest import (
+    DEFAULT_ATOL,
+    DEFAULT_RTOL,
+    DTYPES,
+    MAX_MANIFEST_BYTES,
+    FileEntry,
+    Manifest,
+    check_path,
+    parse_document,
+    sign_manifest,
+    verify_manifest,
+)
+from agent.bundles.trust import TrustStore
+from agent.fsutil import atomic_write
+from agent.timeutil import now_rfc3339
+
+MANIFEST_NAME = "manifest.json"
+MODEL_NAME = "model.onnx"
+INPUTS_NAME = "samples/input.npz"
+EXPECTED_NAME = "samples/expected.npz"
+RESERVED_PATHS = frozenset({MANIFEST_NAME, MODEL_NAME, INPUTS_NAME, EXPECTED_NAME})
+DEFAULT_SAMPLES = 4
+DEFAULT_SEED = 0
+DEFAULT_EXPIRES_IN_S = 90 * 24 * 3600.0
+REQUIRES_AGENT = ">=0.1"
+HASH_CHUNK_BYTES = 1024 * 1024
+RANDOM_INT_HIGH = 10  # random integer inputs stay small: they are often indices or token ids
+
+
+class BuildError(ValueError):
+    """The model or the build options cannot make a valid bundle; the message says why."""
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One graph input or output: name, numpy dtype name, shape with -1 for dynamic dims."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    """A bundle that passed verification: its manifest and every file checked."""
+
+    manifest: Manifest
+    files: tuple[FileEntry, ...]
+
+
+def file_entry(root: Path, rel: str) -> FileEntry:
+    """Size and sha256 of ``root/rel`` as the manifest lists them."""
+    p = root / rel
+    h = hashlib.sha256()
+    size = 0
+    with open(p, "rb") as f:
+        while chunk := f.read(HASH_CHUNK_BYTES):
+            h.update(chunk)
+            size += len(chunk)
+    return FileEntry(rel, size, h.hexdigest())
+
+
+def _tensor_info(value_info: Any) -> TensorInfo:
+    """TensorInfo from an ONNX ValueInfoProto; BuildError for non-tensors or unsupported dtypes."""
+    from onnx import helper
+
+    name = value_info.name
+    if not value_info.type.HasField("tensor_type"):
+        raise BuildError(f"model io {name!r} is not a tensor (sequence/map outputs are not supported)")
+    tt = value_info.type.tensor_type
+    try:
+        dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tt.elem_type)).name
+    except (KeyError, TypeError, ValueError) as e:
+        raise BuildError(f"model io {name!r}: unsupported ONNX element type {tt.elem_type}") from e
+    if dtype not in DTYPES:
+        raise BuildError(f"model io {name!r}: dtype {dtype} is not one of {', '.join(DTYPES)}")
+    if not tt.HasField("shape"):
+        raise BuildError(f"model io {name!r} has no static rank; the manifest needs a shape")
+    shape = tuple(int(d.dim_value) if d.HasField("dim_value") and d.dim_value > 0 else -1
+                  for d in tt.shape.dim)
+    return TensorInfo(name, dtype, shape)
+
+
+def model_io(model_path: Path) -> tuple[list[TensorInfo], list[TensorInfo]]:
+    """The graph's real inputs (initializers excluded) and outputs."""
+    import onnx
+
+    try:
+        model = onnx.load(str(model_path), load_external_data=False)
+    except Exception as e:  # onnx raises DecodeError and friends with no common base
+        raise BuildError(f"{model_path}: not a readable ONNX model ({e})") from e
+    graph = model.graph
+    for init in graph.initializer:
+        if init.data_location == onnx.TensorProto.EXTERNAL:
+            raise BuildError(f"{model_path}: weights in external data files are not supported; "
+                             "save the model as one file")
+    init_names = {i.name for i in graph.initializer}
+    inputs = [_tensor_info(v) for v in graph.input if v.name not in init_names]
+    outputs = [_tensor_info(v) for v in graph.output]
+    if not inputs or not outputs:
+        raise BuildError(f"{model_path}: the graph needs at least one input and one output")
+    return inputs, outputs
+
+
+def random_inputs(inputs: Sequence[TensorInfo], samples: int, seed: int) -> dict[str, np.ndarray]:
+    """``samples`` seeded random samples per input, batched along a dynamic first dimension.
+
+    A dynamic first dimension becomes ``samples``, any other dynamic dimension 1; a model with a
+    fixed first dimension gets exactly that shape.
+    """
+    if samples < 1:
+        raise BuildError(f"--samples must be at least 1, got {samples}")
+    rng = np.random.default_rng(seed)
+    out: dict[str, np.ndarray] = {}
+    for t in inputs:
+        shape = tuple(d if d >= 0 else (samples if i == 0 else 1) for i, d in enumerate(t.shape))
+        dt = np.dtype(t.dtype)
+        arr: np.ndarray
+        if dt.kind == "f":
+            arr = rng.standard_normal(shape).astype(dt)
+        elif dt.kind == "b":
+            arr = rng.random(shape) < 0.5
+        elif dt.kind in "iu":
+            arr = rng.integers(0, RANDOM_INT_HIGH, size=shape).astype(dt)
+        else:
+            raise BuildError(f"input {t.name!r}: cannot make random samples of dtype {t.dtype}")
+        out[t.name] = arr
+    return out
+
+
+def load_inputs(path: Path, inputs: Sequence[TensorInfo]) -> dict[str, np.ndarray]:
+    """Golden inputs from an ``.npz`` keyed by input name, cast to the model's dtypes."""
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            given = {k: npz[k] for k in npz.files}
+    except (OSError, ValueError) as e:
+        raise BuildError(f"--inputs {path}: not a readable .npz without pickles ({e})") from e
+    want = {t.name: t for t in inputs}
+    missing = sorted(set(want) - set(given))
+    extra = sorted(set(given) - set(want))
+    if missing or extra:
+        raise BuildError(f"--inputs {path}: arrays must be keyed by the model's input names "
+                         f"{sorted(want)}; missing {missing}, unexpected {extra}")
+    out: dict[str, np.ndarray] = {}
+    for name, t in want.items():
+        arr = given[name]
+        dt = np.dtype(t.dtype)
+        if arr.dtype != dt:
+            if not np.can_cast(arr.dtype, dt, casting="same_kind"):
+                raise BuildError(f"--inputs {path}: {name!r} is {arr.dtype}, the model wants {dt}")
+            arr = arr.astype(dt)
+        if arr.ndim != len(t.shape) or any(d >= 0 and d != a for d, a in zip(t.shape, arr.shape, strict=True)):
+            raise BuildError(f"--inputs {path}: {name!r} has shape {list(arr.shape)}, "
+                             f"the model wants {list(t.shape)}")
+        out[name] = arr
+    return out
+
+
+def reference_outputs(model_path: Path, feeds: dict[str, np.ndarray],
+                      outputs: Sequence[TensorInfo]) -> dict[str, np.ndarray]:
+    """Run the model with onnxruntime on CPU and return its outputs keyed by name."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    try:
+        sess = ort.InferenceSession(str(model_path), so, providers=["CPUExecutionProvider"])
+        names = [o.name for o in outputs]
+        results = sess.run(names, feeds)
+    except Exception as e:  # onnxruntime's errors share no public base class
+        raise BuildError(f"{model_path}: onnxruntime could not run the golden inputs ({e})") from e
+    out: dict[str, np.ndarray] = {}
+    for name, val in zip(names, results, strict=True):
+        arr = np.asarray(val)
+        if arr.dtype == object:
+            raise BuildError(f"output {name!r} is not a numeric tensor")
+        out[name] = arr
+    return out
+
+
+def npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
+    """An uncompressed ``.npz`` of plain arrays (no pickle)."""
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)  # type: ignore[arg-type]
+    return buf.getvalue()
+
+
+def build_bundle(model_path: Path | str, out_dir: Path | str, name: str, version: int,
+                 keys: Sequence[Ed25519PrivateKey], *, inputs: Path | str | None = None,
+                 samples: int = DEFAULT_SAMPLES, seed: int = DEFAULT_SEED,
+                 expires_in_s: float = DEFAULT_EXPIRES_IN_S, rtol: float = DEFAULT_RTOL,
+                 atol: float = DEFAULT_ATOL, max_p95_ms: float | None = None,
+                 extra_files: Sequence[Path | str] = (), description: str = "",
+                 overwrite: bool = False, now: float | None = None) -> Path:
+    """Write a signed bundle for an ONNX model into ``out_dir``; return the manifest's path.
+
+    ``extra_files`` are copied into the bundle root under their base names and listed as common
+    files. ``overwrite`` allows rebuilding a folder that already holds a manifest (devices refuse
+    a version they already have, so re-signing the same version is usually a mistake).
+    """
+    model_path = Path(model_path)
+    out = Path(out_dir)
+    if not keys:
+        raise BuildError("at least one signing key is required")
+    if not model_path.is_file():
+        raise BuildError(f"{model_path}: no such model file")
+    if (out / MANIFEST_NAME).exists() and not overwrite:
+        raise BuildError(f"{out / MANIFEST_NAME} already exists (bump --version, or --force to rebuild)")
+    if expires_in_s <= 0:
+        raise BuildError(f"the expiry must be in the future, got {expires_in_s} s")
+    extras: dict[str, Path] = {}
+    for src in map(Path, extra_files):
+        rel = src.name
+        if not src.is_file():
+            raise BuildError(f"--file {src}: not a regular file")
+        if rel in RESERVED_PATHS or rel in extras:
+            raise BuildError(f"--file {src}: the name {rel!r} is already used in the bundle")
+        try:
+            check_path(rel, "--file")
+        except errors.RejectError as e:
+            raise BuildError(f"--file {src}: {e.message}") from e
+        extras[rel] = src
+
+    ins, outs = model_io(model_path)
+    feeds = load_inputs(Path(inputs), ins) if inputs is not None else random_inputs(ins, samples, seed)
+    expected = reference_outputs(model_path, feeds, outs)
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MANIFEST_NAME).unlink(missing_ok=True)  # a half-rebuilt folder must not look complete
+    if model_path.resolve() != (out / MODEL_NAME).resolve():
+        shutil.copyfile(model_path, out / MODEL_NAME)
+    atomic_write(out / INPUTS_NAME, npz_bytes(feeds))
+    atomic_write(out / EXPECTED_NAME, npz_bytes(expected))
+    for rel, src in extras.items():
+        if src.resolve() != (out / rel).resolve():
+            shutil.copyfile(src, out / rel)
+
+    t = time.time() if now is None else now
+    validation: dict[str, Any] = {"inputs": INPUTS_NAME, "expected": EXPECTED_NAME,
+                                  "rtol": rtol, "atol": atol}
+    if max_p95_ms is not None:
+        validation["max_p95_ms"] = max_p95_ms
+    doc: dict[str, Any] = {
+        "v": 1,
+        "name": name,
+        "version": version,
+        "created_at": now_rfc3339(t),
+        "expires_at": now_rfc3339(t + expires_in_s),
+        "description": description,
+        "io": {"inputs": [i.to_dict() for i in ins], "outputs": [o.to_dict() for o in outs]},
+        "variants": [{"id": "onnx-fp32", "format": "onnx", "precision": "fp32",
+                      "files": [file_entry(out, MODEL_NAME).to_dict()]}],
+        "files": [file_entry(out, rel).to_dict() for rel in (*extras, INPUTS_NAME, EXPECTED_NAME)],
+        "validation": validation,
+        "requires": {"agent": REQUIRES_AGENT},
+    }
+    try:
+        parse_document(doc)
+    except errors.AgentError as e:
+        raise BuildError(f"the manifest would be rejected by devices: {e}") from e
+    manifest_path = out / MANIFEST_NAME
+    atomic_write(manifest_path, sign_manifest(doc, list(keys)))
+    return manifest_path
+
+
+def _check_file(root: Path, root_resolved: Path, entry: FileEntry) -> None:
+    """Size and sha256 of one listed file; RejectError with the device's code on mismatch."""
+    p = root / entry.path
+    if p.is_symlink() or not p.resolve().is_relative_to(root_resolved):
+        raise errors.RejectError(errors.INVALID_BUNDLE, f"{entry.path}: a link or outside the bundle")
+    if not p.is_file():
+        raise errors.RejectError(errors.INVALID_BUNDLE, f"{entry.path}: listed in the manifest but missing")
+    h = hashlib.sha256()
+    size = 0
+    with open(p, "rb") as f:
+        while size <= entry.size:
+            chunk = f.read(min(HASH_CHUNK_BYTES, entry.size + 1 - size))
+            if not chunk:
+                break
+            h.update(chunk)
+            size += len(chunk)
+    if size > entry.size:
+        raise errors.RejectError(errors.SIZE_EXCEEDED,
+                                 f"{entry.path}: longer than its listed size {entry.size} bytes")
+    if size < entry.size:
+        raise errors.RejectError(errors.HASH_MISMATCH,
+                                 f"{entry.path}: {size} bytes, the manifest lists {entry.size}")
+    got = h.hexdigest()
+    if got != entry.sha256:
+        raise errors.RejectError(errors.HASH_MISMATCH,
+                                 f"{entry.path}: sha256 mismatch (expected {entry.sha256}, got {got})")
+
+
+def verify_bundle(bundle_dir: Path | str, trust: TrustStore, threshold: int = 1,
+                  now: float | None = None) -> VerifyReport:
+    """Verify a bundle folder as a device would; RejectError with a stable code on the first fault."""
+    root = Path(bundle_dir)
+    mpath = root / MANIFEST_NAME
+    try:
+        with open(mpath, "rb") as f:
+            raw = f.read(MAX_MANIFEST_BYTES + 1)
+    except OSError as e:
+        raise errors.RejectError(errors.INVALID_BUNDLE, f"{mpath}: {e.strerror or e}") from e
+    if threshold < 1:
+        raise ValueError(f"threshold must be at least 1, got {threshold}")
+    if len(trust) == 0:
+        raise errors.RejectError(errors.UNTRUSTED_KEY, "the trust folder holds no Ed25519 public key (*.pem)")
+    manifest = verify_manifest(raw, trust, threshold)
+    if manifest.is_expired(now):
+        raise errors.RejectError(errors.EXPIRED, f"{manifest.name} v{manifest.version}: expired at {manifest.expires_at}")
+    entries: dict[str, FileEntry] = {}
+    for fe in (*(f for v in manifest.variants for f in v.files), *manifest.files):
+        entries[fe.path] = fe
+    root_resolved = root.resolve()
+    for entry in entries.values():
+        _check_file(root, root_resolved, entry)
+    return VerifyReport(manifest, tuple(entries.values()))
+
+
+def describe(report: VerifyReport) -> str:
+    """One-paragraph summary of a verified bundle for the CLI."""
+    m = report.manifest
+    total = sum(f.size for f in report.files)
+    variants = ", ".join(f"{v.id} ({v.format}/{v.precision})" for v in m.variants)
+    return (f"OK {m.name} v{m.version}: variants {variants}; {len(report.files)} files OK "
+            f"({total} bytes, sizes and sha256 match); expires {m.expires_at}")
+
+
+def manifest_document(manifest_path: Path) -> dict[str, Any]:
+    """The (unverified) manifest document of a bundle this tool just built, for printing."""
+    env = dsse.parse_envelope(manifest_path.read_bytes())
+    doc: dict[str, Any] = json.loads(dsse.payload_bytes(env))
+    return doc

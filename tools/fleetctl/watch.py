@@ -1,0 +1,254 @@
+"""Live view of a fleet: one readable line per status, job, heartbeat, telemetry or event message.
+
+Invariants:
+- ``format_message`` is a pure function of (topic, payload) and never raises: a field of an
+  unexpected type is shown as it is, and a payload it cannot read falls back to compact JSON.
+- Watching subscribes before reading, so retained status messages arrive first; it stops after a
+  message count, a duration, or Ctrl-C, whichever comes first, and every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import sys
+import time
+from typing import Any, TextIO
+
+import paho.mqtt.client as mqtt
+
+from fleetctl import mqttc
+from fleetctl.commands import check_name, check_prefix
+
+KINDS = ("status", "heartbeat", "telemetry", "events")
+POLL_S = 0.5  # how often a watch with neither count nor duration checks for Ctrl-C
+MIB = 1024 * 1024
+
+
+def watch_topics(prefix: str, device: str | None = None) -> list[str]:
+    """The topic filters for every device (``+``) or one device."""
+    check_prefix(prefix)
+    dev = "+" if device is None else check_name(device, "device")
+    return [*(f"{prefix}/{dev}/{k}" for k in KINDS), f"{prefix}/{dev}/jobs/+"]
+
+
+def _kind(topic: str) -> tuple[str, str, str]:
+    """(kind, device, job id) from a topic, parsed from its end so a prefix may hold slashes."""
+    parts = topic.split("/")
+    if len(parts) >= 4 and parts[-2] == "jobs":
+        return "job", parts[-3], parts[-1]
+    if len(parts) >= 3 and parts[-1] in KINDS:
+        return parts[-1], parts[-2], ""
+    return "other", parts[-2] if len(parts) >= 2 else "", ""
+
+
+def _dict(v: Any) -> dict[str, Any]:
+    return v if isinstance(v, dict) else {}
+
+
+def _num(v: Any, fmt: str = "{:.1f}") -> str:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return "?" if v is None else str(v)
+    return fmt.format(v)
+
+
+def _duration(seconds: Any) -> str:
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)):
+        return "?"
+    s = int(seconds)
+    d, s = divmod(s, 86400)
+    h, s = divmod(s, 3600)
+    m, s = divmod(s, 60)
+    if d:
+        return f"{d}d{h:02d}h{m:02d}m"
+    if h:
+        return f"{h}h{m:02d}m{s:02d}s"
+    return f"{m}m{s:02d}s" if m else f"{s}s"
+
+
+def _bytes(n: Any) -> str:
+    if isinstance(n, bool) or not isinstance(n, (int, float)):
+        return "?"
+    return f"{n / MIB:.1f} MiB" if n >= MIB else f"{int(n)} B"
+
+
+def _status(p: dict[str, Any]) -> str:
+    online = p.get("online")
+    words = ["online" if online else "OFFLINE" if online is False else "online=?"]
+    if p.get("agent"):
+        words.append(f"agent {p['agent']}")
+    if p.get("profile"):
+        words.append(f"profile {p['profile']}")
+    models = p.get("models")
+    if isinstance(models, list) and models:
+        descs = []
+        for m in models:
+            if not isinstance(m, dict):
+                continue
+            d = f"{m.get('name', '?')} v{m.get('version', '?')}"
+            extra = [str(m[k]) for k in ("variant", "backend", "state") if m.get(k)]
+            if m.get("previous") is not None:
+                extra.append(f"prev v{m['previous']}")
+            descs.append(d + (f" ({', '.join(extra)})" if extra else ""))
+        words.append("models: " + "; ".join(descs))
+    elif isinstance(models, list):
+        words.append("no models")
+    return " ".join(words)
+
+
+def _job(p: dict[str, Any], job_id: str) -> str:
+    words = [str(p.get("job") or job_id)]
+    if p.get("type"):
+        words.append(str(p["type"]))
+    words.append(str(p.get("state", "?")))
+    if p.get("step"):
+        words.append(str(p["step"]))
+    prog = p.get("progress")
+    if isinstance(prog, dict) and "done" in prog:
+        total = prog.get("total")
+        if isinstance(total, (int, float)) and not isinstance(total, bool) and total > 0:
+            pct = _num(100.0 * prog["done"] / total, "{:.0f}") if isinstance(prog["done"], (int, float)) else "?"
+            words.append(f"{_bytes(prog['done'])}/{_bytes(total)} ({pct}%)")
+        else:
+            words.append(_bytes(prog["done"]))
+    err = p.get("error")
+    if isinstance(err, dict):
+        words.append(f"error {err.get('code', '?')}: {err.get('message', '')}".rstrip(": "))
+    elif err:
+        words.append(f"error {err}")
+    res = p.get("result")
+    if isinstance(res, dict) and res:
+        words.append("result " + json.dumps(res, separators=(",", ":"), sort_keys=True, default=str))
+    return " ".join(words)
+
+
+def _heartbeat(p: dict[str, Any]) -> str:
+    sysd = _dict(p.get("system"))
+    words = [f"up {_duration(p.get('uptime_s'))}",
+             f"cpu {_num(sysd.get('cpu_pct'))}%", f"mem {_num(sysd.get('mem_used_pct'))}%"]
+    if sysd.get("disk_free_mb") is not None:
+        words.append(f"disk {_num(sysd['disk_free_mb'], '{:.0f}')} MB free")
+    if sysd.get("temp_c") is not None:
+        words.append(f"temp {_num(sysd['temp_c'])}C")
+    if sysd.get("load1") is not None:
+        words.append(f"load {_num(sysd['load1'], '{:.2f}')}")
+    outbox = p.get("outbox")
+    if isinstance(outbox, dict) and (outbox.get("depth") or outbox.get("dropped")):
+        words.append(f"outbox {outbox.get('depth', 0)} queued, {outbox.get('dropped', 0)} dropped")
+    mq = p.get("mqtt")
+    if isinstance(mq, dict) and mq.get("reconnects"):
+        words.append(f"reconnects {mq['reconnects']}")
+    return " ".join(words)
+
+
+def _telemetry(p: dict[str, Any]) -> str:
+    models = p.get("models")
+    head = f"window {_num(p.get('window_s'), '{:g}')}s"
+    if not isinstance(models, dict) or not models:
+        return head + " no models"
+    parts = []
+    for name, m in sorted(models.items()):
+        if not isinstance(m, dict):
+            parts.append(f"{name} ?")
+            continue
+        lat = _dict(m.get("latency_ms"))
+        ver = f" v{m['version']}" if m.get("version") is not None else ""
+        parts.append(f"{name}{ver} n={m.get('count', '?')} err={m.get('errors', '?')} "
+                     f"p50={_num(lat.get('p50'), '{:.2f}')}ms p99={_num(lat.get('p99'), '{:.2f}')}ms")
+    return head + " " + "; ".join(parts)
+
+
+def _event(p: dict[str, Any]) -> str:
+    words = []
+    for k in ("level", "event", "type", "kind", "model"):
+        if p.get(k):
+            words.append(str(p[k]))
+    if p.get("message"):
+        words.append(str(p["message"]))
+    shown = {"v", "device", "ts", "seq", "level", "event", "type", "kind", "model", "message"}
+    rest = {k: v for k, v in p.items() if k not in shown}
+    if rest:
+        words.append(json.dumps(rest, separators=(",", ":"), sort_keys=True, default=str))
+    return " ".join(words) or "event"
+
+
+def format_message(topic: str, payload: dict[str, Any]) -> str:
+    """One readable line: ``TS DEVICE KIND details``."""
+    kind, device, job_id = _kind(topic)
+    if not isinstance(payload, dict):
+        return f"- {device or '?'} {kind} {json.dumps(payload, default=str)}"
+    dev = str(payload.get("device") or device or "?")
+    ts = str(payload.get("ts") or "-")
+    try:
+        if kind == "status":
+            body = _status(payload)
+        elif kind == "job":
+            body = _job(payload, job_id)
+        elif kind == "heartbeat":
+            body = _heartbeat(payload)
+        elif kind == "telemetry":
+            body = _telemetry(payload)
+        elif kind == "events":
+            body = _event(payload)
+            kind = "event"
+        else:
+            body = json.dumps(payload, separators=(",", ":"), sort_keys=True, default=str)
+    except Exception:  # a display must never crash on odd device data
+        body = json.dumps(payload, separators=(",", ":"), sort_keys=True, default=str)
+    return f"{ts} {dev} {kind} {body}"
+
+
+def format_raw(topic: str, payload: bytes) -> str:
+    """The ``--json`` line: ``{"topic": ..., "payload": <parsed JSON or text>}``."""
+    try:
+        body: Any = json.loads(payload)
+    except (ValueError, UnicodeDecodeError):
+        body = payload.decode("utf-8", "replace")
+    return json.dumps({"topic": topic, "payload": body}, separators=(",", ":"), default=str)
+
+
+def watch(client: mqtt.Client, prefix: str, device: str | None = None, *, as_json: bool = False,
+          count: int | None = None, duration_s: float | None = None,
+          out: TextIO | None = None) -> int:
+    """Print messages as they arrive; returns how many were printed."""
+    stream = out or sys.stdout
+    topics = watch_topics(prefix, device)
+    q: queue.Queue[mqtt.MQTTMessage] = queue.Queue()
+
+    def on_message(c: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        q.put(msg)
+
+    for t in topics:
+        client.message_callback_add(t, on_message)
+    mqttc.subscribe(client, topics, qos=1)
+    deadline = None if duration_s is None else time.monotonic() + duration_s
+    printed = 0
+    try:
+        while count is None or printed < count:
+            wait = POLL_S if deadline is None else deadline - time.monotonic()
+            if wait <= 0:
+                break
+            try:
+                msg = q.get(timeout=min(wait, POLL_S))
+            except queue.Empty:
+                continue
+            stream.write(render(msg.topic, bytes(msg.payload), as_json) + "\n")
+            stream.flush()
+            printed += 1
+    finally:
+        for t in topics:
+            client.message_callback_remove(t)
+    return printed
+
+
+def render(topic: str, payload: bytes, as_json: bool) -> str:
+    """The line for one raw MQTT message."""
+    if as_json:
+        return format_raw(topic, payload)
+    try:
+        doc = json.loads(payload)
+    except (ValueError, UnicodeDecodeError):
+        kind, device, _ = _kind(topic)
+        return f"- {device or '?'} {kind} <{len(payload)} bytes, not JSON>"
+    return format_message(topic, doc)
+
