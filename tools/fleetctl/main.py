@@ -301,6 +301,12 @@ def _bench_params(a: argparse.Namespace) -> dict[str, Any]:
     return p
 
 
+def cmd_demo(a: argparse.Namespace) -> int:
+    from fleetctl.demo import run_demo
+
+    return run_demo(a.workdir.resolve(), keep_running=a.keep_running)
+
+
 def cmd_watch(a: argparse.Namespace) -> int:
     client = _connect(a)
     try:
@@ -441,6 +447,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--json", action="store_true", help="one JSON line per device")
         _add_command_args(p, wait_default_timeout=QUERY_TIMEOUT_S, with_wait=False, group_ok=False)
         p.set_defaults(func=_query(ctype))
+
+    p = sub.add_parser("demo", help="run everything locally: broker, bundle, agent, deploy, inference, telemetry")
+    p.add_argument("--workdir", type=Path, default=Path("demo-run"), help="made anew (default ./demo-run)")
+    p.add_argument("--keep-running", action="store_true", help="leave everything running until Ctrl-C")
+    p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("watch", help="live view of status, jobs, heartbeats, telemetry and events")
     p.add_argument("--device", type=_name("device"), help="only this device")
