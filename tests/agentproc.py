@@ -15,9 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
-
 from conftest import free_port
+from paho.mqtt.enums import CallbackAPIVersion
 
 START_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 10.0

@@ -22,7 +22,6 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import requests
-
 from agentproc import AgentProcess, Observer
 from conftest import Mosquitto, free_port, make_linear_onnx, wait_port
 

@@ -240,5 +240,5 @@ def run_demo(workdir: Path, keep_running: bool = False, out: TextIO | None = Non
         for stop in reversed(stops):
             try:
                 stop()
-            except Exception as e:  # noqa: BLE001 - tearing down; report and go on
+            except Exception as e:
                 _say(out, f"   (cleanup: {e})")
