@@ -268,7 +268,8 @@ def load(explicit: str | None = None) -> Config:
     for obj, attr in ((cfg, "state_dir"), (cfg.trust, "keys_dir"), (cfg.mqtt, "password_file"),
                       (cfg.mqtt, "ca_file"), (cfg.mqtt, "cert_file"), (cfg.mqtt, "key_file"),
                       (cfg.api, "control_socket")):
-        val = getattr(obj, attr)
+        val = os.path.expandvars(getattr(obj, attr))  # ${CREDENTIALS_DIRECTORY}, ${RUNTIME_DIRECTORY}
+        setattr(obj, attr, val)
         if val and not os.path.isabs(val):
             setattr(obj, attr, str((base / val).resolve()))
     cfg.hardware.profiles_dirs = [d if os.path.isabs(d) else str((base / d).resolve())

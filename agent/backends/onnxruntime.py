@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from agent import errors
 from agent.backends.base import Availability, LoadOptions, Target, check_inputs
+from agent.hardware.runtimes import disable_onnxruntime_telemetry
 
 if TYPE_CHECKING:
     import numpy as np
@@ -24,6 +25,7 @@ if TYPE_CHECKING:
     from agent.bundles.manifest import TensorSpec
 
 log = logging.getLogger(__name__)
+disable_onnxruntime_telemetry()  # before any import of onnxruntime: it writes a device id under ~
 RUNTIME = "onnxruntime"
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"

@@ -178,7 +178,7 @@ def parse_document(doc: Any) -> Manifest:
     if not isinstance(doc, dict):
         raise _bad("manifest is not a JSON object")
     v = doc.get("v", 1)
-    if not isinstance(v, int) or v < 1:
+    if not isinstance(v, int) or isinstance(v, bool) or v < 1:
         raise _bad(f"manifest v {v!r} is not a positive integer")
     if v > 1:
         raise errors.RejectError(errors.UNSUPPORTED_VERSION, f"manifest v {v} is newer than this agent understands (1)")
@@ -248,7 +248,7 @@ def parse_document(doc: Any) -> Manifest:
         for k, val in (("rtol", rtol), ("atol", atol)):
             if not isinstance(val, (int, float)) or isinstance(val, bool) or val < 0:
                 raise _bad(f"validation.{k}: {val!r} is not a non-negative number")
-        if p95 is not None and (not isinstance(p95, (int, float)) or p95 <= 0):
+        if p95 is not None and (not isinstance(p95, (int, float)) or isinstance(p95, bool) or p95 <= 0):
             raise _bad(f"validation.max_p95_ms: {p95!r} is not a positive number")
         validation = Validation(vin, vexp, float(rtol), float(atol), None if p95 is None else float(p95))
     requires = doc.get("requires") or {}
