@@ -187,7 +187,9 @@ class StateDB:
 
     def record_install(self, name: str, version: int, variant: str, backend: str,
                        manifest: dict[str, Any], files: dict[str, str]) -> None:
-        """An installed (verified, on disk) version; raises the high-water mark."""
+        """An installed (verified, on disk) version. The high-water mark rises only when a
+        version serves (set_serving): a version that fails validation can be fixed and
+        re-published under the same number."""
         now = time.time()
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
@@ -195,16 +197,17 @@ class StateDB:
                              "VALUES (?, ?, ?, ?, ?, ?, ?)",
                              (name, version, variant, backend, _j(manifest), _j(files), now))
             self._db.execute("INSERT INTO models(name, serving, previous, highwater, state, updated) "
-                             "VALUES (?, NULL, NULL, ?, 'installing', ?) ON CONFLICT(name) DO UPDATE SET "
-                             "highwater = MAX(highwater, excluded.highwater), updated = excluded.updated",
-                             (name, version, now))
+                             "VALUES (?, NULL, NULL, 0, 'installing', ?) ON CONFLICT(name) DO UPDATE SET "
+                             "updated = excluded.updated",
+                             (name, now))
             self._db.execute("COMMIT")
 
     def set_serving(self, name: str, version: int, previous: int | None, backend: str | None = None) -> None:
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
-            self._db.execute("UPDATE models SET serving = ?, previous = ?, state = 'serving', updated = ? WHERE name = ?",
-                             (version, previous, time.time(), name))
+            self._db.execute("UPDATE models SET serving = ?, previous = ?, state = 'serving', "
+                             "highwater = MAX(highwater, ?), updated = ? WHERE name = ?",
+                             (version, previous, version, time.time(), name))
             if backend is not None:
                 self._db.execute("UPDATE versions SET backend = ? WHERE name = ? AND version = ?",
                                  (backend, name, version))
