@@ -81,6 +81,8 @@ class BackendsConfig:
     autotune: bool = True
     threads: int = 0  # 0: the runtime's default
     allow_spinning: bool = False  # onnxruntime busy-wait pools burn a core; off by default
+    isolation: str = "process"  # "process": a runtime crash or hang cannot take the daemon down; "none": in-process
+    infer_timeout_s: float = 30.0  # a call slower than this counts as a hung worker (killed; rollback in probation)
 
 
 @dataclass
@@ -228,6 +230,10 @@ def validate(cfg: Config) -> None:
     for p in cfg.backends.prefer:
         if ":" not in p:
             raise ConfigError(f"backends.prefer: {p!r} must be runtime:target, e.g. onnxruntime:CPUExecutionProvider")
+    if cfg.backends.isolation not in ("process", "none"):
+        raise ConfigError(f"backends.isolation: {cfg.backends.isolation!r} not one of process, none")
+    if not 0.1 <= cfg.backends.infer_timeout_s <= 3600:
+        raise ConfigError(f"backends.infer_timeout_s: {cfg.backends.infer_timeout_s} not in 0.1..3600")
     if not 0 <= cfg.backends.threads <= 256:
         raise ConfigError(f"backends.threads: {cfg.backends.threads} not in 0..256")
     if not 1 <= cfg.storage.keep_versions <= 32:

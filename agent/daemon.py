@@ -112,7 +112,8 @@ class Agent:
         return DeploySettings(threshold=c.trust.threshold, max_clock_skew_s=c.trust.max_clock_skew_s,
                               prefer=tuple(c.backends.prefer), threads=c.backends.threads,
                               allow_spinning=c.backends.allow_spinning, keep_versions=c.storage.keep_versions,
-                              max_disk_bytes=int(c.storage.max_disk_mb * 2**20))
+                              max_disk_bytes=int(c.storage.max_disk_mb * 2**20),
+                              isolation=c.backends.isolation, infer_timeout_s=c.backends.infer_timeout_s)
 
     # -- status ------------------------------------------------------------------------------
     def models_status(self) -> list[dict[str, Any]]:

@@ -94,6 +94,8 @@ class DeploySettings:
     allow_spinning: bool = False
     keep_versions: int = 2
     max_disk_bytes: int = 4096 * 1024 * 1024
+    isolation: str = "none"  # "process": each model runs in a worker process the daemon survives
+    infer_timeout_s: float = 30.0
 
 
 class DeployRunner:
@@ -336,13 +338,42 @@ class DeployRunner:
             log.info("%s: removed versions %s, freed %d bytes", name, excess, freed)
 
 
+RUNTIME_MODULES = {"onnxruntime": "agent.backends.onnxruntime", "openvino": "agent.backends.openvino",
+                   "tflite": "agent.backends.tflite"}
+
+
+def find_backend(runtime: str) -> Backend:
+    """A fresh Backend for ``runtime`` (used in worker processes, which have no daemon)."""
+    import importlib
+
+    modname = RUNTIME_MODULES.get(runtime)
+    if modname is None:
+        raise errors.RejectError(errors.NO_COMPATIBLE_BACKEND, f"unknown runtime {runtime!r}")
+    try:
+        mod = importlib.import_module(modname)
+    except ImportError as e:
+        raise errors.RejectError(errors.NO_COMPATIBLE_BACKEND, f"runtime {runtime!r} is not available: {e}") from e
+    for obj in vars(mod).values():
+        if isinstance(obj, type) and getattr(obj, "runtime", None) == runtime and hasattr(obj, "targets"):
+            backend: Backend = obj()
+            return backend
+    raise errors.RejectError(errors.NO_COMPATIBLE_BACKEND, f"{modname} defines no backend for {runtime!r}")
+
+
 def load_model(backends: Sequence[Backend], runtime: str, target: str, path: Path,
                settings: DeploySettings) -> LoadedModel:
+    """Load on ``runtime:target``, in a worker process unless ``backends.isolation = "none"``."""
+    options = LoadOptions(threads=settings.threads, allow_spinning=settings.allow_spinning)
+    if not any(b.runtime == runtime for b in backends):
+        raise errors.RejectError(errors.NO_COMPATIBLE_BACKEND, f"runtime {runtime!r} is not available")
+    if settings.isolation == "process":
+        from agent.backends.isolated import IsolatedModel
+
+        return IsolatedModel(runtime, target, path, options, infer_timeout_s=settings.infer_timeout_s)
     for b in backends:
         if b.runtime == runtime:
-            return b.load(path, target, LoadOptions(threads=settings.threads,
-                                                    allow_spinning=settings.allow_spinning))
-    raise errors.RejectError(errors.NO_COMPATIBLE_BACKEND, f"runtime {runtime!r} is not available")
+            return b.load(path, target, options)
+    raise AssertionError("unreachable")
 
 
 def validate(model: LoadedModel, vdir: Path, m: Manifest) -> dict[str, Any]:

@@ -1,0 +1,83 @@
+"""Inference worker process: loads one model on one backend and answers requests over pipes.
+
+Why: a native runtime that crashes (a segfault in a delegate, an OOM kill) or hangs must not
+take the daemon — and its MQTT session, its other models and its local API — down with it. The
+daemon talks to the worker through ``IsolatedModel`` (agent/backends/isolated.py).
+
+Protocol on each pipe: the parent sends a dict of numpy arrays (already checked against the
+model's inputs); the worker answers ``("ok", outputs)`` or ``("err", code, message)``. The first
+pipe also carries the start-up handshake ``("ready", backend_id, inputs, outputs)`` or
+``("err", code, message)``. The worker exits when every pipe is closed (the daemon went away).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """Ask the kernel to SIGKILL us when the daemon dies, even by SIGKILL (Linux only)."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def _serve(conn: Any, model: Any) -> None:
+    from agent import errors
+
+    while True:
+        try:
+            msg = conn.recv()
+        except (EOFError, OSError):
+            return
+        if msg is None:
+            return
+        try:
+            out = model.infer(msg)
+        except errors.AgentError as e:
+            reply: tuple[Any, ...] = ("err", e.code, e.message)
+        except Exception as e:  # the runtime's own errors: reported, the worker lives on
+            reply = ("err", "inference_failed", f"{type(e).__name__}: {e}")
+        else:
+            reply = ("ok", out)
+        try:
+            conn.send(reply)
+        except (OSError, ValueError):
+            return
+
+
+def worker_main(conns: list[Any], runtime: str, target: str, path: str, threads: int,
+                allow_spinning: bool, extra: dict[str, Any]) -> None:
+    """Entry point in the child process."""
+    _die_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the daemon decides when we stop
+    from agent import errors
+    from agent.backends.base import LoadOptions
+    from agent.deploy.runner import find_backend
+
+    try:
+        backend = find_backend(runtime)
+        model = backend.load(Path(path), target, LoadOptions(threads=threads, allow_spinning=allow_spinning, extra=extra))
+    except errors.AgentError as e:
+        conns[0].send(("err", e.code, e.message))
+        return
+    except Exception as e:
+        conns[0].send(("err", errors.LOAD_FAILED, f"{type(e).__name__}: {e}"))
+        return
+    conns[0].send(("ready", model.backend_id, model.inputs, model.outputs, os.getpid()))
+    workers = [threading.Thread(target=_serve, args=(c, model), daemon=True) for c in conns]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    model.close()
+    sys.exit(0)
