@@ -11,6 +11,7 @@ Invariants:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing
 import queue
@@ -127,10 +128,8 @@ class IsolatedModel:
 
     def close(self) -> None:
         for c in self._conns:
-            try:
+            with contextlib.suppress(OSError, ValueError):
                 c.send(None)
-            except (OSError, ValueError):
-                pass
             c.close()
         self._proc.join(KILL_WAIT_S)
         if self._proc.is_alive():
