@@ -43,6 +43,10 @@ CANCELED = "canceled"
 TIMEOUT = "timeout"
 CLOCK_UNTRUSTED = "clock_untrusted"
 INVALID_INPUT = "invalid_input"
+WORKER_CRASHED = "worker_crashed"
+WORKER_HUNG = "worker_hung"
+PROBATION_FAILED = "probation_failed"
+INTERRUPTED = "interrupted"
 INTERNAL = "internal"
 
 

@@ -6,7 +6,7 @@ Invariants:
 - A call that does not answer within ``infer_timeout_s`` kills the worker (``worker_hung``):
   a hung runtime holds no daemon thread for longer than that.
 - At most ``channels`` calls run at once; more wait for a free channel (bounded by the timeout).
-- The worker dies with the daemon (pipe EOF and PR_SET_PDEATHSIG): no orphans after a SIGKILL.
+- The worker dies with the daemon (pipe EOF, and a parent watch for stuck calls): no orphans after a SIGKILL.
 """
 
 from __future__ import annotations
@@ -15,8 +15,12 @@ import contextlib
 import logging
 import multiprocessing
 import queue
+import select
+import sys
 import threading
 import time
+import types
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -34,8 +38,28 @@ START_TIMEOUT_S = 120.0  # interpreter start + runtime import + model load (Tens
 DEFAULT_INFER_TIMEOUT_S = 30.0
 DEFAULT_CHANNELS = 2
 KILL_WAIT_S = 2.0
-WORKER_CRASHED = "worker_crashed"
-WORKER_HUNG = "worker_hung"
+WORKER_CRASHED = errors.WORKER_CRASHED
+WORKER_HUNG = errors.WORKER_HUNG
+
+
+_MAIN_SWAP = threading.Lock()
+
+
+@contextlib.contextmanager
+def _bare_main() -> Iterator[None]:
+    """While a worker is spawned, ``__main__`` is a bare module.
+
+    "spawn" re-runs the parent's main module in the child: for the ``edge-agent`` script (or
+    ``python -m agent``) that imports the daemon's whole stack (paho, cryptography, SQLite,
+    prometheus-client), ~12 MB of RSS in every worker that only needs its runtime.
+    """
+    with _MAIN_SWAP:
+        main = sys.modules["__main__"]
+        sys.modules["__main__"] = types.ModuleType("__main__")
+        try:
+            yield
+        finally:
+            sys.modules["__main__"] = main
 
 
 class IsolatedModel:
@@ -55,10 +79,18 @@ class IsolatedModel:
                                  args=([c for _, c in pairs], runtime, target, str(path), options.threads,
                                        options.allow_spinning, options.extra), daemon=True)
         t0 = time.monotonic()
-        self._proc.start()
+        with _bare_main():
+            self._proc.start()
         for _, child in pairs:
             child.close()
         self._conns = [p for p, _ in pairs]
+        # One poll object per channel, made once: Connection.poll() builds a selector on every
+        # call, ~65 µs of a ~160 µs round trip on a 2-core VM (docs/benchmarks.md).
+        self._pollers: dict[int, Any] = {}
+        for c in self._conns:
+            po = select.poll()
+            po.register(c.fileno(), select.POLLIN | select.POLLHUP | select.POLLERR)
+            self._pollers[id(c)] = po
         first = self._conns[0]
         try:
             if not first.poll(start_timeout_s):
@@ -95,7 +127,7 @@ class IsolatedModel:
         healthy = False
         try:
             conn.send(feed)
-            if not conn.poll(self.infer_timeout_s):
+            if not self._pollers[id(conn)].poll(self.infer_timeout_s * 1000):
                 self._mark_dead(f"worker {self.pid} hung: no answer within {self.infer_timeout_s:.1f} s; killed")
                 raise errors.RetryableError(WORKER_HUNG, self.death)
             reply = conn.recv()

@@ -11,7 +11,7 @@ from typing import Any
 
 from agent.errors import AgentError
 from agent.mqtt.topics import Topics
-from agent.state import StateDB
+from agent.state import TERMINAL, StateDB
 from agent.telemetry.outbox import KIND_EVENT, KIND_JOB, Outbox
 from agent.timeutil import now_rfc3339
 
@@ -29,8 +29,10 @@ class JobReporter:
                progress: dict[str, int] | None = None, persist: bool = True,
                extra: dict[str, Any] | None = None) -> None:
         err = error.to_dict() if isinstance(error, AgentError) else error
-        if persist:
-            self.db.update_job(job_id, state, step, err, result)
+        terminal = persist and state in TERMINAL
+        if terminal and self.outbox.reported(job_id) is not None:
+            log.warning("job %s already reported its end; not reporting %s again", job_id, state)
+            return
         doc: dict[str, Any] = {"v": 1, "device": self.topics.device, "job": job_id, "type": type_,
                                "state": state, "ts": now_rfc3339()}
         if step:
@@ -43,7 +45,13 @@ class JobReporter:
             doc["result"] = result
         if extra:
             doc.update(extra)
-        self.outbox.add(self.topics.job(job_id), doc, KIND_JOB, stream="jobs")
+        # Outbox first (with the job's end recorded in the same transaction), then the state
+        # database: a crash in between leaves a reported end that restart reconciliation copies
+        # into state.db, never a job reported twice or never.
+        self.outbox.add(self.topics.job(job_id), doc, KIND_JOB, stream="jobs",
+                        terminal_job=job_id if terminal else None)
+        if persist:
+            self.db.update_job(job_id, state, step, err, result)
         if err:
             log.warning("job %s (%s): %s%s: %s", job_id, type_, state, f" at {step}" if step else "",
                         err.get("message"))

@@ -20,10 +20,19 @@ from pathlib import Path
 from typing import Any
 
 from agent import errors
+from agent.backends import RUNTIME_MODULES, autotune, find_backend  # noqa: F401 (re-exported)
 from agent.backends.base import Backend, LoadedModel, LoadOptions
-from agent.backends.selection import Candidate, Decision, all_targets, rank
+from agent.backends.selection import (
+    Candidate,
+    Decision,
+    Policy,
+    all_targets,
+    select,
+    variant_tolerance,
+)
+from agent.bundles.archive import BundleArchive
 from agent.bundles.fetch import Fetcher, join_url
-from agent.bundles.manifest import MAX_MANIFEST_BYTES, Manifest, verify_manifest
+from agent.bundles.manifest import MAX_MANIFEST_BYTES, Manifest, Variant, verify_manifest
 from agent.bundles.store import Store
 from agent.bundles.trust import TrustStore
 from agent.deploy.jobs import JobReporter
@@ -36,11 +45,14 @@ log = logging.getLogger(__name__)
 FETCHING, VERIFYING, SELECTING, DOWNLOADING, INSTALLING, LOADING, VALIDATING, ACTIVATING = (
     "fetching_manifest", "verifying", "selecting_backend", "downloading", "installing", "loading",
     "validating", "activating")
+PROBATION = "probation"
 DONE = "done"
-OK, FALLBACK = "ok", "fallback"
+HANDED_OVER = "handed_over"  # the probation supervisor ends the job
+OK, FALLBACK, DEFERRED, ON_PROBATION = "ok", "fallback", "deferred", "on_probation"
 
 # (step, outcome) -> next step. Errors end the job (REJECTED before anything was downloaded,
-# FAILED after); FALLBACK tries the next ranked candidate.
+# FAILED after); FALLBACK tries the next ranked candidate; a version that replaced another goes
+# on probation, whose end (SUCCEEDED, or FAILED with a rollback) the supervisor reports.
 TRANSITIONS: dict[tuple[str, str], str] = {
     (FETCHING, OK): VERIFYING,
     (VERIFYING, OK): SELECTING,
@@ -51,15 +63,36 @@ TRANSITIONS: dict[tuple[str, str], str] = {
     (LOADING, FALLBACK): DOWNLOADING,
     (VALIDATING, OK): ACTIVATING,
     (VALIDATING, FALLBACK): DOWNLOADING,
-    (ACTIVATING, OK): DONE,
+    (ACTIVATING, OK): DONE,  # nothing served before: nothing to fall back to, no probation
+    (ACTIVATING, ON_PROBATION): PROBATION,
+    (PROBATION, OK): DONE,
+    (PROBATION, DEFERRED): HANDED_OVER,
 }
 REJECTING_STEPS = (FETCHING, VERIFYING, SELECTING)  # a refusal here is REJECTED, not FAILED
 MAX_STEP_ENTRIES = 8  # per step per job: fallbacks are bounded by the candidates, this by design
 STEP_TIMEOUT_S = {FETCHING: 120.0, VERIFYING: 10.0, SELECTING: 30.0, DOWNLOADING: 3600.0,
-                  INSTALLING: 60.0, LOADING: 300.0, VALIDATING: 300.0, ACTIVATING: 30.0}
+                  INSTALLING: 60.0, LOADING: 300.0, VALIDATING: 300.0, ACTIVATING: 30.0,
+                  PROBATION: 5.0}
 PROGRESS_INTERVAL_S = 0.5
 SLO_RUNS_MIN = 20  # golden inputs are timed this often for the p95 ...
 SLO_BUDGET_S = 3.0  # ... unless that takes longer than this (then at least 3 runs)
+
+
+CLOCK_UNTRUSTED_KEY = "clock_untrusted"  # kv: why installs are refused for the clock ("" when they are not)
+
+
+def check_clock(db: StateDB, max_clock_skew_s: float, now: float | None = None) -> str | None:
+    """Why installs must wait for the clock (the device clock is earlier than the last trusted
+    time it recorded), or None; kept in kv ``clock_untrusted`` for the status document."""
+    now = time.time() if now is None else now
+    last_trusted = float(db.get("last_trusted_time", 0.0))
+    reason = None
+    if now + max_clock_skew_s < last_trusted:
+        reason = (f"device clock ({now:.0f}) is earlier than the last trusted time ({last_trusted:.0f}); "
+                  "fix the clock (NTP) before installing")
+    if (db.get(CLOCK_UNTRUSTED_KEY) or None) != reason:
+        db.put(CLOCK_UNTRUSTED_KEY, reason or "")
+    return reason
 
 
 @dataclass
@@ -78,6 +111,9 @@ class DeployContext:
     figures: dict[str, Any] = field(default_factory=dict)
     cancel: threading.Event = field(default_factory=threading.Event)
     cancel_code: str = errors.CANCELED
+    source: BundleArchive | None = None  # offline bundle (agentctl install): manifest and files come from it
+    previous: int | None = None  # the version that served before this one activated
+    tune: list[int] = field(default_factory=list)  # candidates autotune measures in LOADING (once)
 
     @property
     def candidate(self) -> Candidate:
@@ -96,6 +132,11 @@ class DeploySettings:
     max_disk_bytes: int = 4096 * 1024 * 1024
     isolation: str = "none"  # "process": each model runs in a worker process the daemon survives
     infer_timeout_s: float = 30.0
+    autotune: bool = False  # measure the top candidates on the golden inputs (config backends.autotune)
+    policy: Policy | None = None  # the hardware profile's ranking; None: the default ranking
+    hw_facts: dict[str, Any] | None = None  # detected hardware (hw_report facts): part of the autotune cache key
+    hw_fingerprint: str = ""  # overrides the key's hardware part (tests); "": from hw_facts and the targets
+    cache_dir: str = ""  # compiled-model caches (OpenVINO, TensorRT); "": none
 
 
 class DeployRunner:
@@ -103,7 +144,8 @@ class DeployRunner:
 
     def __init__(self, db: StateDB, store: Store, fetcher: Fetcher, trust: Callable[[], TrustStore],
                  registry: Registry, backends: Sequence[Backend], reporter: JobReporter,
-                 settings: Callable[[], DeploySettings]) -> None:
+                 settings: Callable[[], DeploySettings],
+                 probation: Callable[[DeployContext, dict[str, Any]], bool] | None = None) -> None:
         self.db = db
         self.store = store
         self.fetcher = fetcher
@@ -112,66 +154,86 @@ class DeployRunner:
         self.backends = backends
         self.reporter = reporter
         self.settings = settings
+        self.probation = probation
         self._steps: dict[str, Callable[[DeployContext], str]] = {
             FETCHING: self._fetch_manifest, VERIFYING: self._verify, SELECTING: self._select,
             DOWNLOADING: self._download, INSTALLING: self._install, LOADING: self._load,
-            VALIDATING: self._validate, ACTIVATING: self._activate,
+            VALIDATING: self._validate, ACTIVATING: self._activate, PROBATION: self._probation,
         }
         self.activation_lock = threading.Lock()  # one activation at a time, deploy or rollback
 
     def run(self, ctx: DeployContext) -> None:
-        """Drive ``ctx`` to a terminal state, reporting every step."""
+        """Drive ``ctx`` to a terminal state (or to probation), reporting every step."""
         step = FETCHING
         entries: dict[str, int] = {}
         t_start = time.monotonic()
-        while step != DONE:
-            if ctx.cancel.is_set():
-                self._close_unused(ctx)
-                self.reporter.update(ctx.job_id, "deploy", "CANCELED", step, error=errors.RejectError(
+        while step not in (DONE, HANDED_OVER):
+            if ctx.cancel.is_set() and step != PROBATION:  # once activated, a deploy is not undone by a cancel
+                return self._end(ctx, "CANCELED", step, errors.RejectError(
                     ctx.cancel_code, f"deploy of {ctx.model} {ctx.cancel_code} at {step}"))
-                return
             entries[step] = entries.get(step, 0) + 1
             if entries[step] > MAX_STEP_ENTRIES:
-                self._close_unused(ctx)
-                self.reporter.update(ctx.job_id, "deploy", "FAILED", step, error=errors.AgentError(
+                return self._end(ctx, "FAILED", step, errors.AgentError(
                     errors.INTERNAL, f"step {step} entered {MAX_STEP_ENTRIES} times; giving up"))
-                return
             self.reporter.update(ctx.job_id, "deploy", "IN_PROGRESS", step)
             t0 = time.monotonic()
             try:
                 outcome = self._steps[step](ctx)
             except errors.AgentError as e:
-                self._close_unused(ctx)
-                state = "REJECTED" if step in REJECTING_STEPS and isinstance(e, errors.RejectError) else "FAILED"
-                self.reporter.update(ctx.job_id, "deploy", state, step, error=e)
-                return
+                if ctx.cancel.is_set():  # the step stopped because of the cancel, not a fault
+                    return self._end(ctx, "CANCELED", step, errors.RejectError(
+                        ctx.cancel_code, f"deploy of {ctx.model} {ctx.cancel_code} at {step}"))
+                rejected = step in REJECTING_STEPS and isinstance(e, errors.RejectError)
+                return self._end(ctx, "REJECTED" if rejected else "FAILED", step, e)
             except Exception as e:  # a bug must end the job, not the worker
                 log.exception("deploy %s: step %s crashed", ctx.job_id, step)
-                self._close_unused(ctx)
-                self.reporter.update(ctx.job_id, "deploy", "FAILED", step,
-                                     error=errors.AgentError(errors.INTERNAL, f"{step}: {type(e).__name__}: {e}"))
-                return
+                return self._end(ctx, "FAILED", step, errors.AgentError(errors.INTERNAL, f"{step}: {type(e).__name__}: {e}"))
             elapsed = time.monotonic() - t0
             ctx.figures.setdefault("steps_s", {})[step] = round(elapsed, 4)
-            if elapsed > STEP_TIMEOUT_S[step]:
-                self._close_unused(ctx)
-                self.reporter.update(ctx.job_id, "deploy", "TIMED_OUT", step,
-                                     error=errors.AgentError(errors.TIMEOUT, f"{step} took {elapsed:.0f} s (limit {STEP_TIMEOUT_S[step]:.0f} s)"))
-                return
+            if elapsed > STEP_TIMEOUT_S[step] and step not in (ACTIVATING, PROBATION):
+                return self._end(ctx, "TIMED_OUT", step, errors.AgentError(
+                    errors.TIMEOUT, f"{step} took {elapsed:.0f} s (limit {STEP_TIMEOUT_S[step]:.0f} s)"))
             step = TRANSITIONS[(step, outcome)]
         ctx.figures["total_s"] = round(time.monotonic() - t_start, 4)
+        self.sweep()
+        if step == DONE:
+            self.reporter.update(ctx.job_id, "deploy", "SUCCEEDED", None, result=self.result(ctx))
+
+    def result(self, ctx: DeployContext) -> dict[str, Any]:
+        """The final job update's ``result`` for a deploy that activated."""
         m = ctx.manifest
         assert m is not None
-        result = {"name": m.name, "version": m.version, "variant": ctx.candidate.variant.id,
-                  "backend": ctx.candidate.target.id, "figures": ctx.figures,
-                  "selection": ctx.decision.explain() if ctx.decision else None}
-        self.reporter.update(ctx.job_id, "deploy", "SUCCEEDED", None, result=result)
+        return {"name": m.name, "version": m.version, "variant": ctx.candidate.variant.id,
+                "backend": ctx.candidate.target.id, "previous": ctx.previous, "figures": ctx.figures,
+                "selection": ctx.decision.explain() if ctx.decision else None}
+
+    def sweep(self) -> int:
+        """Remove files no kept version references (a crash or a failed deploy leaves some)."""
+        referenced = {sha for files in self.db.all_version_files() for sha in files.values()}
+        kept = {(name, v) for name in {m["name"] for m in self.db.models()} for v in self.db.versions(name)}
+        return self.store.sweep(referenced, kept)
+
+    def _end(self, ctx: DeployContext, state: str, step: str, error: errors.AgentError) -> None:
+        """End a deploy that did not activate: free what it loaded and downloaded, report."""
+        self._close_unused(ctx)
+        self._discard(ctx)
+        self.sweep()
+        self.reporter.update(ctx.job_id, "deploy", state, step, error=error)
+
+    def _discard(self, ctx: DeployContext) -> None:
+        """After a failed deploy: forget its installed version unless it serves or is kept as previous."""
+        if ctx.manifest is None:
+            return
+        rec = self.db.model(ctx.manifest.name) or {}
+        if ctx.manifest.version not in (rec.get("serving"), rec.get("previous")):
+            self.db.delete_version(ctx.manifest.name, ctx.manifest.version)
 
     # -- steps -------------------------------------------------------------------------------
     def _fetch_manifest(self, ctx: DeployContext) -> str:
         import hashlib
 
-        raw = self.fetcher.fetch_bytes(ctx.manifest_url, MAX_MANIFEST_BYTES, what="manifest")
+        raw = (ctx.source.manifest_bytes() if ctx.source is not None
+               else self.fetcher.fetch_bytes(ctx.manifest_url, MAX_MANIFEST_BYTES, what="manifest"))
         if ctx.manifest_sha256 and hashlib.sha256(raw).hexdigest() != ctx.manifest_sha256.lower():
             raise errors.RejectError(errors.HASH_MISMATCH,
                                      f"manifest {ctx.manifest_url}: sha256 differs from the command's manifest_sha256")
@@ -183,9 +245,9 @@ class DeployRunner:
         m = verify_manifest(ctx.manifest_raw, self.trust(), s.threshold)
         now = time.time()
         last_trusted = float(self.db.get("last_trusted_time", 0.0))
-        if now + s.max_clock_skew_s < last_trusted:
-            raise errors.RejectError(errors.CLOCK_UNTRUSTED,
-                                     f"device clock ({now:.0f}) is earlier than the last trusted time ({last_trusted:.0f}); fix the clock (NTP) before installing")
+        clock = check_clock(self.db, s.max_clock_skew_s, now)  # status says "clock": "untrusted" and why
+        if clock is not None:
+            raise errors.RejectError(errors.CLOCK_UNTRUSTED, clock)
         if m.name != ctx.model:
             raise errors.RejectError(errors.INVALID_COMMAND,
                                      f"manifest is for model {m.name!r}, the command deploys {ctx.model!r}")
@@ -208,13 +270,17 @@ class DeployRunner:
                 raise errors.RejectError(errors.INSUFFICIENT_MEMORY,
                                          f"{m.name} needs {min_mem} MB free memory, {avail_mb:.0f} MB available")
         ctx.manifest = m
+        self.db.put(f"job_version:{ctx.job_id}", m.version)
         return OK
 
     def _select(self, ctx: DeployContext) -> str:
         assert ctx.manifest is not None
         s = self.settings()
-        ctx.decision = rank(ctx.manifest, all_targets(self.backends), pin=ctx.pin, prefer=s.prefer)
+        targets = all_targets(self.backends)
+        ctx.decision = select(ctx.manifest, targets, pin=ctx.pin, prefer=s.prefer, policy=s.policy)
         ctx.candidate_index = 0
+        key = autotune.cache_key(ctx.manifest, s.hw_fingerprint or autotune.fingerprint(s.hw_facts, targets))
+        ctx.tune = autotune.plan(ctx.decision, ctx.manifest, self.db, key, enabled=s.autotune, pinned=bool(ctx.pin))
         log.info("deploy %s: %s v%d → %s (%s); %d candidate(s)", ctx.job_id, ctx.model,
                  ctx.manifest.version, ctx.candidate.target.id, ctx.candidate.variant.id,
                  len(ctx.decision.candidates))
@@ -223,17 +289,25 @@ class DeployRunner:
     def _download(self, ctx: DeployContext) -> str:
         m = ctx.manifest
         assert m is not None
-        files = m.files_for(ctx.candidate.variant)
+        variants = [ctx.candidate.variant, *(ctx.decision.candidates[i].variant for i in ctx.tune if ctx.decision)]
+        files = list({f.path: f for v in variants for f in m.files_for(v)}.values())  # autotune: all measured
         missing = [f for f in files if not self.store.has(f.sha256, f.size)]
         need = sum(f.size for f in missing)
         s = self.settings()
         if self.store.usage_bytes() + need > s.max_disk_bytes:
             raise errors.RejectError(errors.DISK_FULL,
                                      f"{m.name} v{m.version} needs {need} more bytes; the store budget (storage.max_disk_mb) would be exceeded")
+        self.fetcher.check_disk(self.store.partial, need, f"{m.name} v{m.version}")  # free disk, before any byte
+        if ctx.source is not None:  # offline bundle: one checked pass over the whole archive
+            def archive_progress(n: int) -> None:
+                if ctx.cancel.is_set():
+                    raise errors.RejectError(ctx.cancel_code, "canceled while installing from the archive")
+
+            ctx.source.install_into(ctx.manifest_raw, m, missing, self.store, archive_progress)
         total = need
         done_before = 0
         last_report = 0.0
-        for f in missing:
+        for f in missing if ctx.source is None else []:
             url = join_url(ctx.manifest_url, f.path)
 
             def progress(n: int, base: int = done_before) -> None:
@@ -264,14 +338,47 @@ class DeployRunner:
     def _load(self, ctx: DeployContext) -> str:
         m = ctx.manifest
         assert m is not None
+        if ctx.tune:
+            return self._autotune(ctx)
         c = ctx.candidate
         path = self.store.version_dir(m.name, m.version) / c.variant.main_file.path
         try:
             t0 = time.monotonic()
-            ctx.loaded = load_model(self.backends, c.target.runtime, c.target.target, path, self.settings())
+            ctx.loaded = load_model(self.backends, c.target.runtime, c.target.target, path, self.settings(),
+                                    precision=c.variant.precision)
             ctx.figures["load_ms"] = round((time.monotonic() - t0) * 1000, 2)
         except errors.AgentError as e:
             return self._fallback(ctx, e)
+        return OK
+
+    def _autotune(self, ctx: DeployContext) -> str:
+        """Measure the planned candidates (agent/backends/autotune.py); keep the fastest correct one loaded."""
+        m, d = ctx.manifest, ctx.decision
+        assert m is not None and d is not None
+        s = self.settings()
+        indices, ctx.tune = ctx.tune, []
+        vdir = self.store.version_dir(m.name, m.version)
+
+        def load(c: Candidate) -> LoadedModel:
+            return load_model(self.backends, c.target.runtime, c.target.target, vdir / c.variant.main_file.path, s,
+                              precision=c.variant.precision)
+
+        def failed(c: Candidate, e: errors.AgentError) -> None:
+            ctx.figures.setdefault("fallbacks", []).append(
+                {"backend": c.target.id, "variant": c.variant.id, "error": e.to_dict(), "during": "autotune"})
+            self.reporter.event("backend_fallback", model=ctx.model, job=ctx.job_id, during="autotune",
+                                failed={"backend": c.target.id, "variant": c.variant.id}, error=e.to_dict())
+
+        res = autotune.tune(d, indices, m, vdir, load, failed, self.db, str((d.autotune or {}).get("key", "")))
+        ctx.candidate_index = 0
+        if res.loaded is None:  # every measured candidate failed: an unmeasured one goes through download
+            if res.unmeasured == 0:
+                raise res.last_error or errors.AgentError(errors.INTERNAL, "autotune measured nothing")
+            return FALLBACK
+        ctx.loaded = res.loaded
+        w = ctx.candidate
+        self.db.record_install(m.name, m.version, w.variant.id, w.target.id, m.raw, ctx.files)
+        log.info("deploy %s: autotune chose %s (%s)", ctx.job_id, w.target.id, w.variant.id)
         return OK
 
     def _validate(self, ctx: DeployContext) -> str:
@@ -281,7 +388,8 @@ class DeployRunner:
             ctx.figures["validation"] = "none in manifest"
             return OK
         try:
-            ctx.figures["validation"] = validate(ctx.loaded, self.store.version_dir(m.name, m.version), m)
+            ctx.figures["validation"] = validate(ctx.loaded, self.store.version_dir(m.name, m.version), m,
+                                                 ctx.candidate.variant)
         except errors.AgentError as e:
             return self._fallback(ctx, e)
         return OK
@@ -292,12 +400,19 @@ class DeployRunner:
         with self.activation_lock:
             rec = self.db.model(m.name)
             previous = rec["serving"] if rec else None
+            ctx.previous = previous if previous != m.version else None
             sv = ServingVersion(m.name, m.version, ctx.candidate.variant.id, ctx.loaded, manifest=m.raw)
             self.db.set_serving(m.name, m.version, previous, ctx.candidate.target.id)
             self.registry.activate(sv)
             ctx.loaded = None  # owned by the registry now
             self._prune(m.name)
-        return OK
+        return ON_PROBATION if ctx.previous is not None and self.probation is not None else OK
+
+    def _probation(self, ctx: DeployContext) -> str:
+        """Hand the job to the supervisor when there is a previous version to fall back to."""
+        if self.probation is None or ctx.previous is None:
+            return OK
+        return DEFERRED if self.probation(ctx, self.result(ctx)) else OK
 
     # -- helpers -----------------------------------------------------------------------------
     def _fallback(self, ctx: DeployContext, e: errors.AgentError) -> str:
@@ -338,32 +453,14 @@ class DeployRunner:
             log.info("%s: removed versions %s, freed %d bytes", name, excess, freed)
 
 
-RUNTIME_MODULES = {"onnxruntime": "agent.backends.onnxruntime", "openvino": "agent.backends.openvino",
-                   "tflite": "agent.backends.tflite"}
-
-
-def find_backend(runtime: str) -> Backend:
-    """A fresh Backend for ``runtime`` (used in worker processes, which have no daemon)."""
-    import importlib
-
-    modname = RUNTIME_MODULES.get(runtime)
-    if modname is None:
-        raise errors.RejectError(errors.NO_COMPATIBLE_BACKEND, f"unknown runtime {runtime!r}")
-    try:
-        mod = importlib.import_module(modname)
-    except ImportError as e:
-        raise errors.RejectError(errors.NO_COMPATIBLE_BACKEND, f"runtime {runtime!r} is not available: {e}") from e
-    for obj in vars(mod).values():
-        if isinstance(obj, type) and getattr(obj, "runtime", None) == runtime and hasattr(obj, "targets"):
-            backend: Backend = obj()
-            return backend
-    raise errors.RejectError(errors.NO_COMPATIBLE_BACKEND, f"{modname} defines no backend for {runtime!r}")
-
-
 def load_model(backends: Sequence[Backend], runtime: str, target: str, path: Path,
-               settings: DeploySettings) -> LoadedModel:
-    """Load on ``runtime:target``, in a worker process unless ``backends.isolation = "none"``."""
-    options = LoadOptions(threads=settings.threads, allow_spinning=settings.allow_spinning)
+               settings: DeploySettings, precision: str = "") -> LoadedModel:
+    """Load on ``runtime:target``, in a worker process unless ``backends.isolation = "none"``.
+
+    ``precision`` is the variant's: backends pick their compute precision from it explicitly."""
+    options = LoadOptions(threads=settings.threads, allow_spinning=settings.allow_spinning, precision=precision,
+                          cache_dir=Path(settings.cache_dir) if settings.cache_dir else None,
+                          extra={"precision": precision, "cache_dir": settings.cache_dir})  # survive the worker
     if not any(b.runtime == runtime for b in backends):
         raise errors.RejectError(errors.NO_COMPATIBLE_BACKEND, f"runtime {runtime!r} is not available")
     if settings.isolation == "process":
@@ -376,12 +473,14 @@ def load_model(backends: Sequence[Backend], runtime: str, target: str, path: Pat
     raise AssertionError("unreachable")
 
 
-def validate(model: LoadedModel, vdir: Path, m: Manifest) -> dict[str, Any]:
-    """Golden samples within rtol/atol, and p95 latency under the SLO, on the serving backend."""
+def validate(model: LoadedModel, vdir: Path, m: Manifest, variant: Variant | None = None) -> dict[str, Any]:
+    """Golden samples within rtol/atol (the variant's own tolerance when the manifest gives one),
+    and p95 latency under the SLO, on the serving backend."""
     import numpy as np
 
     assert m.validation is not None
     v = m.validation
+    rtol, atol = variant_tolerance(m, variant) if variant is not None else (v.rtol, v.atol)
     try:
         with np.load(vdir / v.inputs, allow_pickle=False) as z:
             inputs = {k: z[k] for k in z.files}
@@ -402,13 +501,13 @@ def validate(model: LoadedModel, vdir: Path, m: Manifest) -> dict[str, Any]:
             raise errors.RejectError(errors.VALIDATION_FAILED,
                                      f"output {name!r}: shape {list(got.shape)}, expected {list(exp.shape)}")
         diff = np.abs(got.astype(np.float64) - exp.astype(np.float64))
-        allowed = v.atol + v.rtol * np.abs(exp.astype(np.float64))
+        allowed = atol + rtol * np.abs(exp.astype(np.float64))
         if diff.size and not bool(np.all(diff <= allowed)):
             i = int(np.argmax(diff - allowed))
             raise errors.RejectError(
                 errors.VALIDATION_FAILED,
                 f"output {name!r} on {model.backend_id}: max abs error {float(diff.max()):.3g} exceeds "
-                f"atol {v.atol:g} + rtol {v.rtol:g}·|expected| (at flat index {i})")
+                f"atol {atol:g} + rtol {rtol:g}·|expected| (at flat index {i})")
         worst = max(worst, float(diff.max()) if diff.size else 0.0)
     times: list[float] = []
     t_end = time.monotonic() + SLO_BUDGET_S

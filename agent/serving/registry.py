@@ -40,6 +40,13 @@ class ServingVersion:
     manifest: dict[str, Any] = field(default_factory=dict)
     loaded_at: float = field(default_factory=time.time)
     gate: InflightGate = field(default_factory=InflightGate)
+    calls: int = 0
+    errors: int = 0  # failures of the model itself (not bad requests): probation counts these
+
+    @property
+    def alive(self) -> bool:
+        """False once an isolated worker crashed or hung; in-process models are always alive."""
+        return bool(getattr(self.model, "alive", True))
 
     @property
     def backend(self) -> str:
@@ -98,7 +105,15 @@ class Registry:
             out = sv.model.infer(inputs)
             ok = True
             return sv, out
+        except errors.RejectError as e:
+            if e.code != errors.INVALID_INPUT:
+                sv.errors += 1
+            raise
+        except Exception:
+            sv.errors += 1
+            raise
         finally:
+            sv.calls += 1
             sv.gate.leave()
             obs = self._observer
             if obs is not None:

@@ -12,23 +12,32 @@ pipe also carries the start-up handshake ``("ready", backend_id, inputs, outputs
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import os
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
-PR_SET_PDEATHSIG = 1
+PARENT_POLL_S = 1.0
 
 
 def _die_with_parent() -> None:
-    """Ask the kernel to SIGKILL us when the daemon dies, even by SIGKILL (Linux only)."""
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    """Exit when the daemon is gone, even if it died by SIGKILL and a runtime call is stuck.
+
+    (PR_SET_PDEATHSIG is no use here: it fires when the *thread* that started us exits, and the
+    daemon starts workers from short-lived threads.)
+    """
+    parent = os.getppid()
+
+    def watch() -> None:
+        while True:
+            time.sleep(PARENT_POLL_S)
+            if os.getppid() != parent:
+                os._exit(0)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
 def _serve(conn: Any, model: Any) -> None:
@@ -61,8 +70,8 @@ def worker_main(conns: list[Any], runtime: str, target: str, path: str, threads:
     _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the daemon decides when we stop
     from agent import errors
+    from agent.backends import find_backend  # not agent.deploy.runner: the daemon's stack stays out
     from agent.backends.base import LoadOptions
-    from agent.deploy.runner import find_backend
 
     try:
         backend = find_backend(runtime)

@@ -22,6 +22,7 @@ import mimetypes
 import os
 import re
 import threading
+import time
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -31,6 +32,7 @@ from urllib.parse import unquote, urlsplit
 log = logging.getLogger(__name__)
 
 CHUNK_BYTES = 1024 * 1024
+THROTTLE_SLICE_S = 0.05  # a throttled response sends rate × this many bytes, then sleeps this long
 IDLE_TIMEOUT_S = 60.0  # a keep-alive connection idle this long is closed, freeing its thread
 STOP_TIMEOUT_S = 5.0
 SHUTDOWN_POLL_S = 0.1  # serve loop wake-up: bounds how long stop() waits, costs 10 idle wake-ups/s
@@ -141,12 +143,15 @@ class _Handler(BaseHTTPRequestHandler):
             f.seek(start)
             left = length
             while left > 0:
-                chunk = f.read(min(CHUNK_BYTES, left))
+                rate = getattr(self.server, "throttle_bps", 0)
+                chunk = f.read(min(CHUNK_BYTES if not rate else max(1, int(rate * THROTTLE_SLICE_S)), left))
                 if not chunk:  # the file shrank under us: the length promised can't be kept
                     self.close_connection = True
                     return
                 self.wfile.write(chunk)
                 left -= len(chunk)
+                if rate:
+                    time.sleep(THROTTLE_SLICE_S)
 
     def do_GET(self) -> None:
         with contextlib.suppress(BrokenPipeError, ConnectionResetError):
@@ -164,6 +169,7 @@ class _Server(ThreadingHTTPServer):
 
     def __init__(self, addr: tuple[str, int], root: Path) -> None:
         self.root = root
+        self.throttle_bps = 0.0  # 0: full speed; else bytes/s per response (simulates a slow link)
         super().__init__(addr, _Handler)
 
 
@@ -183,6 +189,16 @@ class ArtifactServer:
     def port(self) -> int:
         """The bound port (the real one once started, also when asked for 0)."""
         return int(self._httpd.server_address[1]) if self._httpd else self._port
+
+    @property
+    def throttle_bps(self) -> float:
+        """Bytes per second per response; 0 is full speed (`fleetctl serve --rate`)."""
+        return self._httpd.throttle_bps if self._httpd else 0.0
+
+    @throttle_bps.setter
+    def throttle_bps(self, rate: float) -> None:
+        if self._httpd is not None:
+            self._httpd.throttle_bps = rate
 
     @property
     def url(self) -> str:

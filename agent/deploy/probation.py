@@ -1,0 +1,207 @@
+"""After activation: probation, worker health, automatic rollback.
+
+Invariants:
+- A deploy that replaced a serving version is not SUCCEEDED until its probation window passed:
+  a crash or hang of its worker, or repeated inference errors inside the window, restore the
+  previous version, send a ``rollback`` event and end the job FAILED with the reason.
+- Outside probation a dead worker is restarted on the same version; a crash loop
+  (``CRASH_LOOP_MAX`` deaths within ``CRASH_LOOP_WINDOW_S``) rolls back to the previous
+  version when there is one, else the model is reported down.
+- Every job handed to probation ends in exactly one terminal state (SUCCEEDED or FAILED).
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from agent import errors
+from agent.deploy.jobs import JobReporter
+from agent.serving.registry import Registry, ServingVersion
+from agent.state import StateDB
+
+log = logging.getLogger(__name__)
+
+TICK_S = 0.2
+CRASH_LOOP_MAX = 3  # worker deaths of one version within the window that count as a crash loop
+CRASH_LOOP_WINDOW_S = 600.0
+MIN_CALLS_FOR_ERROR_RATE = 5
+
+
+@dataclass
+class ProbationSettings:
+    window_s: float = 60.0
+    max_errors: int = 5  # errors in the window that end probation ...
+    max_error_ratio: float = 0.5  # ... when they are also at least this share of the calls
+
+
+@dataclass
+class Watch:
+    job_id: str
+    name: str
+    version: int
+    previous: int
+    until: float
+    result: dict[str, Any]
+    calls0: int = 0
+    errors0: int = 0
+
+
+@dataclass
+class _Health:
+    deaths: collections.deque[float] = field(default_factory=lambda: collections.deque(maxlen=CRASH_LOOP_MAX))
+
+
+Reload = Callable[[str, int], ServingVersion]
+
+
+class Supervisor:
+    def __init__(self, registry: Registry, db: StateDB, reporter: JobReporter, reload: Reload,
+                 activation_lock: threading.Lock, settings: Callable[[], ProbationSettings],
+                 on_change: Callable[[], None]) -> None:
+        self.registry = registry
+        self.db = db
+        self.reporter = reporter
+        self.reload = reload
+        self.activation_lock = activation_lock
+        self.settings = settings
+        self.on_change = on_change
+        self._lock = threading.Lock()
+        self._watches: dict[str, Watch] = {}
+        self._health: dict[str, _Health] = collections.defaultdict(_Health)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # -- probation -----------------------------------------------------------------------------
+    def begin(self, job_id: str, name: str, version: int, previous: int, result: dict[str, Any],
+              window_s: float | None = None) -> None:
+        """Watch ``name`` v``version`` for ``window_s``; the job ends when the watch does."""
+        sv = self.registry.get(name)
+        w = Watch(job_id, name, version, previous, time.monotonic() + (self.settings().window_s if window_s is None else window_s),
+                  result, sv.calls if sv else 0, sv.errors if sv else 0)
+        with self._lock:
+            old = self._watches.pop(name, None)
+            self._watches[name] = w
+        if old is not None:  # a newer version replaced one still on probation: that one served fine
+            self._finish(old, "SUCCEEDED", note="probation cut short by a newer deploy")
+
+    def in_probation(self, name: str) -> bool:
+        with self._lock:
+            return name in self._watches
+
+    def tick(self) -> None:
+        now = time.monotonic()
+        with self._lock:
+            watches = list(self._watches.values())
+        for w in watches:
+            sv = self.registry.get(w.name)
+            if sv is None or sv.version != w.version:
+                with self._lock:
+                    self._watches.pop(w.name, None)
+                self._finish(w, "SUCCEEDED", note="replaced or removed during probation")
+                continue
+            reason = self._verdict(w, sv)
+            if reason is not None:
+                code, message = reason
+                with self._lock:
+                    self._watches.pop(w.name, None)
+                self._rollback(sv, w.previous, f"probation: {message}")
+                w.result["rolled_back_to"] = w.previous
+                self._finish(w, "FAILED", error=errors.AgentError(code, f"{w.name} v{w.version} {message}; rolled back to v{w.previous}"))
+            elif now >= w.until:
+                with self._lock:
+                    self._watches.pop(w.name, None)
+                w.result["probation"] = {"calls": sv.calls - w.calls0, "errors": sv.errors - w.errors0}
+                self._finish(w, "SUCCEEDED")
+        self._check_health(now)
+
+    def _verdict(self, w: Watch, sv: ServingVersion) -> tuple[str, str] | None:
+        if not sv.alive:
+            death = getattr(sv.model, "death", "") or "worker died"
+            return (errors.WORKER_HUNG if "hung" in death else errors.WORKER_CRASHED), death
+        s = self.settings()
+        calls, errs = sv.calls - w.calls0, sv.errors - w.errors0
+        if errs >= s.max_errors and calls >= MIN_CALLS_FOR_ERROR_RATE and errs / max(1, calls) >= s.max_error_ratio:
+            return errors.PROBATION_FAILED, f"failed {errs} of {calls} inference calls in probation"
+        return None
+
+    def _finish(self, w: Watch, state: str, error: errors.AgentError | None = None, note: str = "") -> None:
+        if note:
+            w.result["probation_note"] = note
+        self.reporter.update(w.job_id, "deploy", state, "probation", error=error,
+                             result=w.result if state == "SUCCEEDED" else None)
+        self.on_change()
+
+    # -- health outside probation ----------------------------------------------------------------
+    def _check_health(self, now: float) -> None:
+        for sv in self.registry.all():
+            if sv.alive or self.in_probation(sv.name):
+                continue
+            h = self._health[sv.name]
+            h.deaths.append(now)
+            while h.deaths and now - h.deaths[0] > CRASH_LOOP_WINDOW_S:
+                h.deaths.popleft()
+            rec = self.db.model(sv.name) or {}
+            death = getattr(sv.model, "death", "") or "worker died"
+            if len(h.deaths) >= CRASH_LOOP_MAX:
+                prev = rec.get("previous")
+                if prev is not None:
+                    self._rollback(sv, prev, f"crash loop: {len(h.deaths)} worker deaths in {CRASH_LOOP_WINDOW_S:.0f} s; last: {death}")
+                    h.deaths.clear()
+                else:
+                    self.reporter.event("model_down", model=sv.name, version=sv.version, reason=death)
+                    self.registry.remove(sv.name)
+                    self.on_change()
+                continue
+            log.warning("%s v%d: %s; restarting its worker", sv.name, sv.version, death)
+            try:
+                fresh = self.reload(sv.name, sv.version)
+            except errors.AgentError as e:
+                self.reporter.event("worker_restart_failed", model=sv.name, version=sv.version, error=e.to_dict())
+                continue
+            with self.activation_lock:
+                if self.registry.get(sv.name) is sv:
+                    self.registry.activate(fresh)
+                else:
+                    fresh.model.close()
+            self.reporter.event("worker_restarted", model=sv.name, version=sv.version, reason=death)
+
+    def _rollback(self, bad: ServingVersion, to: int, reason: str) -> None:
+        try:
+            good = self.reload(bad.name, to)
+        except errors.AgentError as e:
+            log.error("%s: rollback to v%d failed: %s", bad.name, to, e)
+            self.reporter.event("rollback_failed", model=bad.name, frm=bad.version, to=to, error=e.to_dict())
+            return
+        with self.activation_lock:
+            self.db.set_serving(bad.name, to, None)
+            self.registry.activate(good)
+        self.reporter.event("rollback", model=bad.name, frm=bad.version, to=to, reason=reason)
+        log.warning("%s: rolled back v%d → v%d (%s)", bad.name, bad.version, to, reason)
+        self.on_change()
+
+    # -- thread ---------------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="supervisor", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(TICK_S):
+            try:
+                self.tick()
+            except Exception:  # the supervisor must outlive any single bad tick
+                log.exception("supervisor tick failed")
+
+    def stop(self, timeout_s: float = 2.0) -> list[Watch]:
+        """Stop watching; returns the probations still open (their jobs stay IN_PROGRESS and
+        resume at the next start)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+        with self._lock:
+            return list(self._watches.values())
