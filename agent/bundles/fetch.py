@@ -3,34 +3,51 @@
 Invariants:
 - Reading stops at the listed size + 1 byte; sha256 is computed while streaming; a file counts
   only after its size and hash matched and it was fsynced.
-- Each read has a timeout, each file a total deadline from its size and a minimum rate.
-- Partial downloads resume with HTTP Range (a 206 with the right Content-Range continues; a 200
-  or a wrong Content-Range restarts from zero), also across an agent restart.
-- TLS is always verified; an https URL redirecting to anything but https is refused.
-- Transport failures are retried a bounded number of times with jittered back-off; content
-  failures (size, hash) are not.
+- Each read has a timeout (``read_timeout_s``). Each file has one total deadline, fixed when its
+  download starts: ``deadline_base_s + size / min_rate_bps``. Retries never extend it, and a
+  watchdog shuts the attempt's sockets down when it passes, so not even a server trickling its
+  headers or its FTP replies one byte at a time can hold the agent past it.
+- Partial downloads resume (HTTP Range: a 206 with the right Content-Range continues; a 200 or a
+  wrong Content-Range restarts from zero; FTP REST where the server supports it), also across an
+  agent restart: the partial file is the state. A resumed file that fails its hash is fetched once
+  more from zero, since the kept bytes may be what was wrong.
+- TLS is always verified (``ca_file`` or the system CAs); an https URL redirecting to anything but
+  https is refused. ``file://`` sources must be regular files (a FIFO or /dev/zero is refused).
+- Transport failures are retried a bounded number of times with full-jitter back-off; content
+  failures (size, hash) and TLS failures are not.
+- Free disk is checked before the first byte is written.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ftplib
 import hashlib
+import io
 import logging
 import os
 import random
 import re
 import shutil
+import socket
+import stat
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, TYPE_CHECKING, Any
 from urllib.parse import unquote, urljoin, urlsplit
 
 from agent import errors
 
+if TYPE_CHECKING:
+    from agent.config import DownloadsConfig
+
 log = logging.getLogger(__name__)
 
-CHUNK_BYTES = 1024 * 1024
+CHUNK_BYTES = 1024 * 1024  # hashing and local copies
+READ_BYTES = 64 * 1024  # one network read returns at most this: the deadline is checked this often
 READ_TIMEOUT_S = 30.0  # one read may stall this long before the attempt is abandoned
 CONNECT_TIMEOUT_S = 10.0
 MIN_RATE_BPS = 32 * 1024  # slower than this on average and the file's deadline passes
@@ -40,6 +57,8 @@ BACKOFF_BASE_S = 0.5
 BACKOFF_MAX_S = 30.0
 MAX_REDIRECTS = 5
 FREE_DISK_MARGIN_BYTES = 16 * 1024 * 1024
+FTP_DEFAULT_PORT = 21
+SCHEMES = ("http", "https", "ftp", "file")
 _CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
 
 Progress = Callable[[int], None]
@@ -55,23 +74,157 @@ class FetchLimits:
     backoff_base_s: float = BACKOFF_BASE_S
     backoff_max_s: float = BACKOFF_MAX_S
 
+    def deadline_s(self, size: int) -> float:
+        """Seconds one file of ``size`` bytes may take, all attempts together."""
+        return self.deadline_base_s + size / self.min_rate_bps
+
+
+def limits_from_config(d: DownloadsConfig) -> FetchLimits:
+    """The ``[downloads]`` section as FetchLimits."""
+    return FetchLimits(read_timeout_s=d.read_timeout_s, min_rate_bps=d.min_rate_bps,
+                       deadline_base_s=d.deadline_base_s, max_attempts=d.max_attempts,
+                       connect_timeout_s=min(CONNECT_TIMEOUT_S, max(d.read_timeout_s, 1.0)))
+
+
+def fetcher_from_config(d: DownloadsConfig) -> Fetcher:
+    """The daemon's fetcher: limits and CA bundle from ``[downloads]``."""
+    return Fetcher(limits_from_config(d), ca_bundle=d.ca_file or None)
+
 
 def join_url(manifest_url: str, rel: str) -> str:
     """The URL of a bundle file: the manifest URL's folder joined with its relative path."""
     return urljoin(manifest_url, rel)
 
 
-def _deadline(size: int, lim: FetchLimits) -> float:
-    return time.monotonic() + lim.deadline_base_s + size / lim.min_rate_bps
+def _name(url: str) -> str:
+    return urlsplit(url).path.rsplit("/", 1)[-1] or url
 
 
-def _sleep_backoff(attempt: int, lim: FetchLimits) -> None:
+class Deadline:
+    """One file's deadline, enforced by a watchdog.
+
+    Sockets registered with ``track`` are shut down (through a dup of their descriptor, so a
+    recycled descriptor number can never be hit) when the deadline passes: a read blocked in
+    the headers, a TLS record or an FTP reply returns at once.
+    """
+
+    def __init__(self, seconds: float) -> None:
+        self.at = time.monotonic() + seconds
+        self.seconds = seconds
+        self.fired = False
+        self._lock = threading.Lock()
+        self._dups: list[socket.socket] = []
+        self._timer: threading.Timer | None = None
+
+    def passed(self) -> bool:
+        return self.fired or time.monotonic() >= self.at
+
+    def left(self) -> float:
+        return max(0.0, self.at - time.monotonic())
+
+    @contextlib.contextmanager
+    def watching(self) -> Iterator[Deadline]:
+        """Arm the watchdog for one attempt; disarm it and drop the dups after."""
+        self._timer = threading.Timer(self.left(), self._fire)
+        self._timer.daemon = True
+        self._timer.start()
+        prev = getattr(_watch, "deadline", None)
+        _watch.deadline = self
+        try:
+            yield self
+        finally:
+            _watch.deadline = prev
+            with self._lock:
+                self._timer.cancel()
+                for d in self._dups:
+                    d.close()
+                self._dups.clear()
+
+    def track(self, sock: Any) -> None:
+        """Shut ``sock`` down when the deadline passes (now, if it already has)."""
+        try:
+            fd = sock.fileno()
+            if fd < 0:
+                return
+            dup = socket.socket(fileno=os.dup(fd))
+        except (OSError, AttributeError, ValueError):
+            return
+        with self._lock:
+            self._dups.append(dup)
+            if self.fired:
+                with contextlib.suppress(OSError):
+                    dup.shutdown(socket.SHUT_RDWR)
+
+    def _fire(self) -> None:
+        with self._lock:
+            self.fired = True
+            for d in self._dups:
+                with contextlib.suppress(OSError):
+                    d.shutdown(socket.SHUT_RDWR)
+
+
+_watch = threading.local()  # the Deadline of the attempt running on this thread, if any
+
+
+def _tracked_connection_classes() -> tuple[type, type]:
+    """urllib3 connection pools whose connections register their socket with the running
+    attempt's Deadline just before reading a response (new and kept-alive connections alike)."""
+    from urllib3.connection import HTTPConnection, HTTPSConnection
+    from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+
+    def getresponse(base: Any) -> Callable[..., Any]:
+        def wrapped(self: Any, *args: Any, **kwargs: Any) -> Any:
+            dl = getattr(_watch, "deadline", None)
+            if dl is not None and getattr(self, "sock", None) is not None:
+                dl.track(self.sock)
+            return base.getresponse(self, *args, **kwargs)
+        return wrapped
+
+    http_conn = type("TrackedHTTPConnection", (HTTPConnection,), {"getresponse": getresponse(HTTPConnection)})
+    https_conn = type("TrackedHTTPSConnection", (HTTPSConnection,), {"getresponse": getresponse(HTTPSConnection)})
+    http_pool = type("TrackedHTTPConnectionPool", (HTTPConnectionPool,), {"ConnectionCls": http_conn})
+    https_pool = type("TrackedHTTPSConnectionPool", (HTTPSConnectionPool,), {"ConnectionCls": https_conn})
+    return http_pool, https_pool
+
+
+def _transport_errors() -> tuple[type[BaseException], ...]:
+    """What a read from a server may raise: socket, TLS, http.client, urllib3, requests, ftplib
+    (ValueError: a read on a connection the watchdog closed)."""
+    import http.client
+
+    import requests
+    import urllib3
+
+    return (OSError, EOFError, ValueError, ftplib.Error, http.client.HTTPException,
+            urllib3.exceptions.HTTPError, requests.RequestException)
+
+
+def _sleep_backoff(attempt: int, lim: FetchLimits, deadline: Deadline | None) -> None:
     cap = min(lim.backoff_max_s, lim.backoff_base_s * 2 ** attempt)
+    if deadline is not None:
+        cap = min(cap, deadline.left())
     time.sleep(random.uniform(0, cap))
 
 
+def _open_regular(path: Path, url: str) -> IO[bytes]:
+    """Open a local source for reading; refuse anything but a regular file (a FIFO would block,
+    a device never ends)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as e:
+        raise errors.RetryableError(errors.DOWNLOAD_FAILED, f"{url}: {e.strerror or e}") from e
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise errors.RejectError(errors.DOWNLOAD_FAILED, f"{url}: not a regular file")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 class Fetcher:
-    """Fetch small documents and large files over http(s):// and file://."""
+    """Fetch small documents and large files over http(s)://, ftp:// and file://."""
 
     def __init__(self, limits: FetchLimits | None = None, ca_bundle: str | None = None) -> None:
         self.limits = limits or FetchLimits()
@@ -81,12 +234,18 @@ class Fetcher:
     def _http(self) -> Any:
         if self._session is None:
             import requests
+            from requests.adapters import HTTPAdapter
 
+            http_pool, https_pool = _tracked_connection_classes()
             s = requests.Session()
             s.trust_env = False  # no proxy or netrc surprises on a device
             s.max_redirects = MAX_REDIRECTS
             s.headers["User-Agent"] = "edge-agent"
             s.headers["Accept-Encoding"] = "identity"  # sizes and Range are of the raw bytes
+            for prefix in ("http://", "https://"):
+                adapter = HTTPAdapter(max_retries=0)
+                adapter.poolmanager.pool_classes_by_scheme = {"http": http_pool, "https": https_pool}
+                s.mount(prefix, adapter)
             self._session = s
         return self._session
 
@@ -94,33 +253,33 @@ class Fetcher:
     def fetch_bytes(self, url: str, max_bytes: int, what: str = "document") -> bytes:
         """A whole small document, refusing anything past ``max_bytes``."""
         scheme = urlsplit(url).scheme
-        if scheme == "file":
-            path = Path(unquote(urlsplit(url).path))
-            try:
-                with open(path, "rb") as f:
-                    data = f.read(max_bytes + 1)
-            except OSError as e:
-                raise errors.RetryableError(errors.DOWNLOAD_FAILED, f"{what} {url}: {e.strerror or e}") from e
-        elif scheme in ("http", "https"):
-            data = self._with_retries(url, what, lambda: self._get_small(url, max_bytes, what))
-        else:
+        if scheme not in SCHEMES:
             raise errors.RejectError(errors.INVALID_COMMAND, f"{what} {url}: unsupported URL scheme {scheme!r}")
+        deadline = Deadline(self.limits.deadline_s(max_bytes))
+        if scheme == "file":
+            with _open_regular(Path(unquote(urlsplit(url).path)), url) as f:
+                data = f.read(max_bytes + 1)
+        else:
+            def attempt() -> bytes:
+                buf = io.BytesIO()
+                with deadline.watching():
+                    if scheme == "ftp":
+                        self._ftp_transfer(url, buf, 0, max_bytes, deadline, None)
+                    else:
+                        self._http_small(url, buf, max_bytes, deadline)
+                return buf.getvalue()
+            data = self._with_retries(url, attempt, deadline)
         if len(data) > max_bytes:
             code = errors.INVALID_MANIFEST if what == "manifest" else errors.SIZE_EXCEEDED
             raise errors.RejectError(code, f"{what} {url}: larger than {max_bytes} bytes")
         return data
 
-    def _get_small(self, url: str, max_bytes: int, what: str) -> bytes:
-        resp = self._request(url, {})
+    def _http_small(self, url: str, out: IO[bytes], max_bytes: int, deadline: Deadline) -> None:
+        resp = self._request(url, {}, deadline)
         try:
             if resp.status_code != 200:
-                raise self._status_error(url, resp.status_code, what)
-            buf = bytearray()
-            for chunk in resp.iter_content(64 * 1024):
-                buf += chunk
-                if len(buf) > max_bytes:
-                    break
-            return bytes(buf)
+                raise self._status_error(url, resp.status_code, "document")
+            self._copy_capped(self._reader(resp), out, 0, max_bytes, deadline, url, None)
         finally:
             resp.close()
 
@@ -130,23 +289,44 @@ class Fetcher:
 
         On return ``part`` holds exactly the listed bytes; the caller moves it into the store.
         """
+        scheme = urlsplit(url).scheme
+        if scheme not in SCHEMES:
+            raise errors.RejectError(errors.INVALID_COMMAND, f"{url}: unsupported URL scheme {scheme!r}")
         part.parent.mkdir(parents=True, exist_ok=True)
-        self._check_disk(part.parent, size - (part.stat().st_size if part.exists() else 0), url)
+        have = part.stat().st_size if part.exists() else 0
+        self.check_disk(part.parent, size - have if have <= size else size, url)
+        self._fetch_into(url, part, size, progress)
+        try:
+            self._verify_part(url, part, size, sha256)
+        except errors.RejectError as e:
+            if not (0 < have <= size) or e.code != errors.HASH_MISMATCH:
+                raise
+            log.warning("%s: the resumed download did not verify (%s); fetching it again from zero", url, e.message)
+            self._fetch_into(url, part, size, progress)
+            self._verify_part(url, part, size, sha256)
+
+    def _fetch_into(self, url: str, part: Path, size: int, progress: Progress | None) -> None:
         scheme = urlsplit(url).scheme
         if scheme == "file":
             self._copy_file(url, part, size, progress)
-        elif scheme in ("http", "https"):
-            self._with_retries(url, "file", lambda: self._http_to_part(url, part, size, progress))
-        else:
-            raise errors.RejectError(errors.INVALID_COMMAND, f"{url}: unsupported URL scheme {scheme!r}")
-        self._verify_part(url, part, size, sha256)
+            return
+        deadline = Deadline(self.limits.deadline_s(size))
+        to_part = self._ftp_to_part if scheme == "ftp" else self._http_to_part
+
+        def attempt() -> None:
+            with deadline.watching():
+                to_part(url, part, size, deadline, progress)
+
+        self._with_retries(url, attempt, deadline)
 
     @staticmethod
-    def _check_disk(folder: Path, need: int, url: str) -> None:
+    def check_disk(folder: Path, need: int, what: str) -> None:
+        """``disk_full`` unless ``need`` bytes (plus a margin) are free under ``folder``."""
+        folder.mkdir(parents=True, exist_ok=True)
         free = shutil.disk_usage(folder).free
         if need + FREE_DISK_MARGIN_BYTES > free:
             raise errors.RejectError(errors.DISK_FULL,
-                                     f"{url}: needs {need} bytes, {free} free in {folder} (margin {FREE_DISK_MARGIN_BYTES})")
+                                     f"{what}: needs {need} bytes, {free} free in {folder} (margin {FREE_DISK_MARGIN_BYTES})")
 
     @staticmethod
     def _verify_part(url: str, part: Path, size: int, sha256: str) -> None:
@@ -157,7 +337,7 @@ class Fetcher:
                 h.update(chunk)
                 n += len(chunk)
             os.fsync(f.fileno())
-        name = urlsplit(url).path.rsplit("/", 1)[-1]
+        name = _name(url)
         if n != size:
             part.unlink(missing_ok=True)
             code = errors.SIZE_EXCEEDED if n > size else errors.HASH_MISMATCH
@@ -169,23 +349,63 @@ class Fetcher:
 
     def _copy_file(self, url: str, part: Path, size: int, progress: Progress | None) -> None:
         src = Path(unquote(urlsplit(url).path))
-        try:
-            with open(src, "rb") as fin, open(part, "wb") as fout:
-                n = 0
-                while chunk := fin.read(min(CHUNK_BYTES, size + 1 - n)):
-                    fout.write(chunk)
-                    n += len(chunk)
-                    if progress:
-                        progress(n)
-                    if n > size:
-                        break
-        except OSError as e:
-            raise errors.RetryableError(errors.DOWNLOAD_FAILED, f"{url}: {e.strerror or e}") from e
+        n = 0
+        with _open_regular(src, url) as fin:
+            try:
+                with open(part, "wb") as fout:
+                    while chunk := fin.read(min(CHUNK_BYTES, size + 1 - n)):
+                        fout.write(chunk)
+                        n += len(chunk)
+                        if n > size:
+                            break
+                        if progress:
+                            progress(n)
+            except OSError as e:
+                raise errors.RetryableError(errors.DOWNLOAD_FAILED, f"{url}: {e.strerror or e}") from e
         if n > size:
             part.unlink(missing_ok=True)
             raise errors.RejectError(errors.SIZE_EXCEEDED, f"{src.name}: longer than the listed {size} bytes")
 
-    def _http_to_part(self, url: str, part: Path, size: int, progress: Progress | None) -> None:
+    def _copy_capped(self, read: Callable[[int], bytes], out: IO[bytes], n: int, size: int,
+                     deadline: Deadline, url: str, progress: Progress | None) -> int:
+        """Append what ``read`` yields to ``out`` until EOF or ``size + 1`` bytes in all; returns
+        the count. Transport trouble and the deadline are RetryableError."""
+        while n <= size:
+            if deadline.passed():
+                raise self._deadline_error(url, deadline, n, size)
+            try:
+                chunk = read(min(READ_BYTES, size + 1 - n))
+            except _transport_errors() as e:
+                if deadline.passed():
+                    raise self._deadline_error(url, deadline, n, size) from e
+                raise errors.RetryableError(errors.DOWNLOAD_FAILED, f"{url}: read failed at byte {n}: {e}") from e
+            if not chunk:
+                break
+            out.write(chunk)
+            n += len(chunk)
+            if progress and n <= size:
+                progress(n)
+        if deadline.fired and n <= size:
+            raise self._deadline_error(url, deadline, n, size)
+        return n
+
+    def _deadline_error(self, url: str, deadline: Deadline, n: int | None = None,
+                        size: int | None = None) -> errors.RetryableError:
+        where = f" at byte {n} of {size}" if n is not None else ""
+        return errors.RetryableError(
+            errors.DOWNLOAD_FAILED,
+            f"{url}: deadline of {deadline.seconds:.1f} s passed{where} "
+            f"(slower than {self.limits.min_rate_bps:.0f} B/s on average)")
+
+    @staticmethod
+    def _reader(resp: Any) -> Callable[[int], bytes]:
+        raw = resp.raw
+        read1 = getattr(raw, "read1", None)
+        if read1 is not None:
+            return lambda k: read1(k, decode_content=False)
+        return lambda k: raw.read(k, decode_content=False)
+
+    def _http_to_part(self, url: str, part: Path, size: int, deadline: Deadline, progress: Progress | None) -> None:
         have = part.stat().st_size if part.exists() else 0
         if have > size:
             part.unlink()
@@ -193,8 +413,7 @@ class Fetcher:
         if have == size and size > 0:
             return  # complete from an earlier attempt; verified by the caller
         headers = {"Range": f"bytes={have}-"} if have else {}
-        deadline = _deadline(size - have, self.limits)
-        resp = self._request(url, headers)
+        resp = self._request(url, headers, deadline)
         try:
             if resp.status_code == 206 and have:
                 m = _CONTENT_RANGE.match(resp.headers.get("Content-Range", ""))
@@ -204,13 +423,15 @@ class Fetcher:
                     resp.close()
                     part.unlink(missing_ok=True)
                     have = 0
-                    resp = self._request(url, {})
+                    resp = self._request(url, {}, deadline)
                     if resp.status_code != 200:
                         raise self._status_error(url, resp.status_code, "file")
                     mode = "wb"
                 else:
                     mode = "ab"
             elif resp.status_code == 200:
+                if have:
+                    log.info("%s: server ignored the Range request; restarting from 0", url)
                 have = 0
                 mode = "wb"
             elif resp.status_code == 416 and have:
@@ -218,50 +439,133 @@ class Fetcher:
                 raise errors.RetryableError(errors.DOWNLOAD_FAILED, f"{url}: range not satisfiable; restarting")
             else:
                 raise self._status_error(url, resp.status_code, "file")
-            n = have
             with open(part, mode) as f:
-                for chunk in resp.iter_content(CHUNK_BYTES):
-                    if n + len(chunk) > size:
-                        f.write(chunk[: size + 1 - n])
-                        n = size + 1
-                        break
-                    f.write(chunk)
-                    n += len(chunk)
-                    if progress:
-                        progress(n)
-                    if time.monotonic() > deadline:
-                        raise errors.RetryableError(
-                            errors.DOWNLOAD_FAILED,
-                            f"{url}: slower than {self.limits.min_rate_bps:.0f} B/s on average; deadline passed at {n} of {size} bytes")
-                f.flush()
-                os.fsync(f.fileno())
-            if n > size:
-                part.unlink(missing_ok=True)
-                raise errors.RejectError(errors.SIZE_EXCEEDED,
-                                         f"{urlsplit(url).path.rsplit('/', 1)[-1]}: longer than the listed {size} bytes")
+                try:
+                    n = self._copy_capped(self._reader(resp), f, have, size, deadline, url, progress)
+                finally:
+                    f.flush()
+                    os.fsync(f.fileno())  # what arrived counts for a resume, even after a failure
         finally:
             resp.close()
+        if n > size:
+            part.unlink(missing_ok=True)
+            raise errors.RejectError(errors.SIZE_EXCEEDED, f"{_name(url)}: longer than the listed {size} bytes")
+
+    # -- ftp -----------------------------------------------------------------------------------
+    def _ftp_to_part(self, url: str, part: Path, size: int, deadline: Deadline, progress: Progress | None) -> None:
+        have = part.stat().st_size if part.exists() else 0
+        if have > size:
+            part.unlink()
+            have = 0
+        if have == size and size > 0:
+            return
+        with open(part, "ab" if have else "wb") as f:
+            try:
+                n = self._ftp_transfer(url, f, have, size, deadline, progress)
+            finally:
+                f.flush()
+                os.fsync(f.fileno())
+        if n > size:
+            part.unlink(missing_ok=True)
+            raise errors.RejectError(errors.SIZE_EXCEEDED, f"{_name(url)}: longer than the listed {size} bytes")
+
+    def _ftp_transfer(self, url: str, out: IO[bytes], have: int, size: int, deadline: Deadline,
+                      progress: Progress | None) -> int:
+        """RETR ``url`` (passive, binary) into ``out``, from byte ``have`` where the server takes
+        REST; returns the bytes ``out`` now holds (at most ``size + 1``)."""
+        u = urlsplit(url)
+        if not u.hostname:
+            raise errors.RejectError(errors.INVALID_COMMAND, f"{url}: no host")
+        path = unquote(u.path).lstrip("/")
+        if not path:
+            raise errors.RejectError(errors.INVALID_COMMAND, f"{url}: no file path")
+        user = unquote(u.username) if u.username else "anonymous"
+        password = unquote(u.password) if u.password else "anonymous@"
+        ftp = ftplib.FTP(timeout=self.limits.read_timeout_s)
+        try:
+            try:
+                ftp.connect(u.hostname, u.port or FTP_DEFAULT_PORT, timeout=self.limits.connect_timeout_s)
+                if ftp.sock is not None:
+                    deadline.track(ftp.sock)
+                    ftp.sock.settimeout(self.limits.read_timeout_s)
+                ftp.login(user, password)
+                ftp.set_pasv(True)
+                ftp.voidcmd("TYPE I")
+            except ftplib.error_perm as e:
+                raise errors.RejectError(errors.DOWNLOAD_FAILED, f"{url}: {e}") from e
+            except (OSError, EOFError, ftplib.Error) as e:
+                raise self._ftp_transport_error(url, e, deadline) from e
+            conn = self._ftp_retr(ftp, url, path, have, out, deadline)
+            if conn is None:  # the server refused REST: start over
+                out.seek(0)
+                out.truncate()
+                have = 0
+                conn = self._ftp_retr(ftp, url, path, 0, out, deadline)
+                assert conn is not None
+            with conn:
+                conn.settimeout(self.limits.read_timeout_s)
+                n = self._copy_capped(conn.recv, out, have, size, deadline, url, progress)
+            if n <= size:
+                try:
+                    ftp.voidresp()  # 226: the server says the whole file was sent
+                except ftplib.error_perm as e:
+                    raise errors.RejectError(errors.DOWNLOAD_FAILED, f"{url}: {e}") from e
+                except (OSError, EOFError, ftplib.Error) as e:
+                    raise self._ftp_transport_error(url, e, deadline) from e
+            return n
+        finally:
+            with contextlib.suppress(OSError):
+                ftp.close()
+
+    def _ftp_retr(self, ftp: ftplib.FTP, url: str, path: str, have: int, out: IO[bytes],
+                  deadline: Deadline) -> socket.socket | None:
+        """Open the data connection for RETR (after REST ``have``); None if REST was refused."""
+        try:
+            conn = ftp.transfercmd(f"RETR {path}", rest=have or None)
+        except (ftplib.error_reply, ftplib.error_perm) as e:
+            if have and str(e)[:3] in ("350", "500", "501", "502", "504"):
+                log.info("%s: server refused REST %d (%s); restarting from 0", url, have, e)
+                return None
+            raise errors.RejectError(errors.DOWNLOAD_FAILED, f"{url}: {e}") from e
+        except (OSError, EOFError, ftplib.Error) as e:
+            raise self._ftp_transport_error(url, e, deadline) from e
+        deadline.track(conn)
+        return conn
+
+    def _ftp_transport_error(self, url: str, e: BaseException, deadline: Deadline) -> errors.RetryableError:
+        if deadline.passed():
+            return errors.RetryableError(errors.DOWNLOAD_FAILED,
+                                         f"{url}: deadline of {deadline.seconds:.1f} s passed (FTP)")
+        return errors.RetryableError(errors.DOWNLOAD_FAILED, f"{url}: {type(e).__name__}: {e}")
 
     # -- plumbing ----------------------------------------------------------------------------
-    def _request(self, url: str, headers: dict[str, str]) -> Any:
+    def _request(self, url: str, headers: dict[str, str], deadline: Deadline) -> Any:
         import requests
 
         s = self._http()
         current = url
         for _ in range(MAX_REDIRECTS + 1):
+            if deadline.passed():
+                raise self._deadline_error(current, deadline)
             try:
                 resp = s.get(current, headers=headers, stream=True, allow_redirects=False,
                              timeout=(self.limits.connect_timeout_s, self.limits.read_timeout_s),
                              verify=self.ca_bundle or True)
             except requests.exceptions.SSLError as e:
+                if deadline.passed():
+                    raise self._deadline_error(current, deadline) from e
                 raise errors.RejectError(errors.DOWNLOAD_FAILED, f"{current}: TLS verification failed: {e}") from e
             except requests.exceptions.RequestException as e:
+                if deadline.passed():
+                    raise self._deadline_error(current, deadline) from e
                 raise errors.RetryableError(errors.DOWNLOAD_FAILED, f"{current}: {e}") from e
             if resp.status_code in (301, 302, 303, 307, 308) and "Location" in resp.headers:
                 nxt = urljoin(current, resp.headers["Location"])
                 resp.close()
                 if urlsplit(current).scheme == "https" and urlsplit(nxt).scheme != "https":
                     raise errors.RejectError(errors.DOWNLOAD_FAILED, f"{current}: redirect to {nxt} leaves https; refused")
+                if urlsplit(nxt).scheme not in ("http", "https"):
+                    raise errors.RejectError(errors.DOWNLOAD_FAILED, f"{current}: redirect to {nxt}; refused")
                 current = nxt
                 continue
             return resp
@@ -273,15 +577,22 @@ class Fetcher:
             return errors.RetryableError(errors.DOWNLOAD_FAILED, f"{what} {url}: HTTP {status}")
         return errors.RejectError(errors.DOWNLOAD_FAILED, f"{what} {url}: HTTP {status}")
 
-    def _with_retries(self, url: str, what: str, fn: Callable[[], Any]) -> Any:
+    def _with_retries(self, url: str, fn: Callable[[], Any], deadline: Deadline | None = None) -> Any:
+        """Run ``fn`` until it succeeds, a RejectError, ``max_attempts`` tries or the deadline."""
         last: errors.RetryableError | None = None
+        attempts = 0
         for attempt in range(self.limits.max_attempts):
+            attempts = attempt + 1
             try:
                 return fn()
             except errors.RetryableError as e:
                 last = e
-                log.warning("%s: attempt %d/%d failed: %s", url, attempt + 1, self.limits.max_attempts, e.message)
-                if attempt + 1 < self.limits.max_attempts:
-                    _sleep_backoff(attempt, self.limits)
+                log.warning("%s: attempt %d/%d failed: %s", url, attempts, self.limits.max_attempts, e.message)
+                if attempts >= self.limits.max_attempts or (deadline is not None and deadline.passed()):
+                    break
+                _sleep_backoff(attempt, self.limits, deadline)
+                if deadline is not None and deadline.passed():
+                    break
         assert last is not None
-        raise errors.RejectError(last.code, f"{last.message} (gave up after {self.limits.max_attempts} attempts)") from last
+        why = f"; its deadline of {deadline.seconds:.1f} s passed" if deadline is not None and deadline.passed() else ""
+        raise errors.RejectError(last.code, f"{last.message} (gave up after {attempts} attempts{why})") from last

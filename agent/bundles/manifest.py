@@ -10,12 +10,13 @@ import json
 import re
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent import errors
-from agent.bundles import dsse
-from agent.bundles.trust import TrustStore
 from agent.timeutil import parse_rfc3339
+
+if TYPE_CHECKING:  # signatures only where they are checked: a model worker imports TensorSpec, not cryptography
+    from agent.bundles.trust import TrustStore
 
 MAX_MANIFEST_BYTES = 1024 * 1024
 MAX_FILE_BYTES = 64 * 1024**3
@@ -266,6 +267,8 @@ def verify_manifest(raw: bytes, trust: TrustStore, threshold: int) -> Manifest:
     Size cap and JSON shape → ``invalid_manifest``; signatures → ``bad_signature`` /
     ``untrusted_key`` / ``threshold_not_met``; schema → ``invalid_manifest``.
     """
+    from agent.bundles import dsse
+
     if len(raw) > MAX_MANIFEST_BYTES:
         raise _bad(f"manifest is {len(raw)} bytes, the cap is {MAX_MANIFEST_BYTES}")
     try:
@@ -287,5 +290,7 @@ def verify_manifest(raw: bytes, trust: TrustStore, threshold: int) -> Manifest:
 
 def sign_manifest(doc: dict[str, Any], keys: list[Any]) -> bytes:
     """Fleet side: the manifest.json bytes (a DSSE envelope) for ``doc``."""
+    from agent.bundles import dsse
+
     payload = json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
     return json.dumps(dsse.sign(dsse.MANIFEST_TYPE, payload, keys), indent=1).encode()

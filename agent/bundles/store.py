@@ -78,5 +78,20 @@ class Store:
                 p.unlink()
         return freed
 
+    def sweep(self, referenced: set[str], kept: set[tuple[str, int]]) -> int:
+        """Remove everything not referenced: objects, partial downloads, version folders and
+        half-made ones left by a crash. Call only when no deploy is running."""
+        freed = self.collect(referenced)
+        for p in self.partial.iterdir():
+            freed += p.stat().st_size
+            p.unlink()
+        for model_dir in self.versions.iterdir():
+            for vdir in model_dir.iterdir():
+                if not (vdir.name.isdigit() and (model_dir.name, int(vdir.name)) in kept):
+                    shutil.rmtree(vdir, ignore_errors=True)
+            if not any(model_dir.iterdir()):
+                model_dir.rmdir()
+        return freed
+
     def usage_bytes(self) -> int:
         return sum(p.stat().st_size for p in self.objects.glob("*/*"))
