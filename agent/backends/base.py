@@ -3,13 +3,16 @@
 A backend says for each of its targets (provider, device or delegate) whether it is usable or the
 reason it is not; it never raises for a missing runtime, driver or device. ``load`` returns a
 LoadedModel with named, typed inputs and outputs; ``infer`` takes and returns numpy arrays and
-rejects wrong names, dtypes and shapes with ``invalid_input`` before the runtime sees them.
+rejects wrong names, dtypes and shapes with ``invalid_input`` before the runtime sees them. A
+loaded model may also carry ``details`` (runtime version, the precision it computes in, threads,
+delegate, caches): deploys record them, autotune and ``bench`` report them.
 
 numpy and the runtimes are imported lazily, only when a model needs them.
 """
 
 from __future__ import annotations
 
+import os
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,11 +50,45 @@ class Target:
 
 @dataclass
 class LoadOptions:
-    """Knobs every runtime understands; runtime-specific ones live in ``extra``."""
+    """Knobs every runtime understands; runtime-specific ones live in ``extra``.
 
-    threads: int = 0  # 0: the runtime's choice
+    ``precision`` is the variant's precision (``fp32``/``fp16``/``int8``, "" when unknown: treated
+    as fp32). Backends derive their compute precision from it explicitly and never leave it to a
+    runtime default (OpenVINO silently computes in bf16 on CPUs that have it).
+    ``cache_dir`` is where a runtime may keep compiled artefacts (OpenVINO blobs, TensorRT
+    engines); None disables such caches.
+    """
+
+    threads: int = 0  # 0: the runtime's choice (TFLite: AUTO_THREADS_MAX-bounded core count)
     allow_spinning: bool = False  # busy-wait thread pools burn a core at moderate load
+    precision: str = ""
+    cache_dir: Path | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+
+    # A worker process (backends.isolation = "process") rebuilds its options from threads,
+    # allow_spinning and extra only, so load_model also carries these two in ``extra``.
+    @property
+    def variant_precision(self) -> str:
+        return self.precision or str(self.extra.get("precision", "") or "")
+
+    @property
+    def cache_path(self) -> Path | None:
+        if self.cache_dir is not None:
+            return self.cache_dir
+        c = self.extra.get("cache_dir")
+        return Path(c) if c else None
+
+
+AUTO_THREADS_MAX = 4  # beyond this, small edge models gain little and other work loses a core
+
+
+def auto_threads() -> int:
+    """Threads for a runtime whose own default is 1 (TFLite): the usable cores, at most AUTO_THREADS_MAX."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        n = os.cpu_count() or 1
+    return max(1, min(AUTO_THREADS_MAX, n))
 
 
 class LoadedModel(Protocol):
@@ -75,8 +112,52 @@ class Backend(Protocol):
 _NP_DTYPES = {"float32", "float16", "float64", "int8", "uint8", "int16", "int32", "int64", "bool"}
 
 
+_PLANS: dict[int, tuple[tuple[TensorSpec, ...], tuple[tuple[str, Any, int, tuple[tuple[int, int], ...]], ...] | None]] = {}
+_PLANS_MAX = 256  # distinct input signatures remembered (one per loaded model; cleared past this)
+
+
+def _plan(specs: tuple[TensorSpec, ...]) -> tuple[tuple[str, Any, int, tuple[tuple[int, int], ...]], ...] | None:
+    """Per input: name, numpy dtype, rank and the fixed dimensions; None if a dtype is not numpy's."""
+    import numpy as np
+
+    out = []
+    for s in specs:
+        try:
+            dt = np.dtype(s.dtype)
+        except TypeError:
+            return None
+        out.append((s.name, dt, len(s.shape), tuple((i, d) for i, d in enumerate(s.shape) if d is not None)))
+    return tuple(out)
+
+
 def check_inputs(specs: tuple[TensorSpec, ...], inputs: dict[str, Any]) -> dict[str, np.ndarray]:
-    """Match ``inputs`` to ``specs`` by name, dtype and shape; ``invalid_input`` names the tensor."""
+    """Match ``inputs`` to ``specs`` by name, dtype and shape; ``invalid_input`` names the tensor.
+
+    On every inference call: the common case (numpy arrays that fit) takes a precomputed plan,
+    ~1 µs instead of ~5 µs (docs/benchmarks.md); anything else takes the checks below, which
+    also word the refusals."""
+    entry = _PLANS.get(id(specs))
+    if entry is None or entry[0] is not specs:
+        if len(_PLANS) >= _PLANS_MAX:
+            _PLANS.clear()
+        entry = _PLANS[id(specs)] = (specs, _plan(specs))
+    plan = entry[1]
+    if plan is not None and len(inputs) == len(plan):
+        fast: dict[str, np.ndarray] = {}
+        for name, dt, rank, fixed in plan:
+            a = inputs.get(name)
+            if a is None or getattr(a, "dtype", None) != dt or type(a).__name__ != "ndarray":
+                break
+            shape = a.shape
+            if len(shape) != rank or any(shape[i] != d for i, d in fixed):
+                break
+            fast[name] = a
+        else:
+            return fast
+    return _check_inputs(specs, inputs)
+
+
+def _check_inputs(specs: tuple[TensorSpec, ...], inputs: dict[str, Any]) -> dict[str, np.ndarray]:
     import numpy as np
 
     names = {s.name for s in specs}
@@ -104,22 +185,30 @@ class InflightGate:
     """Counts calls in progress so a model is closed only after the last one returns."""
 
     def __init__(self) -> None:
-        self._cv = threading.Condition()
+        # A plain Lock, and a notify only when someone waits: enter + leave run on every
+        # inference call (0.4 µs instead of 1.2 µs with an RLock-based Condition).
+        self._lock = threading.Lock()
+        self._cv = threading.Condition(self._lock)
         self._n = 0
+        self._waiters = 0
 
     def enter(self) -> None:
-        with self._cv:
+        with self._lock:
             self._n += 1
 
     def leave(self) -> None:
-        with self._cv:
+        with self._lock:
             self._n -= 1
-            if self._n == 0:
+            if self._n == 0 and self._waiters:
                 self._cv.notify_all()
 
     def wait_idle(self, timeout_s: float) -> bool:
-        with self._cv:
-            return self._cv.wait_for(lambda: self._n == 0, timeout=timeout_s)
+        with self._lock:
+            self._waiters += 1
+            try:
+                return self._cv.wait_for(lambda: self._n == 0, timeout=timeout_s)
+            finally:
+                self._waiters -= 1
 
     @property
     def count(self) -> int:

@@ -1,9 +1,16 @@
 """onnxruntime backend: CPU, CUDA, TensorRT and OpenVINO execution providers.
 
-Why the defaults: the intra-op thread pool busy-waits by default and burns a core at moderate
-request rates (FIELD-NOTES: 102 % → 3.9 % of a core at 100 req/s), so spinning is off unless
-asked. A provider asked for but not active after session creation (onnxruntime falls back to CPU
-with only a stderr print, e.g. TensorRT without its libraries) is a load failure, never silence.
+Invariants:
+- ``targets()`` never raises and lists every known provider, usable or with the reason it is not
+  (not in this build, no NVIDIA GPU, no TensorRT libraries). The verdict is computed by the pure
+  function ``ort_targets`` from the provider list and hardware evidence, so tests can drive it.
+- The intra-op thread pool does not busy-wait unless asked (FIELD-NOTES: 102 % → 3.9 % of a core
+  at 100 req/s).
+- A provider asked for but not active after session creation is a load failure, never silence:
+  onnxruntime falls back to CPU with only a stderr print (TensorRT without its libraries).
+- Precision is explicit: TensorRT builds fp16 kernels only for fp16 variants and int8 kernels only
+  for int8 (QDQ) variants; the OpenVINO provider gets ``precision`` FP32 unless the variant is
+  fp16 on a GPU/NPU. The decision is recorded in the model's ``details``.
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ import ctypes.util
 import importlib.util
 import logging
 import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,11 +35,15 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 disable_onnxruntime_telemetry()  # before any import of onnxruntime: it writes a device id under ~
 RUNTIME = "onnxruntime"
+FORMATS = ("onnx",)
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
 TENSORRT = "TensorrtExecutionProvider"
 OPENVINO = "OpenVINOExecutionProvider"
 KNOWN_PROVIDERS = (TENSORRT, CUDA, OPENVINO, CPU)
+GPU_PROVIDERS = (TENSORRT, CUDA)
+TENSORRT_LIBRARY = "nvinfer"
+CACHE_SUBDIR = "onnxruntime"  # under LoadOptions.cache_dir: TensorRT engines, OpenVINO EP blobs
 _ORT_TYPES = {
     "tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64",
     "tensor(int8)": "int8", "tensor(uint8)": "uint8", "tensor(int16)": "int16",
@@ -39,8 +51,48 @@ _ORT_TYPES = {
 }
 
 
-def _nvidia_present() -> bool:
+def nvidia_present() -> bool:
+    """An NVIDIA GPU with its kernel driver: the device node or the driver's /proc entry."""
     return os.path.exists("/dev/nvidia0") or os.path.isdir("/proc/driver/nvidia/gpus")
+
+
+def ort_targets(available: Iterable[str], version: str, nvidia_gpu: bool, tensorrt_libs: bool) -> list[Target]:
+    """Each known provider's verdict from the build's provider list and the hardware evidence."""
+    have = set(available)
+    out = []
+    for p in KNOWN_PROVIDERS:
+        if p not in have:
+            av = Availability(False, f"{p} not in this onnxruntime {version} build (available: {', '.join(sorted(have))})")
+        elif p in GPU_PROVIDERS and not nvidia_gpu:
+            av = Availability(False, f"{p} is built in but no NVIDIA GPU is present (/dev/nvidia0 missing)")
+        elif p == TENSORRT and not tensorrt_libs:
+            av = Availability(False, "TensorRT provider listed but libnvinfer is not installed")
+        else:
+            av = Availability(True, f"onnxruntime {version}")
+        out.append(Target(RUNTIME, p, FORMATS, av))
+    return out
+
+
+def provider_options(target: str, precision: str, cache_dir: Path | None,
+                     extra: dict[str, Any]) -> tuple[dict[str, Any], str]:
+    """(options for ``target``, the compute precision they select). ``extra`` wins over defaults."""
+    opts: dict[str, Any] = {}
+    computed = precision or "fp32"  # CPU/CUDA run the graph's own types (CPU casts where it lacks fp16 kernels)
+    if target == TENSORRT:
+        opts = {"device_id": 0, "trt_fp16_enable": precision == "fp16", "trt_int8_enable": precision == "int8"}
+        if cache_dir is not None:
+            opts.update(trt_engine_cache_enable=True, trt_engine_cache_path=str(cache_dir / "tensorrt"),
+                        trt_timing_cache_enable=True, trt_timing_cache_path=str(cache_dir / "tensorrt"))
+    elif target == CUDA:
+        opts = {"device_id": 0}
+    elif target == OPENVINO:
+        device = str(extra.get("device_type", "CPU"))
+        computed = "fp16" if precision == "fp16" and device.split(".")[0] in ("GPU", "NPU") else "fp32"
+        opts = {"device_type": device, "precision": computed.upper()}
+        if cache_dir is not None:
+            opts["cache_dir"] = str(cache_dir / "openvino-ep")
+    opts.update(extra)
+    return opts, computed
 
 
 class OnnxRuntimeBackend:
@@ -51,28 +103,21 @@ class OnnxRuntimeBackend:
     def targets(self) -> list[Target]:
         if importlib.util.find_spec("onnxruntime") is None:
             na = Availability(False, "onnxruntime is not installed (pip install 'edge-agent[onnx]')")
-            return [Target(RUNTIME, p, ("onnx",), na) for p in KNOWN_PROVIDERS]
+            return [Target(RUNTIME, p, FORMATS, na) for p in KNOWN_PROVIDERS]
         try:
             import onnxruntime as ort
 
-            available = set(ort.get_available_providers())
+            available = ort.get_available_providers()
+            version = str(ort.__version__)
         except Exception as e:  # a broken install must not take the daemon down
             na = Availability(False, f"onnxruntime failed to import: {e}")
-            return [Target(RUNTIME, p, ("onnx",), na) for p in KNOWN_PROVIDERS]
-        out = []
-        for p in KNOWN_PROVIDERS:
-            if p not in available:
-                av = Availability(False, f"{p} not in this onnxruntime build (available: {', '.join(sorted(available))})")
-            elif p in (CUDA, TENSORRT) and not _nvidia_present():
-                av = Availability(False, f"{p} is built in but no NVIDIA GPU is present (/dev/nvidia0 missing)")
-            elif p == TENSORRT and ctypes.util.find_library("nvinfer") is None:
-                av = Availability(False, "TensorRT provider listed but libnvinfer is not installed")
-            else:
-                av = Availability(True, f"onnxruntime {ort.__version__}")
-            out.append(Target(RUNTIME, p, ("onnx",), av))
-        return out
+            return [Target(RUNTIME, p, FORMATS, na) for p in KNOWN_PROVIDERS]
+        trt_libs = TENSORRT in available and ctypes.util.find_library(TENSORRT_LIBRARY) is not None
+        return ort_targets(available, version, nvidia_present(), trt_libs)
 
     def load(self, model_path: Path, target: str, options: LoadOptions) -> OrtModel:
+        if target not in KNOWN_PROVIDERS:
+            raise errors.RejectError(errors.NO_COMPATIBLE_BACKEND, f"onnxruntime has no provider {target!r}")
         try:
             import onnxruntime as ort
         except ImportError as e:
@@ -84,8 +129,14 @@ class OnnxRuntimeBackend:
             so.intra_op_num_threads = options.threads
         so.inter_op_num_threads = 1
         so.log_severity_level = 3
-        provider_options: dict[str, Any] = dict(options.extra.get("provider_options", {}))
-        providers: list[Any] = [(target, provider_options)] if provider_options else [target]
+        cache = options.cache_path / CACHE_SUBDIR if options.cache_path is not None else None
+        extra = dict(options.extra.get("provider_options", {}))
+        popts, computed = provider_options(target, options.variant_precision, cache, extra)
+        if cache is not None and target in (TENSORRT, OPENVINO):
+            (cache / ("tensorrt" if target == TENSORRT else "openvino-ep")).mkdir(parents=True, exist_ok=True)
+        providers: list[Any] = [(target, popts)] if popts else [target]
+        if target == TENSORRT and CUDA in ort.get_available_providers():
+            providers.append(CUDA)  # subgraphs TensorRT rejects run on CUDA, not the CPU
         if target != CPU:
             providers.append(CPU)  # CPU takes the ops the accelerator lacks; checked below
         try:
@@ -96,7 +147,10 @@ class OnnxRuntimeBackend:
         if not active or active[0] != target:
             raise errors.RejectError(errors.LOAD_FAILED,
                                      f"{model_path.name}: asked for {target}, onnxruntime activated {active}")
-        return OrtModel(sess, target)
+        details = {"runtime_version": str(ort.__version__), "providers": active, "compute_precision": computed,
+                   "threads": options.threads or "runtime default",
+                   "provider_options": {k: v for k, v in popts.items() if "path" not in k and k != "cache_dir"}}
+        return OrtModel(sess, target, details)
 
 
 def _specs(nodes: list[Any]) -> tuple[TensorSpec, ...]:
@@ -110,19 +164,23 @@ def _specs(nodes: list[Any]) -> tuple[TensorSpec, ...]:
 
 
 class OrtModel:
-    """A loaded onnxruntime session."""
+    """A loaded onnxruntime session (``run`` is thread-safe)."""
 
-    def __init__(self, sess: Any, provider: str) -> None:
+    def __init__(self, sess: Any, provider: str, details: dict[str, Any] | None = None) -> None:
         self._sess = sess
         self.backend_id = f"{RUNTIME}:{provider}"
+        self.details = details or {}
         self.inputs = _specs(sess.get_inputs())
         self.outputs = _specs(sess.get_outputs())
         self._out_names = [o.name for o in self.outputs]
 
     def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         feed = check_inputs(self.inputs, inputs)
+        sess = self._sess
+        if sess is None:
+            raise errors.RetryableError("inference_failed", f"{self.backend_id}: the model was closed")
         try:
-            res = self._sess.run(self._out_names, feed)
+            res = sess.run(self._out_names, feed)
         except Exception as e:
             raise errors.RetryableError("inference_failed", f"onnxruntime run failed: {e}") from e
         return dict(zip(self._out_names, res, strict=True))

@@ -5,12 +5,17 @@
 Invariants:
 
 * Never raises: detection, profile loading and runtime probing each degrade to reasons in the report.
+* The shipped profiles (``shipped_profiles_dir()``) are always consulted, after the given directories,
+  so a config listing only /etc and /usr/share still matches on a checkout; earlier dirs override them.
 * Every backend carries ``usable`` and a non-empty ``reason``; ``rank`` is 1-based in merged order.
 * Usability for a captured root (root != "/") is judged from hardware evidence only, because the
   runtimes of the captured device cannot be probed from here: a backend is ``usable`` when the
   accelerators it ``requires`` are present and ready in the capture (CPU backends always are), and its
   reason says "runtime not probed (captured root)".  The same applies on "/" when
   ``probe_runtimes=False``.
+* On "/" with live runtime probing, the agent's own backend targets are reconciled in: a profile backend
+  whose target reports itself unusable takes that reason, and targets the profile does not rank are
+  appended (``profile`` None) after the ranked ones, so the list names every backend selection can see.
 * On "/" with runtime probing, a backend is usable only when both hold: the hardware evidence (as above)
   and the runtime (installed, version inside the backend's range, target listed: an ONNX Runtime
   provider in get_available_providers(), an OpenVINO device in Core().available_devices, a TFLite
@@ -32,6 +37,7 @@ from agent.hardware.profiles import (
     default_profile_dirs,
     load_profiles,
     match_profile,
+    shipped_profiles_dir,
     version_in_range,
 )
 from agent.hardware.runtimes import probe_runtimes as _probe_runtimes
@@ -128,6 +134,37 @@ def _backend_entry(rank: int, ranked: RankedBackend, facts: HardwareFacts,
     return entry
 
 
+UNRANKED_WHY = "not in the profile's ranking: tried after every ranked backend"
+
+
+def _merge_live_targets(backends: list[dict[str, Any]]) -> None:
+    """Reconcile with the agent's own backends on this machine (what selection will use): a profile
+    backend whose target the backend reports unusable takes that reason, and every target the
+    profile does not rank is appended after the ranked ones, usable or with its reason."""
+    try:
+        from agent.backends import available_backends
+        from agent.backends.selection import DEFAULT_RANKING, all_targets
+
+        targets = all_targets(available_backends())
+    except Exception:  # the report must survive a broken backend module
+        log.exception("backend targets could not be listed")
+        return
+    default_precisions = dict(DEFAULT_RANKING)
+    names = {b["name"] for b in backends}
+    for b in backends:
+        t = next((t for t in targets if t.id == b["name"]), None)
+        if b["usable"] and t is not None and not t.availability.usable:
+            b["usable"], b["reason"] = False, t.availability.reason
+    for t in targets:
+        if t.id in names:
+            continue
+        names.add(t.id)
+        backends.append({"name": t.id, "runtime": t.runtime, "target": t.target, "usable": t.availability.usable,
+                         "reason": t.availability.reason or "usable", "rank": len(backends) + 1,
+                         "precisions": list(default_precisions.get(t.id, ())), "profile": None,
+                         "why": UNRANKED_WHY, "requires": []})
+
+
 def hw_report(root: str | Path = "/", profiles_dirs: Sequence[Path | str] | None = None,
               forced: str = AUTO, probe_runtimes: bool = True,
               runtime_info: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -155,6 +192,9 @@ def hw_report(root: str | Path = "/", profiles_dirs: Sequence[Path | str] | None
     """
     facts = detect(root)
     dirs = [Path(d) for d in (profiles_dirs if profiles_dirs is not None else default_profile_dirs())]
+    shipped = shipped_profiles_dir()
+    if all(d.resolve() != shipped.resolve() for d in dirs):
+        dirs.append(shipped)  # the shipped profiles are always the last resort; earlier dirs override them
     profiles, problems = load_profiles(dirs)
     match = match_profile(facts, profiles, forced)
     runtimes: Mapping[str, Any] | None = None
@@ -169,6 +209,8 @@ def hw_report(root: str | Path = "/", profiles_dirs: Sequence[Path | str] | None
                 runtimes = {"error": f"{exc!r}"}
     ranked = match.backends or [RankedBackend(spec, "(fallback)") for spec in FALLBACK_BACKENDS]
     backends = [_backend_entry(i, rb, facts, runtimes) for i, rb in enumerate(ranked, start=1)]
+    if not facts.captured and runtime_info is None and probe_runtimes:
+        _merge_live_targets(backends)
     selected = next((b["name"] for b in backends if b["usable"]), None)
     return {
         "root": str(root),

@@ -57,8 +57,8 @@ def test_default_ranking_prefers_accelerator_then_native_precision() -> None:
         ("onnxruntime:CUDAExecutionProvider", "onnx-fp16"),
         ("onnxruntime:CUDAExecutionProvider", "onnx-fp32"),
         ("openvino:CPU", "onnx-fp32"),
+        ("openvino:CPU", "ov-fp16"),  # same precision: the device's native IR before ONNX
         ("openvino:CPU", "onnx-fp16"),
-        ("openvino:CPU", "ov-fp16"),
         ("onnxruntime:CPUExecutionProvider", "onnx-fp32"),
         ("onnxruntime:CPUExecutionProvider", "onnx-fp16"),
         ("tflite:xnnpack", "tfl-int8"),

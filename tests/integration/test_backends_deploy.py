@@ -1,0 +1,216 @@
+"""Deploys through the real runner with all three backends: profile ranking, fallback, autotune.
+
+Bundles are built by fleetctl (real conversions, real signatures) and fetched over file://; the
+state database, store, outbox and runtimes are real. The hardware policy is the generic-x86_64
+profile matched on the captured AMD EPYC server (../shared/hw-captures), so the ranking does not
+depend on the machine running the tests; the backends that then run are this machine's.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from conftest import SHARED
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from test_backends import IN, make_mlp, reference
+
+from agent import errors
+from agent.backends import available_backends
+from agent.backends.selection import policy_from_report
+from agent.bundles.fetch import Fetcher, FetchLimits
+from agent.bundles.manifest import sign_manifest
+from agent.bundles.store import Store
+from agent.bundles.trust import TrustStore, key_id
+from agent.deploy.jobs import JobReporter
+from agent.deploy.runner import DeployContext, DeployRunner, DeploySettings
+from agent.hardware import hw_report, shipped_profiles_dir
+from agent.mqtt.topics import Topics
+from agent.serving.registry import Registry
+from agent.state import StateDB
+from agent.telemetry.outbox import Outbox
+from fleetctl.bundle import build_bundle, manifest_document
+
+OV_CPU, ORT_CPU, TFL = "openvino:CPU", "onnxruntime:CPUExecutionProvider", "tflite:xnnpack"
+POLICY = policy_from_report(hw_report(SHARED / "hw-captures" / "amd-epyc-7451-server",
+                                      profiles_dirs=[shipped_profiles_dir()]))
+
+
+@dataclass
+class Env:
+    tmp: Path
+    key: Ed25519PrivateKey
+    db: StateDB
+    outbox: Outbox
+    store: Store
+    registry: Registry
+    runner: DeployRunner
+    settings: DeploySettings
+
+    def deploy(self, job: str, manifest: Path, pin: str | None = None) -> dict[str, Any]:
+        assert self.db.create_job(job, "deploy", "mlp", {"model": "mlp"}, time.time() + 600)
+        self.runner.run(DeployContext(job, "mlp", manifest.as_uri(), pin=pin))
+        return [json.loads(r.payload) for r in self.outbox.peek(0, 10_000) if r.topic == f"edge/dev1/jobs/{job}"][-1]
+
+    def events(self, kind: str) -> list[dict[str, Any]]:
+        docs = [json.loads(r.payload) for r in self.outbox.peek(0, 10_000) if r.topic == "edge/dev1/events"]
+        return [d for d in docs if d.get("event") == kind]
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> Iterator[Env]:
+    key = Ed25519PrivateKey.generate()
+    trust = TrustStore({key_id(key.public_key()): key.public_key()})
+    db = StateDB(tmp_path / "state" / "state.db")
+    outbox = Outbox(tmp_path / "state" / "outbox.db", 64 * 2**20)
+    store = Store(tmp_path / "state" / "models")
+    registry = Registry()
+    e = Env(tmp_path, key, db, outbox, store, registry, None, DeploySettings(  # type: ignore[arg-type]
+        policy=POLICY, autotune=False, cache_dir=str(tmp_path / "state" / "cache"), hw_fingerprint="test-fp"))
+    e.runner = DeployRunner(db, store, Fetcher(FetchLimits(max_attempts=2, backoff_base_s=0.01)), lambda: trust,
+                            registry, available_backends(), JobReporter(db, outbox, Topics("edge", "dev1")),
+                            lambda: e.settings)
+    try:
+        yield e
+    finally:
+        registry.close()
+        outbox.close()
+        db.close()
+
+
+@pytest.fixture(scope="module")
+def mlp(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_mlp(tmp_path_factory.mktemp("src") / "mlp.onnx")
+
+
+def build(env: Env, mlp: Path, folder: str, version: int = 1, **kw: Any) -> Path:
+    return build_bundle(mlp, env.tmp / folder, "mlp", version, [env.key], samples=3, **kw)
+
+
+def serve_check(env: Env, mlp: Path, atol: float) -> str:
+    sv = env.registry.get("mlp")
+    assert sv is not None
+    x = np.random.default_rng(9).standard_normal((5, IN)).astype(np.float32)
+    _, out = env.registry.infer("mlp", {"x": x})
+    np.testing.assert_allclose(out["probs"], reference(x, mlp), atol=atol, rtol=0)
+    return sv.backend
+
+
+def test_profile_ranking_picks_backend_and_precision(env: Env, mlp: Path) -> None:
+    m = build(env, mlp, "b1", variants=["onnx-int8", "openvino-fp32", "tflite"])
+    final = env.deploy("j1", m)
+    assert final["state"] == "SUCCEEDED", final
+    r = final["result"]
+    # generic-x86_64 ranks OpenVINO's CPU plugin first, int8 before fp32 there.
+    assert (r["backend"], r["variant"]) == (OV_CPU, "onnx-int8")
+    sel = r["selection"]
+    assert sel["profile"] == "generic-x86_64"
+    assert sel["chosen"]["rationale"].startswith("generic-x86_64: OpenVINO's CPU plugin")
+    assert "ranked #3 by the profile generic-x86_64" in sel["chosen"]["why"]
+    assert [c["backend"] for c in sel["ranked"]][:3] == [OV_CPU] * 3
+    assert {u["backend"] for u in sel["unusable"]} >= {"onnxruntime:CUDAExecutionProvider", "tflite:edgetpu"}
+    assert sel["autotune"] == {"state": "skipped", "why": "backends.autotune is off"}
+    assert r["figures"]["validation"]["max_abs_error"] < 0.05  # within the int8 variant's own tolerance
+    vdir = env.store.version_dir("mlp", 1)
+    assert (vdir / "model_int8.onnx").exists() and not (vdir / "model.tflite").exists()  # only what serves
+    assert serve_check(env, mlp, atol=0.05) == OV_CPU
+
+
+def test_broken_variant_falls_back_with_an_event(env: Env, mlp: Path) -> None:
+    broken = env.tmp / "broken"
+    broken.mkdir()
+    (broken / "model.xml").write_text("<net>this is not an IR</net>")
+    (broken / "model.bin").write_bytes(b"\0" * 16)
+    wrong = make_mlp(env.tmp / "wrong" / "model.onnx", seed=99)  # loads fine, answers wrongly
+    m = build(env, mlp, "b1", prebuilt=[f"ov-broken:openvino:fp32:{broken / 'model.xml'}",
+                                        f"onnx-wrong:onnx:int8:{wrong}"], unchecked=["ov-broken", "onnx-wrong"])
+    final = env.deploy("j1", m)
+    assert final["state"] == "SUCCEEDED", final
+    r = final["result"]
+    assert (r["backend"], r["variant"]) == (OV_CPU, "onnx-fp32")
+    falls = env.events("backend_fallback")
+    assert [(e["failed"]["variant"], e["error"]["code"], e["next"]["variant"]) for e in falls] == [
+        ("onnx-wrong", errors.VALIDATION_FAILED, "ov-broken"),
+        ("ov-broken", errors.LOAD_FAILED, "onnx-fp32")]
+    assert [f["variant"] for f in r["figures"]["fallbacks"]] == ["onnx-wrong", "ov-broken"]
+    assert serve_check(env, mlp, atol=1e-5) == OV_CPU
+
+
+def test_pin_is_honoured_or_refused(env: Env, mlp: Path) -> None:
+    m = build(env, mlp, "b1", variants=["tflite"])
+    final = env.deploy("j1", m, pin=TFL)
+    assert (final["state"], final["result"]["backend"], final["result"]["variant"]) == ("SUCCEEDED", TFL, "tflite-fp32")
+    assert serve_check(env, mlp, atol=1e-5) == TFL
+    m2 = build(env, mlp, "b2", version=2)
+    refused = env.deploy("j2", m2, pin="openvino:NPU")
+    assert (refused["state"], refused["error"]["code"]) == ("REJECTED", errors.NO_COMPATIBLE_BACKEND)
+    assert "openvino:NPU" in refused["error"]["message"] and "available_devices" in refused["error"]["message"]
+    assert env.registry.get("mlp").version == 1  # type: ignore[union-attr]
+
+
+def resign(env: Env, src: Path, folder: str, version: int) -> Path:
+    """The same files as bundle ``src`` under a new version (a re-release of the same model)."""
+    dst = env.tmp / folder
+    shutil.copytree(src.parent, dst)
+    doc = manifest_document(dst / "manifest.json")
+    doc["version"] = version
+    (dst / "manifest.json").write_bytes(sign_manifest(doc, [env.key]))
+    return dst / "manifest.json"
+
+
+def test_autotune_measures_keeps_fastest_and_caches(env: Env, mlp: Path) -> None:
+    env.settings = replace(env.settings, autotune=True)
+    m1 = build(env, mlp, "b1", variants=["openvino-fp32", "tflite"])
+    final = env.deploy("j1", m1)
+    assert final["state"] == "SUCCEEDED", final
+    r = final["result"]
+    tune = r["selection"]["autotune"]
+    assert tune["state"] == "measured" and len(tune["measured"]) == 3
+    rows = {(row["backend"], row["variant"]): row for row in tune["measured"]}
+    assert set(rows) == {(OV_CPU, "openvino-fp32"), (OV_CPU, "onnx-fp32"), (ORT_CPU, "onnx-fp32")}
+    fastest = min(rows.values(), key=lambda row: row["median_ms"])
+    assert tune["winner"] == {"backend": fastest["backend"], "variant": fastest["variant"]}
+    assert (r["backend"], r["variant"]) == (fastest["backend"], fastest["variant"])
+    assert r["selection"]["chosen"] == {k: v for k, v in r["selection"]["ranked"][0].items()}
+    for row in rows.values():
+        assert row["runs"] >= 3 and row["max_abs_error"] < 1e-5 and row["compute_precision"] == "fp32"
+    info = env.db.version("mlp", 1)
+    assert info is not None and (info["backend"], info["variant"]) == (fastest["backend"], fastest["variant"])
+    serve_check(env, mlp, atol=1e-5)
+
+    m2 = resign(env, m1, "b2", 2)  # same model files: the verdict is reused, nothing is measured
+    final2 = env.deploy("j2", m2)
+    assert final2["state"] == "SUCCEEDED", final2
+    tune2 = final2["result"]["selection"]["autotune"]
+    assert tune2["state"] == "cached" and tune2["winner"] == tune["winner"]
+    assert tune2["measured"] == tune["measured"]
+    assert (final2["result"]["backend"], final2["result"]["variant"]) == (fastest["backend"], fastest["variant"])
+
+    env.settings = replace(env.settings, hw_fingerprint="other-hardware")
+    final3 = env.deploy("j3", resign(env, m1, "b3", 3))
+    assert final3["result"]["selection"]["autotune"]["state"] == "measured"  # another fingerprint: measured again
+
+
+def test_autotune_reports_a_failing_candidate_and_never_picks_it(env: Env, mlp: Path) -> None:
+    env.settings = replace(env.settings, autotune=True)
+    broken = env.tmp / "broken"
+    broken.mkdir()
+    (broken / "model.xml").write_text("<net/>")
+    (broken / "model.bin").write_bytes(b"")
+    m = build(env, mlp, "b1", prebuilt=[f"ov-broken:openvino:fp32:{broken / 'model.xml'}"], unchecked=["ov-broken"])
+    final = env.deploy("j1", m)
+    assert final["state"] == "SUCCEEDED", final
+    tune = final["result"]["selection"]["autotune"]
+    failed = [row for row in tune["measured"] if "error" in row]
+    assert [(row["variant"], row["error"]["code"]) for row in failed] == [("ov-broken", errors.LOAD_FAILED)]
+    assert tune["winner"]["variant"] == "onnx-fp32"
+    assert final["result"]["selection"]["ranked"][-1]["variant"] == "ov-broken"  # the failed one goes last
+    ev = env.events("backend_fallback")
+    assert len(ev) == 1 and ev[0]["during"] == "autotune" and ev[0]["failed"]["variant"] == "ov-broken"

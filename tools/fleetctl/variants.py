@@ -1,0 +1,491 @@
+"""Model variants for a bundle: conversions from the ONNX model, prebuilt files, build-time checks.
+
+``fleetctl bundle build --variants onnx-fp16,onnx-int8,openvino-fp32,openvino-fp16,tflite`` makes:
+
+- ``onnx-fp16``: weights and compute in fp16 with fp32 inputs/outputs (onnxconverter-common);
+- ``onnx-int8``: dynamic quantisation of the weights (onnxruntime.quantization.quantize_dynamic);
+- ``openvino-fp32`` / ``openvino-fp16``: OpenVINO IR (xml + bin) through ``openvino.convert_model``,
+  fp16 compressing the weights;
+- ``tflite`` (id ``tflite-fp32``): a .tflite written by the built-in converter below, which maps
+  dense graphs (MatMul/Gemm, Add/Sub/Mul/Div, Relu/LeakyRelu/Sigmoid/Tanh/Softmax, Flatten/
+  Reshape) onto TFLite builtin ops through the flatbuffer schema that ships with ai-edge-litert.
+  Other graphs (convolutions: ONNX is NCHW, TFLite NHWC) need a real converter: convert with
+  onnx2tf / the TensorFlow converter and pass the file with ``--tflite FILE``.
+Prebuilt files join as they are: ``--tflite FILE`` and ``--add-variant ID:FORMAT:PRECISION:PATH``
+(an OpenVINO ``.xml`` brings the ``.bin`` beside it).
+
+Invariants:
+- Every variant is checked at build time against the golden outputs (computed with onnxruntime on
+  the fp32 model) on this machine's CPU, through the agent's own backend for its format, and the
+  build fails with the reason when one is out of tolerance or cannot run here; ``--no-check ID``
+  skips that for a variant this machine cannot run (an Edge-TPU-compiled model), and says so.
+- A reduced-precision variant carries its own ``tolerance`` (rtol, atol) in the signed manifest:
+  ``REDUCED_TOLERANCE`` scaled by the largest golden output, never looser than the bundle's;
+  fp32 variants use the bundle's. Devices validate each variant with its tolerance.
+- OpenVINO telemetry is blocked before OpenVINO is imported; conversions write only into the
+  bundle folder.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from agent import errors
+from agent.bundles.manifest import FORMATS, PRECISIONS, check_path
+
+log = logging.getLogger(__name__)
+
+CONVERTED = ("onnx-fp16", "onnx-int8", "openvino-fp32", "openvino-fp16", "tflite")
+ALIASES = {"tflite-fp32": "tflite"}
+PATHS = {"onnx-fp16": ("model_fp16.onnx",), "onnx-int8": ("model_int8.onnx",),
+         "openvino-fp32": ("openvino/fp32/model.xml", "openvino/fp32/model.bin"),
+         "openvino-fp16": ("openvino/fp16/model.xml", "openvino/fp16/model.bin"),
+         "tflite": ("model.tflite",)}
+FORMAT_PRECISION = {"onnx-fp16": ("onnx", "fp16"), "onnx-int8": ("onnx", "int8"),
+                    "openvino-fp32": ("openvino", "fp32"), "openvino-fp16": ("openvino", "fp16"),
+                    "tflite": ("tflite", "fp32")}
+PREBUILT_DIR = "variants"
+# (rtol, atol as a fraction of the largest |golden output|) for reduced precisions: fp16 keeps
+# ~3 significant digits; dynamic int8 quantisation moves outputs by up to a few % of their range.
+REDUCED_TOLERANCE = {"fp16": (1e-2, 1e-2), "int8": (5e-2, 5e-2)}
+CHECK_TARGETS = {"onnx": ("onnxruntime", "CPUExecutionProvider"), "openvino": ("openvino", "CPU"),
+                 "tflite": ("tflite", "xnnpack")}
+INSTALL_HINTS = {"onnx": "pip install 'edge-agent[onnx]'", "openvino": "pip install 'edge-agent[openvino]'",
+                 "tflite": "pip install 'edge-agent[tflite]'"}
+
+
+class VariantError(ValueError):
+    """A variant cannot be made or does not match the golden outputs; the message says why."""
+
+
+@dataclass(frozen=True)
+class Prebuilt:
+    """A variant file made elsewhere: ``--add-variant ID:FORMAT:PRECISION:PATH``."""
+
+    id: str
+    format: str
+    precision: str
+    path: Path
+
+
+@dataclass
+class BuiltVariant:
+    id: str
+    format: str
+    precision: str
+    files: tuple[str, ...]  # bundle-relative paths, the loadable one first
+    tolerance: tuple[float, float] | None = None
+    check: dict[str, Any] = field(default_factory=dict)
+
+    def document(self, entry: Any) -> dict[str, Any]:
+        """The manifest's variant object; ``entry(rel)`` gives a file's {path, size, sha256}."""
+        d: dict[str, Any] = {"id": self.id, "format": self.format, "precision": self.precision,
+                             "files": [entry(rel) for rel in self.files]}
+        if self.tolerance is not None:
+            d["tolerance"] = {"rtol": self.tolerance[0], "atol": self.tolerance[1]}
+        return d
+
+
+def parse_variants(text: str | Sequence[str]) -> list[str]:
+    """``onnx-fp16,openvino-fp32`` → canonical ids; unknown names raise with the known ones."""
+    items = text.split(",") if isinstance(text, str) else [x for t in text for x in t.split(",")]
+    out: list[str] = []
+    for raw in (i.strip() for i in items):
+        if not raw:
+            continue
+        name = ALIASES.get(raw, raw)
+        if name not in CONVERTED:
+            raise VariantError(f"--variants: unknown variant {raw!r}; known: {', '.join(CONVERTED)}")
+        if name not in out:
+            out.append(name)
+    return out
+
+
+def parse_prebuilt(text: str) -> Prebuilt:
+    """``ID:FORMAT:PRECISION:PATH`` (the path may itself contain ':')."""
+    parts = text.split(":", 3)
+    if len(parts) != 4 or not all(parts):
+        raise VariantError(f"--add-variant {text!r}: expected ID:FORMAT:PRECISION:PATH")
+    vid, fmt, prec, path = parts
+    if fmt not in FORMATS:
+        raise VariantError(f"--add-variant {text!r}: format {fmt!r} not one of {', '.join(FORMATS)}")
+    if prec not in PRECISIONS:
+        raise VariantError(f"--add-variant {text!r}: precision {prec!r} not one of {', '.join(PRECISIONS)}")
+    return Prebuilt(vid, fmt, prec, Path(path))
+
+
+# ----------------------------------------------------------------------------- conversions
+
+
+def convert_onnx_fp16(src: Path, dst: Path) -> None:
+    try:
+        import onnx
+        from onnxconverter_common import float16
+    except ImportError as e:
+        raise VariantError("onnx-fp16 needs onnxconverter-common (pip install 'edge-agent[build]')") from e
+    model = float16.convert_float_to_float16(onnx.load(str(src)), keep_io_types=True)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(dst))
+
+
+def convert_onnx_int8(src: Path, dst: Path) -> None:
+    try:
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+    except ImportError as e:
+        raise VariantError("onnx-int8 needs onnxruntime's quantization tools (pip install 'edge-agent[build]')") from e
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # quantize_dynamic logs a pre-processing advert on the root logger
+    try:
+        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8)
+    except Exception as e:  # onnxruntime's quantiser raises assorted errors for unsupported graphs
+        raise VariantError(f"onnx-int8: dynamic quantisation failed: {e}") from e
+    finally:
+        root.setLevel(level)
+
+
+def convert_openvino_ir(src: Path, xml: Path, fp16: bool) -> None:
+    from agent.hardware.runtimes import block_openvino_telemetry
+
+    block_openvino_telemetry()
+    try:
+        import openvino as ov
+    except ImportError as e:
+        raise VariantError("OpenVINO IR variants need openvino (pip install 'edge-agent[openvino]')") from e
+    try:
+        model = ov.convert_model(str(src))
+        xml.parent.mkdir(parents=True, exist_ok=True)
+        ov.save_model(model, str(xml), compress_to_fp16=fp16)
+    except Exception as e:  # OpenVINO's conversion errors share no public base class
+        raise VariantError(f"openvino-{'fp16' if fp16 else 'fp32'}: OpenVINO could not convert the model: {e}") from e
+
+
+# ---- ONNX → TFLite for dense graphs (see the module docstring for the subset)
+
+_UNARY = {"Relu": "RELU", "Sigmoid": "LOGISTIC", "Tanh": "TANH"}
+_BINARY = {"Add": ("ADD", "AddOptions"), "Sub": ("SUB", "SubOptions"), "Mul": ("MUL", "MulOptions"),
+           "Div": ("DIV", "DivOptions")}
+
+
+class _TfliteWriter:
+    """Accumulates tensors, buffers and operators of one subgraph in the TFLite object API."""
+
+    def __init__(self, schema: Any) -> None:
+        self.s = schema
+        self.tensors: list[Any] = []
+        self.buffers: list[Any] = [schema.BufferT()]  # buffer 0: the empty sentinel
+        self.opcodes: list[int] = []
+        self.ops: list[Any] = []
+        self.index: dict[str, int] = {}
+
+    def tensor(self, name: str, shape: Sequence[int | None], data: np.ndarray | None = None,
+               ttype: int | None = None) -> int:
+        s = self.s
+        t = s.TensorT()
+        t.name = name
+        t.shape = [1 if d is None else int(d) for d in shape]
+        if any(d is None for d in shape):
+            t.shapeSignature = [-1 if d is None else int(d) for d in shape]
+        t.type = s.TensorType.FLOAT32 if ttype is None else ttype
+        t.buffer = 0
+        if data is not None:
+            b = s.BufferT()
+            b.data = np.frombuffer(np.ascontiguousarray(data).tobytes(), np.uint8)
+            self.buffers.append(b)
+            t.buffer = len(self.buffers) - 1
+        self.tensors.append(t)
+        self.index[name] = len(self.tensors) - 1
+        return self.index[name]
+
+    def const(self, name: str, value: np.ndarray) -> int:
+        if value.dtype != np.float32:
+            raise VariantError(f"tflite: constant {name!r} is {value.dtype}; the built-in converter handles float32 only")
+        return self.tensor(name, value.shape, value)
+
+    def op(self, code: str, inputs: Sequence[int], outputs: Sequence[int], options: str | None = None,
+           **fields: Any) -> None:
+        s = self.s
+        builtin = getattr(s.BuiltinOperator, code)
+        if builtin not in self.opcodes:
+            self.opcodes.append(builtin)
+        o = s.OperatorT()
+        o.opcodeIndex = self.opcodes.index(builtin)
+        o.inputs = list(inputs)
+        o.outputs = list(outputs)
+        if options is not None:
+            opts = getattr(s, options + "T")()
+            for k, v in fields.items():
+                setattr(opts, k, v)
+            o.builtinOptionsType = getattr(s.BuiltinOptions, options)
+            o.builtinOptions = opts
+        self.ops.append(o)
+
+    def finish(self, inputs: Sequence[str], outputs: Sequence[str], description: str) -> bytes:
+        import flatbuffers
+
+        s = self.s
+        codes = []
+        for c in self.opcodes:
+            oc = s.OperatorCodeT()
+            oc.builtinCode = c
+            oc.deprecatedBuiltinCode = min(c, 127)  # the int8 field saturates; readers use builtinCode
+            oc.version = 1
+            codes.append(oc)
+        sg = s.SubGraphT()
+        sg.tensors, sg.operators, sg.name = self.tensors, self.ops, "main"
+        sg.inputs = [self.index[n] for n in inputs]
+        sg.outputs = [self.index[n] for n in outputs]
+        sig = s.SignatureDefT()
+        sig.signatureKey, sig.subgraphIndex = "serving_default", 0
+        sig.inputs = [self._map(n) for n in inputs]
+        sig.outputs = [self._map(n) for n in outputs]
+        m = s.ModelT()
+        m.version, m.description = 3, description
+        m.operatorCodes, m.subgraphs, m.buffers, m.signatureDefs = codes, [sg], self.buffers, [sig]
+        b = flatbuffers.Builder(1024)
+        b.Finish(m.Pack(b), file_identifier=b"TFL3")
+        return bytes(b.Output())
+
+    def _map(self, name: str) -> Any:
+        tm = self.s.TensorMapT()
+        tm.name, tm.tensorIndex = name, self.index[name]
+        return tm
+
+
+def convert_onnx_to_tflite(src: Path, dst: Path) -> None:
+    """Write ``dst`` from a dense float32 ONNX graph; VariantError names the first unsupported node."""
+    try:
+        from ai_edge_litert import schema_py_generated as schema
+    except ImportError as e:
+        raise VariantError("tflite: the built-in converter needs ai-edge-litert (pip install 'edge-agent[tflite]'), "
+                           "or give a converted file with --tflite FILE") from e
+    import onnx
+    from onnx import numpy_helper, shape_inference
+
+    model = shape_inference.infer_shapes(onnx.load(str(src)))
+    g = model.graph
+    consts: dict[str, np.ndarray] = {i.name: numpy_helper.to_array(i) for i in g.initializer}
+    shapes: dict[str, tuple[int | None, ...]] = {}
+    for vi in [*g.input, *g.value_info, *g.output]:
+        tt = vi.type.tensor_type
+        if tt.elem_type != onnx.TensorProto.FLOAT and vi.name not in consts:
+            raise VariantError(f"tflite: tensor {vi.name!r} is not float32; the built-in converter handles float32 graphs")
+        if tt.HasField("shape"):
+            shapes[vi.name] = tuple(int(d.dim_value) if d.HasField("dim_value") and d.dim_value > 0 else None
+                                    for d in tt.shape.dim)
+    w = _TfliteWriter(schema)
+    alias: dict[str, str] = {}
+    graph_inputs = [i.name for i in g.input if i.name not in consts]
+    graph_outputs = [o.name for o in g.output]
+    for name in graph_inputs:
+        w.tensor(name, shapes[name])
+
+    def ref(name: str) -> int:
+        name = alias.get(name, name)
+        if name in w.index:
+            return w.index[name]
+        if name in consts:
+            return w.const(name, consts[name].astype(np.float32) if consts[name].dtype == np.float64 else consts[name])
+        raise VariantError(f"tflite: tensor {name!r} is produced by nothing the converter understood")
+
+    def out(node: Any) -> int:
+        name = node.output[0]
+        if name not in shapes:
+            raise VariantError(f"tflite: no inferred shape for {name!r} (node {node.op_type})")
+        return w.tensor(name, shapes[name])
+
+    for node in g.node:
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        op = node.op_type
+        if op == "Constant":
+            consts[node.output[0]] = numpy_helper.to_array(attrs["value"])
+        elif op == "Identity":
+            src_name = alias.get(node.input[0], node.input[0])
+            if node.output[0] in graph_outputs and src_name in w.index and src_name not in graph_inputs:
+                idx = w.index.pop(src_name)  # the graph output keeps its ONNX name
+                w.tensors[idx].name = node.output[0]
+                w.index[node.output[0]] = idx
+                alias[src_name] = node.output[0]
+            else:
+                alias[node.output[0]] = src_name
+        elif op in ("MatMul", "Gemm"):
+            if node.input[1] not in consts or attrs.get("transA", 0):
+                raise VariantError(f"tflite: {op} {node.name or node.output[0]!r} needs constant weights and no transA")
+            b = consts[node.input[1]].astype(np.float32)
+            if b.ndim != 2:
+                raise VariantError(f"tflite: {op} weights must be 2-D, got {b.shape}")
+            weights = (b if attrs.get("transB", 0) else b.T) * np.float32(attrs.get("alpha", 1.0))
+            ins = [ref(node.input[0]), w.const(node.input[1] + "/fc_weights", np.ascontiguousarray(weights))]
+            if op == "Gemm" and len(node.input) > 2 and node.input[2]:
+                if node.input[2] not in consts:
+                    raise VariantError("tflite: Gemm bias must be constant")
+                bias = np.broadcast_to(consts[node.input[2]].astype(np.float32).reshape(-1), (weights.shape[0],))
+                ins.append(w.const(node.input[2] + "/fc_bias", np.ascontiguousarray(bias * np.float32(attrs.get("beta", 1.0)))))
+            else:
+                ins.append(-1)
+            w.op("FULLY_CONNECTED", ins, [out(node)], "FullyConnectedOptions", keepNumDims=True)
+        elif op in _BINARY:
+            code, options = _BINARY[op]
+            w.op(code, [ref(node.input[0]), ref(node.input[1])], [out(node)], options)
+        elif op in _UNARY:
+            w.op(_UNARY[op], [ref(node.input[0])], [out(node)])
+        elif op == "LeakyRelu":
+            w.op("LEAKY_RELU", [ref(node.input[0])], [out(node)], "LeakyReluOptions", alpha=float(attrs.get("alpha", 0.01)))
+        elif op == "Softmax":
+            rank = len(shapes.get(node.input[0], ()))
+            axis = int(attrs.get("axis", -1 if model.opset_import[0].version >= 13 else 1))
+            if axis not in (-1, rank - 1):
+                raise VariantError(f"tflite: Softmax over axis {axis} of a rank-{rank} tensor (TFLite: last axis only)")
+            w.op("SOFTMAX", [ref(node.input[0])], [out(node)], "SoftmaxOptions", beta=1.0)
+        elif op in ("Flatten", "Reshape"):
+            target = shapes.get(node.output[0])
+            if target is None or sum(d is None for d in target) > 1:
+                raise VariantError(f"tflite: {op} {node.output[0]!r} needs a shape with at most one dynamic dimension")
+            new_shape = np.array([-1 if d is None else d for d in target], dtype=np.int32)
+            shape_t = w.tensor(node.output[0] + "/shape", (len(new_shape),), new_shape, schema.TensorType.INT32)
+            w.op("RESHAPE", [ref(node.input[0]), shape_t], [out(node)], "ReshapeOptions", newShape=new_shape.tolist())
+        else:
+            raise VariantError(f"tflite: ONNX op {op} (node {node.name or node.output[0]!r}) is not supported by the "
+                               "built-in converter (dense graphs only); convert with onnx2tf / TensorFlow and pass --tflite FILE")
+    if any(o not in w.index for o in graph_outputs):
+        raise VariantError("tflite: a graph output is a constant, an input or an alias of one; nothing to convert")
+    data = w.finish(graph_inputs, graph_outputs, f"converted from {src.name} by fleetctl")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    dst.write_bytes(data)
+
+
+def tflite_precision(path: Path) -> str:
+    """The precision a .tflite was made in, from its tensor types: int8 if any tensor is
+    quantised to 8 bits, fp16 if weights are fp16, else fp32."""
+    try:
+        from ai_edge_litert import schema_py_generated as schema
+    except ImportError:
+        return "fp32"
+    m = schema.ModelT.InitFromPackedBuf(path.read_bytes(), 0)
+    types = {t.type for sg in (m.subgraphs or []) for t in (sg.tensors or [])}
+    if types & {schema.TensorType.INT8, schema.TensorType.UINT8}:
+        return "int8"
+    if schema.TensorType.FLOAT16 in types:
+        return "fp16"
+    return "fp32"
+
+
+# ----------------------------------------------------------------------------- build-time check
+
+
+def tolerance_for(precision: str, expected: Mapping[str, np.ndarray], rtol: float, atol: float) -> tuple[float, float] | None:
+    """The variant's own tolerance (None: the bundle's), per ``REDUCED_TOLERANCE``."""
+    if precision not in REDUCED_TOLERANCE:
+        return None
+    r, frac = REDUCED_TOLERANCE[precision]
+    scale = max((float(np.max(np.abs(v))) for v in expected.values() if v.size), default=1.0)
+    return max(rtol, r), max(atol, float(f"{frac * scale:.3g}"))
+
+
+def check_variant(bundle: Path, v: BuiltVariant, feeds: Mapping[str, np.ndarray],
+                  expected: Mapping[str, np.ndarray], rtol: float, atol: float) -> dict[str, Any]:
+    """Run the variant on this machine's CPU through the agent's backend; VariantError when it
+    cannot run or is out of tolerance. Returns the figures."""
+    from agent.backends import available_backends
+    from agent.backends.autotune import max_error
+    from agent.backends.base import LoadOptions
+
+    runtime, target = CHECK_TARGETS[v.format]
+    backend = next((b for b in available_backends() if b.runtime == runtime), None)
+    tgt = next((t for t in backend.targets() if t.target == target), None) if backend else None
+    if backend is None or tgt is None or not tgt.availability.usable:
+        why = tgt.availability.reason if tgt else f"{runtime} backend unavailable"
+        raise VariantError(f"{v.id}: cannot be checked here ({why}; {INSTALL_HINTS[v.format]}), "
+                           f"or add --no-check {v.id} to ship it unchecked")
+    r, a = v.tolerance or (rtol, atol)
+    try:
+        model = backend.load(bundle / v.files[0], target, LoadOptions(precision=v.precision))
+        try:
+            err = max_error(model.infer(dict(feeds)), expected, r, a, model.backend_id)
+            details = dict(getattr(model, "details", {}) or {})
+        finally:
+            model.close()
+    except errors.AgentError as e:
+        raise VariantError(f"{v.id}: failed its build-time check on {runtime}:{target}: {e.message}") from e
+    return {"backend": f"{runtime}:{target}", "max_abs_error": err, "rtol": r, "atol": a,
+            "compute_precision": details.get("compute_precision", v.precision)}
+
+
+# ----------------------------------------------------------------------------- entry point
+
+
+def make_variants(bundle: Path, model: Path, feeds: Mapping[str, np.ndarray], expected: Mapping[str, np.ndarray],
+                  *, variants: Sequence[str] = (), tflite: Path | None = None, prebuilt: Sequence[Prebuilt] = (),
+                  unchecked: Sequence[str] = (), rtol: float, atol: float, taken: Sequence[str] = ()) -> list[BuiltVariant]:
+    """Write the requested variants into ``bundle`` and check each; ``taken`` are paths already used."""
+    out: list[BuiltVariant] = []
+    used = set(taken)
+
+    def claim(vid: str, rels: Sequence[str]) -> None:
+        if vid in {b.id for b in out} or vid == "onnx-fp32":
+            raise VariantError(f"variant id {vid!r} is used twice")
+        for rel in rels:
+            try:
+                check_path(rel, f"variant {vid}")
+            except errors.RejectError as e:
+                raise VariantError(e.message) from e
+            if rel in used:
+                raise VariantError(f"variant {vid}: path {rel!r} is already used in the bundle")
+            used.add(rel)
+
+    for name in variants:
+        rels = PATHS[name]
+        if name == "tflite" and tflite is not None:
+            continue  # the given file is the tflite variant
+        vid = "tflite-fp32" if name == "tflite" else name
+        claim(vid, rels)
+        dst = bundle / rels[0]
+        if name == "onnx-fp16":
+            convert_onnx_fp16(model, dst)
+        elif name == "onnx-int8":
+            convert_onnx_int8(model, dst)
+        elif name.startswith("openvino-"):
+            convert_openvino_ir(model, dst, fp16=name.endswith("fp16"))
+        else:
+            convert_onnx_to_tflite(model, dst)
+        fmt, prec = FORMAT_PRECISION[name]
+        out.append(BuiltVariant(vid, fmt, prec, rels, tolerance_for(prec, expected, rtol, atol)))
+    extra = list(prebuilt)
+    if tflite is not None:
+        tflite = Path(tflite)
+        if not tflite.is_file():
+            raise VariantError(f"--tflite {tflite}: no such file")
+        prec = tflite_precision(tflite)
+        extra.insert(0, Prebuilt(f"tflite-{prec}", "tflite", prec, tflite))
+    for p in extra:
+        src = Path(p.path)
+        suffix = {"onnx": ".onnx", "tflite": ".tflite", "openvino": ".xml"}[p.format]
+        if not src.is_file() or src.suffix != suffix:
+            raise VariantError(f"variant {p.id}: {src} is not a {suffix} file")
+        srcs = [src] + ([src.with_suffix(".bin")] if p.format == "openvino" else [])
+        if not all(s.is_file() for s in srcs):
+            raise VariantError(f"variant {p.id}: {srcs[-1]} (the IR weights) is missing")
+        rels = tuple(f"{PREBUILT_DIR}/{p.id}/{s.name}" for s in srcs)
+        claim(p.id, rels)
+        for s, rel in zip(srcs, rels, strict=True):
+            (bundle / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(s, bundle / rel)
+        out.append(BuiltVariant(p.id, p.format, p.precision, rels, tolerance_for(p.precision, expected, rtol, atol)))
+    for v in out:
+        if v.id in unchecked:
+            v.check = {"skipped": "--no-check"}
+            log.warning("variant %s added without a build-time check (--no-check)", v.id)
+        else:
+            v.check = check_variant(bundle, v, feeds, expected, rtol, atol)
+    unknown = set(unchecked) - {v.id for v in out}
+    if unknown:
+        raise VariantError(f"--no-check names no variant of this build: {sorted(unknown)}")
+    return out
