@@ -10,6 +10,10 @@ Invariants:
 - Each connection uses a fresh paho client; the durable outbox, not paho's in-memory session,
   decides what is re-sent, so nothing depends on paho's RAM queue.
 - TCP_NODELAY is set on the socket: Nagle adds ~40-90 ms to every command round trip.
+- The outbox pump publishes rows in id order, at most ``INFLIGHT_WINDOW`` unacknowledged, and
+  paces a backlog with a token bucket (``drain_rate_per_s``, bursts of ``DRAIN_BURST``) so a
+  drain after an outage cannot flood a cellular link; the live status bypasses the queue. A row
+  leaves the outbox only on its PUBACK; a new connection re-sends every unacknowledged row.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from agent.config import MqttConfig
+from agent.telemetry.budget import mqtt_publish_bytes
 from agent.telemetry.outbox import Outbox, dumps
 
 log = logging.getLogger(__name__)
@@ -44,7 +49,8 @@ CONNECT_TIMEOUT_S = 10.0
 LOOP_TIMEOUT_S = 1.0
 INFLIGHT_WINDOW = 32  # outbox rows published and not yet acknowledged
 RESEND_AFTER_S = 30.0  # an unacknowledged row is published again after this long
-DRAIN_RATE_PER_S = 200.0  # outbox rows per second after an outage; live status bypasses the queue
+DRAIN_RATE_PER_S = 50.0  # outbox rows per second after an outage (telemetry.drain_rate_per_s)
+DRAIN_BURST = 16  # rows sent without pacing, so live messages never wait behind the rate limit
 COMMAND_QUEUE_MAX = 256
 NOT_AUTHORIZED_CODES = {4, 5, 134, 135}  # v3 bad user/pass, not authorized; v5 0x86, 0x87
 UNSUPPORTED_PROTOCOL_CODES = {1, 132}  # v3 unacceptable protocol version; v5 0x84
@@ -78,7 +84,7 @@ class Connection:
     def __init__(self, cfg: MqttConfig, client_id: str, subscriptions: list[str],
                  status_topic: str, birth: Callable[[], dict[str, Any]],
                  will: Callable[[], dict[str, Any]], outbox: Outbox,
-                 on_command: Callable[[str, bytes], None]) -> None:
+                 on_command: Callable[[str, bytes, bool], None]) -> None:
         self.cfg = cfg
         self.client_id = client_id
         self.subscriptions = subscriptions
@@ -91,6 +97,7 @@ class Connection:
         self._stop = threading.Event()
         self._client: mqtt.Client | None = None
         self._generation = 0
+        self._connected_gen = 0  # the last generation whose CONNACK was a success
         self._inflight: dict[tuple[int, int], tuple[int, float]] = {}  # (gen, mid) -> (row id, sent)
         self._acks: queue.SimpleQueue[tuple[int, int]] = queue.SimpleQueue()
         self._lock = threading.Lock()
@@ -101,7 +108,25 @@ class Connection:
         self.host = u.hostname or "127.0.0.1"
         self.port = u.port or (8883 if self.tls else 1883)
         self._threads: list[threading.Thread] = []
-        self._commands: queue.Queue[tuple[str, bytes]] = queue.Queue(COMMAND_QUEUE_MAX)
+        # (topic, payload, dup, client, mid, qos): acknowledged only after the handler recorded it
+        self._commands: queue.Queue[tuple[str, bytes, bool, mqtt.Client, int, int]] = queue.Queue(COMMAND_QUEUE_MAX)
+        self.drain_rate_per_s = DRAIN_RATE_PER_S
+        self.on_sent: Callable[[str, int], None] | None = None  # (kind, MQTT bytes) per PUBLISH
+        self.sent: dict[str, tuple[int, int]] = {}  # kind -> (messages, MQTT bytes) sent
+        self._sent_lock = threading.Lock()  # pump, network thread and status publishers count
+
+    def _note_sent(self, kind: str, topic: str, payload_len: int) -> None:
+        """Count one PUBLISH (for the daily byte budget and /metrics)."""
+        n = mqtt_publish_bytes(topic, payload_len, self._proto5)
+        with self._sent_lock:
+            msgs, nbytes = self.sent.get(kind, (0, 0))
+            self.sent[kind] = (msgs + 1, nbytes + n)
+        hook = self.on_sent
+        if hook is not None:
+            try:
+                hook(kind, n)
+            except Exception:  # accounting must never stop delivery
+                log.exception("mqtt: on_sent hook failed")
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -116,7 +141,9 @@ class Connection:
         client = self._client
         if client is not None and self.state.connected and final_status is not None:
             try:
-                info = client.publish(self.status_topic, dumps(final_status), qos=1, retain=True)
+                payload = dumps(final_status)
+                info = client.publish(self.status_topic, payload, qos=1, retain=True)
+                self._note_sent("status", self.status_topic, len(payload))
                 info.wait_for_publish(timeout_s)
             except (RuntimeError, ValueError) as e:
                 log.warning("mqtt: final status not published: %s", e)
@@ -131,6 +158,22 @@ class Connection:
         deadline = time.monotonic() + timeout_s
         for t in self._threads:
             t.join(max(0.0, deadline - time.monotonic()))
+        self._drain_acks()  # PUBACKs that came in while stopping: do not re-send those rows
+
+    def flush(self, timeout_s: float) -> bool:
+        """Wait (bounded) for the outbox to empty while connected; True if it did.
+
+        A clean stop calls this so the last window it queued goes out now, not at the next start.
+        """
+        deadline = time.monotonic() + timeout_s
+        while self.state.connected and not self._stop.is_set():
+            if self.outbox.depth() == 0:
+                return True
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            self.outbox.wait_change(min(LOOP_TIMEOUT_S, left))
+        return self.outbox.depth() == 0
 
     def wait_connected(self, timeout_s: float) -> bool:
         with self._connected_cv:
@@ -154,7 +197,9 @@ class Connection:
         client = self._client
         if client is None or not self.state.connected:
             return False
-        client.publish(self.status_topic, dumps(doc), qos=1, retain=True)
+        payload = dumps(doc)
+        client.publish(self.status_topic, payload, qos=1, retain=True)
+        self._note_sent("status", self.status_topic, len(payload))
         return True
 
     # -- network thread ----------------------------------------------------------------------
@@ -184,6 +229,7 @@ class Connection:
         c.on_connect = self._on_connect
         c.on_disconnect = self._on_disconnect
         c.on_message = self._on_message
+        c.manual_ack_set(True)  # PUBACK a command only once it is recorded: a crash cannot lose it
         c.on_publish = self._on_publish
         return c
 
@@ -196,9 +242,10 @@ class Connection:
         attempt = 0
         while not self._stop.is_set():
             client = self._new_client()
-            self._generation += 1
-            gen = self._generation
-            self._client = client
+            with self._lock:  # the pump reads (client, generation) as one pair
+                self._generation += 1
+                gen = self._generation
+                self._client = client
             try:
                 self.state.state = "connecting"
                 props = None
@@ -225,7 +272,9 @@ class Connection:
                     refused = True
                     break
             with self._lock:
-                was_connected = self.state.connected
+                # Not state.connected: _on_disconnect has already cleared it by now, which left
+                # the back-off growing across outages (a week-old link waited up to 60 s).
+                was_connected = self._connected_gen == gen
                 self.state.connected = False
                 self._inflight = {k: v for k, v in self._inflight.items() if k[0] != gen}
                 self._connected_cv.notify_all()
@@ -254,11 +303,14 @@ class Connection:
             return
         for topic in self.subscriptions:
             client.subscribe(topic, qos=1)
-        client.publish(self.status_topic, dumps(self._birth()), qos=1, retain=True)
+        birth = dumps(self._birth())
+        client.publish(self.status_topic, birth, qos=1, retain=True)
+        self._note_sent("status", self.status_topic, len(birth))
         with self._lock:
             if self.state.connected_since:
                 self.state.reconnects += 1
             self.state.connected = True
+            self._connected_gen = self._generation
             self.state.connected_since = time.time()
             self.state.state = "connected"
             self.state.last_error = ""
@@ -277,55 +329,66 @@ class Connection:
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         try:
-            self._commands.put_nowait((msg.topic, bytes(msg.payload)))
-        except queue.Full:
-            log.error("mqtt: command queue full (%d); dropped a message on %s", COMMAND_QUEUE_MAX, msg.topic)
+            self._commands.put_nowait((msg.topic, bytes(msg.payload), bool(msg.dup), client, msg.mid, msg.qos))
+        except queue.Full:  # not acknowledged: the broker delivers it again after a reconnect
+            log.error("mqtt: command queue full (%d); a message on %s waits for redelivery", COMMAND_QUEUE_MAX, msg.topic)
 
     def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason: Any,
                     properties: Any) -> None:
         self._acks.put((self._generation, mid))
-        with self.outbox._changed:
-            self.outbox._changed.notify_all()
+        self.outbox.notify()
 
     # -- command worker ----------------------------------------------------------------------
     def _command_loop(self) -> None:
         while not self._stop.is_set():
             try:
-                topic, payload = self._commands.get(timeout=LOOP_TIMEOUT_S)
+                topic, payload, dup, client, mid, qos = self._commands.get(timeout=LOOP_TIMEOUT_S)
             except queue.Empty:
                 continue
             try:
-                self._on_command(topic, payload)
+                self._on_command(topic, payload, dup)
             except Exception:  # a bad command must never kill the worker
                 log.exception("mqtt: command handler failed for a message on %s", topic)
+            if qos > 0 and client is self._client and self.state.connected:
+                client.ack(mid, qos)
 
     # -- outbox pump -------------------------------------------------------------------------
+    def _drain_acks(self) -> None:
+        """Delete the rows whose PUBACK arrived (the network thread queued their keys)."""
+        acked: list[int] = []
+        while True:
+            try:
+                key = self._acks.get_nowait()
+            except queue.Empty:
+                break
+            with self._lock:
+                entry = self._inflight.pop(key, None)
+            if entry is not None:
+                acked.append(entry[0])
+        if acked:
+            self.outbox.ack(acked)
+
     def _pump_loop(self) -> None:
         last_id = 0
         gen_seen = 0
-        min_gap = 1.0 / DRAIN_RATE_PER_S
+        tokens = float(DRAIN_BURST)
+        refilled = time.monotonic()
         while not self._stop.is_set():
-            acked: list[int] = []
-            while True:
-                try:
-                    key = self._acks.get_nowait()
-                except queue.Empty:
-                    break
-                with self._lock:
-                    entry = self._inflight.pop(key, None)
-                if entry is not None:
-                    acked.append(entry[0])
-            if acked:
-                self.outbox.ack(acked)
-            client = self._client
+            self._drain_acks()
+            with self._lock:
+                client, gen = self._client, self._generation
             if client is None or not self.state.connected:
                 self.outbox.wait_change(LOOP_TIMEOUT_S)
                 continue
-            if gen_seen != self._generation:
-                gen_seen = self._generation
-                last_id = 0  # a new connection: resend everything not yet acknowledged
             now = time.monotonic()
             with self._lock:
+                if gen_seen != gen:
+                    # A new connection: nothing sent on an older one will be acknowledged now.
+                    # Forget it all (including rows registered after the network thread's own
+                    # cleanup) and re-send every unacknowledged row from the oldest, in order.
+                    gen_seen = gen
+                    last_id = 0
+                    self._inflight = {k: v for k, v in self._inflight.items() if k[0] == gen}
                 stale = [k for k, (_, sent) in self._inflight.items() if now - sent > RESEND_AFTER_S]
                 for k in stale:
                     row_id = self._inflight.pop(k)[0]
@@ -342,11 +405,24 @@ class Connection:
             for r in rows:
                 if self._stop.is_set() or not self.state.connected:
                     break
+                # Token bucket: up to DRAIN_BURST rows at once, then drain_rate_per_s.
+                rate = max(self.drain_rate_per_s, 0.1)
+                now = time.monotonic()
+                tokens = min(float(DRAIN_BURST), tokens + (now - refilled) * rate)
+                refilled = now
+                if tokens < 1.0:
+                    if self._stop.wait((1.0 - tokens) / rate):
+                        break
+                    continue_at = time.monotonic()
+                    tokens = min(float(DRAIN_BURST), tokens + (continue_at - refilled) * rate)
+                    refilled = continue_at
                 with self._lock:
+                    if self._generation != gen_seen:
+                        break  # reconnected meanwhile: start over from the oldest row
                     info = client.publish(r.topic, r.payload, qos=r.qos, retain=r.retain)
                     if info.rc != mqtt.MQTT_ERR_SUCCESS:
                         break
                     self._inflight[(gen_seen, info.mid)] = (r.id, time.monotonic())
+                tokens -= 1.0
+                self._note_sent(r.kind, r.topic, len(r.payload))
                 last_id = r.id
-                if len(rows) > 1:
-                    time.sleep(min_gap)

@@ -13,6 +13,9 @@ from collections.abc import Iterable, Mapping
 SCHEME = "log2/8"
 SUB_BUCKETS = 8
 MIN_US = 1.0  # everything faster than 1 µs lands in bucket 0
+# Worst relative error of a percentile read from a bucket's geometric middle: half a bucket's
+# width on the log scale, 2^(1/16) - 1 ≈ 4.43 %.
+MAX_RELATIVE_ERROR = 2 ** (1 / (2 * SUB_BUCKETS)) - 1
 
 
 def bucket_of(latency_s: float) -> int:

@@ -9,18 +9,33 @@ from typing import Any
 
 THERMAL_ROOT = Path("/sys/class/thermal")
 MAX_ZONES = 16
+PLAUSIBLE_C = (-40.0, 150.0)  # outside this a zone is disabled or broken (Jetson: -256 °C)
+# Jetson zones that are not sensors: PMIC-Die reads a fixed 100 °C (a trip flag), and
+# thermal-fan-est is the fan driver's estimate made from the other zones.
+NOT_SENSORS = {"PMIC-Die"}
+DERIVED = {"thermal-fan-est"}
+
+
+def _zone_number(p: Path) -> int:
+    digits = p.name.removeprefix("thermal_zone")
+    return int(digits) if digits.isdigit() else 1 << 30
 
 
 def temperatures_c() -> dict[str, float]:
     """Thermal zones (Pi: cpu-thermal; Jetson: CPU-therm, GPU-therm, ...) in °C."""
     out: dict[str, float] = {}
-    for zone in sorted(THERMAL_ROOT.glob("thermal_zone*"))[:MAX_ZONES]:
+    for zone in sorted(THERMAL_ROOT.glob("thermal_zone*"), key=_zone_number)[:MAX_ZONES]:
         try:
             kind = (zone / "type").read_text().strip() or zone.name
             milli = int((zone / "temp").read_text().strip())
         except (OSError, ValueError):
+            continue  # a disabled zone answers EINVAL/ENODATA
+        c = milli / 1000.0
+        if kind in NOT_SENSORS or not PLAUSIBLE_C[0] <= c <= PLAUSIBLE_C[1]:
             continue
-        out[kind] = round(milli / 1000.0, 1)
+        if kind in out:  # e.g. two "acpitz" zones
+            kind = f"{kind}.{zone.name.removeprefix('thermal_zone')}"
+        out[kind] = round(c, 1)
     if not out:
         try:
             import psutil
@@ -50,7 +65,8 @@ def system_figures(state_dir: str) -> dict[str, Any]:
     }
     temps = temperatures_c()
     if temps:
-        fig["temp_c"] = max(temps.values())
+        sensors = [v for k, v in temps.items() if k not in DERIVED] or list(temps.values())
+        fig["temp_c"] = max(sensors)
         fig["temps_c"] = temps
     proc = psutil.Process()
     fig["agent_rss_mb"] = round(proc.memory_info().rss / 2**20, 1)

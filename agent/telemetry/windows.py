@@ -2,7 +2,9 @@
 
 Recording is O(1) and lock-light (called on every inference); a window is swapped out whole when
 it is reported. Exact percentiles come from a bounded sample list (reservoir past
-``MAX_SAMPLES``), the histogram from every call.
+``MAX_SAMPLES``), the histogram from every call. Windows merge (``Window.merge``,
+``merge_windows``) when the daily byte budget thins telemetry: fewer, longer windows, nothing
+uncounted.
 """
 
 from __future__ import annotations
@@ -42,6 +44,30 @@ class Window:
             j = random.randrange(self.count)
             if j < MAX_SAMPLES:
                 self.samples[j] = latency_s
+
+    def merge(self, other: Window) -> None:
+        """Add ``other`` (a later window of the same version) into this one."""
+        total = self.count + other.count
+        if len(self.samples) + len(other.samples) <= MAX_SAMPLES:
+            self.samples.extend(other.samples)
+        elif total:
+            # Keep each side's share of the reservoir proportional to the calls it stands for.
+            mine = min(len(self.samples), round(MAX_SAMPLES * self.count / total))
+            theirs = min(len(other.samples), MAX_SAMPLES - mine)
+            self.samples = random.sample(self.samples, mine) + random.sample(other.samples, theirs)
+        self.count = total
+        self.errors += other.errors
+        self.total_s += other.total_s
+        self.max_s = max(self.max_s, other.max_s)
+        self.hist.merge(other.hist)
+
+    def percentile_ms(self, q: float) -> float:
+        """The q-th percentile (0..100) of the sampled latencies, in ms (nearest rank)."""
+        s = sorted(self.samples)
+        if not s:
+            return 0.0
+        k = min(len(s) - 1, max(0, round(q / 100.0 * len(s) + 0.5) - 1))
+        return s[k] * 1000.0
 
     def summary(self) -> dict[str, Any]:
         s = sorted(self.samples)
@@ -83,3 +109,25 @@ class LatencyWindows:
         with self._lock:
             out, self._w = self._w, {}
         return {k: v for k, v in out.items() if v.count}
+
+
+def merge_windows(into: dict[str, Window], new: dict[str, Window]) -> None:
+    """Merge finished windows ``new`` into ``into`` (keyed like ``LatencyWindows.swap``).
+
+    A key whose version or backend changed keeps the older figures under ``name@{version}``, as
+    a swap inside one window does.
+    """
+    for key, w in new.items():
+        cur = into.get(key)
+        if cur is None:
+            into[key] = w
+        elif cur.version == w.version and cur.backend == w.backend:
+            cur.merge(w)
+        else:
+            old_key = f"{key.split('@', 1)[0]}@{cur.version}"
+            prior = into.get(old_key)
+            if prior is not None and prior.version == cur.version and prior.backend == cur.backend:
+                prior.merge(cur)
+            else:
+                into[old_key] = cur
+            into[key] = w
