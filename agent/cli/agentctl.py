@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from agent import config, errors
+from agent.cli.progress import Progress
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
 
@@ -32,10 +33,11 @@ def _client(args: argparse.Namespace) -> Any:
     return ControlClient(path)
 
 
-def _call(args: argparse.Namespace, op: str, **params: Any) -> Any:
+def _call(args: argparse.Namespace, op: str, progress: Any = None, **params: Any) -> Any:
+    """One control call; ``progress`` (e.g. a progress.Progress) receives the daemon's progress lines."""
     client = _client(args)
     try:
-        return client.call(op, **params)
+        return client.call(op, on_progress=progress, **params)
     except (FileNotFoundError, ConnectionRefusedError, ConnectionError) as e:
         raise Unreachable(f"daemon not reachable at {client.path}: {e.strerror if isinstance(e, OSError) and e.strerror else e}") from e
     except PermissionError as e:
@@ -59,7 +61,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     lines = [f"device     {s['device']}  (agent {s['agent']}, profile {s['profile']}, up {s['uptime_s']:.0f} s)",
              f"mqtt       {mq['state']}" + (f" — {mq['last_error']}" if mq.get("last_error") else "") + f"  (reconnects {mq['reconnects']})",
              f"outbox     {s['outbox']['depth']} queued, {s['outbox']['dropped']} dropped",
-             f"api        {s['api'] or 'off'}"]
+             f"api        {':'.join(map(str, s['api'])) if isinstance(s['api'], list) else s['api'] or 'off'}"]
     if s.get("deploying"):
         lines.append(f"deploying  {s['deploying']}")
     if s["models"]:
@@ -171,23 +173,161 @@ def cmd_hw(args: argparse.Namespace) -> int:
     rep = hw_report(args.root, dirs, forced)
     facts = rep.get("facts", {})
     lines = [f"profile   {rep.get('profile')}  ({rep.get('profile_reason', '')})"]
-    for key in ("arch", "cpu_model", "board", "cores", "memory_mb"):
+    for label, key in (("arch", "architecture"), ("cpu", "cpu_model"), ("cores", "cpu_count"), ("board", "board")):
         if facts.get(key) not in (None, ""):
-            lines.append(f"{key:<9} {facts[key]}")
+            lines.append(f"{label:<9} {facts[key]}")
+    if facts.get("memory_total_kib"):
+        lines.append(f"{'memory':<9} {facts['memory_total_kib'] // 1024} MiB")
+    accels = [f"{k} ({'ready' if v.get('ready') else 'not ready'})" for k, v in (facts.get("accelerators") or {}).items()
+              if isinstance(v, dict) and v.get("present")]
+    lines.append(f"{'accel':<9} {', '.join(accels) or 'none detected'}")
     for prob in rep.get("profile_problems", []):
         lines.append(f"warning   {prob}")
-    lines.append(_table([[b["rank"], b["name"], "yes" if b["usable"] else "no", b.get("reason", "")]
-                         for b in rep.get("backends", [])], ["RANK", "BACKEND", "USABLE", "WHY"]))
+    lines.append(_table([[b["rank"], b["name"], "yes" if b["usable"] else "no", ",".join(b.get("precisions", [])),
+                          b.get("reason", "")] for b in rep.get("backends", [])],
+                        ["RANK", "BACKEND", "USABLE", "PRECISIONS", "WHY"]))
     _out(args, rep, "\n".join(lines))
     return EXIT_OK
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    backends: Any = "all" if args.backends == "all" else [b for b in args.backends.split(",") if b] if args.backends else None
+    params: dict[str, Any] = {"model": args.model, "iterations": args.n}
+    if backends is not None:
+        params["backends"] = backends
+    r = _call(args, "bench", **params)
+    rows = []
+    for vid, per in (r.get("variants") or {r["variant"]: r["backends"]}).items():
+        for bid, f in per.items():
+            serving = "*" if (vid, bid) == (r["variant"], r.get("serving_backend", "")) else ""
+            rows.append([vid, bid + serving, f"{f['p50_ms']:.3f}" if f.get("usable") else "-",
+                         f"{f['p90_ms']:.3f}" if f.get("usable") else "-", f"{f['p99_ms']:.3f}" if f.get("usable") else "-",
+                         str(f.get("runs", "")), f.get("compute_precision", "") if f.get("usable") else f.get("reason", "")])
+    human = f"{r['model']} v{r['version']} ({r['iterations']} iterations; serving {r['variant']})\n" + _table(
+        rows, ["VARIANT", "BACKEND", "P50_MS", "P90_MS", "P99_MS", "RUNS", "PRECISION / WHY NOT"])
+    _out(args, r, human)
+    return EXIT_OK
+
+
+def _progress(args: argparse.Namespace) -> Progress:
+    """Progress on stderr for long calls: redrawn on a terminal, one line per step in a pipe."""
+    return Progress(enabled=not args.json or sys.stderr.isatty())
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    params: dict[str, Any] = {"model": args.model}
+    if args.to is not None:
+        params["to_version"] = args.to
+    with _progress(args) as prog:
+        prog({"step": "rollback", "message": f"{args.model}: loading and validating the kept version"})
+        r = _call(args, "rollback", progress=prog, **params)
+    _out(args, r, f"{r['name']}: now serving v{r['version']} on {r['backend']} (was v{r['previous']}); job {r['job']}")
+    return EXIT_OK
+
+
+def cmd_remove(args: argparse.Namespace) -> int:
+    r = _call(args, "remove", model=args.model)
+    _out(args, r, f"{r['name']}: removed, {r['freed_bytes'] / 2**20:.1f} MiB freed; job {r['job']}")
+    return EXIT_OK
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    if not args.set:
+        cfg = _call(args, "config")
+        flat = [[k, json.dumps(v)] for k, v in cfg.items() if not isinstance(v, dict)]
+        flat += [[f"{sec}.{k}", json.dumps(v)] for sec, d in cfg.items() if isinstance(d, dict) for k, v in d.items()]
+        _out(args, cfg, _table(flat, ["KEY", "VALUE"]))
+        return EXIT_OK
+    changes: dict[str, Any] = {}
+    for item in args.set:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            print(f"agentctl: --set {item!r}: expected KEY=VALUE", file=sys.stderr)
+            return EXIT_USAGE
+        try:
+            changes[key.strip()] = json.loads(raw)
+        except ValueError:
+            changes[key.strip()] = raw
+    r = _call(args, "config", set=changes)
+    _out(args, r, _table([[k, json.dumps(v)] for k, v in r.items()], ["KEY", "VALUE (remote overrides now in effect)"]))
+    return EXIT_OK
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    """Check an offline bundle (archive or folder) as this device would; no daemon needed."""
+    from agent.bundles.offline import verify_path
+    from agent.bundles.trust import TrustStore
+
+    threshold = args.threshold
+    if args.trust:
+        keys_dir = args.trust
+    else:
+        cfg = config.load(args.config)
+        keys_dir, threshold = cfg.trust.keys_dir, threshold or cfg.trust.threshold
+    rep = verify_path(args.bundle, TrustStore.load(Path(keys_dir)), threshold or 1)
+    m = rep.manifest
+    _out(args, {"ok": True, "name": m.name, "version": m.version, "files": [f.to_dict() for f in rep.files],
+                "expires_at": m.expires_at}, rep.describe())
+    return EXIT_OK
+
+
+def cmd_install(args: argparse.Namespace) -> int:
+    """Install an offline bundle through the daemon (same checks as a fleet deploy)."""
+    params: dict[str, Any] = {"path": str(Path(args.bundle).resolve())}
+    if args.model:
+        params["model"] = args.model
+    if args.backend:
+        params["backend"] = args.backend
+    with _progress(args) as prog:
+        r = _call(args, "install", progress=prog, **params)
+    from agent.bundles.offline import installed
+
+    err = r.get("error") or {}
+    ok = installed(r)
+    if ok:
+        res = r.get("result") or {}
+        human = f"{res.get('name')} v{res.get('version')} installed and serving on {res.get('backend')}; job {r['job']}"
+        if r["state"] != "SUCCEEDED":
+            human += " (on probation: a crash or errors roll it back)"
+    else:
+        human = f"{r['model']}: {r['state']} at {r.get('step') or '-'}: {err.get('code')}: {err.get('message')}; job {r['job']}"
+    if args.json:
+        _out(args, r, human)
+    else:
+        print(human, file=sys.stdout if ok else sys.stderr)
+    return EXIT_OK if ok else EXIT_FAILED
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from agent.cli import doctor
+
+    rep = doctor.run(args.config, args.socket, timeout_s=args.timeout, smoke=not args.no_smoke)
+    _out(args, rep.to_dict(), rep.render())
+    return EXIT_OK if rep.ok else EXIT_FAILED
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    from agent.cli import logs
+
+    path = args.socket
+    if not path and not args.file:
+        path = config.load(args.config).api.control_socket
+    return logs.show(path or "", file=args.file, lines=args.lines, follow=args.follow, as_json=args.json,
+                     duration_s=args.duration)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    # The common options work before the command (agentctl --json status) and after it
+    # (agentctl status --json): SUPPRESS keeps a subcommand from resetting what the top level parsed.
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--config", help="daemon config (default $EDGE_AGENT_CONFIG or /etc/edge-agent/agent.toml)")
-    common.add_argument("--socket", help="control socket path (default: from the config)")
-    common.add_argument("--json", action="store_true", help="machine-readable output")
-    ap = argparse.ArgumentParser(prog="agentctl", description="Diagnose and drive the edge-agent on this device")
+    common.add_argument("--config", default=argparse.SUPPRESS, help="daemon config (default $EDGE_AGENT_CONFIG or /etc/edge-agent/agent.toml)")
+    common.add_argument("--socket", default=argparse.SUPPRESS, help="control socket path (default: from the config)")
+    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable output")
+    ap = argparse.ArgumentParser(prog="agentctl", description="Diagnose and drive the edge-agent on this device",
+                                 epilog="exit codes: 0 ok, 1 the thing failed, 2 usage error, 3 daemon not reachable")
+    ap.add_argument("--config", help=argparse.SUPPRESS)
+    ap.add_argument("--socket", help=argparse.SUPPRESS)
+    ap.add_argument("--json", action="store_true", help=argparse.SUPPRESS)
     sub = ap.add_subparsers(dest="cmd", required=True)
     sub.add_parser("status", parents=[common], help="agent, broker and models at a glance").set_defaults(fn=cmd_status)
     sub.add_parser("models", parents=[common], help="deployed models and kept versions").set_defaults(fn=cmd_models)
@@ -204,6 +344,41 @@ def build_parser() -> argparse.ArgumentParser:
     h = sub.add_parser("hw", parents=[common], help="detected hardware, profile and backends (no daemon needed)")
     h.add_argument("--root", default="/", help="detect on a captured filesystem root")
     h.set_defaults(fn=cmd_hw)
+    b = sub.add_parser("bench", parents=[common], help="latency of a serving model per usable backend and variant")
+    b.add_argument("model")
+    b.add_argument("--backends", default="all", help="'all' (default) or a comma list such as openvino:CPU,tflite:xnnpack")
+    b.add_argument("-n", type=int, default=100, help="timed iterations per backend (default %(default)s)")
+    b.set_defaults(fn=cmd_bench)
+    r = sub.add_parser("rollback", parents=[common], help="serve a kept version again (root or the admin group)")
+    r.add_argument("model")
+    r.add_argument("--to", type=int, metavar="VERSION", help="the kept version to serve (default: the previous one)")
+    r.set_defaults(fn=cmd_rollback)
+    rm = sub.add_parser("remove", parents=[common], help="stop serving a model and delete it (root or the admin group)")
+    rm.add_argument("model")
+    rm.set_defaults(fn=cmd_remove)
+    c = sub.add_parser("config", parents=[common], help="the daemon's effective config; --set changes remotely settable keys")
+    c.add_argument("--set", action="append", metavar="KEY=VALUE", help="VALUE is JSON or a string; repeatable (root or the admin group)")
+    c.set_defaults(fn=cmd_config)
+    v = sub.add_parser("verify", parents=[common], help="check an offline bundle (.tar, .tar.gz, .zip or folder) as this device would (no daemon needed)")
+    v.add_argument("bundle")
+    v.add_argument("--trust", metavar="DIR", help="trusted public keys (default: trust.keys_dir of the config)")
+    v.add_argument("--threshold", type=int, metavar="K", help="distinct keys that must sign (default: trust.threshold, or 1 with --trust)")
+    v.set_defaults(fn=cmd_verify)
+    ins = sub.add_parser("install", parents=[common], help="install an offline bundle archive through the daemon (root or the admin group)")
+    ins.add_argument("bundle")
+    ins.add_argument("--model", help="the model name the bundle must carry (default: the bundle's own)")
+    ins.add_argument("--backend", metavar="PIN", help="e.g. onnxruntime:CPUExecutionProvider")
+    ins.set_defaults(fn=cmd_install)
+    d = sub.add_parser("doctor", parents=[common], help="check broker, TLS, clock, disk, trust, runtimes, a smoke inference (no daemon needed)")
+    d.add_argument("--no-smoke", action="store_true", help="skip the smoke inference on each backend")
+    d.add_argument("--timeout", type=float, default=5.0, metavar="S", help="network timeout per check (default %(default)s s)")
+    d.set_defaults(fn=cmd_doctor)
+    lg = sub.add_parser("logs", parents=[common], help="the daemon's log (its log file, or journald)")
+    lg.add_argument("-f", "--follow", action="store_true", help="keep printing new lines (Ctrl-C ends)")
+    lg.add_argument("-n", "--lines", type=int, default=50, metavar="N", help="how many recent lines (default %(default)s)")
+    lg.add_argument("--file", help="read this log file instead of finding the daemon's")
+    lg.add_argument("--duration", type=float, metavar="S", help="with -f: stop after S seconds")
+    lg.set_defaults(fn=cmd_logs)
     return ap
 
 

@@ -12,7 +12,10 @@ Invariants:
 - ``.npz`` files hold plain numeric arrays only (no pickle, no object arrays).
 - Verification checks the signature with the given trust store first, then every listed file's
   size (reading at most size + 1 bytes) and sha256, and fails on the first problem with the stable
-  error code a device would use.
+  error code a device would use. Archives are verified by the device's own reader
+  (``agent.bundles.archive``).
+- ``pack`` writes ``manifest.json`` first and then exactly the listed files, checked against the
+  manifest, as regular files with fixed owner, mode and time (devices refuse anything else).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import shutil
 import time
 from collections.abc import Sequence
@@ -47,6 +51,7 @@ from agent.bundles.manifest import (
 from agent.bundles.trust import TrustStore
 from agent.fsutil import atomic_write
 from agent.timeutil import now_rfc3339
+from fleetctl.variants import VariantError, make_variants, parse_prebuilt, parse_variants
 
 MANIFEST_NAME = "manifest.json"
 MODEL_NAME = "model.onnx"
@@ -228,8 +233,14 @@ def build_bundle(model_path: Path | str, out_dir: Path | str, name: str, version
                  expires_in_s: float = DEFAULT_EXPIRES_IN_S, rtol: float = DEFAULT_RTOL,
                  atol: float = DEFAULT_ATOL, max_p95_ms: float | None = None,
                  extra_files: Sequence[Path | str] = (), description: str = "",
-                 overwrite: bool = False, now: float | None = None) -> Path:
+                 overwrite: bool = False, now: float | None = None, variants: Sequence[str] = (),
+                 tflite: Path | str | None = None, prebuilt: Sequence[str] = (),
+                 unchecked: Sequence[str] = (), checks: list[dict[str, Any]] | None = None) -> Path:
     """Write a signed bundle for an ONNX model into ``out_dir``; return the manifest's path.
+
+    ``variants`` / ``tflite`` / ``prebuilt`` (``ID:FORMAT:PRECISION:PATH``) add variants beside
+    ``onnx-fp32``, each checked against the golden outputs (fleetctl/variants.py) unless its id is
+    in ``unchecked``; ``checks`` receives one dict of figures per added variant.
 
     ``extra_files`` are copied into the bundle root under their base names and listed as common
     files. ``overwrite`` allows rebuilding a folder that already holds a manifest (devices refuse
@@ -258,6 +269,12 @@ def build_bundle(model_path: Path | str, out_dir: Path | str, name: str, version
             raise BuildError(f"--file {src}: {e.message}") from e
         extras[rel] = src
 
+    try:
+        wanted_variants = parse_variants(variants)
+        prebuilt_variants = [parse_prebuilt(p) for p in prebuilt]
+    except VariantError as e:
+        raise BuildError(str(e)) from e
+
     ins, outs = model_io(model_path)
     feeds = load_inputs(Path(inputs), ins) if inputs is not None else random_inputs(ins, samples, seed)
     expected = reference_outputs(model_path, feeds, outs)
@@ -271,6 +288,15 @@ def build_bundle(model_path: Path | str, out_dir: Path | str, name: str, version
     for rel, src in extras.items():
         if src.resolve() != (out / rel).resolve():
             shutil.copyfile(src, out / rel)
+    try:
+        built = make_variants(out, out / MODEL_NAME, feeds, expected, variants=wanted_variants,
+                              tflite=Path(tflite) if tflite is not None else None, prebuilt=prebuilt_variants,
+                              unchecked=unchecked, rtol=rtol, atol=atol,
+                              taken=(MODEL_NAME, INPUTS_NAME, EXPECTED_NAME, *extras))
+    except VariantError as e:
+        raise BuildError(str(e)) from e
+    if checks is not None:
+        checks.extend({"variant": b.id, "format": b.format, "precision": b.precision, **b.check} for b in built)
 
     t = time.time() if now is None else now
     validation: dict[str, Any] = {"inputs": INPUTS_NAME, "expected": EXPECTED_NAME,
@@ -286,7 +312,8 @@ def build_bundle(model_path: Path | str, out_dir: Path | str, name: str, version
         "description": description,
         "io": {"inputs": [i.to_dict() for i in ins], "outputs": [o.to_dict() for o in outs]},
         "variants": [{"id": "onnx-fp32", "format": "onnx", "precision": "fp32",
-                      "files": [file_entry(out, MODEL_NAME).to_dict()]}],
+                      "files": [file_entry(out, MODEL_NAME).to_dict()]},
+                     *(b.document(lambda rel: file_entry(out, rel).to_dict()) for b in built)],
         "files": [file_entry(out, rel).to_dict() for rel in (*extras, INPUTS_NAME, EXPECTED_NAME)],
         "validation": validation,
         "requires": {"agent": REQUIRES_AGENT},
@@ -368,3 +395,101 @@ def manifest_document(manifest_path: Path) -> dict[str, Any]:
     env = dsse.parse_envelope(manifest_path.read_bytes())
     doc: dict[str, Any] = json.loads(dsse.payload_bytes(env))
     return doc
+
+
+# ---------------------------------------------------------------- offline archives
+
+PACK_SUFFIXES = {".tar": "tar", ".tar.gz": "tar.gz", ".tgz": "tar.gz", ".zip": "zip"}
+ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)  # the earliest time a zip can hold: packs are reproducible
+PACK_FILE_MODE = 0o644
+
+
+def pack_kind(out: Path) -> str:
+    """The archive kind ``out``'s name asks for; BuildError for any other name."""
+    name = out.name.lower()
+    for suffix in sorted(PACK_SUFFIXES, key=len, reverse=True):
+        if name.endswith(suffix):
+            return PACK_SUFFIXES[suffix]
+    raise BuildError(f"{out}: the archive name must end in {', '.join(PACK_SUFFIXES)}")
+
+
+def pack_bundle(bundle_dir: Path | str, out: Path | str) -> Path:
+    """Pack a bundle folder into one offline archive (``.tar``, ``.tar.gz``/``.tgz`` or ``.zip``).
+
+    ``manifest.json`` goes first (devices read and verify it before anything else), then exactly
+    the files the manifest lists, sorted, as regular files with fixed owner, mode and time, so the
+    same folder always packs to the same bytes (gzip and zip aside from their own headers). Each
+    file's size and sha256 is checked against the manifest before it is packed; the signature is
+    not (use ``bundle verify`` with a trust folder for that).
+    """
+    import tarfile
+    import zipfile
+
+    root = Path(bundle_dir)
+    out = Path(out)
+    kind = pack_kind(out)
+    mpath = root / MANIFEST_NAME
+    try:
+        raw = mpath.read_bytes()
+    except OSError as e:
+        raise BuildError(f"{mpath}: {e.strerror or e}") from e
+    if len(raw) > MAX_MANIFEST_BYTES:
+        raise BuildError(f"{mpath}: larger than {MAX_MANIFEST_BYTES} bytes")
+    try:
+        manifest = parse_document(json.loads(dsse.payload_bytes(dsse.parse_envelope(raw))))
+    except (errors.AgentError, ValueError) as e:
+        raise BuildError(f"{mpath}: not a bundle manifest: {e}") from e
+    entries: dict[str, FileEntry] = {}
+    for fe in (*(f for v in manifest.variants for f in v.files), *manifest.files):
+        entries[fe.path] = fe
+    root_resolved = root.resolve()
+    for entry in entries.values():
+        try:
+            _check_file(root, root_resolved, entry)
+        except errors.AgentError as e:
+            raise BuildError(f"cannot pack {root}: {e.code}: {e.message}") from e
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    members = [(MANIFEST_NAME, mpath), *((p, root / p) for p in sorted(entries))]
+    try:
+        if kind == "zip":
+            with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+                for name, src in members:
+                    zi = zipfile.ZipInfo(name, ZIP_EPOCH)
+                    zi.external_attr = (0o100000 | PACK_FILE_MODE) << 16
+                    zi.create_system = 3
+                    zi.compress_type = zipfile.ZIP_DEFLATED
+                    with open(src, "rb") as fin, zf.open(zi, "w") as fout:
+                        shutil.copyfileobj(fin, fout, HASH_CHUNK_BYTES)
+        else:
+            mode = "w:gz" if kind == "tar.gz" else "w"
+            with tarfile.open(tmp, mode, format=tarfile.PAX_FORMAT) as tf:  # type: ignore[call-overload]
+                for name, src in members:
+                    ti = tarfile.TarInfo(name)
+                    ti.size = src.stat().st_size
+                    ti.mode = PACK_FILE_MODE
+                    ti.mtime = 0
+                    ti.uid = ti.gid = 0
+                    ti.uname = ti.gname = ""
+                    with open(src, "rb") as fin:
+                        tf.addfile(ti, fin)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return out
+
+
+def verify_path(path: Path | str, trust: TrustStore, threshold: int = 1, now: float | None = None) -> VerifyReport:
+    """Verify a bundle folder or an offline archive as a device would."""
+    from agent.bundles.archive import verify_archive
+
+    p = Path(path)
+    if p.is_dir():
+        return verify_bundle(p, trust, threshold, now)
+    if threshold < 1:
+        raise ValueError(f"threshold must be at least 1, got {threshold}")
+    report = verify_archive(p, trust, threshold, now)
+    return VerifyReport(report.manifest, report.files)

@@ -20,7 +20,7 @@ from typing import Any
 
 from agent import errors
 from agent.bundles.trust import TrustStore, load_public_pem, public_pem
-from fleetctl import bundle, commands, keys, mqttc, watch
+from fleetctl import bundle, commands, keys, mqttc, rollout, sim, watch
 from fleetctl.serve import DEFAULT_HOST, DEFAULT_PORT, ArtifactServer
 
 log = logging.getLogger("fleetctl")
@@ -122,10 +122,17 @@ def _signing_key_paths(a: argparse.Namespace) -> list[str]:
 def cmd_bundle_build(a: argparse.Namespace) -> int:
     signing = keys.load_signing_keys(_signing_key_paths(a))
     out = Path(a.out) if a.out else Path("bundles") / a.name / str(a.version)
+    checks: list[dict[str, Any]] = []
     mpath = bundle.build_bundle(
         a.model, out, a.name, a.version, signing, inputs=a.inputs, samples=a.samples, seed=a.seed,
         expires_in_s=a.expires_in, rtol=a.rtol, atol=a.atol, max_p95_ms=a.max_p95_ms,
-        extra_files=a.file or (), description=a.description, overwrite=a.force)
+        extra_files=a.file or (), description=a.description, overwrite=a.force,
+        variants=a.variants or (), tflite=a.tflite, prebuilt=a.add_variant or (), unchecked=a.no_check or (),
+        checks=checks)
+    for c in checks:  # one line per added variant: where it was checked and how close it came
+        _out(f"variant {c['variant']} ({c['format']}/{c['precision']}): " + (
+            f"checked on {c['backend']} computing in {c['compute_precision']}, max abs error {c['max_abs_error']:.3g} "
+            f"(rtol {c['rtol']:g}, atol {c['atol']:g})" if "backend" in c else "NOT checked (--no-check)"))
     doc = bundle.manifest_document(mpath)
     sha = bundle.file_entry(mpath.parent, mpath.name).sha256
     n_files = sum(len(v["files"]) for v in doc["variants"]) + len(doc["files"])
@@ -140,11 +147,18 @@ def cmd_bundle_verify(a: argparse.Namespace) -> int:
     if not trust_dir.is_dir():
         raise UsageError(f"--trust {trust_dir}: not a directory")
     try:
-        report = bundle.verify_bundle(a.dir, TrustStore.load(trust_dir), a.threshold)
+        report = bundle.verify_path(a.dir, TrustStore.load(trust_dir), a.threshold)
     except errors.AgentError as e:
         _err(f"FAILED {a.dir}: {e.code}: {e.message}")
         return EXIT_FAILED
     _out(bundle.describe(report))
+    return EXIT_OK
+
+
+def cmd_bundle_pack(a: argparse.Namespace) -> int:
+    out = bundle.pack_bundle(a.dir, a.out)
+    sha = bundle.file_entry(out.parent, out.name)
+    _out(f"packed {a.dir} into {out}: {sha.size} bytes, sha256 {sha.sha256}")
     return EXIT_OK
 
 
@@ -195,8 +209,9 @@ def _send(a: argparse.Namespace, ctype: str, params: dict[str, Any], *, wait: bo
           timeout_s: float, quiet_updates: bool = False) -> commands.JobOutcome | None:
     """Sign and send one command to the targets; with ``wait`` follow it to the end."""
     targets = _targets(a)
-    if wait and any("group" in t for t in targets):
-        raise UsageError("--wait needs --device targets: fleetctl does not know a group's members")
+    if wait and ctype not in ("status", "ping") and any("group" in t for t in targets):
+        raise UsageError("--wait needs --device targets (a group's members are not known in advance); "
+                         "`fleetctl rollout --group G` finds them and follows each device")
     signing = keys.load_signing_keys(_signing_key_paths(a))
     req = commands.CommandRequest(ctype, params, a.ttl, a.id or "")
     client = _connect(a)
@@ -206,6 +221,9 @@ def _send(a: argparse.Namespace, ctype: str, params: dict[str, Any], *, wait: bo
                 print(f"sent {req.id} ({ctype}) to {t}", file=sys.stderr if quiet_updates else sys.stdout,
                       flush=True)
         on_update = None if quiet_updates else _print_update(a.prefix, req.id)
+        if wait and "group" in targets[0]:  # status/ping: members are whoever answers (rollout.collect_group)
+            sent([commands.command_topic(a.prefix, targets[0])])
+            return rollout.collect_group(client, a.prefix, targets[0]["group"], req, signing, timeout_s, on_update)
         return commands.run_command(client, a.prefix, targets, req, signing, wait=wait,
                                     timeout_s=timeout_s, on_update=on_update, on_sent=sent)
     finally:
@@ -242,13 +260,18 @@ def _query(ctype: str) -> Callable[[argparse.Namespace], int]:
         if outcome is None:  # not reached: wait=True always returns an outcome
             return EXIT_FAILED
         rtt_ms = (time.monotonic() - t0) * 1000.0
+        if a.group and not outcome.last:
+            _err(f"no device of group {a.group} answered within {a.timeout:g} s")
         for device, last in outcome.last.items():
             if last is None or last.get("state") != "SUCCEEDED":
                 continue
             result = last.get("result")
             if ctype == "ping":
                 pong = result.get("pong") if isinstance(result, dict) else result
-                _out(f"{device} pong {pong} ({rtt_ms:.1f} ms including connect)")
+                if a.group:  # a group wait ends after a quiet period: the elapsed time says nothing per device
+                    _out(f"{device} pong {pong}")
+                else:
+                    _out(f"{device} pong {pong} ({rtt_ms:.1f} ms including connect)")
             elif a.json:
                 _out(json.dumps({"device": device, "result": result}, separators=(",", ":")))
             else:
@@ -310,7 +333,10 @@ def cmd_demo(a: argparse.Namespace) -> int:
 def cmd_watch(a: argparse.Namespace) -> int:
     client = _connect(a)
     try:
-        watch.watch(client, a.prefix, a.device, as_json=a.json, count=a.count, duration_s=a.duration)
+        if a.live:
+            watch.watch_live(client, a.prefix, a.device, as_json=a.json, interval_s=a.interval, duration_s=a.duration)
+        else:
+            watch.watch(client, a.prefix, a.device, as_json=a.json, count=a.count, duration_s=a.duration)
     except KeyboardInterrupt:
         pass
     finally:
@@ -387,12 +413,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--file", action="append", metavar="PATH", help="extra common file (e.g. labels.txt)")
     p.add_argument("--description", default="")
     p.add_argument("--force", action="store_true", help="rebuild a folder that already has a manifest")
+    p.add_argument("--variants", action="append", metavar="LIST",
+                   help="extra variants to convert, comma-separated: onnx-fp16, onnx-int8, openvino-fp32, "
+                        "openvino-fp16, tflite (each checked against the golden outputs)")
+    p.add_argument("--tflite", metavar="FILE.tflite", help="a converted .tflite to add as a variant (precision read from it)")
+    p.add_argument("--add-variant", action="append", metavar="ID:FORMAT:PRECISION:PATH",
+                   help="a prebuilt variant file (an OpenVINO .xml brings its .bin); repeatable")
+    p.add_argument("--no-check", action="append", metavar="VARIANT_ID",
+                   help="add this variant without the build-time check (e.g. an Edge TPU model); repeatable")
     p.set_defaults(func=cmd_bundle_build)
     p = bsub.add_parser("verify", help="check a bundle's signature and files as a device would")
-    p.add_argument("dir", metavar="DIR")
+    p.add_argument("dir", metavar="DIR|ARCHIVE", help="a bundle folder or a .tar, .tar.gz or .zip from `bundle pack`")
     p.add_argument("--trust", required=True, metavar="TRUST_DIR", help="folder of trusted *.pem public keys")
     p.add_argument("--threshold", type=_positive_int, default=1)
     p.set_defaults(func=cmd_bundle_verify)
+    p = bsub.add_parser("pack", help="pack a bundle folder into one archive for offline install")
+    p.add_argument("dir", metavar="DIR")
+    p.add_argument("--out", required=True, metavar="FILE", help="ends in .tar, .tar.gz, .tgz or .zip")
+    p.set_defaults(func=cmd_bundle_pack)
 
     p = sub.add_parser("serve", help="static artifact server for development (HTTP, Range)")
     p.add_argument("dir", metavar="DIR")
@@ -445,7 +483,7 @@ def build_parser() -> argparse.ArgumentParser:
     for ctype, text in (("status", "the full status snapshot of devices"), ("ping", "round trip to devices")):
         p = sub.add_parser(ctype, help=text)
         p.add_argument("--json", action="store_true", help="one JSON line per device")
-        _add_command_args(p, wait_default_timeout=QUERY_TIMEOUT_S, with_wait=False, group_ok=False)
+        _add_command_args(p, wait_default_timeout=QUERY_TIMEOUT_S, with_wait=False)
         p.set_defaults(func=_query(ctype))
 
     p = sub.add_parser("demo", help="run everything locally: broker, bundle, agent, deploy, inference, telemetry")
@@ -458,8 +496,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="raw JSON, one message per line")
     p.add_argument("--count", type=_positive_int, help="stop after N messages")
     p.add_argument("--duration", type=parse_duration, metavar="DURATION", help="stop after this long")
+    p.add_argument("--live", action="store_true", help="a table of devices, jobs and p50/p99 per model, redrawn "
+                   "(with --json: one snapshot object per interval)")
+    p.add_argument("--interval", type=parse_duration, default=watch.LIVE_INTERVAL_S, metavar="DURATION",
+                   help="--live redraw interval (default %(default)gs)")
     _add_broker_args(p)
     p.set_defaults(func=cmd_watch)
+
+    p = sub.add_parser("rollout", help="staged deploy: canary, waves, abort and rollback on failures; resumable")
+    rollout.add_arguments(p, parse_duration)
+    _add_broker_args(p)
+    p.set_defaults(func=lambda a: rollout.run_cli(a, _connect, keys.load_signing_keys, lambda: _signing_key_paths(a)))
+
+    p = sub.add_parser("sim", help="simulated devices (real MQTT clients) for tests and benchmarks")
+    sim.add_arguments(p, parse_duration)
+    _add_broker_args(p)
+    p.set_defaults(func=sim.run_cli)
     return ap
 
 
