@@ -59,6 +59,16 @@ class TelemetryConfig:
     heartbeat_s: float = 60.0
     window_s: float = 60.0
     outbox_max_mb: float = 64.0
+    # Daily byte budget (docs/telemetry.md): heartbeats and telemetry thin to one per
+    # thin_period_s while the day's usage runs ahead of it; jobs and events are never thinned.
+    daily_budget_mb: float = 1.0  # 0: no budget
+    thin_period_s: float = 900.0
+    drain_rate_per_s: float = 50.0  # outbox backlog messages per second after an outage
+    # Event thresholds (0 turns a check off); latency also uses a manifest's validation.max_p95_ms.
+    disk_low_mb: float = 256.0
+    memory_pressure_pct: float = 90.0
+    error_rate_pct: float = 5.0
+    slo_p99_ms: float = 0.0
 
 
 @dataclass
@@ -66,6 +76,7 @@ class ApiConfig:
     listen: str = "127.0.0.1:8470"
     control_socket: str = "/run/edge-agent/control.sock"
     control_group: str = "edge-agent"
+    admin_group: str = "edge-agent-admin"  # may use the mutating control calls (install, rollback, config, remove)
 
 
 @dataclass
@@ -92,6 +103,24 @@ class StorageConfig:
 
 
 @dataclass
+class DownloadsConfig:
+    # Bundle downloads (BUNDLE.md "How a device handles it"); defaults in agent.bundles.fetch.
+    ca_file: str = ""  # PEM CA bundle for https:// sources; empty: the system's CAs
+    read_timeout_s: float = 30.0  # one read may stall this long
+    min_rate_bps: float = 32768.0  # each file's deadline: deadline_base_s + size / min_rate_bps
+    deadline_base_s: float = 60.0
+    max_attempts: int = 5  # transport failures retried with jittered back-off, this many tries in all
+
+
+@dataclass
+class DeployConfig:
+    probation_s: float = 60.0  # after replacing a version: crash, hang or errors here roll back
+    probation_max_errors: int = 5
+    probation_max_error_ratio: float = 0.5
+    max_resumes: int = 3  # a deploy interrupted by restarts this often fails instead of looping
+
+
+@dataclass
 class Config:
     device_id: str = ""
     groups: list[str] = field(default_factory=list)
@@ -103,6 +132,8 @@ class Config:
     hardware: HardwareConfig = field(default_factory=HardwareConfig)
     backends: BackendsConfig = field(default_factory=BackendsConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
+    downloads: DownloadsConfig = field(default_factory=DownloadsConfig)
+    deploy: DeployConfig = field(default_factory=DeployConfig)
     source: str = "defaults"
 
     def to_dict(self) -> dict[str, Any]:
@@ -114,13 +145,18 @@ class Config:
 # Keys a signed remote ``config`` command may change; everything else needs local access.
 REMOTE_SETTABLE = {
     "telemetry.heartbeat_s", "telemetry.window_s", "telemetry.outbox_max_mb",
+    "telemetry.daily_budget_mb", "telemetry.thin_period_s", "telemetry.drain_rate_per_s",
+    "telemetry.disk_low_mb", "telemetry.memory_pressure_pct", "telemetry.error_rate_pct",
+    "telemetry.slo_p99_ms",
     "backends.prefer", "backends.autotune", "backends.threads", "backends.allow_spinning",
     "storage.keep_versions", "storage.max_disk_mb", "groups",
+    "deploy.probation_s", "deploy.probation_max_errors", "deploy.probation_max_error_ratio",
 }
 
 _SECTIONS: dict[str, type] = {
     "mqtt": MqttConfig, "trust": TrustConfig, "telemetry": TelemetryConfig, "api": ApiConfig,
     "hardware": HardwareConfig, "backends": BackendsConfig, "storage": StorageConfig,
+    "downloads": DownloadsConfig, "deploy": DeployConfig,
 }
 
 
@@ -219,8 +255,18 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"telemetry.heartbeat_s: {cfg.telemetry.heartbeat_s} not in 0.05..86400")
     if not 0.05 <= cfg.telemetry.window_s <= 86400:
         raise ConfigError(f"telemetry.window_s: {cfg.telemetry.window_s} not in 0.05..86400")
-    if not 1 <= cfg.telemetry.outbox_max_mb <= 65536:
-        raise ConfigError(f"telemetry.outbox_max_mb: {cfg.telemetry.outbox_max_mb} not in 1..65536")
+    if not 0.01 <= cfg.telemetry.outbox_max_mb <= 65536:
+        raise ConfigError(f"telemetry.outbox_max_mb: {cfg.telemetry.outbox_max_mb} not in 0.01..65536")
+    t = cfg.telemetry
+    for key, value, lo, hi in (("daily_budget_mb", t.daily_budget_mb, 0, 1e6),
+                               ("thin_period_s", t.thin_period_s, 0.05, 86400),
+                               ("drain_rate_per_s", t.drain_rate_per_s, 0.1, 10000),
+                               ("disk_low_mb", t.disk_low_mb, 0, 1e7),
+                               ("memory_pressure_pct", t.memory_pressure_pct, 0, 100),
+                               ("error_rate_pct", t.error_rate_pct, 0, 100),
+                               ("slo_p99_ms", t.slo_p99_ms, 0, 1e7)):
+        if not lo <= value <= hi:
+            raise ConfigError(f"telemetry.{key}: {value:g} not in {lo:g}..{hi:g}")
     if cfg.api.listen:
         host, _, port = cfg.api.listen.rpartition(":")
         if not host or not port.isdigit() or int(port) > 65535:
@@ -240,6 +286,19 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"storage.keep_versions: {cfg.storage.keep_versions} not in 1..32")
     if cfg.storage.max_disk_mb <= 0:
         raise ConfigError(f"storage.max_disk_mb: {cfg.storage.max_disk_mb} must be positive")
+    d = cfg.downloads
+    for key, val, lo, hi in (("read_timeout_s", d.read_timeout_s, 0.05, 3600), ("min_rate_bps", d.min_rate_bps, 1, 1e10),
+                             ("deadline_base_s", d.deadline_base_s, 0, 86400), ("max_attempts", d.max_attempts, 1, 100)):
+        if not lo <= val <= hi:
+            raise ConfigError(f"downloads.{key}: {val} not in {lo:g}..{hi:g}")
+    if not 0 <= cfg.deploy.probation_s <= 86400:
+        raise ConfigError(f"deploy.probation_s: {cfg.deploy.probation_s} not in 0..86400")
+    if cfg.deploy.probation_max_errors < 1:
+        raise ConfigError("deploy.probation_max_errors: must be at least 1")
+    if not 0 < cfg.deploy.probation_max_error_ratio <= 1:
+        raise ConfigError("deploy.probation_max_error_ratio: must be in (0, 1]")
+    if not 1 <= cfg.deploy.max_resumes <= 100:
+        raise ConfigError(f"deploy.max_resumes: {cfg.deploy.max_resumes} not in 1..100")
     if not cfg.state_dir:
         raise ConfigError("state_dir: must not be empty")
 
@@ -273,7 +332,7 @@ def load(explicit: str | None = None) -> Config:
     # Relative paths in the file are relative to the file, so a config folder can be moved whole.
     for obj, attr in ((cfg, "state_dir"), (cfg.trust, "keys_dir"), (cfg.mqtt, "password_file"),
                       (cfg.mqtt, "ca_file"), (cfg.mqtt, "cert_file"), (cfg.mqtt, "key_file"),
-                      (cfg.api, "control_socket")):
+                      (cfg.api, "control_socket"), (cfg.downloads, "ca_file")):
         val = os.path.expandvars(getattr(obj, attr))  # ${CREDENTIALS_DIRECTORY}, ${RUNTIME_DIRECTORY}
         setattr(obj, attr, val)
         if val and not os.path.isabs(val):

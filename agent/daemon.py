@@ -19,30 +19,40 @@ import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout  # not the builtin before Python 3.11
 from pathlib import Path
 from typing import Any
 
 from agent import __version__, config, errors, logs
-from agent.bundles.fetch import Fetcher
+from agent.backends.probed import probed_backends
+from agent.bundles.fetch import fetcher_from_config
 from agent.bundles.store import Store
 from agent.bundles.trust import TrustStore
 from agent.commands.handlers import REMOTE_CONFIG_FILE, Handlers, apply_remote_overrides
 from agent.commands.verify import Command, CommandVerifier, peek_id
 from agent.deploy.jobs import JobReporter
-from agent.deploy.runner import DeployContext, DeployRunner, DeploySettings, load_model
+from agent.deploy.probation import ProbationSettings, Supervisor
+from agent.deploy.runner import DeployContext, DeployRunner, DeploySettings, check_clock
 from agent.mqtt.connection import Connection
 from agent.mqtt.topics import Topics
 from agent.sdnotify import Notifier
 from agent.serving.control import ControlServer
-from agent.serving.registry import Registry, ServingVersion
+from agent.serving.registry import Registry
 from agent.state import StateDB
-from agent.telemetry.outbox import KIND_HEARTBEAT, KIND_TELEMETRY, Outbox
+from agent.telemetry.budget import DailyBudget
+from agent.telemetry.metrics import Metrics
+from agent.telemetry.outbox import Outbox
+from agent.telemetry.reporting import TelemetryReporter, manifest_max_p95_ms
 from agent.telemetry.windows import LatencyWindows
 from agent.timeutil import now_rfc3339
 
 log = logging.getLogger("agent.daemon")
 
 STOP_TIMEOUT_S = 5.0  # SIGTERM to exit, in-flight work included
+STOP_FLUSH_S = 1.0  # at most this long of the stop sends what is still queued (the last window)
+LOCAL_OP_TIMEOUT_S = 120.0  # an agentctl rollback/remove/config waits this long for the ops worker
+BENCH_OP_TIMEOUT_S = 280.0  # agentctl bench: under the control client's 300 s; the handler bounds each run
+LOCAL_JOB_KEEP_S = 7 * 86400  # local jobs are kept (for `agentctl jobs`) like fleet jobs
 DEPLOY_QUEUE_MAX = 64
 EXIT_CONFIG = 2
 EXIT_UNSAFE = 3
@@ -66,18 +76,20 @@ class Agent:
             log.info("remote config applied: %s", ", ".join(applied))
         self.trust = TrustStore.load(Path(cfg.trust.keys_dir))
         self.windows = LatencyWindows()
-        self.registry = Registry(observer=self.windows.observe)
+        self.registry = Registry(observer=self._observe_inference)
         self.reporter = JobReporter(self.db, self.outbox, self.topics)
-        self.backends = self._backends()
+        # Targets listed by a child process (cached under state_dir): no runtime import in an idle daemon.
+        self.backends = probed_backends(self._backends(), self.state_dir / "cache" / "backend-targets.json")
         self.profile = self._profile()
-        self.runner = DeployRunner(self.db, self.store, Fetcher(), lambda: self.trust, self.registry,
-                                   self.backends, self.reporter, self.deploy_settings)
+        self.runner = DeployRunner(self.db, self.store, fetcher_from_config(cfg.downloads), lambda: self.trust, self.registry,
+                                   self.backends, self.reporter, self.deploy_settings, probation=self._begin_probation)
         self.verifier = CommandVerifier(self.trust, cfg.trust.threshold, cfg.device_id, cfg.groups,
                                         cfg.trust.max_clock_skew_s, cfg.trust.require_signed_commands)
         subs = [self.topics.cmd] + [self.topics.group_cmd(g) for g in cfg.groups]
         self.mqtt = Connection(cfg.mqtt, cfg.mqtt.client_id or cfg.device_id, subs, self.topics.status,
                                birth=lambda: self.status_doc(True), will=lambda: self.status_doc(False, "connection lost"),
                                outbox=self.outbox, on_command=self.on_command)
+        self._telemetry_parts()
         self.notifier = Notifier()
         self.stopping = threading.Event()
         self._deploys: queue.Queue[DeployContext | None] = queue.Queue(DEPLOY_QUEUE_MAX)
@@ -85,23 +97,53 @@ class Agent:
         self._queued: dict[str, DeployContext] = {}
         self._queue_lock = threading.Lock()
         self.handlers = Handlers(self)
+        self.supervisor = Supervisor(self.registry, self.db, self.reporter,
+                                     lambda name, v: self.handlers.load_version(name, v, validate_samples=False),
+                                     self.runner.activation_lock, self.probation_settings, self.publish_status)
         self._ops = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ops")  # rollback, remove, bench: in order
         self._threads: list[threading.Thread] = []
         self.kserve: Any = None
         self.control: ControlServer | None = None
 
     # -- parts -------------------------------------------------------------------------------
+    def _telemetry_parts(self) -> None:
+        """Byte budget, Prometheus metrics and the heartbeat/window reporter (docs/telemetry.md)."""
+        t = self.cfg.telemetry
+        self.budget = DailyBudget(int(t.daily_budget_mb * 2**20))
+        self.mqtt.drain_rate_per_s = t.drain_rate_per_s
+        self.mqtt.on_sent = self.budget.record
+        self.telemetry = TelemetryReporter(
+            self.cfg, self.outbox, self.topics, self.windows, self.budget, self.reporter.event,
+            lambda: self.mqtt.state.to_dict(), slo_for=self._model_p95_limit, started=self.started)
+        self.metrics = Metrics(self.outbox.stats, lambda: self.mqtt.state.to_dict(),
+                               budget=self.telemetry.budget_status, sent=lambda: dict(self.mqtt.sent))
+        self.outbox.on_add = self.metrics.on_outbox_add
+
+    def _observe_inference(self, name: str, version: int, backend: str, latency_s: float, ok: bool) -> None:
+        self.windows.observe(name, version, backend, latency_s, ok)
+        self.metrics.observe_inference(name, version, backend, latency_s, ok)
+
+    def _model_p95_limit(self, name: str) -> float | None:
+        sv = self.registry.get(name)
+        return manifest_max_p95_ms(sv.manifest) if sv is not None else None
+
     @staticmethod
     def _backends() -> list[Any]:
-        from agent.backends.onnxruntime import OnnxRuntimeBackend
+        from agent.backends import available_backends
 
-        return [OnnxRuntimeBackend()]
+        return available_backends()
 
     def _profile(self) -> str:
+        """Detect the hardware; keep its profile's ranking (``self.policy``) and fingerprint for selection."""
+        self.policy: Any = None
+        self.hw_facts: dict[str, Any] | None = None
         try:
+            from agent.backends.selection import policy_from_report
             from agent.hardware import hw_report
 
             rep = hw_report("/", self.cfg.hardware.profiles_dirs, self.cfg.hardware.profile, probe_runtimes=False)
+            self.policy = policy_from_report(rep)
+            self.hw_facts = rep.get("facts")
             return str(rep.get("profile", "unknown"))
         except Exception as e:  # detection must never stop the agent
             log.warning("hardware detection failed: %s", e)
@@ -113,17 +155,33 @@ class Agent:
                               prefer=tuple(c.backends.prefer), threads=c.backends.threads,
                               allow_spinning=c.backends.allow_spinning, keep_versions=c.storage.keep_versions,
                               max_disk_bytes=int(c.storage.max_disk_mb * 2**20),
-                              isolation=c.backends.isolation, infer_timeout_s=c.backends.infer_timeout_s)
+                              isolation=c.backends.isolation, infer_timeout_s=c.backends.infer_timeout_s,
+                              autotune=c.backends.autotune, policy=self.policy, hw_facts=self.hw_facts,
+                              cache_dir=str(self.state_dir / "cache"))
+
+    def probation_settings(self) -> ProbationSettings:
+        d = self.cfg.deploy
+        return ProbationSettings(d.probation_s, d.probation_max_errors, d.probation_max_error_ratio)
+
+    def _begin_probation(self, ctx: DeployContext, result: dict[str, Any]) -> bool:
+        if self.cfg.deploy.probation_s <= 0 or ctx.previous is None or ctx.manifest is None:
+            return False
+        self.supervisor.begin(ctx.job_id, ctx.model, ctx.manifest.version, ctx.previous, result)
+        return True
 
     # -- status ------------------------------------------------------------------------------
     def models_status(self) -> list[dict[str, Any]]:
         out = []
         for rec in self.db.models():
             sv = self.registry.get(rec["name"])
+            if sv is None and rec["state"] == "removed":
+                continue  # its row stays only for the version high-water mark
             entry: dict[str, Any] = {"name": rec["name"], "version": rec["serving"], "state": rec["state"] if sv else "not_loaded",
                                      "previous": rec["previous"]}
             if sv is not None:
                 entry.update(variant=sv.variant, backend=sv.backend)
+                if self.supervisor.in_probation(rec["name"]):
+                    entry["state"] = "probation"
             out.append(entry)
         return out
 
@@ -133,8 +191,11 @@ class Agent:
                                "profile": self.profile, "models": self.models_status()}
         if reason:
             doc["reason"] = reason
-        if self.db.get("clock_untrusted"):
+        clock = self.db.get("clock_untrusted")
+        if clock:
             doc["clock"] = "untrusted"
+            if isinstance(clock, str):
+                doc["clock_reason"] = clock
         return doc
 
     def publish_status(self) -> None:
@@ -145,13 +206,18 @@ class Agent:
         return {"device": self.cfg.device_id, "agent": __version__, "boot_id": self.boot_id,
                 "uptime_s": round(time.time() - self.started, 1), "profile": self.profile,
                 "groups": self.cfg.groups, "mqtt": self.mqtt.state.to_dict(), "outbox": self.outbox.stats(),
+                "budget": self.telemetry.budget_status(),
                 "models": self.models_status(), "config": self.cfg.source,
                 "api": self.kserve.address if self.kserve else None,
                 "deploying": self._current.job_id if self._current else None}
 
     # -- commands ----------------------------------------------------------------------------
-    def on_command(self, topic: str, raw: bytes) -> None:
-        """Verify and route one command (runs on the command worker, never the network thread)."""
+    def on_command(self, topic: str, raw: bytes, dup: bool = False) -> None:
+        """Verify and route one command (runs on the command worker, never the network thread).
+
+        Returns only once the command is recorded (the caller then acknowledges it to the
+        broker). ``dup``: the broker is redelivering it (we may have recorded it before a crash).
+        """
         try:
             cmd = self.verifier.verify(raw)
         except errors.AgentError as e:
@@ -163,6 +229,9 @@ class Agent:
         model = cmd.params.get("model") if isinstance(cmd.params.get("model"), str) else None
         if not self.db.create_job(cmd.id, cmd.type, model, cmd.params, cmd.expires_at):
             prior = self.db.job(cmd.id) or {}
+            if dup:  # the broker's redelivery of a command recorded before a crash: handled already
+                log.info("command %s redelivered by the broker; already recorded (%s)", cmd.id, prior.get("state"))
+                return
             err = errors.RejectError(errors.REPLAYED, f"command {cmd.id} was already received (state {prior.get('state')}); not executed again")
             self.reporter.update(cmd.id, cmd.type, "REJECTED", error=err, persist=False,
                                  extra={"recorded": {"state": prior.get("state"), "error": prior.get("error"),
@@ -227,6 +296,16 @@ class Agent:
             old.cancel_code = errors.SUPERSEDED
             old.cancel.set()
 
+    def submit_deploy(self, ctx: DeployContext) -> None:
+        """Queue a deploy that is not a fleet command (``agentctl install``); it supersedes like one."""
+        self._supersede(ctx)
+        try:
+            self._deploys.put_nowait(ctx)
+        except queue.Full as e:
+            raise errors.RetryableError("busy", f"{DEPLOY_QUEUE_MAX} deploys already queued") from e
+        with self._queue_lock:
+            self._queued[ctx.job_id] = ctx
+
     def cancel_deploy(self, job_id: str, code: str) -> bool:
         with self._queue_lock:
             ctx = self._queued.get(job_id)
@@ -243,6 +322,10 @@ class Agent:
         if "groups" in keys:
             self.verifier.groups = self.cfg.groups
             self.mqtt.set_subscriptions([self.topics.cmd] + [self.topics.group_cmd(g) for g in self.cfg.groups])
+        if "telemetry.outbox_max_mb" in keys:
+            self.outbox.max_bytes = int(self.cfg.telemetry.outbox_max_mb * 2**20)
+        if "telemetry.drain_rate_per_s" in keys:
+            self.mqtt.drain_rate_per_s = self.cfg.telemetry.drain_rate_per_s
 
     def _deploy_loop(self) -> None:
         while True:
@@ -259,64 +342,110 @@ class Agent:
             self.publish_status()
 
     # -- restore -----------------------------------------------------------------------------
-    def restore(self) -> None:
-        """Load every model's serving version (falling back to its previous one)."""
-        for job in self.db.unfinished_jobs():
-            err = errors.AgentError(errors.INTERNAL, f"the agent restarted during {job['step'] or job['state']}; the serving version is unchanged")
-            self.reporter.update(job["id"], job["type"], "FAILED", job["step"], error=err)
-        settings = self.deploy_settings()
+    def restore(self) -> list[DeployContext]:
+        """Bring back what served, then settle every job the last run left unfinished.
+
+        Returns the deploys to run again (their downloads resume from the partial files).
+        """
+        clean = bool(self.db.get("clean_shutdown", True))
+        self.db.put("clean_shutdown", False)
         for rec in self.db.models():
             for version in (rec["serving"], rec["previous"]):
-                if version is None:
+                if version is None or self.db.version(rec["name"], version) is None:
                     continue
-                info = self.db.version(rec["name"], version)
-                if info is None:
-                    continue
-                from agent.bundles.manifest import parse_document
-
                 try:
-                    m = parse_document(info["manifest"])
-                    runtime, target = info["backend"].split(":", 1)
-                    path = self.store.version_dir(m.name, m.version) / m.variant(info["variant"]).main_file.path
-                    loaded = load_model(self.backends, runtime, target, path, settings)
+                    sv = self.handlers.load_version(rec["name"], version, validate_samples=False)
                 except (errors.AgentError, ValueError) as e:
                     log.error("%s v%s could not be restored: %s", rec["name"], version, e)
                     self.reporter.event("restore_failed", model=rec["name"], version=version, error=str(e))
                     continue
-                self.registry.activate(ServingVersion(m.name, m.version, info["variant"], loaded, manifest=m.raw))
+                self.registry.activate(sv)
                 if version != rec["serving"]:
                     self.db.set_serving(rec["name"], version, None)
-                    self.reporter.event("rollback", model=rec["name"], to=version, reason="serving version failed to load at start")
+                    self.reporter.event("rollback", model=rec["name"], frm=rec["serving"], to=version,
+                                        reason="serving version failed to load at start")
                 break
+        resume: dict[str, DeployContext] = {}
+        for job in self.db.unfinished_jobs():
+            ctx = self._settle(job, clean)
+            if ctx is None:
+                continue
+            older = resume.pop(ctx.model, None)
+            if older is not None:
+                self.reporter.update(older.job_id, "deploy", "CANCELED", error=errors.RejectError(
+                    errors.SUPERSEDED, f"superseded by {ctx.job_id} while the agent was down"))
+            resume[ctx.model] = ctx
+        return list(resume.values())
+
+    def _settle(self, job: dict[str, Any], clean: bool) -> DeployContext | None:
+        """One unfinished job after a restart: finish, fail, hand to probation, or resume."""
+        jid, step = job["id"], job["step"]
+        reported = self.outbox.reported(jid)
+        if reported is not None:  # its end went out just before the crash: record it
+            self.db.update_job(jid, str(reported["state"]), reported.get("step"), reported.get("error"),
+                               reported.get("result"))
+            return None
+        if job["type"] != "deploy":
+            self.reporter.update(jid, job["type"], "FAILED", step, error=errors.AgentError(
+                errors.INTERRUPTED, f"the agent restarted while {job['type']} was running; run it again"))
+            return None
+        params = job["params"] or {}
+        model = str(params.get("model", ""))
+        version = self.db.get(f"job_version:{jid}")
+        rec = self.db.model(model) or {}
+        if step in ("activating", "probation") and version is not None and rec.get("serving") == version:
+            info = self.db.version(model, version) or {}
+            result = {"name": model, "version": version, "variant": info.get("variant"),
+                      "backend": info.get("backend"), "previous": rec.get("previous"), "resumed": True}
+            if rec.get("previous") is None:
+                self.reporter.update(jid, "deploy", "SUCCEEDED", step, result=result)
+            elif not clean and self.cfg.backends.isolation == "none":
+                # In-process runtime and an unclean stop during probation: the new version may
+                # have crashed the daemon. Go back to the version that served before it.
+                prev = rec["previous"]
+                try:
+                    sv = self.handlers.load_version(model, prev, validate_samples=False)
+                except errors.AgentError as e:
+                    log.error("%s: cannot roll back to v%s: %s", model, prev, e)
+                else:
+                    with self.runner.activation_lock:
+                        self.db.set_serving(model, prev, None)
+                        self.registry.activate(sv)
+                    self.reporter.event("rollback", model=model, frm=version, to=prev,
+                                        reason="the agent died during probation")
+                self.reporter.update(jid, "deploy", "FAILED", step, error=errors.AgentError(
+                    errors.PROBATION_FAILED, f"{model} v{version}: the agent died during probation; rolled back to v{prev}"))
+            else:
+                self.supervisor.begin(jid, model, version, rec["previous"], result)
+            return None
+        resumes = int(self.db.get(f"resumes:{jid}", 0)) + 1
+        self.db.put(f"resumes:{jid}", resumes)
+        if resumes > self.cfg.deploy.max_resumes:
+            self.reporter.update(jid, "deploy", "FAILED", step, error=errors.AgentError(
+                errors.INTERRUPTED, f"interrupted by {resumes - 1} restarts; giving up"))
+            return None
+        pin, sha = params.get("backend"), params.get("manifest_sha256")
+        log.info("resuming deploy %s of %s (was at %s)", jid, model, step or "QUEUED")
+        return DeployContext(jid, model, str(params.get("manifest_url", "")), sha if isinstance(sha, str) else None,
+                             pin if isinstance(pin, str) else None)
 
     # -- telemetry ---------------------------------------------------------------------------
     def _heartbeat_loop(self) -> None:
-        from agent.telemetry.system import system_figures
-
         while not self.stopping.wait(self.cfg.telemetry.heartbeat_s):
             try:
-                ob = self.outbox.stats()
-                doc = {"v": 1, "device": self.cfg.device_id, "ts": now_rfc3339(),
-                       "uptime_s": round(time.time() - self.started, 1),
-                       "system": system_figures(self.cfg.state_dir),
-                       "outbox": {"depth": ob["depth"], "oldest_s": ob["oldest_s"], "dropped": ob["dropped"]},
-                       "mqtt": {"reconnects": self.mqtt.state.reconnects}}
-                self.outbox.add(self.topics.heartbeat, doc, KIND_HEARTBEAT)
+                self.telemetry.heartbeat()
             except Exception:
                 log.exception("heartbeat failed")
 
     def _window_loop(self) -> None:
-        window_s = self.cfg.telemetry.window_s
-        while not self.stopping.wait(window_s):
-            self._flush_window(window_s)
+        while not self.stopping.wait(self.cfg.telemetry.window_s):
+            self._flush_window()
 
-    def _flush_window(self, window_s: float) -> None:
-        done = self.windows.swap()
-        if not done:
-            return
-        doc = {"v": 1, "device": self.cfg.device_id, "ts": now_rfc3339(), "window_s": window_s,
-               "models": {name: w.summary() for name, w in done.items()}}
-        self.outbox.add(self.topics.telemetry, doc, KIND_TELEMETRY)
+    def _flush_window(self, final: bool = False) -> None:
+        try:
+            self.telemetry.window(final=final)
+        except Exception:
+            log.exception("telemetry window failed")
 
     def _watchdog_loop(self) -> None:
         interval = self.notifier.watchdog_s / 2
@@ -334,6 +463,7 @@ class Agent:
                 sv = self.registry.get(m["name"])
                 if sv is not None:
                     m["io"] = sv.describe()
+                    m["worker_pid"] = getattr(sv.model, "pid", None)
                 out.append(m)
             return out
 
@@ -369,7 +499,41 @@ class Agent:
         control.register("explain", explain)
         control.register("infer", infer)
         control.register("hw", hw)
-        control.register("config", lambda _: self.cfg.to_dict())
+        control.register("bench", lambda p: self._ops.submit(self.handlers.bench, {
+            k: v for k, v in p.items() if k in ("model", "iterations", "backends")}).result(BENCH_OP_TIMEOUT_S))
+        def local_op(type_: str) -> Any:
+            """A mutating call from agentctl: a local job (visible in `jobs`, reported to the fleet),
+            run on the ops worker so it is ordered with the fleet's rollback/remove/bench."""
+            def run(p: dict[str, Any]) -> Any:
+                params = {k: v for k, v in p.items() if k in ("model", "to_version", "set")}
+                job_id = f"local-{type_}-{uuid.uuid4().hex[:12]}"
+                model = params.get("model") if isinstance(params.get("model"), str) else None
+                self.db.create_job(job_id, type_, model, params, time.time() + LOCAL_JOB_KEEP_S, state="IN_PROGRESS")
+                self.reporter.update(job_id, type_, "IN_PROGRESS", persist=False, extra={"origin": "agentctl"})
+                try:
+                    result = self._ops.submit(getattr(self.handlers, type_), params).result(LOCAL_OP_TIMEOUT_S)
+                except errors.AgentError as e:
+                    self.reporter.update(job_id, type_, "REJECTED" if isinstance(e, errors.RejectError) else "FAILED", error=e)
+                    raise
+                except FutureTimeout as e:
+                    err = errors.AgentError(errors.TIMEOUT, f"{type_} did not finish within {LOCAL_OP_TIMEOUT_S:g} s")
+                    self.reporter.update(job_id, type_, "TIMED_OUT", error=err)
+                    raise err from e
+                self.reporter.update(job_id, type_, "SUCCEEDED", result=result)
+                if type_ == "config":
+                    return result
+                return {"job": job_id, **result}
+            return run
+
+        set_config = local_op("config")
+        control.register("config", lambda p: set_config(p) if p.get("set") else self.cfg.to_dict(),
+                         mutating=lambda p: bool(p.get("set")))
+        control.register("rollback", local_op("rollback"), mutating=True)
+        control.register("remove", local_op("remove"), mutating=True)
+
+        from agent.bundles.offline import install_op
+
+        control.register("install", lambda p, emit: install_op(self, p, emit), mutating=True, streaming=True)
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -378,16 +542,30 @@ class Agent:
             raise errors.AgentError("unsafe_trust", f"trust folder is writable by others: {', '.join(bad)} (chmod go-w)")
         if not len(self.trust):
             log.warning("trust folder %s holds no keys: every signed command and bundle will be refused", self.cfg.trust.keys_dir)
-        self.control = ControlServer(self.cfg.api.control_socket, self.cfg.api.control_group)
+        clock = check_clock(self.db, self.cfg.trust.max_clock_skew_s)
+        if clock:
+            log.warning("installs are refused until the clock is fixed: %s", clock)
+        self.control = ControlServer(self.cfg.api.control_socket, self.cfg.api.control_group, self.cfg.api.admin_group)
         self._control_handlers(self.control)
         self.control.start()  # first: it also refuses a second daemon on the same socket
-        self.restore()
+        resumed = self.restore()
+        if not resumed:
+            freed = self.runner.sweep()  # what a crash left behind: partial downloads, half-made folders
+            if freed:
+                log.info("removed %d bytes of files no version references", freed)
+        for ctx in resumed:
+            with self._queue_lock:
+                self._queued[ctx.job_id] = ctx
+            self._deploys.put_nowait(ctx)
+        self.supervisor.start()
         if self.cfg.api.listen:
             from agent.serving.kserve import KServeServer, parse_listen
 
             host, port = parse_listen(self.cfg.api.listen)
-            self.kserve = KServeServer(self.registry, host, port, ready_fn=lambda: not self.stopping.is_set())
+            self.kserve = KServeServer(self.registry, host, port, ready_fn=lambda: not self.stopping.is_set(),
+                                       metrics_fn=self.metrics.render)
             self.kserve.start()
+        self.telemetry.report_recoveries()  # a corrupt outbox replaced at open: say so
         self.mqtt.start()
         for target, name in ((self._deploy_loop, "deploy"), (self._heartbeat_loop, "heartbeat"),
                              (self._window_loop, "telemetry")):
@@ -406,6 +584,9 @@ class Agent:
         self.notifier.stopping()
         self.stopping.set()
         deadline = time.monotonic() + STOP_TIMEOUT_S
+        open_probations = self.supervisor.stop()  # first: nothing is rolled back while stopping
+        if open_probations:
+            log.info("%d probation(s) still open; they continue at the next start", len(open_probations))
         if self._current is not None:
             self._current.cancel_code = errors.CANCELED
             self._current.cancel.set()
@@ -417,11 +598,14 @@ class Agent:
             self.control.stop()
         for t in self._threads:
             t.join(max(0.0, min(1.0, deadline - time.monotonic() - 1.5)))
-        self._flush_window(self.cfg.telemetry.window_s)
+        self._flush_window(final=True)
+        self.telemetry.save_budget()
+        self.mqtt.flush(timeout_s=max(0.0, min(STOP_FLUSH_S, deadline - time.monotonic() - 1.0)))
         self.mqtt.stop(final_status=self.status_doc(False, "shutdown"), timeout_s=max(0.5, deadline - time.monotonic() - 0.5))
         self._ops.shutdown(wait=False, cancel_futures=True)
         self.registry.close(timeout_s=max(0.1, deadline - time.monotonic()))
         self.outbox.close()
+        self.db.put("clean_shutdown", True)
         self.db.close()
         log.info("stopped")
 
@@ -439,7 +623,7 @@ def run(cfg: config.Config) -> int:
     try:
         agent.start()
     except errors.AgentError as e:
-        log.error("cannot start: %s", e.message)
+        log.error("cannot start: %s: %s", e.code, e.message)
         return EXIT_UNSAFE
     while not done.wait(1.0):
         pass

@@ -78,6 +78,7 @@ def start_mosquitto(tmp: Path) -> Mosquitto:
     conf.write_text(
         f"listener {port} 127.0.0.1\n"
         "allow_anonymous true\n"
+        "user root\n"  # run as root, mosquitto drops to user `mosquitto`, cannot write the persistence file and loses every session on restart; ignored when not root
         "set_tcp_nodelay true\n"
         "persistence true\n"
         f"persistence_location {tmp}/\n"

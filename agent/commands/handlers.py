@@ -64,8 +64,9 @@ class Handlers:
         a.publish_status()
         return {"name": name, "version": to, "backend": sv.backend, "previous": rec["serving"]}
 
-    def load_version(self, name: str, version: int) -> ServingVersion:
-        """Load a kept version on its recorded backend and check it against its golden samples."""
+    def load_version(self, name: str, version: int, validate_samples: bool = True) -> ServingVersion:
+        """Load a kept version on its recorded backend and (by default) check it against its
+        golden samples; a restart or a worker restart skips the check (it passed at deploy)."""
         a = self.agent
         info = a.db.version(name, version)
         if info is None:
@@ -73,11 +74,12 @@ class Handlers:
         m = parse_document(info["manifest"])
         runtime, target = info["backend"].split(":", 1)
         vdir = a.store.version_dir(name, version)
-        model = load_model(a.backends, runtime, target, vdir / m.variant(info["variant"]).main_file.path,
-                           a.deploy_settings())
-        if m.validation is not None:
+        variant = m.variant(info["variant"])
+        model = load_model(a.backends, runtime, target, vdir / variant.main_file.path,
+                           a.deploy_settings(), precision=variant.precision)
+        if m.validation is not None and validate_samples:
             try:
-                validate(model, vdir, m)
+                validate(model, vdir, m, variant)
             except errors.AgentError:
                 model.close()
                 raise
@@ -178,25 +180,35 @@ class Handlers:
         with np.load(vdir / m.validation.inputs, allow_pickle=False) as z:
             inputs = {k: z[k] for k in z.files}
         wanted = params.get("backends", [sv.backend])
-        variant = m.variant(sv.variant)
-        targets = [t for b in a.backends for t in b.targets()
-                   if variant.format in t.formats and (wanted == "all" or t.id in wanted)]
-        out: dict[str, Any] = {}
-        for t in targets:
-            if not t.availability.usable:
-                out[t.id] = {"usable": False, "reason": t.availability.reason}
-                continue
-            model = sv.model if t.id == sv.backend else None
-            try:
-                if model is None:
-                    model = load_model(a.backends, t.runtime, t.target, vdir / variant.main_file.path, a.deploy_settings())
-                out[t.id] = _time_model(model, inputs, n)
-            except errors.AgentError as e:
-                out[t.id] = {"usable": False, "reason": e.message}
-            finally:
-                if model is not None and model is not sv.model:
-                    model.close()
-        return {"model": name, "version": sv.version, "variant": sv.variant, "iterations": n, "backends": out}
+        all_targets = [t for b in a.backends for t in b.targets()]
+        # Every variant whose files are on this device (the serving one first), on every wanted target.
+        present = [v for v in m.variants if all((vdir / f.path).is_file() for f in v.files)]
+        per_variant: dict[str, dict[str, Any]] = {}
+        for variant in sorted(present, key=lambda v: v.id != sv.variant):
+            out: dict[str, Any] = per_variant.setdefault(variant.id, {})
+            for t in all_targets:
+                if variant.format not in t.formats or not (wanted == "all" or t.id in wanted):
+                    continue
+                if not t.availability.usable:
+                    out[t.id] = {"usable": False, "reason": t.availability.reason}
+                    continue
+                serving = t.id == sv.backend and variant.id == sv.variant
+                model = sv.model if serving else None
+                try:
+                    if model is None:
+                        model = load_model(a.backends, t.runtime, t.target, vdir / variant.main_file.path,
+                                           a.deploy_settings(), precision=variant.precision)
+                    out[t.id] = _time_model(model, inputs, n)
+                    details = getattr(model, "details", None)
+                    if isinstance(details, dict) and details.get("compute_precision"):
+                        out[t.id]["compute_precision"] = details["compute_precision"]
+                except errors.AgentError as e:
+                    out[t.id] = {"usable": False, "reason": e.message}
+                finally:
+                    if model is not None and model is not sv.model:
+                        model.close()
+        return {"model": name, "version": sv.version, "variant": sv.variant, "serving_backend": sv.backend,
+                "iterations": n, "backends": per_variant.get(sv.variant, {}), "variants": per_variant}
 
 
 def _time_model(model: Any, inputs: dict[str, Any], n: int) -> dict[str, Any]:

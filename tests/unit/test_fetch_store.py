@@ -149,7 +149,7 @@ def test_file_url_longer_shorter_or_other_hash(tmp_path: Path) -> None:
 
 
 def test_unsupported_scheme(tmp_path: Path) -> None:
-    assert _code(lambda: Fetcher(FAST).download("ftp://x/y", tmp_path / "p", 1, SHA)) == errors.INVALID_COMMAND
+    assert _code(lambda: Fetcher(FAST).download("gopher://x/y", tmp_path / "p", 1, SHA)) == errors.INVALID_COMMAND
 
 
 def test_join_url() -> None:
