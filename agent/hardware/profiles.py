@@ -71,6 +71,8 @@ AUTO = "auto"
 SYSTEM_PROFILES_DIR = Path("/usr/share/edge-agent/hw-profiles")
 ETC_PROFILES_DIR = Path("/etc/edge-agent/hw-profiles")
 REPO_PROFILES_DIR = Path(__file__).resolve().parents[2] / "hw-profiles"
+# A wheel install puts the shipped profiles under the environment's prefix (pyproject data-files).
+PREFIX_PROFILES_DIR = Path(sys.prefix) / "share" / "edge-agent" / "hw-profiles"
 
 TOP_LEVEL_KEYS = {"name", "description", "priority", "notes", "match", "backends"}
 BACKEND_KEYS = {"runtime", "target", "precisions", "why", "requires", "runtime_version_min",
@@ -152,9 +154,10 @@ class Match:
 
 def shipped_profiles_dir() -> Path:
     """The profiles shipped with the agent: the repo's hw-profiles/ when running from a checkout,
-    else /usr/share/edge-agent/hw-profiles."""
-    if REPO_PROFILES_DIR.is_dir():
-        return REPO_PROFILES_DIR
+    else <venv>/share/edge-agent/hw-profiles (a wheel install), else /usr/share/edge-agent/hw-profiles."""
+    for d in (REPO_PROFILES_DIR, PREFIX_PROFILES_DIR):
+        if d.is_dir():
+            return d
     return SYSTEM_PROFILES_DIR
 
 
@@ -162,7 +165,7 @@ def default_profile_dirs() -> list[Path]:
     """Directories in precedence order: local overrides in /etc, then the repo's hw-profiles/ (when running
     from a checkout), then /usr/share/edge-agent/hw-profiles.  Missing directories are skipped by
     `load_profiles`."""
-    dirs = [ETC_PROFILES_DIR, REPO_PROFILES_DIR, SYSTEM_PROFILES_DIR]
+    dirs = [ETC_PROFILES_DIR, REPO_PROFILES_DIR, PREFIX_PROFILES_DIR, SYSTEM_PROFILES_DIR]
     return [d for i, d in enumerate(dirs) if d not in dirs[:i]]
 
 
