@@ -256,15 +256,8 @@ class Agent:
                 raise errors.RejectError(errors.INVALID_COMMAND, "deploy needs params.model and params.manifest_url (strings)")
             pin = p.get("backend")
             sha = p.get("manifest_sha256")
-            ctx = DeployContext(cmd.id, model, url, sha if isinstance(sha, str) else None,
-                                pin if isinstance(pin, str) else None)
-            self._supersede(ctx)
-            try:
-                self._deploys.put_nowait(ctx)
-            except queue.Full as e:
-                raise errors.RetryableError("busy", f"{DEPLOY_QUEUE_MAX} deploys already queued") from e
-            with self._queue_lock:
-                self._queued[ctx.job_id] = ctx
+            self.submit_deploy(DeployContext(cmd.id, model, url, sha if isinstance(sha, str) else None,
+                                             pin if isinstance(pin, str) else None))
         elif cmd.type in ("config", "trust", "cancel"):
             result = getattr(self.handlers, cmd.type)(p)
             self.reporter.update(cmd.id, cmd.type, "SUCCEEDED", result=result)
@@ -297,14 +290,17 @@ class Agent:
             old.cancel.set()
 
     def submit_deploy(self, ctx: DeployContext) -> None:
-        """Queue a deploy that is not a fleet command (``agentctl install``); it supersedes like one."""
+        """Queue a deploy (a fleet command, ``agentctl install`` or a resumed one); a newer deploy
+        of the same model supersedes the running or queued one."""
         self._supersede(ctx)
+        with self._queue_lock:  # registered before the worker can see it, so it can be canceled
+            self._queued[ctx.job_id] = ctx
         try:
             self._deploys.put_nowait(ctx)
         except queue.Full as e:
+            with self._queue_lock:
+                self._queued.pop(ctx.job_id, None)
             raise errors.RetryableError("busy", f"{DEPLOY_QUEUE_MAX} deploys already queued") from e
-        with self._queue_lock:
-            self._queued[ctx.job_id] = ctx
 
     def cancel_deploy(self, job_id: str, code: str) -> bool:
         with self._queue_lock:
@@ -554,9 +550,7 @@ class Agent:
             if freed:
                 log.info("removed %d bytes of files no version references", freed)
         for ctx in resumed:
-            with self._queue_lock:
-                self._queued[ctx.job_id] = ctx
-            self._deploys.put_nowait(ctx)
+            self.submit_deploy(ctx)
         self.supervisor.start()
         if self.cfg.api.listen:
             from agent.serving.kserve import KServeServer, parse_listen
