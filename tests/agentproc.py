@@ -87,12 +87,20 @@ class AgentProcess:
                 raise RuntimeError(f"agent exited with {self.proc.returncode}:\n{self.log.read_text()[-4000:]}")
             if self.socket.exists():
                 try:
-                    if requests.get(f"{self.api}/v2/health/ready", timeout=1).status_code == 200:
+                    if (requests.get(f"{self.api}/v2/health/ready", timeout=1).status_code == 200
+                            and self.subscribed()):
                         return
-                except requests.RequestException:
+                except (requests.RequestException, OSError):
                     pass
             time.sleep(0.05)
         raise TimeoutError(f"agent not ready after {timeout_s} s:\n{self.log.read_text()[-4000:]}")
+
+    def subscribed(self) -> bool:
+        """The broker acknowledged the agent's command subscriptions: commands sent now arrive."""
+        from agent.serving.control import ControlClient
+
+        status = ControlClient(str(self.socket), timeout_s=2).call("status")
+        return bool(status.get("mqtt", {}).get("subscribed"))
 
     def stop(self, sig: int = signal.SIGTERM) -> int:
         assert self.proc is not None

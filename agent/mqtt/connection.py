@@ -64,10 +64,13 @@ class MqttState:
     last_error: str = ""
     protocol: str = ""
     connected_since: float = 0.0
+    subscribed: bool = False  # the broker acknowledged every command subscription of this connection
+    pending_subs: set[int] = field(default_factory=set)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"connected": self.connected, "state": self.state, "reconnects": self.reconnects,
+        return {"connected": self.connected, "subscribed": self.subscribed and self.connected,
+                "state": self.state, "reconnects": self.reconnects,
                 "last_error": self.last_error, "protocol": self.protocol}
 
 
@@ -231,6 +234,7 @@ class Connection:
         c.on_message = self._on_message
         c.manual_ack_set(True)  # PUBACK a command only once it is recorded: a crash cannot lose it
         c.on_publish = self._on_publish
+        c.on_subscribe = self._on_subscribe
         return c
 
     @staticmethod
@@ -301,8 +305,13 @@ class Connection:
                 self.state.extra["refused"] = True
             client.disconnect()
             return
+        self.state.subscribed = False
+        self.state.pending_subs = set()
         for topic in self.subscriptions:
-            client.subscribe(topic, qos=1)
+            rc, mid = client.subscribe(topic, qos=1)
+            if rc == mqtt.MQTT_ERR_SUCCESS and mid is not None:
+                self.state.pending_subs.add(mid)
+        self.state.subscribed = not self.state.pending_subs
         birth = dumps(self._birth())
         client.publish(self.status_topic, birth, qos=1, retain=True)
         self._note_sent("status", self.status_topic, len(birth))
@@ -318,6 +327,17 @@ class Connection:
             self._connected_cv.notify_all()
         log.info("mqtt: connected to %s:%d (MQTT %s, session present: %s)", self.host, self.port,
                  self.state.protocol, getattr(flags, "session_present", "?"))
+
+    def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reasons: Any,
+                      properties: Any) -> None:
+        refused = [r for r in reasons if getattr(r, "is_failure", False)]
+        if refused:
+            self.state.last_error = f"broker refused a command subscription: {refused[0]}"
+            log.error("mqtt: %s", self.state.last_error)
+            return
+        self.state.pending_subs.discard(mid)
+        if not self.state.pending_subs:
+            self.state.subscribed = True
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any,
                        properties: Any) -> None:

@@ -78,8 +78,9 @@ def test_sigkill_at_random_points_keeps_every_invariant(fleet: Fleet, mosquitto:
         import requests
 
         try:
-            ControlClient(str(agent.socket), timeout_s=2).call("status")
-            return requests.get(f"{agent.api}/v2/health/ready", timeout=2).status_code == 200
+            status = ControlClient(str(agent.socket), timeout_s=2).call("status")
+            return (bool(status["mqtt"].get("subscribed"))
+                    and requests.get(f"{agent.api}/v2/health/ready", timeout=2).status_code == 200)
         except (OSError, requests.RequestException):
             return False
 
