@@ -5,6 +5,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
-.venv/bin/ruff check agent tools tests
+.venv/bin/ruff check agent tools tests benchmarks
 .venv/bin/mypy
 exec .venv/bin/python -m pytest "$@"

@@ -112,12 +112,13 @@ class Backend(Protocol):
 _NP_DTYPES = {"float32", "float16", "float64", "int8", "uint8", "int16", "int32", "int64", "bool"}
 
 
-_PLANS: dict[int, tuple[tuple[TensorSpec, ...], tuple[tuple[str, Any, int, tuple[tuple[int, int], ...]], ...] | None]] = {}
+_Plan = tuple[tuple[str, Any, int, tuple[tuple[int, int], ...], Any], ...]
+_PLANS: dict[int, tuple[tuple[TensorSpec, ...], _Plan | None]] = {}
 _PLANS_MAX = 256  # distinct input signatures remembered (one per loaded model; cleared past this)
 
 
-def _plan(specs: tuple[TensorSpec, ...]) -> tuple[tuple[str, Any, int, tuple[tuple[int, int], ...]], ...] | None:
-    """Per input: name, numpy dtype, rank and the fixed dimensions; None if a dtype is not numpy's."""
+def _plan(specs: tuple[TensorSpec, ...]) -> _Plan | None:
+    """Per input: name, numpy dtype, rank, the fixed dimensions and ndarray; None if a dtype is not numpy's."""
     import numpy as np
 
     out = []
@@ -126,7 +127,8 @@ def _plan(specs: tuple[TensorSpec, ...]) -> tuple[tuple[str, Any, int, tuple[tup
             dt = np.dtype(s.dtype)
         except TypeError:
             return None
-        out.append((s.name, dt, len(s.shape), tuple((i, d) for i, d in enumerate(s.shape) if d is not None)))
+        out.append((s.name, dt, len(s.shape), tuple((i, d) for i, d in enumerate(s.shape) if d is not None),
+                    np.ndarray))
     return tuple(out)
 
 
@@ -144,14 +146,20 @@ def check_inputs(specs: tuple[TensorSpec, ...], inputs: dict[str, Any]) -> dict[
     plan = entry[1]
     if plan is not None and len(inputs) == len(plan):
         fast: dict[str, np.ndarray] = {}
-        for name, dt, rank, fixed in plan:
-            a = inputs.get(name)
-            if a is None or getattr(a, "dtype", None) != dt or type(a).__name__ != "ndarray":
+        for name, dt, rank, fixed, ndarray in plan:
+            a: Any = inputs.get(name)
+            if type(a) is not ndarray or a.dtype != dt:
                 break
             shape = a.shape
-            if len(shape) != rank or any(shape[i] != d for i, d in fixed):
+            if len(shape) != rank:
                 break
-            fast[name] = a
+            for i, d in fixed:
+                if shape[i] != d:
+                    break
+            else:
+                fast[name] = a
+                continue
+            break
         else:
             return fast
     return _check_inputs(specs, inputs)

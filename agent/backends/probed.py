@@ -17,6 +17,7 @@ Invariants:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -38,6 +39,8 @@ RUNTIME_DISTS = ("onnxruntime", "onnxruntime-gpu", "onnxruntime-openvino", "open
                  "tflite-runtime")
 DEVICE_DIRS = ("/dev", "/dev/dri", "/dev/accel", "/dev/bus/usb")  # GPUs, NPUs, Coral/Myriad USB sticks
 RUNTIME_ENV = ("LD_LIBRARY_PATH", "CUDA_VISIBLE_DEVICES", "PATH")
+WARM_DELAY_S = 3.0  # the background probe waits this long: start-up (connect, subscribe) comes first
+PROBE_NICE = 10  # the child yields the CPU to the daemon it works for
 
 
 def _dist_version(dist: str) -> str:
@@ -116,9 +119,9 @@ class TargetProbe:
         try:
             r = subprocess.run([sys.executable, "-m", __name__, *self._backends], capture_output=True,
                                timeout=self.timeout_s, check=True, stdin=subprocess.DEVNULL)
-            doc = json.loads(r.stdout)
+            doc = json.loads(r.stdout.strip().splitlines()[-1])  # the last line: a runtime may print too
             found = {rt: _from_doc(rows) for rt, rows in doc.items()}
-        except (OSError, subprocess.SubprocessError, ValueError, KeyError, TypeError) as e:
+        except (OSError, subprocess.SubprocessError, ValueError, KeyError, TypeError, IndexError) as e:
             log.warning("backend probe in a child process failed (%s); listing targets in the daemon", e)
             return {rt: b.targets() for rt, b in self._backends.items()}
         if self.cache_file is not None:
@@ -155,26 +158,31 @@ class ProbedBackend:
 def probed_backends(backends: Sequence[Any], cache_file: Path | None = None, warm: bool = True) -> list[Any]:
     """Wrap the built-in backends (agent.backends.BACKEND_CLASSES); others are returned as they are.
 
-    ``warm``: start the probe now on a background thread (a call to ``targets()`` meanwhile waits
-    for it); with a valid ``cache_file`` that costs a file read."""
+    ``warm``: run the probe on a background thread ``WARM_DELAY_S`` after this call (a call to
+    ``targets()`` before or during it probes or waits); with a valid ``cache_file`` that costs a
+    file read."""
     from agent.backends import BACKEND_CLASSES
 
     builtin = {cls for _, cls in BACKEND_CLASSES}
     mine = [b for b in backends if type(b).__name__ in builtin and type(b).__module__.startswith("agent.backends.")]
     probe = TargetProbe(mine, cache_file)
-    if mine and warm:  # in the background now, so the first deploy does not wait for the child
-        threading.Thread(target=probe.targets, args=(mine[0].runtime,), name="backend-probe", daemon=True).start()
+    if mine and warm:  # in the background, after start-up, so the first deploy does not wait for the child
+        t = threading.Timer(WARM_DELAY_S, probe.targets, args=(mine[0].runtime,))
+        t.name, t.daemon = "backend-probe", True
+        t.start()
     return [ProbedBackend(b, probe) if b in mine else b for b in backends]
 
 
 def main(argv: list[str]) -> int:
     """Child side: print ``{runtime: [target, ...]}`` for the runtimes named in ``argv``."""
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    with contextlib.suppress(OSError):
+        os.nice(PROBE_NICE)
     from agent.backends import available_backends
 
     wanted = set(argv)
     out = {b.runtime: _to_doc(b.targets()) for b in available_backends() if b.runtime in wanted}
-    sys.stdout.write(json.dumps(out))
+    sys.stdout.write("\n" + json.dumps(out) + "\n")
     return 0
 
 

@@ -14,13 +14,13 @@ import base64
 import binascii
 import json
 from collections.abc import Iterable
-from typing import Any
-
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from typing import TYPE_CHECKING, Any
 
 from agent import errors
 from agent.bundles.trust import TrustStore, key_id
+
+if TYPE_CHECKING:  # cryptography loads at the first signature (agent/bundles/trust.py)
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 COMMAND_TYPE = "application/vnd.edge-agent.command+json"
 MANIFEST_TYPE = "application/vnd.edge-agent.manifest+json"
@@ -80,6 +80,8 @@ def verify(env: dict[str, Any], expected_type: str, trust: TrustStore, threshold
     if env.get("payloadType") != expected_type:
         raise errors.RejectError(errors.INVALID_COMMAND,
                                  f"{what}: payloadType {env.get('payloadType')!r}, expected {expected_type!r}")
+    from cryptography.exceptions import InvalidSignature
+
     payload = payload_bytes(env)
     msg = pae(expected_type, payload)
     sigs = env["signatures"][:MAX_SIGNATURES]

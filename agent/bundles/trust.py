@@ -2,35 +2,68 @@
 
 Key id = hex sha256 of the raw 32-byte public key (BUNDLE.md). Keys are PEM files in the trust
 folder; the daemon learns new keys only through the signed ``trust`` command.
+
+``cryptography`` (~7 MB of RSS) loads at the first signature check, not at start: a key file in
+the standard form (PEM SubjectPublicKeyInfo of one Ed25519 key) is read as its raw 32 bytes, and
+its key object is made when a signature names it. Any other file goes through ``cryptography``,
+which accepts or refuses it exactly as before.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import logging
 import os
 import stat
 from collections.abc import Iterator
 from pathlib import Path
-
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from typing import TYPE_CHECKING
 
 from agent import errors
 from agent.fsutil import atomic_write
 
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+        Ed25519PrivateKey,
+        Ed25519PublicKey,
+    )
+
 log = logging.getLogger(__name__)
 MAX_KEY_FILE_BYTES = 16 * 1024
+ED25519_SPKI_PREFIX = bytes.fromhex("302a300506032b6570032100")  # SEQUENCE{SEQUENCE{OID 1.3.101.112}, BIT STRING(32 bytes)}
+PEM_BEGIN, PEM_END = "-----BEGIN PUBLIC KEY-----", "-----END PUBLIC KEY-----"
 
 
 def key_id(pub: Ed25519PublicKey) -> str:
     """Hex sha256 of the raw public key bytes."""
+    from cryptography.hazmat.primitives import serialization
+
     raw = pub.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
     return hashlib.sha256(raw).hexdigest()
 
 
+def raw_ed25519_pem(data: bytes) -> bytes | None:
+    """The raw 32-byte key of a standard Ed25519 public key PEM, read without ``cryptography``;
+    None for anything else (the caller then lets ``cryptography`` decide)."""
+    try:
+        lines = [line.strip() for line in data.decode("ascii").strip().splitlines()]
+        if len(lines) < 3 or lines[0] != PEM_BEGIN or lines[-1] != PEM_END:
+            return None
+        der = base64.b64decode("".join(lines[1:-1]), validate=True)
+    except (UnicodeDecodeError, binascii.Error, ValueError):
+        return None
+    if len(der) != len(ED25519_SPKI_PREFIX) + 32 or not der.startswith(ED25519_SPKI_PREFIX):
+        return None
+    return der[len(ED25519_SPKI_PREFIX):]
+
+
 def load_public_pem(data: bytes, name: str = "key") -> Ed25519PublicKey:
     """Parse an Ed25519 public key PEM; RejectError naming ``name`` otherwise."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
     try:
         key = serialization.load_pem_public_key(data)
     except (ValueError, TypeError) as e:
@@ -41,11 +74,16 @@ def load_public_pem(data: bytes, name: str = "key") -> Ed25519PublicKey:
 
 
 def public_pem(pub: Ed25519PublicKey) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
     return pub.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
 def load_private_key(path: Path) -> Ed25519PrivateKey:
     """Load an Ed25519 private key PEM (fleet side)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
     key = serialization.load_pem_private_key(Path(path).read_bytes(), password=None)
     if not isinstance(key, Ed25519PrivateKey):
         raise ValueError(f"{path}: not an Ed25519 private key")
@@ -55,22 +93,27 @@ def load_private_key(path: Path) -> Ed25519PrivateKey:
 class TrustStore:
     """The trusted keys, loaded from a folder of ``*.pem`` files."""
 
-    def __init__(self, keys: dict[str, Ed25519PublicKey] | None = None,
+    def __init__(self, keys: dict[str, Ed25519PublicKey | bytes] | None = None,
                  folder: Path | None = None) -> None:
-        self._keys: dict[str, Ed25519PublicKey] = dict(keys or {})
+        self._keys: dict[str, Ed25519PublicKey | bytes] = dict(keys or {})  # bytes: raw, made on first use
         self.folder = folder
 
     @classmethod
     def load(cls, folder: Path) -> TrustStore:
         """Read every ``*.pem`` in ``folder``; a bad file is logged and skipped."""
         folder = Path(folder)
-        keys: dict[str, Ed25519PublicKey] = {}
+        keys: dict[str, Ed25519PublicKey | bytes] = {}
         if folder.is_dir():
             for p in sorted(folder.glob("*.pem")):
                 try:
                     if p.stat().st_size > MAX_KEY_FILE_BYTES:
                         raise errors.RejectError(errors.INVALID_COMMAND, f"{p}: larger than {MAX_KEY_FILE_BYTES} bytes")
-                    pub = load_public_pem(p.read_bytes(), str(p))
+                    data = p.read_bytes()
+                    raw = raw_ed25519_pem(data)
+                    if raw is not None:
+                        keys[hashlib.sha256(raw).hexdigest()] = raw
+                        continue
+                    pub = load_public_pem(data, str(p))
                 except (OSError, errors.AgentError) as e:
                     log.warning("trust: skipping %s: %s", p, e)
                     continue
@@ -84,7 +127,12 @@ class TrustStore:
         return iter(sorted(self._keys))
 
     def get(self, kid: str) -> Ed25519PublicKey | None:
-        return self._keys.get(kid)
+        key = self._keys.get(kid)
+        if isinstance(key, bytes):
+            from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+            key = self._keys[kid] = Ed25519PublicKey.from_public_bytes(key)
+        return key
 
     def writable_by_others(self) -> list[str]:
         """Paths in the trust folder that group or others can write (a takeover risk)."""
@@ -99,7 +147,7 @@ class TrustStore:
 
     def apply(self, add: list[Ed25519PublicKey], remove: list[str]) -> list[str]:
         """Add and remove keys, persisting to the folder; returns the key ids now trusted."""
-        new = dict(self._keys)
+        new: dict[str, Ed25519PublicKey] = {kid: pub for kid in list(self._keys) if (pub := self.get(kid)) is not None}
         for kid in remove:
             new.pop(kid, None)
         for pub in add:
@@ -119,5 +167,5 @@ class TrustStore:
                     continue
                 if kid not in new:
                     os.unlink(p)
-        self._keys = new
+        self._keys = {kid: pub for kid, pub in new.items()}
         return sorted(new)

@@ -98,7 +98,14 @@ class Registry:
     def infer(self, name: str, inputs: dict[str, Any], version: int | None = None
               ) -> tuple[ServingVersion, dict[str, np.ndarray]]:
         """Run one inference on the serving version; records latency and errors."""
-        sv = self.acquire(name, version)
+        with self._lock:  # acquire(), inlined: this runs on every call
+            sv = self._serving.get(name)
+            if sv is not None and (version is None or sv.version == version):
+                sv.gate.enter()
+            else:
+                sv = None
+        if sv is None:
+            sv = self.acquire(name, version)  # refuses with the precise reason (or it was just activated)
         t0 = time.perf_counter()
         ok = False
         try:

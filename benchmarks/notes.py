@@ -1,0 +1,162 @@
+"""The prose of docs/benchmarks.md: how each figure is measured, why a figure misses its aim, and
+what was fixed. Kept apart from the numbers so a rerun refreshes the tables and keeps the analysis.
+Component costs quoted here were measured one at a time on the benchmark machine (2 vCPU AMD EPYC,
+Python 3.11) while profiling; the tables are what the last run measured."""
+
+AIMS = """\
+Reading the verdicts: the aims are ratios to floors that do strictly less than the agent (the echo
+server parses no JSON and runs no model; the deploy floor verifies no signature, selects nothing,
+validates nothing). Where a figure misses, the analysis below says what is the agent's own cost
+(cut where it could be, see "What was fixed") and what belongs to a design choice or a library.
+Run-to-run spread on this shared 2-vCPU VM is large for sub-millisecond figures (the echo floor's
+p50 moved between 85 and 125 µs across runs): compare the ratios of one run, not figures of two.
+
+**Where the figures miss, and why**
+- *Idle RSS* (≈ 36 MB against 30 MB; 114 MB before this work): the interpreter is 14 MB and
+  paho with its TLS stack another 8.5 MB before the agent does anything (the "Python + paho
+  connected" floor, 22.6 MB). The rest is the agent's: its own modules and the standard-library
+  modules they pull in (≈ 6 MB: deploy state machine, selection and autotune, bundle archive reader,
+  HTTP server, control socket), prometheus-client ≈ 1.4 MB, psutil ≈ 0.9 MB (heartbeat figures),
+  SQLite ≈ 1 MB, threads, SQLite caches and buffers ≈ 4 MB. PSS, with shared libraries split
+  between the processes that map them, is ≈ 28 MB. A Go binary (Mender, 31.5 MB) pays no
+  interpreter; the agent's own share is the ≈ 14 MB above "Python + paho". Next cuts, not made
+  here because the files belong to work in progress elsewhere: Prometheus counters as plain
+  integers rendered at scrape time (≈ 1.4 MB), autotune and the archive reader imported at first
+  use (≈ 1.5 MB).
+- *Daemon with a model*: the first signed command and manifest load `cryptography` (≈ 7 MB) and
+  numpy (≈ 14 MB) into the daemon for good; they are not in the idle figure but are in this one.
+  With process isolation the tree also holds the worker (the runtime and the model: at or under
+  the runtime-plus-model floor since the fixes) and the `multiprocessing` resource tracker that the
+  "spawn" start method always starts (≈ 15 MB RSS, 8 MB USS). "Floor + 10 MB" cannot hold for a
+  design that keeps the runtime out of the daemon: it pays a second interpreter by construction,
+  and the daemon itself needs numpy to decode and check tensors. With `isolation = "none"` the gap
+  is the daemon's own share above bare Python plus `cryptography`.
+- *KServe v2 over loopback*: in-process (`none`) the agent adds ≈ 35–70 µs per tiny request to
+  the echo floor (within the aim): the model itself (≈ 7 µs), JSON decode and encode (≈ 20 µs for JSON tensors),
+  tensor decoding and checks (≈ 5 µs), registry and telemetry observer (≈ 5 µs), waking the
+  runtime's thread pool. The HTTP layer is leaner than the floor's (one send per response, a header
+  parser without the email module). Process isolation adds the worker round trip (next point),
+  which is why the default mode misses 1.5× on the tiny model. On the CNN the ratio to an echo
+  means little: with binary tensors the model's own 1 ms and the request's 600 KB dominate; with
+  JSON tensors CPython's `json` parser spends ≈ 20 ms per MB of float text (≈ 50 ms for one
+  224×224×3 image): send images as binary tensors.
+- *Per-call overhead*: `Registry.infer` + `check_inputs` alone (a runtime call that costs nothing)
+  is within 2 µs. Over onnxruntime called directly it reads 2.5–3.5 µs: the backend adapter
+  (output dict) and the runtime's own jitter. The daemon's telemetry observer (latency window and
+  Prometheus histogram, agent/telemetry/) adds ≈ 3–4 µs more per call: the next thing to cut.
+- *Worker pipe round trip* (process isolation): ≈ 90 µs of the ≈ 150–230 µs is two cross-process
+  wake-ups on this 2-vCPU VM (a bare pipe ping-pong between two Python processes costs that),
+  ≈ 25 µs the runtime's thread-pool wake-up, the rest pickling; no encoding change removes the
+  wake-ups.
+- *Deploy at the defaults*: autotune loads and times every runtime that can read the bundle (here
+  onnxruntime and OpenVINO, each in its own worker) before choosing: a feature whose cost is
+  reported, not hidden. Pinned deploys of 1 and 50 MB meet the aim; at 200 MB they miss by
+  ≈ 0.2 s. What the agent does beyond the floor: golden-sample validation on the serving backend
+  (one checked run, then timed runs for the p95 SLO: 0.2 s in-process, 0.45 s through the worker
+  for this model's 6.5 MB of golden inputs), the worker start (interpreter + runtime import,
+  ≈ 0.2 s, the price of isolation), manifest fetch and signature check, and fsynced state writes
+  at every step. The download itself runs at the floor's speed.
+- *Swap p99 with process isolation*: each swap starts a new worker (an interpreter and a runtime
+  import, ≈ 0.2 s of CPU; with autotune, one per candidate runtime) on the same two cores as the
+  four clients and the serving worker; the tail during swaps is that CPU contention, not a
+  blocked request (zero errors, p50 unchanged). In-process, autotune loads and times the
+  candidates (OpenVINO among them) inside the daemon: the tail is at the aim's edge, for the same
+  reason. Pinning the backend (or `backends.autotune = false`) leaves only the load and validation.
+"""
+
+FOOTPRINT = """\
+Memory is read from /proc for the daemon **and all its descendants** (worker processes and the
+`multiprocessing` resource tracker): RSS summed over the processes (a shared library mapped by two
+processes counts twice), PSS (shared pages split between the processes that map them: the fairest
+single number for a tree), USS (pages only this tree holds). Floors run in fresh processes in the
+same run: bare Python; Python with paho-mqtt connected to the same broker; Python with the runtime
+imported, the same small model loaded and run once (the tiny MLP of the bundle, in each runtime's
+own format). "Daemon + model" deploys that bundle with the backend pinned, sends 20 requests, and
+reads the tree. Idle is read once the one-off backend probe of a first boot (a child process, a
+few seconds after start) is over. Start-up is from `exec` to the retained `online: true` status
+arriving at a subscriber on the broker."""
+
+SERVING = """\
+The tiny model is a 16→32→4 MLP; the realistic one a 224×224×3 CNN (six strided 3×3 convolutions,
+16→256 channels, global pooling, 1000-way softmax). Requests are KServe v2 `infer` with the input
+as a JSON list or as a binary tensor (the output too, `binary_data_output`), sent by a lean HTTP/1.1
+keep-alive client (prepared request bytes, one `sendall`, Content-Length framing) from the
+benchmark process; the echo floor gets the very same request bodies from the same client and sends
+them back. p50/p99 are over single-client sequential requests; requests/s run 1, 4 and 16
+concurrent keep-alive clients (threads) for a fixed time. Clients and server share the 2 cores.
+
+The per-call table measures, in one process with the runtime in it, `sess.run` called directly,
+`check_inputs` alone, the backend's `infer`, `Registry.infer` (what the HTTP handler and agentctl
+call), and the same with the daemon's telemetry observer wired in (latency windows and Prometheus);
+"overhead" is the median over interleaved rounds of `Registry.infer` minus the direct call. The
+worker process row calls the same model through `IsolatedModel` (process isolation)."""
+
+DEPLOY = """\
+Each row deploys new bytes (a linear model whose weights make the bundle 1, 50 or 200 MB, a new
+seed per repeat, so nothing is reused from the content-addressed store) as the next version of the
+model, with `deploy.probation_s = 0` so SUCCEEDED is not held back by design. Time runs from the
+signed command's publish to the SUCCEEDED job update, both seen by the fleet-side client. The floor
+(`benchmarks/floors.py deploy`) downloads the same files from the same server with requests in
+1 MiB chunks, hashes while streaming, fsyncs, then creates the onnxruntime session: with its
+imports done before the clock starts, as in a running daemon."""
+
+SWAP = """\
+Four keep-alive clients send tiny-model JSON requests back to back. The steady window has nothing
+else running; the swap window runs that many signed deploys of new versions one after the other
+(each downloads, loads in a new worker or session, validates on golden samples, activates, and
+retires the old version after its in-flight calls). Errors count every non-200 answer and every
+broken connection. The figure is the latency the clients see while the device also does the
+deploy work on the same two cores."""
+
+TELEMETRY = """\
+Sizes are what the broker routed, counted as MQTT 5 QoS 1 PUBLISH packets (fixed header, topic,
+packet id, properties length, payload) plus the PUBACK; per day at the defaults is one heartbeat
+and (while a model serves) one latency window per 60 s, plus keep-alive pings every 60 s. TCP/IP
+headers (≈ 52 bytes per segment) are not counted. The default `telemetry.daily_budget_mb = 1`
+thins telemetry before 1 MB/day is passed, so the measured rate is what a device sends with room
+to spare; each further model adds its own entry to the window. Drain: the broker is stopped while
+heartbeats are queued every 50 ms, then restarted; the rate is over the messages stamped during the
+outage, at the default pacing (`telemetry.drain_rate_per_s = 50`, after a burst) and at the
+maximum setting (what the outbox and the connection can do)."""
+
+FLEET = """\
+`fleetctl sim` (tools/fleetctl/sim.py) runs the devices: one real MQTT 5 client each (persistent
+session, retained status, Last Will), multiplexed on one epoll event loop per process (two processes
+here); each device verifies the signed group command with the agent's own `CommandVerifier`,
+fetches and verifies the signed manifest (once per process), then reports QUEUED, every deploy step
+and SUCCEEDED (20 ms a step). Heartbeats and telemetry every 60 s, as the agent's defaults. CPU is
+user + system time of the simulator processes over the window divided by the devices (and the
+broker's apart). Messages/s counts every device message the broker delivered to the fleet-side
+subscriber during the wave."""
+
+FIXES = """\
+## What was fixed for these figures
+
+- **No runtime in the idle daemon** (`agent/backends/probed.py`, `agent/daemon.py`): listing the
+  backends' targets imported onnxruntime, OpenVINO and LiteRT (and numpy) into the daemon for its
+  whole life: 114 MB idle RSS. Targets now come from a short-lived child process, cached in memory
+  and in `state_dir/cache/backend-targets.json` under a key of the runtime versions, device nodes
+  and environment (a plugged-in accelerator changes it); the probe starts in the background at
+  start-up so the first deploy does not wait for it (the probe had cost 0.6 s of every first deploy).
+- **`cryptography` at the first signature, not at start** (`agent/bundles/trust.py`,
+  `agent/bundles/dsse.py`): trusted keys in the standard PEM form are read as raw 32-byte keys and
+  their key objects made when a signature names them; anything else still goes through
+  `cryptography`. ≈ 7 MB of idle RSS. Idle daemon: 114 → ≈ 36 MB RSS in all.
+- **Workers import only their runtime**: the "spawn" start method re-ran the daemon's main module
+  in every worker (`agent/backends/isolated.py` now spawns with a bare `__main__`); the worker
+  looked its backend up through `agent.deploy.runner`, which imports the daemon's stack
+  (`find_backend` moved to `agent/backends/__init__.py`, re-exported by the runner);
+  `agent/bundles/manifest.py` imported `cryptography` for a dataclass the worker needs (the DSSE
+  import is now local to the two functions that sign or verify); and `agent/hardware/__init__.py`
+  loaded all hardware detection for the telemetry opt-outs the backends need (its names now load
+  on first use, PEP 562). Worker with onnxruntime: 74 → ≈ 57 MB RSS, under the runtime-plus-model
+  floor; worker start ≈ 45 ms faster.
+- **`check_inputs`** (`agent/backends/base.py`), on every call: a per-signature plan (numpy dtype,
+  rank, fixed dimensions) checked without `str(dtype)` or generator expressions; the original
+  checks still word every refusal. 4.8 → 0.45 µs.
+- **In-flight gate and registry** (`agent/backends/base.py`, `agent/serving/registry.py`): a plain
+  lock and a notify only when someone waits to retire a version (enter + leave 1.2 → 0.4 µs), and
+  the registry's acquire inlined into `infer`. `Registry.infer` + `check_inputs`: 10.4 → ≈ 1.5 µs.
+- **Worker round trip** (`agent/backends/isolated.py`): `Connection.poll()` builds a selector on
+  every call; one `select.poll` object per channel, made once, saves ≈ 60 µs per call on this VM.
+"""

@@ -1,0 +1,53 @@
+"""The benchmark harness still runs end to end (``python -m benchmarks --smoke``): every section
+against the real daemon, a real Mosquitto and real runtimes, at the smallest scale, in two halves
+so each stays short. Performance itself is judged in benchmarks/ and docs/benchmarks.md, never
+here: this only catches breakage."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import REPO, mosquitto_binary
+
+SMOKE_TIMEOUT_S = 100.0
+pytestmark = pytest.mark.skipif(mosquitto_binary() is None, reason="needs mosquitto (apt-get install -y mosquitto)")
+
+
+def smoke(tmp_path: Path, sections: str) -> tuple[dict[str, Any], str]:
+    results = tmp_path / "results.json"
+    r = subprocess.run([sys.executable, "-m", "benchmarks", "--smoke", "--no-plots", "--only", sections,
+                        "--out", str(tmp_path / "docs"), "--results", str(results), "--work", str(tmp_path / "work")],
+                       capture_output=True, text=True, timeout=SMOKE_TIMEOUT_S, cwd=REPO)
+    assert r.returncode == 0, f"{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+    res = json.loads(results.read_text())
+    assert set(res["sections"]) == set(sections.split(","))
+    assert not [s for s, v in res["sections"].items() if "error" in v]
+    return res["sections"], (tmp_path / "docs" / "benchmarks.md").read_text()
+
+
+def test_footprint_serving_deploy(tmp_path: Path) -> None:
+    res, doc = smoke(tmp_path, "footprint,serving,deploy")
+    fp = res["footprint"]
+    assert fp["floor:bare"]["rss_mb"]["median"] > 0 and fp["daemon:process:idle"]["rss_mb"]["median"] > 0
+    # The idle daemon maps no runtime and no numpy: they load only when a model needs them.
+    assert all(v["max"] == 0 for v in fp["libs:process:idle"].values() if isinstance(v, dict)), fp["libs:process:idle"]
+    assert fp["libs:process:onnxruntime"]["numpy"]["max"] == 1  # (and the check can see a loaded library)
+    assert res["serving"]["agent"]["process/tiny/json"]["latency"]["errors"] == 0
+    assert res["serving"]["in_process"]["direct_us"] > 0
+    assert res["deploy"]["agent"]["process, pinned/1"]["total_s"]["median"] > 0
+    assert "## Figures against the aims" in doc and "## 3. Deploy" in doc
+
+
+def test_swap_telemetry_fleet(tmp_path: Path) -> None:
+    res, doc = smoke(tmp_path, "swap,telemetry,fleet")
+    assert res["swap"]["process"]["swap_errors"] == 0 and res["swap"]["process"]["swap_ms"]["n"] > 0
+    assert res["telemetry"]["bytes_per_day"]["serving"]["bytes_per_day"] > 0
+    assert res["telemetry"]["drain"][0]["backlog_messages"] > 0
+    size = res["fleet"]["sizes"][0]
+    assert size["reached"] == size["devices"]
+    assert "## 6. Fleet scale" in doc
