@@ -84,7 +84,7 @@ def pki(tmp_path: Path) -> dict[str, Path]:
 def tls_broker(tmp_path: Path, pki: dict[str, Path]) -> Iterator[int]:
     binary = mosquitto_binary()
     if binary is None:
-        pytest.skip("mosquitto is not installed")
+        pytest.fail("mosquitto is not installed (apt-get install -y mosquitto); .ci/run installs it")
     port = free_port()
     conf = tmp_path / "mosquitto-tls.conf"
     # As root, mosquitto would switch to its own user, who cannot read pytest's 0700 folders.
