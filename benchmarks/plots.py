@@ -69,7 +69,7 @@ def _latency(sv: dict[str, Any]) -> Any:
         mode, model, enc = key.split("/")
         labels.append(f"{model}\n{enc}\n{mode}")
         agent.append((row["latency"]["ms"]["median"], row["latency"]["ms"]["p99"]))
-        e = sv.get("echo", {}).get(f"{model}/{enc}", {}).get("latency", {}).get("ms")
+        e = (row.get("echo_latency") or sv.get("echo", {}).get(f"{model}/{enc}", {}).get("latency") or {}).get("ms")
         echo.append((e["median"], e["p99"]) if e else (0.0, 0.0))
     if not labels:
         return None
