@@ -5,14 +5,15 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 from agentproc import AgentProcess, Observer
-from conftest import make_linear_onnx
+from conftest import Mosquitto, make_linear_onnx
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent.bundles.trust import public_pem
@@ -91,6 +92,18 @@ class Fleet:
     def close(self) -> None:
         if self.server is not None:
             self.server.stop()
+
+
+@pytest.fixture(name="fleet")
+def fleet_fixture(tmp_path: Path, mosquitto: Mosquitto) -> Iterator[Fleet]:
+    """A Fleet with its observer on the test's broker, closed afterwards."""
+    obs = Observer(mosquitto.host, mosquitto.port)
+    f = Fleet(tmp_path, obs)
+    try:
+        yield f
+    finally:
+        f.close()
+        obs.close()
 
 
 def infer(agent: AgentProcess, model: str = "lin", x: np.ndarray = X) -> tuple[int, np.ndarray]:

@@ -13,30 +13,27 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
-from agentproc import AgentProcess, Observer
+from agentproc import AgentProcess
 from conftest import Mosquitto
-from fleet import Fleet, X, expected, infer, models, pid_alive, wait_until
+from fleet import (
+    Fleet,
+    X,
+    expected,
+    fleet_fixture,  # noqa: F401 - the `fleet` fixture
+    infer,
+    models,
+    pid_alive,
+    wait_until,
+)
 
 SWAPS = 5
 CLIENTS = 8
 MIN_REQUESTS = 10_000
 LOAD_TIME_LIMIT_S = 240.0
-
-
-@pytest.fixture
-def fleet(tmp_path: Path, mosquitto: Mosquitto) -> Iterator[Fleet]:
-    obs = Observer(mosquitto.host, mosquitto.port)
-    f = Fleet(tmp_path, obs)
-    try:
-        yield f
-    finally:
-        f.close()
-        obs.close()
 
 
 def _deploy_ok(fleet: Fleet, version: int, seed: int, model: str = "lin", **kw: object) -> dict:

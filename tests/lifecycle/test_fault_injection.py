@@ -20,32 +20,27 @@ import multiprocessing
 import random
 import sqlite3
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-from agentproc import Observer
 from conftest import Mosquitto
-from fleet import TERMINAL, Fleet, expected, infer, run_agent_in_child, wait_until
+from fleet import (
+    TERMINAL,
+    Fleet,
+    expected,
+    fleet_fixture,  # noqa: F401 - the `fleet` fixture
+    infer,
+    run_agent_in_child,
+    wait_until,
+)
 
 from agent.serving.control import ControlClient
 
 KILLS = 200
 SETTLE_TIMEOUT_S = 60.0
 SEED = 20261126
-
-
-@pytest.fixture
-def fleet(tmp_path: Path, mosquitto: Mosquitto) -> Iterator[Fleet]:
-    obs = Observer(mosquitto.host, mosquitto.port)
-    f = Fleet(tmp_path, obs)
-    try:
-        yield f
-    finally:
-        f.close()
-        obs.close()
 
 
 def _db_rows(db_path: Path, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
