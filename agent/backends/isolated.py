@@ -5,22 +5,35 @@ Invariants:
   ``worker_crashed`` and the model reports ``alive == False``.
 - A call that does not answer within ``infer_timeout_s`` kills the worker (``worker_hung``):
   a hung runtime holds no daemon thread for longer than that.
-- At most ``channels`` calls run at once; more wait for a free channel (bounded by the timeout).
-- The worker dies with the daemon (pipe EOF, and a parent watch for stuck calls): no orphans after a SIGKILL.
+- At most ``channels`` pipe calls run at once; more wait for a free channel (bounded by the timeout).
+- HTTP connections handed to the worker (``adopt``; agent/serving/adopted.py) are at most
+  ``MAX_ADOPTED``. The daemon keeps its copy of each socket and a shared slot table says what
+  each connection is doing: when the worker dies or hangs (a request pending or in the runtime
+  longer than ``infer_timeout_s``), idle connections go back to the daemon untouched and the ones
+  with a request in flight are answered with the error.
+- The worker dies with the daemon (pipe EOF, and a parent watch for stuck calls): no orphans after
+  a SIGKILL. It is a plain child process on socket pairs, not ``multiprocessing``: no resource
+  tracker process rides along (≈ 15 MB RSS).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
-import multiprocessing
+import mmap
+import os
+import pickle
 import queue
 import select
+import socket
+import struct
+import subprocess
 import sys
 import threading
 import time
-import types
-from collections.abc import Iterator
+from array import array
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -38,28 +51,95 @@ START_TIMEOUT_S = 120.0  # interpreter start + runtime import + model load (Tens
 DEFAULT_INFER_TIMEOUT_S = 30.0
 DEFAULT_CHANNELS = 2
 KILL_WAIT_S = 2.0
+MONITOR_TICK_S = 0.1  # how often adopted connections are checked for a hung request
+MAX_ADOPTED = 128  # connections one worker serves itself; beyond that the daemon relays by pipe
+CTL_MAX_BYTES = 256 * 1024  # largest control message: a request head and the bytes read ahead
+CTL_SNDBUF_BYTES = 1024 * 1024
+CTL_SEND_TIMEOUT_S = 1.0  # a worker that does not take a message within this is not handed more
 WORKER_CRASHED = errors.WORKER_CRASHED
 WORKER_HUNG = errors.WORKER_HUNG
 
+# Slot states of an adopted connection (SlotTable).
+FREE, PENDING, IDLE, READING, INFER, WRITING, BACK = range(7)
+_STATE = struct.Struct("=i")
+_SINCE = struct.Struct("=q")
+_SLOT_BYTES = 16  # state (int32), padding, since (int64 CLOCK_MONOTONIC ns)
 
-_MAIN_SWAP = threading.Lock()
+Sink = Callable[[int, int, "array[float]", "array[float]"], None]
 
 
-@contextlib.contextmanager
-def _bare_main() -> Iterator[None]:
-    """While a worker is spawned, ``__main__`` is a bare module.
+class SlotTable:
+    """Per-connection state shared by the daemon and a worker (a memfd mapped by both)."""
 
-    "spawn" re-runs the parent's main module in the child: for the ``edge-agent`` script (or
-    ``python -m agent``) that imports the daemon's whole stack (paho, cryptography, SQLite,
-    prometheus-client), ~12 MB of RSS in every worker that only needs its runtime.
-    """
-    with _MAIN_SWAP:
-        main = sys.modules["__main__"]
-        sys.modules["__main__"] = types.ModuleType("__main__")
-        try:
-            yield
-        finally:
-            sys.modules["__main__"] = main
+    def __init__(self, fd: int, n: int) -> None:
+        self.n = n
+        self._mm = mmap.mmap(fd, n * _SLOT_BYTES)
+
+    @classmethod
+    def create(cls, n: int) -> tuple[SlotTable, int]:
+        fd = os.memfd_create("edge-agent-slots", os.MFD_CLOEXEC)
+        os.ftruncate(fd, n * _SLOT_BYTES)
+        return cls(fd, n), fd
+
+    def set(self, i: int, state: int) -> None:
+        base = i * _SLOT_BYTES
+        _SINCE.pack_into(self._mm, base + 8, time.monotonic_ns())  # the time first, then the state
+        _STATE.pack_into(self._mm, base, state)
+
+    def get(self, i: int) -> tuple[int, int]:
+        base = i * _SLOT_BYTES
+        return _STATE.unpack_from(self._mm, base)[0], _SINCE.unpack_from(self._mm, base + 8)[0]
+
+    def close(self) -> None:
+        with contextlib.suppress(BufferError, ValueError):
+            self._mm.close()
+
+
+def send_ctl(sock: socket.socket, msg: tuple[Any, ...], fd: int | None = None) -> None:
+    """One control message (SOCK_SEQPACKET keeps it whole), optionally with a descriptor."""
+    data = pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL)
+    if len(data) > CTL_MAX_BYTES:
+        raise OSError(errno.EMSGSIZE, f"control message of {len(data)} bytes")
+    anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array("i", [fd]).tobytes())] if fd is not None else []
+    sock.sendmsg([data], anc)
+
+
+def recv_ctl(sock: socket.socket) -> tuple[tuple[Any, ...] | None, list[int]]:
+    """The next control message and the descriptors it carries; (None, []) at EOF."""
+    data, anc, _flags, _ = sock.recvmsg(CTL_MAX_BYTES, socket.CMSG_SPACE(4 * array("i").itemsize))
+    fds: list[int] = []
+    for level, kind, payload in anc:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            a = array("i")
+            a.frombytes(payload[: len(payload) - len(payload) % a.itemsize])
+            fds.extend(a)
+    if not data:
+        for fd in fds:
+            os.close(fd)
+        return None, []
+    msg: tuple[Any, ...] = pickle.loads(data)  # from our own parent or child process
+    return msg, fds
+
+
+def _unsent(sock: socket.socket) -> int:
+    """Bytes written to a TCP socket and not yet acknowledged by the peer (-1 if unknown)."""
+    import fcntl
+    import termios
+
+    try:
+        buf = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
+    except (OSError, ValueError):
+        return -1
+    return int.from_bytes(buf, sys.byteorder, signed=True)
+
+
+def _worker_command(fds: list[int]) -> list[str]:
+    """The worker imports the very ``agent`` package the daemon runs, whatever the cwd or path."""
+    import agent
+
+    root = str(Path(agent.__file__).resolve().parent.parent)
+    code = "import sys; sys.path.insert(0, sys.argv[1]); from agent.serving.worker import main; main(sys.argv[2])"
+    return [sys.executable, "-c", code, root, ",".join(map(str, fds))]
 
 
 class IsolatedModel:
@@ -68,22 +148,34 @@ class IsolatedModel:
     def __init__(self, runtime: str, target: str, path: Path, options: LoadOptions,
                  channels: int = DEFAULT_CHANNELS, infer_timeout_s: float = DEFAULT_INFER_TIMEOUT_S,
                  start_timeout_s: float = START_TIMEOUT_S) -> None:
-        from agent.serving.worker import worker_main
+        from multiprocessing.connection import Connection
 
-        ctx = multiprocessing.get_context("spawn")
-        pairs = [ctx.Pipe(duplex=True) for _ in range(max(1, channels))]
         self.infer_timeout_s = infer_timeout_s
         self.death: str = ""
         self._lock = threading.Lock()
-        self._proc = ctx.Process(target=worker_main, name=f"edge-agent-worker:{path.name}",
-                                 args=([c for _, c in pairs], runtime, target, str(path), options.threads,
-                                       options.allow_spinning, options.extra), daemon=True)
+        self._send_lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
+        pairs = [socket.socketpair() for _ in range(max(1, channels))]
+        ctl, ctl_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        for s in (ctl, ctl_child):
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, CTL_SNDBUF_BYTES)
+        child_fds = [child.fileno() for _, child in pairs] + [ctl_child.fileno()]
         t0 = time.monotonic()
-        with _bare_main():
-            self._proc.start()
-        for _, child in pairs:
-            child.close()
-        self._conns = [p for p, _ in pairs]
+        try:
+            self._proc = subprocess.Popen(_worker_command(child_fds), pass_fds=child_fds,
+                                          stdin=subprocess.DEVNULL, close_fds=True)
+        except OSError as e:
+            for p, _ in pairs:
+                p.close()
+            ctl.close()
+            raise errors.RejectError(errors.LOAD_FAILED, f"{path.name}: cannot start a worker: {e}") from e
+        finally:
+            for _, child in pairs:
+                child.close()
+            ctl_child.close()
+        self.pid: int = self._proc.pid
+        self._conns = [Connection(p.detach()) for p, _ in pairs]
+        self._ctl = ctl
         # One poll object per channel, made once: Connection.poll() builds a selector on every
         # call, ~65 µs of a ~160 µs round trip on a 2-core VM (docs/benchmarks.md).
         self._pollers: dict[int, Any] = {}
@@ -93,29 +185,47 @@ class IsolatedModel:
             self._pollers[id(c)] = po
         first = self._conns[0]
         try:
+            first.send(("load", runtime, target, str(path), options.threads, options.allow_spinning, options.extra))
             if not first.poll(start_timeout_s):
                 self._kill()
                 raise errors.RejectError(errors.LOAD_FAILED, f"{path.name}: worker did not load the model within {start_timeout_s:.0f} s")
             hello = first.recv()
         except (EOFError, OSError) as e:
-            self._proc.join(KILL_WAIT_S)
+            self._wait(KILL_WAIT_S)
+            self._close_channels()
             raise errors.RejectError(errors.LOAD_FAILED,
-                                     f"{path.name}: worker died while loading (exit code {self._proc.exitcode})") from e
+                                     f"{path.name}: worker died while loading (exit code {self._proc.returncode})") from e
         if hello[0] != "ready":
             self._kill()
+            self._close_channels()
             raise errors.RejectError(hello[1], hello[2])
-        _, self.backend_id, inputs, outputs, self.pid = hello
+        _, self.backend_id, inputs, outputs, _pid = hello
         self.inputs: tuple[TensorSpec, ...] = inputs
         self.outputs: tuple[TensorSpec, ...] = outputs
         self.start_s = time.monotonic() - t0
         self._free: queue.Queue[Any] = queue.Queue()
         for c in self._conns:
             self._free.put(c)
+        # adopted connections
+        ctl.settimeout(CTL_SEND_TIMEOUT_S)
+        self._slots, self._slots_fd = SlotTable.create(MAX_ADOPTED)
+        self._held: dict[int, tuple[socket.socket, bytes, Any]] = {}
+        self._free_slots = list(range(MAX_ADOPTED - 1, -1, -1))
+        self._bound: tuple[str, int, Sink] | None = None
+        self._serving_sent = False
+        self._closing = False  # no more adoptions
+        self._retired = False
+        self._closed = False
+        self._retire_ack = threading.Event()
+        self._pidfd = os.pidfd_open(self.pid)
+        self._monitor = threading.Thread(target=self._watch, name=f"worker-{self.pid}", daemon=True)
+        self._monitor.start()
 
     @property
     def alive(self) -> bool:
-        return not self.death and self._proc.is_alive()
+        return not self.death and self._proc.poll() is None
 
+    # -- calls through the pipe (validation, agentctl, requests the daemon answers itself) -------
     def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         feed = check_inputs(self.inputs, inputs)
         if self.death:
@@ -133,8 +243,8 @@ class IsolatedModel:
             reply = conn.recv()
             healthy = True
         except (EOFError, OSError, BrokenPipeError) as e:
-            self._proc.join(0.2)
-            self._mark_dead(f"worker {self.pid} crashed (exit code {self._proc.exitcode})")
+            self._wait(0.2)
+            self._mark_dead(f"worker {self.pid} crashed (exit code {self._proc.returncode})")
             raise errors.RetryableError(WORKER_CRASHED, self.death) from e
         finally:
             if healthy:
@@ -146,23 +256,236 @@ class IsolatedModel:
             raise errors.RejectError(reply[1], reply[2])
         raise errors.RetryableError(reply[1], reply[2])
 
+    # -- connections the worker serves itself ---------------------------------------------------
+    def bind(self, name: str, version: int, sink: Sink) -> None:
+        """Called when this version serves: what it is called, and where its statistics go."""
+        self._bound = (name, version, sink)
+
+    def adopt(self, sock: socket.socket, prefix: bytes, host: Any) -> bool:
+        """Hand an HTTP connection whose next request (``prefix``: its head, read already) is an
+        infer for this model to the worker. ``host`` (the KServe server) gets it back later:
+        ``resume_connection`` / ``fail_connection``. False when the worker cannot take it."""
+        if len(prefix) > CTL_MAX_BYTES - 1024:
+            return False
+        with self._lock:
+            if self.death or self._closing or self._bound is None or not self._free_slots:
+                return False
+            slot = self._free_slots.pop()
+            self._slots.set(slot, PENDING)
+            self._held[slot] = (sock, prefix, host)
+        try:
+            with self._send_lock:
+                if not self._serving_sent:
+                    name, version, _ = self._bound
+                    send_ctl(self._ctl, ("serve", name, version, MAX_ADOPTED, host.max_body_bytes,
+                                         host.server_name, host.server_version), self._slots_fd)
+                    self._serving_sent = True
+                send_ctl(self._ctl, ("adopt", slot, prefix), sock.fileno())
+        except OSError as e:
+            log.debug("worker %d: cannot hand a connection over: %s", self.pid, e)
+            self._release(slot)
+            return False
+        return True
+
+    def _release(self, slot: int) -> tuple[socket.socket, bytes, Any] | None:
+        with self._lock:
+            entry = self._held.pop(slot, None)
+            if entry is not None:
+                self._slots.set(slot, FREE)
+                self._free_slots.append(slot)
+            if not self._held:
+                self._idle.notify_all()
+        return entry
+
+    def _watch(self) -> None:
+        """Monitor thread: control messages from the worker, hung requests, the worker's exit."""
+        po = select.poll()
+        po.register(self._ctl, select.POLLIN)
+        po.register(self._pidfd, select.POLLIN)
+        suspect: dict[int, int] = {}
+        while True:
+            for fd, ev in po.poll(MONITOR_TICK_S * 1000):
+                if fd == self._pidfd:
+                    self._on_exit()
+                    return
+                if ev & select.POLLIN:
+                    self._read_ctl()
+                else:  # the worker closed its end: it is on its way out
+                    po.unregister(self._ctl)
+            if self._held and not self.death:
+                self._check_hung(suspect)
+
+    def _read_ctl(self) -> None:
+        try:
+            got = recv_ctl(self._ctl)
+        except (OSError, pickle.PickleError, EOFError):
+            return
+        self._on_ctl(*got)
+
+    def _on_ctl(self, msg: tuple[Any, ...] | None, fds: list[int]) -> None:
+        kind = msg[0] if msg is not None else None
+        if msg is not None and kind == "stats":
+            bound = self._bound
+            if bound is not None:
+                ok, bad = array("d"), array("d")
+                ok.frombytes(msg[3])
+                bad.frombytes(msg[4])
+                bound[2](msg[1], msg[2], ok, bad)
+        elif kind == "retired":
+            self._retire_ack.set()
+        elif msg is not None and kind in ("back", "done"):
+            entry = self._release(msg[1])
+            if entry is not None:
+                entry[0].close()  # the daemon's copy; a given-back connection comes with a fresh one
+                if kind == "back" and fds:
+                    entry[2].resume_connection(socket.socket(fileno=fds.pop(0)), msg[2])
+        for fd in fds:
+            os.close(fd)
+
+    def _check_hung(self, suspect: dict[int, int]) -> None:
+        """A request pending, in the runtime, or waiting unread on an idle connection for longer
+        than ``infer_timeout_s`` means a hung worker (each seen twice, so no torn read counts)."""
+        limit_ns = int(self.infer_timeout_s * 1e9)
+        now = time.monotonic_ns()
+        with self._lock:
+            held = {slot: entry[0] for slot, entry in self._held.items()}
+        idle: dict[int, int] = {}
+        for slot, sock in held.items():
+            state, since = self._slots.get(slot)
+            if state in (PENDING, INFER):
+                key = since
+            elif state == IDLE or (state == WRITING and _unsent(sock) == 0):
+                with contextlib.suppress(OSError, ValueError):  # nothing for the worker to wait on
+                    idle[sock.fileno()] = slot
+                continue
+            else:
+                suspect.pop(slot, None)
+                continue
+            if now - key > limit_ns and suspect.get(slot) == key:
+                what = "a handed-over request was not taken" if state == PENDING else "a request got no answer"
+                self._mark_dead(f"worker {self.pid} hung: {what} within {self.infer_timeout_s:.1f} s; killed")
+                return
+            suspect[slot] = key
+        if idle:  # bytes waiting on a connection the worker should be reading
+            po = select.poll()
+            for fd in idle:
+                po.register(fd, select.POLLIN)
+            waiting = {idle[fd] for fd, _ in po.poll(0)}
+            for slot in idle.values():
+                key = -1 - slot  # its own entry: since when bytes wait unread
+                if slot not in waiting:
+                    suspect.pop(key, None)
+                elif key not in suspect:
+                    suspect[key] = now
+                elif now - suspect[key] > limit_ns:
+                    self._mark_dead(f"worker {self.pid} hung: a request waited unread for "
+                                    f"{self.infer_timeout_s:.1f} s; killed")
+                    return
+
+    def _on_exit(self) -> None:
+        """The worker is gone: settle every connection it held."""
+        with contextlib.suppress(OSError):
+            self._ctl.setblocking(False)
+            while True:  # what it sent before it went (given-back connections, statistics)
+                try:
+                    msg, fds = recv_ctl(self._ctl)
+                except (BlockingIOError, pickle.PickleError, EOFError):
+                    break
+                if msg is None:
+                    break
+                self._on_ctl(msg, fds)
+        self._wait(KILL_WAIT_S)
+        if not self._closed:
+            self._mark_dead(f"worker {self.pid} crashed (exit code {self._proc.returncode})")
+        why = self.death or "model version retired with a request in flight"
+        code = WORKER_HUNG if "hung" in why else WORKER_CRASHED if self.death else errors.TIMEOUT
+        with self._lock:
+            held = list(self._held)
+        for slot in held:
+            state, _ = self._slots.get(slot)
+            entry = self._release(slot)
+            if entry is None:
+                continue
+            sock, prefix, host = entry
+            try:
+                if state == PENDING:  # the worker never touched it: the request goes on in the daemon
+                    host.resume_connection(sock.dup(), prefix)
+                elif state == IDLE:  # between requests: the daemon takes the connection over
+                    host.resume_connection(sock.dup(), b"")
+                elif state in (READING, INFER):
+                    host.fail_connection(sock.dup(), code, why)
+                else:  # part of a response may be out: end the connection
+                    with contextlib.suppress(OSError):
+                        sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            finally:
+                sock.close()
+
+    # -- lifecycle ------------------------------------------------------------------------------
     def _mark_dead(self, why: str) -> None:
         with self._lock:
             if not self.death:
                 self.death = why
-                log.error("%s (%s)", why, self.backend_id)
+                log.error("%s (%s)", why, getattr(self, "backend_id", "?"))
         self._kill()
 
-    def _kill(self) -> None:
-        if self._proc.is_alive():
-            self._proc.kill()
-        self._proc.join(KILL_WAIT_S)
+    def _wait(self, timeout_s: float) -> None:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self._proc.wait(timeout_s)
 
-    def close(self) -> None:
+    def _kill(self) -> None:
+        if self._proc.poll() is None:
+            with contextlib.suppress(OSError):
+                self._proc.kill()
+        self._wait(KILL_WAIT_S)
+
+    def _close_channels(self) -> None:
         for c in self._conns:
             with contextlib.suppress(OSError, ValueError):
                 c.send(None)
             c.close()
-        self._proc.join(KILL_WAIT_S)
-        if self._proc.is_alive():
+        self._ctl.close()
+
+    def retire(self) -> None:
+        """Stop serving connections (a newer version serves now): the worker gives each back at
+        its next request boundary. Returns once the worker has taken note (bounded), so that a
+        request sent after a swap reaches the new version."""
+        with self._lock:
+            if self._retired or self.death:
+                return
+            self._retired = True
+            self._closing = True  # no more adoptions
+            send = self._serving_sent
+        if not send:
+            return
+        try:
+            with self._send_lock:
+                send_ctl(self._ctl, ("retire",))
+        except OSError:
+            return
+        self._retire_ack.wait(CTL_SEND_TIMEOUT_S)
+
+    def close(self) -> None:
+        """Retire, wait for the connections to go back to the daemon (bounded by the call
+        timeout), then end the worker (killed after ``KILL_WAIT_S``)."""
+        self.retire()
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._idle.wait_for(lambda: not self._held or bool(self.death),
+                                timeout=self.infer_timeout_s + KILL_WAIT_S)
+        for c in self._conns:
+            with contextlib.suppress(OSError, ValueError):
+                c.send(None)
+        self._wait(KILL_WAIT_S)
+        if self._proc.poll() is None:
             self._kill()
+        self._monitor.join(KILL_WAIT_S + MONITOR_TICK_S)
+        for c in self._conns:
+            c.close()
+        self._ctl.close()
+        os.close(self._pidfd)
+        os.close(self._slots_fd)
+        self._slots.close()

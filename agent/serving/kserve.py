@@ -259,6 +259,92 @@ def _tensor_to_binary(a: np.ndarray) -> bytes:
 
 
 # ---------------------------------------------------------------------------------------------
+# connections handed between the daemon and a model's worker process
+
+
+def infer_target(target: str) -> tuple[str, str | None] | None:
+    """``/v2/models/{name}[/versions/{v}]/infer`` → ``(name, v)``; None for any other path."""
+    path = target.split("?", 1)[0]
+    if len(path) > 1 and path.endswith("/"):
+        path = path[:-1]
+    parts = path.split("/")
+    if "%" in path:
+        parts = [unquote(p) for p in parts]
+    n = len(parts)
+    if n == 5 and parts[4] == "infer" and parts[1] == "v2" and parts[2] == "models" and parts[3]:
+        return parts[3], None
+    if (n == 7 and parts[6] == "infer" and parts[1] == "v2" and parts[2] == "models" and parts[3]
+            and parts[4] == "versions"):
+        return parts[3], parts[5]
+    return None
+
+
+class ConnReader:
+    """The ``rfile`` of a connection that arrives with bytes already read from it (handed over
+    between the daemon and a worker): those first, then the socket (its timeout applies).
+    Offers what the request handler uses (readline, read, read1) and ``unread()``."""
+
+    def __init__(self, sock: socket.socket, prefix: bytes = b"") -> None:
+        self._sock = sock
+        self._buf = bytearray(prefix)
+        self.closed = False
+
+    def _fill(self) -> bool:
+        data = self._sock.recv(CHUNK_BYTES)
+        if not data:
+            return False
+        self._buf += data
+        return True
+
+    def _take(self, n: int) -> bytes:
+        out = bytes(self._buf[:n])
+        del self._buf[:n]
+        return out
+
+    def readline(self, limit: int = -1) -> bytes:
+        buf = self._buf
+        start = 0
+        while True:
+            i = buf.find(b"\n", start)
+            if i >= 0 and (limit < 0 or i < limit):
+                return self._take(i + 1)
+            if 0 <= limit <= len(buf):
+                return self._take(limit)
+            start = len(buf)
+            if not self._fill():
+                return self._take(len(buf))
+
+    def read(self, n: int = -1) -> bytes:
+        while (n < 0 or len(self._buf) < n) and self._fill():
+            pass
+        return self._take(len(self._buf) if n < 0 else n)
+
+    def read1(self, n: int = -1) -> bytes:
+        if not self._buf:
+            self._fill()
+        return self._take(len(self._buf) if n < 0 else min(n, len(self._buf)))
+
+    def unread(self) -> bytes:
+        """What was read from the socket but not consumed (a pipelined request), without blocking."""
+        return bytes(self._buf)
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def _unread(rfile: Any, sock: socket.socket) -> bytes:
+    """Bytes buffered in ``rfile`` and not consumed yet, without blocking and without consuming."""
+    if isinstance(rfile, ConnReader):
+        return rfile.unread()
+    timeout = sock.gettimeout()
+    sock.settimeout(0.0)  # peek() on an empty buffer then reads nothing instead of waiting
+    try:
+        return bytes(rfile.peek())
+    finally:
+        sock.settimeout(timeout)
+
+
+# ---------------------------------------------------------------------------------------------
 # HTTP plumbing
 
 
@@ -276,6 +362,13 @@ class _HTTPServer(ThreadingHTTPServer):
         host, port = self.server_address[:2]
         self.server_name = str(host)
         self.server_port = int(port)
+
+    def shutdown_request(self, request: Any) -> None:
+        # A connection handed to a worker lives on there: no shutdown(), which would end it for
+        # both; the worker's model (IsolatedModel) holds the daemon's copy of the socket.
+        if self.app._handed.pop(request, False):
+            return
+        super().shutdown_request(request)
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         import sys
@@ -304,7 +397,13 @@ class _Handler(BaseHTTPRequestHandler):
         super().setup()
         self._app = cast(_HTTPServer, self.server).app
         self._unread_body = False
+        self._handed = False
+        self._head: list[bytes] = []
         self.hdrs = {}
+        prefix = self._app._prefixes.pop(self.connection, None)
+        if prefix is not None:  # a connection given back by a worker, with the bytes it had read
+            self.rfile.close()
+            self.rfile = ConnReader(self.connection, prefix)  # type: ignore[assignment]
         self._app._track(self.connection, True)
 
     def finish(self) -> None:
@@ -360,8 +459,10 @@ class _Handler(BaseHTTPRequestHandler):
             self.path = "/" + path.lstrip("/")
         hdrs: dict[str, str] = {}
         rfile = self.rfile
+        head = self._head = [self.raw_requestline]  # the raw bytes, to hand the request on unparsed
         for _ in range(MAX_HEADERS + 1):
             raw = rfile.readline(MAX_HEADER_LINE_BYTES + 1)
+            head.append(raw)
             if len(raw) > MAX_HEADER_LINE_BYTES:
                 self.send_error(431, "header line too long")
                 return False
@@ -407,6 +508,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _dispatch(self) -> None:
         app = self._app
+        if self.command == "POST" and "expect" not in self.hdrs and app._hand_off(self):
+            return
         app._enter()
         try:
             got = self._read_body()
@@ -560,6 +663,8 @@ class KServeServer:
         self._cv = threading.Condition()
         self._inflight = 0
         self._conns: set[socket.socket] = set()
+        self._prefixes: dict[socket.socket, bytes] = {}  # resumed connections → bytes already read
+        self._handed: dict[socket.socket, bool] = {}  # connections now served by a worker
         self._meta_cache: dict[str, tuple[weakref.ref[ServingVersion], bytes]] = {}
         self._server_meta = _json({"name": server_name, "version": server_version,
                                    "extensions": list(EXTENSIONS)})
@@ -636,6 +741,55 @@ class KServeServer:
             self._inflight -= 1
             if self._inflight == 0:
                 self._cv.notify_all()
+
+    # -- connections served by a model's worker (process isolation)
+
+    def _hand_off(self, h: _Handler) -> bool:
+        """Give the connection to the worker that runs the model it asks for: the worker answers
+        this and the following infer requests itself, without a second hop through the daemon
+        (agent/backends/isolated.py). False when no worker can take it: the daemon serves it."""
+        t = infer_target(h.path)
+        if t is None or self._stopping:
+            return False
+        sv = self.registry.get(t[0])
+        adopt = getattr(sv.model, "adopt", None) if sv is not None else None
+        if adopt is None or sv is None or (t[1] is not None and t[1] != str(sv.version)):
+            return False
+        prefix = b"".join(h._head) + _unread(h.rfile, h.connection)
+        self._handed[h.connection] = True
+        if not adopt(h.connection, prefix, self):
+            self._handed.pop(h.connection, None)
+            return False
+        h._handed = True
+        h.close_connection = True
+        return True
+
+    def resume_connection(self, sock: socket.socket, prefix: bytes) -> None:
+        """Serve a connection a worker gave back (a request it does not serve, a swap, its death),
+        starting with the bytes it had already read."""
+        httpd = self._httpd
+        if httpd is None or self._stopping:
+            sock.close()
+            return
+        self._prefixes[sock] = prefix
+        try:
+            addr = sock.getpeername()
+        except OSError:
+            addr = ("", 0)
+        httpd.process_request(sock, addr)  # a handler thread, as for an accepted connection
+
+    def fail_connection(self, sock: socket.socket, code: str, message: str) -> None:
+        """Answer the request a dead worker left unanswered with an error, then close."""
+        resp = _error(_STATUS_BY_CODE.get(code, 500), code, message)
+        body = resp.body if isinstance(resp.body, bytes) else b"".join(resp.body)
+        head = (f"HTTP/1.1 {resp.status} {_REASONS.get(resp.status, '')}\r\nServer: {self.server_header}\r\n"
+                f"Date: {_http_date()}\r\nContent-Type: {resp.content_type}\r\n"
+                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode("latin-1")
+        with contextlib.suppress(OSError):
+            sock.settimeout(1.0)
+            sock.sendall(head + body)
+            sock.shutdown(socket.SHUT_RDWR)
+        sock.close()
 
     # -- routing
 

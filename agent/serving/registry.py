@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -128,13 +128,31 @@ class Registry:
 
     def activate(self, sv: ServingVersion) -> ServingVersion | None:
         """Make ``sv`` the serving version; the previous one drains and closes in the background."""
+        bind = getattr(sv.model, "bind", None)
+        if bind is not None:  # a worker that answers HTTP itself reports its calls back here
+            bind(sv.name, sv.version, lambda c, e, ok, bad: self._remote_calls(sv, c, e, ok, bad))
         with self._lock:
             old = self._serving.get(sv.name)
             self._serving[sv.name] = sv
         if old is not None and old is not sv:
+            retire = getattr(old.model, "retire", None)
+            if retire is not None:  # a worker serving connections itself: none after this returns
+                retire()
             self._retire(old)
         log.info("serving %s v%d (%s, %s)", sv.name, sv.version, sv.variant, sv.backend)
         return old
+
+    def _remote_calls(self, sv: ServingVersion, calls: int, errs: int,
+                      ok: Iterable[float], bad: Iterable[float]) -> None:
+        """Calls a worker answered on its own (agent/serving/adopted.py): for probation and telemetry."""
+        sv.calls += calls
+        sv.errors += errs
+        obs = self._observer
+        if obs is not None:
+            for s in ok:
+                obs(sv.name, sv.version, sv.backend, s, True)
+            for s in bad:
+                obs(sv.name, sv.version, sv.backend, s, False)
 
     def remove(self, name: str) -> ServingVersion | None:
         with self._lock:

@@ -1,19 +1,24 @@
-"""Inference worker process: loads one model on one backend and answers requests over pipes.
+"""Inference worker process: loads one model on one backend and answers requests.
 
 Why: a native runtime that crashes (a segfault in a delegate, an OOM kill) or hangs must not
 take the daemon — and its MQTT session, its other models and its local API — down with it. The
-daemon talks to the worker through ``IsolatedModel`` (agent/backends/isolated.py).
+daemon talks to the worker through ``IsolatedModel`` (agent/backends/isolated.py), which starts it
+as ``main("FD,FD,…,CTL")``: the descriptors are socket pairs it inherited.
 
-Protocol on each pipe: the parent sends a dict of numpy arrays (already checked against the
-model's inputs); the worker answers ``("ok", outputs)`` or ``("err", code, message)``. The first
-pipe also carries the start-up handshake ``("ready", backend_id, inputs, outputs)`` or
-``("err", code, message)``. The worker exits when every pipe is closed (the daemon went away).
+Protocol on each pipe (multiprocessing Connection framing): the parent first sends
+``("load", runtime, target, path, threads, allow_spinning, extra)`` on the first pipe; the worker
+answers ``("ready", backend_id, inputs, outputs, pid)`` or ``("err", code, message)``. Then the
+parent sends dicts of numpy arrays (already checked against the model's inputs); the worker answers
+``("ok", outputs)`` or ``("err", code, message)``. The worker exits when every pipe is closed (the
+daemon went away) or says ``None``. The last descriptor is the control socket on which the daemon
+hands over HTTP connections (agent/serving/adopted.py).
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -64,15 +69,39 @@ def _serve(conn: Any, model: Any) -> None:
             return
 
 
-def worker_main(conns: list[Any], runtime: str, target: str, path: str, threads: int,
-                allow_spinning: bool, extra: dict[str, Any]) -> None:
+def _control(ctl: socket.socket, model: Any) -> None:
+    """The HTTP machinery loads only once the daemon hands a first connection over."""
+    from agent.backends.isolated import recv_ctl
+
+    try:
+        msg, fds = recv_ctl(ctl)
+    except OSError:
+        return
+    if msg is None:
+        return
+    from agent.serving.adopted import serve_adopted
+
+    serve_adopted(model, ctl, msg, fds)
+
+
+def main(fds_arg: str) -> None:
     """Entry point in the child process."""
     _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the daemon decides when we stop
+    from multiprocessing.connection import Connection
+
     from agent import errors
     from agent.backends import find_backend  # not agent.deploy.runner: the daemon's stack stays out
     from agent.backends.base import LoadOptions
 
+    fds = [int(x) for x in fds_arg.split(",")]
+    conns = [Connection(fd) for fd in fds[:-1]]
+    ctl = socket.socket(fileno=fds[-1])
+    try:
+        load = conns[0].recv()
+    except (EOFError, OSError):
+        return
+    _, runtime, target, path, threads, allow_spinning, extra = load
     try:
         backend = find_backend(runtime)
         model = backend.load(Path(path), target, LoadOptions(threads=threads, allow_spinning=allow_spinning, extra=extra))
@@ -82,6 +111,7 @@ def worker_main(conns: list[Any], runtime: str, target: str, path: str, threads:
     except Exception as e:
         conns[0].send(("err", errors.LOAD_FAILED, f"{type(e).__name__}: {e}"))
         return
+    threading.Thread(target=_control, args=(ctl, model), name="control", daemon=True).start()
     conns[0].send(("ready", model.backend_id, model.inputs, model.outputs, os.getpid()))
     workers = [threading.Thread(target=_serve, args=(c, model), daemon=True) for c in conns]
     for w in workers:

@@ -1,0 +1,243 @@
+"""Worker side of process isolation's direct path: infer requests answered inside the worker.
+
+Why: with the model in a worker process, a request that the daemon answers through the worker's
+pipe pays two cross-process wake-ups and a pickle each way (≈ 0.2 ms on a 2-core board, more than
+the whole HTTP exchange). Instead the daemon parses a request's head, sees an infer for a model
+that runs in a worker, and hands the connection over (its descriptor over the worker's control
+socket, with the bytes already read). The worker answers that request and the ones that follow on
+the connection with the daemon's own handler code (agent/serving/kserve.py), in one process.
+
+Invariants:
+- The worker serves only ``POST …/infer`` of its own model and version; any other request is
+  given back to the daemon unparsed (the raw head and any bytes read ahead), as is every
+  connection when the daemon retires the worker (a swap): at a request boundary, so a request
+  is answered by exactly one version and never cut.
+- Each connection has a slot in a table shared with the daemon (agent/backends/isolated.py) that
+  says whether a request is in flight and since when: if the worker dies or hangs, the daemon
+  takes idle connections over untouched and answers in-flight ones with an error.
+- Calls, errors and latencies reach the daemon's probation and telemetry every
+  ``STATS_INTERVAL_S``; the sample buffer is bounded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import select
+import socket
+import threading
+import time
+from array import array
+from types import SimpleNamespace
+from typing import Any
+
+from agent.backends.isolated import (
+    BACK,
+    CTL_MAX_BYTES,
+    IDLE,
+    INFER,
+    READING,
+    WRITING,
+    SlotTable,
+    recv_ctl,
+    send_ctl,
+)
+from agent.serving.kserve import IDLE_TIMEOUT_S, KServeServer, _Handler, _Response, infer_target
+
+log = logging.getLogger(__name__)
+
+STATS_INTERVAL_S = 0.25  # how often calls/errors/latencies go to the daemon
+MAX_STATS_SAMPLES = 16384  # latency samples kept per interval; more are counted, not timed
+
+
+class _AdoptedHandler(_Handler):
+    """The daemon's request handler, serving one adopted connection inside the worker."""
+
+    def handle(self) -> None:
+        ctx: Any = self.server
+        owner: Adopted = ctx.owner
+        slot: int = ctx.slot
+        slots = owner.slots
+        assert slots is not None
+        self.close_connection = True
+        while True:
+            if owner.retiring:
+                self._give_back(self.rfile.unread())  # type: ignore[attr-defined]
+                return
+            if not self.rfile.unread():  # type: ignore[attr-defined]
+                slots.set(slot, IDLE)
+                if not owner.wait(self.connection):
+                    return  # idle too long: close, as the daemon would
+                if owner.retiring:
+                    self._give_back(b"")
+                    return
+            slots.set(slot, READING)
+            self.handle_one_request()
+            if self.close_connection or self._handed:
+                return
+
+    def _dispatch(self) -> None:
+        ctx: Any = self.server
+        owner: Adopted = ctx.owner
+        t = infer_target(self.path) if self.command == "POST" else None
+        if t is None or owner.retiring or not owner.serves(*t):
+            self._give_back(b"".join(self._head) + self.rfile.unread())  # type: ignore[attr-defined]
+            return
+        slots = owner.slots
+        assert slots is not None
+        got = self._read_body()
+        slots.set(ctx.slot, INFER)
+        resp = got if isinstance(got, _Response) else self._app._respond(self.command, self.path, self.hdrs, got)
+        slots.set(ctx.slot, WRITING)
+        self._write(resp)
+        if self._unread_body:
+            self._linger()
+        elif not self.rfile.unread():  # type: ignore[attr-defined]
+            slots.set(ctx.slot, IDLE)  # answered in full: a crash from here on loses nothing
+
+    def _give_back(self, unread: bytes) -> None:
+        ctx: Any = self.server
+        owner: Adopted = ctx.owner
+        self.close_connection = True
+        if owner.give_back(ctx.slot, self.connection, unread):
+            self._handed = True
+
+
+class Adopted:
+    """Connections the daemon handed to this worker, and the control channel they come on."""
+
+    def __init__(self, model: Any, ctl: socket.socket) -> None:
+        self.model = model
+        self.ctl = ctl
+        self.slots: SlotTable | None = None
+        self.app: KServeServer | None = None
+        self.name = ""
+        self.version = ""
+        self.retiring = False
+        self._sv: Any = None
+        self._wake_r, self._wake_w = os.pipe()
+        self._lock = threading.Lock()
+        self._ok = array("d")
+        self._bad = array("d")
+        self._untimed = 0
+        self._sent = (0, 0)
+
+    # -- control channel (one thread) ------------------------------------------------------------
+    def run(self) -> None:
+        """Serve control messages until the daemon closes the channel."""
+        while True:
+            try:
+                msg, fds = recv_ctl(self.ctl)
+            except OSError:
+                return
+            if msg is None:
+                return
+            self.handle(msg, fds)
+
+    def handle(self, msg: tuple[Any, ...], fds: list[int]) -> None:
+        kind = msg[0]
+        if kind == "serve":
+            self._start_serving(msg, fds.pop(0))
+        elif kind == "adopt":
+            _, slot, prefix = msg
+            sock = socket.socket(fileno=fds.pop(0))
+            threading.Thread(target=self._serve_conn, args=(sock, slot, prefix),
+                             name=f"conn-{slot}", daemon=True).start()
+        elif kind == "retire":
+            self.retiring = True
+            os.write(self._wake_w, b"r")  # never drained: every idle connection wakes
+            send_ctl(self.ctl, ("retired",))
+        for fd in fds:
+            os.close(fd)
+
+    def _start_serving(self, msg: tuple[Any, ...], slots_fd: int) -> None:
+        from agent.serving.registry import Registry, ServingVersion
+
+        _, name, version, n_slots, max_body, server_name, server_version = msg
+        self.slots = SlotTable(slots_fd, n_slots)
+        os.close(slots_fd)
+        reg = Registry(observer=self._observe)
+        self._sv = ServingVersion(name, int(version), "", self.model)
+        reg.activate(self._sv)
+        self.app = KServeServer(reg, max_body_bytes=max_body, server_name=server_name,
+                                server_version=server_version)
+        self.name, self.version = name, str(version)
+        threading.Thread(target=self._flush_loop, name="stats", daemon=True).start()
+
+    def serves(self, name: str, version: str | None) -> bool:
+        return name == self.name and (version is None or version == self.version)
+
+    # -- connections ---------------------------------------------------------------------------
+    def _serve_conn(self, sock: socket.socket, slot: int, prefix: bytes) -> None:
+        handed = False
+        try:
+            assert self.app is not None
+            self.app._prefixes[sock] = prefix
+            ctx = SimpleNamespace(app=self.app, owner=self, slot=slot)
+            h = _AdoptedHandler(sock, ("", 0), ctx)  # type: ignore[arg-type]
+            handed = h._handed
+        except OSError:
+            pass  # the client went away
+        except Exception:
+            log.exception("worker: connection %d failed", slot)
+        finally:
+            if not handed:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_WR)
+                with contextlib.suppress(OSError):
+                    send_ctl(self.ctl, ("done", slot))
+            sock.close()
+
+    def wait(self, sock: socket.socket) -> bool:
+        """Wait for the next request or a retire; False after ``IDLE_TIMEOUT_S`` of silence."""
+        po = select.poll()
+        po.register(sock, select.POLLIN | select.POLLPRI)
+        po.register(self._wake_r, select.POLLIN)
+        return bool(po.poll(IDLE_TIMEOUT_S * 1000))
+
+    def give_back(self, slot: int, sock: socket.socket, unread: bytes) -> bool:
+        assert self.slots is not None
+        if len(unread) > CTL_MAX_BYTES - 1024:
+            return False  # too much read ahead to send back: the connection closes instead
+        self.slots.set(slot, BACK)
+        try:
+            send_ctl(self.ctl, ("back", slot, unread), sock.fileno())
+        except OSError:
+            return False
+        return True
+
+    # -- statistics ----------------------------------------------------------------------------
+    def _observe(self, name: str, version: int, backend: str, latency_s: float, ok: bool) -> None:
+        with self._lock:
+            buf = self._ok if ok else self._bad
+            if len(self._ok) + len(self._bad) < MAX_STATS_SAMPLES:
+                buf.append(latency_s)
+            else:
+                self._untimed += 1
+
+    def _flush_loop(self) -> None:
+        while True:
+            time.sleep(STATS_INTERVAL_S)
+            sv = self._sv
+            if sv is None:
+                continue
+            with self._lock:
+                ok, bad, self._ok, self._bad = self._ok, self._bad, array("d"), array("d")
+                self._untimed = 0
+            calls, errs = sv.calls, sv.errors
+            dc, de = calls - self._sent[0], errs - self._sent[1]
+            if not (dc or de or ok or bad):
+                continue
+            self._sent = (calls, errs)
+            try:
+                send_ctl(self.ctl, ("stats", dc, de, ok.tobytes(), bad.tobytes()))
+            except OSError:
+                return
+
+
+def serve_adopted(model: Any, ctl: socket.socket, first: tuple[Any, ...], fds: list[int]) -> None:
+    """Take over a worker's control socket at its first message (agent/serving/worker.py)."""
+    owner = Adopted(model, ctl)
+    owner.handle(first, fds)
+    owner.run()
