@@ -5,15 +5,24 @@ Ranking says what *should* be fastest on a hardware class; autotune checks it on
 Invariants:
 - Bounded: at most ``TOP_K`` candidates in rank order, at most ``MAX_PER_TARGET`` of them on one
   target (a profile that ranks one target first would otherwise only compare its variants), each
-  timed for at most ``MAX_RUNS`` runs or ``BUDGET_S`` seconds (at least ``MIN_RUNS``), after
-  ``WARMUP_RUNS`` untimed runs.
+  timed for at most ``MAX_RUNS`` runs or ``BUDGET_S`` seconds (at least ``MIN_RUNS``), after the
+  checked golden run and ``WARMUP_RUNS`` untimed runs. Loading is the larger cost (each candidate
+  is loaded once: the winner stays loaded and serves, its golden check and timings stand in for
+  the deploy's validation).
 - Only correct candidates compete: a candidate whose golden outputs fall outside its variant's
   tolerance, or that fails to load, is reported (``on_failure``: the runner emits
   ``backend_fallback``), recorded in the explanation and ordered last. It never wins.
-- At most two models are loaded at once (the best so far and the one being measured).
+- At most two models are loaded at once (the best so far and the one being measured). With
+  process isolation the first two candidates load at the same time (each in its own worker);
+  golden checks and timings always run one at a time, never beside a load.
 - The verdict is cached in the state database under (sha256 of every variant file of the bundle,
   hardware fingerprint); a re-deploy of the same model files on the same hardware and runtimes
-  reuses it instead of measuring. Entries older than ``CACHE_TTL_S`` are measured again.
+  reuses it instead of measuring. It is also cached under the bundle's *layout* (model name,
+  tensor specs, variant ids, formats, precisions, file paths and sizes; see ``layout_hash``): a
+  new version that only changes the weights runs at the speed of the one measured, so it reuses
+  that verdict too (``"basis": "layout"`` in the explanation). A cached winner is still validated
+  before it serves, and a failed one falls back in rank order. Entries older than
+  ``CACHE_TTL_S`` are measured again.
 - The measurements, the winner and whether they came from the cache are in the decision's
   explanation (``Decision.autotune``).
 """
@@ -26,6 +35,7 @@ import json
 import logging
 import platform
 import statistics
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -41,14 +51,15 @@ log = logging.getLogger(__name__)
 
 TOP_K = 3  # candidates measured: beyond the top three the ranking is rarely wrong enough to matter
 MAX_PER_TARGET = 2  # so the top three span targets, not only variants of the first target
-WARMUP_RUNS = 2  # first runs allocate and JIT; not timed
-MIN_RUNS = 3
+WARMUP_RUNS = 1  # after the checked golden run (which allocates and JITs): not timed
+MIN_RUNS = 5
 MAX_RUNS = 50
-BUDGET_S = 2.0  # per candidate, timed runs only
+BUDGET_S = 0.25  # per candidate, timed runs only: a median of 5+ runs ranks runtimes that differ by >10 %
 CACHE_TTL_S = 30 * 86400.0  # re-measure a month-old verdict (firmware, thermal set-up drift)
 CACHE_PREFIX = "autotune/"
 RUNTIME_DISTS = ("onnxruntime", "onnxruntime-gpu", "onnxruntime-openvino", "openvino", "ai-edge-litert", "tflite-runtime")
 FINGERPRINT_HEX = 16
+MAX_LOADED = 2  # models autotune holds at once: the best so far and the one being measured
 
 
 class KV(Protocol):
@@ -89,14 +100,36 @@ def cache_key(manifest: Manifest, hw_fingerprint: str) -> str:
     return f"{CACHE_PREFIX}{model_hash(manifest)}/{hw_fingerprint}"
 
 
+def layout_hash(manifest: Manifest) -> str:
+    """sha256 over what decides a model's speed but not its weights' values: name, tensor specs,
+    and each variant's id, format, precision, file paths and sizes (plus the bundle's own files,
+    the golden inputs among them). Retrained weights keep it; a new architecture changes sizes."""
+    doc = {
+        "name": manifest.name,
+        "inputs": [[t.name, t.dtype, list(t.shape)] for t in manifest.inputs],
+        "outputs": [[t.name, t.dtype, list(t.shape)] for t in manifest.outputs],
+        "variants": sorted([v.id, v.format, v.precision, sorted([f.path, f.size] for f in v.files)]
+                           for v in manifest.variants),
+        "files": sorted([f.path, f.size] for f in manifest.files),
+    }
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def layout_key(manifest: Manifest, hw_fingerprint: str) -> str:
+    return f"{CACHE_PREFIX}layout/{layout_hash(manifest)}/{hw_fingerprint}"
+
+
 def _find(decision: Decision, variant: str, backend: str) -> Candidate | None:
     return next((c for c in decision.candidates if c.variant.id == variant and c.target.id == backend), None)
 
 
 def plan(decision: Decision, manifest: Manifest, kv: KV, key: str, *, enabled: bool, pinned: bool,
-         now: float | None = None) -> list[int]:
+         now: float | None = None, layout: str = "") -> list[int]:
     """Indices of the candidates to measure; [] when there is nothing to measure or a cached
-    verdict applies (then the decision is already reordered). Fills ``decision.autotune``."""
+    verdict applies (then the decision is already reordered). Fills ``decision.autotune``.
+
+    ``layout`` (``layout_key``): the verdict of another version with the same layout applies
+    when none is cached for these exact files."""
     n = len(decision.candidates)
     skip = ("backends.autotune is off" if not enabled else "the deploy command pins the backend" if pinned
             else "one candidate" if n < 2 else "the bundle has no golden inputs to measure with"
@@ -105,16 +138,24 @@ def plan(decision: Decision, manifest: Manifest, kv: KV, key: str, *, enabled: b
         decision.autotune = {"state": "skipped", "why": skip}
         return []
     t = time.time() if now is None else now
-    cached = kv.get(key)
-    if isinstance(cached, dict) and isinstance(cached.get("winner"), dict) and t - float(cached.get("at", 0)) < CACHE_TTL_S:
+    for k, basis in ((key, "files"), (layout, "layout")):
+        cached = kv.get(k) if k else None
+        if not (isinstance(cached, dict) and isinstance(cached.get("winner"), dict)
+                and t - float(cached.get("at", 0)) < CACHE_TTL_S):
+            continue
         w = cached["winner"]
         c = _find(decision, str(w.get("variant")), str(w.get("backend")))
-        if c is not None:
-            decision.promote([c, *(x for x in decision.candidates if x is not c)])
-            decision.autotune = {"state": "cached", "key": key, "measured_at": cached.get("at"),
-                                 "winner": w, "measured": cached.get("measured", [])}
-            return []
-        log.info("cached autotune winner %s is not a candidate any more; measuring again", w)
+        if c is None:
+            log.info("cached autotune winner %s is not a candidate any more; measuring again", w)
+            continue
+        decision.promote([c, *(x for x in decision.candidates if x is not c)])
+        decision.autotune = {"state": "cached", "key": k, "basis": basis, "measured_at": cached.get("at"),
+                             "winner": w, "measured": cached.get("measured", [])}
+        if basis == "layout":
+            decision.autotune["measured_version"] = cached.get("version")
+            decision.autotune["why"] = ("measured on another version of this model with the same layout "
+                                        "(tensor specs, variants, file sizes) on this hardware")
+        return []
     picked: list[int] = []
     per_target: dict[str, int] = {}
     for i, c in enumerate(decision.candidates):
@@ -124,6 +165,8 @@ def plan(decision: Decision, manifest: Manifest, kv: KV, key: str, *, enabled: b
         if len(picked) == TOP_K:
             break
     decision.autotune = {"state": "planned", "key": key, "candidates": len(picked)}
+    if layout:
+        decision.autotune["layout_key"] = layout
     return picked
 
 
@@ -164,7 +207,7 @@ def max_error(out: Mapping[str, Any], expected: Mapping[str, Any], rtol: float, 
 
 def time_model(model: LoadedModel, inputs: dict[str, Any], *, warmup: int = WARMUP_RUNS, min_runs: int = MIN_RUNS,
                max_runs: int = MAX_RUNS, budget_s: float = BUDGET_S) -> dict[str, Any]:
-    """Median / p90 / min latency in ms over a bounded number of runs."""
+    """Median / p90 / p95 / min latency in ms over a bounded number of runs."""
     for _ in range(warmup):
         model.infer(inputs)
     times: list[float] = []
@@ -174,7 +217,10 @@ def time_model(model: LoadedModel, inputs: dict[str, Any], *, warmup: int = WARM
         model.infer(inputs)
         times.append((time.perf_counter() - t0) * 1000)
     times.sort()
-    return {"median_ms": round(statistics.median(times), 4), "p90_ms": round(times[min(len(times) - 1, int(0.9 * len(times)))], 4),
+    def pct(q: float) -> float:
+        return round(times[min(len(times) - 1, int(q * len(times)))], 4)
+
+    return {"median_ms": round(statistics.median(times), 4), "p90_ms": pct(0.9), "p95_ms": pct(0.95),
             "min_ms": round(times[0], 4), "runs": len(times)}
 
 
@@ -183,51 +229,100 @@ class TuneResult:
     loaded: LoadedModel | None  # the winner, loaded; None when every measured candidate failed
     last_error: errors.AgentError | None
     unmeasured: int  # candidates left that autotune did not try (they follow the measured ones)
+    row: dict[str, Any] | None = None  # the winner's measurement: golden check and timings of ``loaded``
+
+
+def _load_wave(wave: Sequence[Candidate], load: Callable[[Candidate], LoadedModel],
+               ) -> list[tuple[LoadedModel | None, BaseException | None, float]]:
+    """Load ``wave`` at once (one thread per extra candidate); per candidate (model, error, ms)."""
+    out: list[tuple[LoadedModel | None, BaseException | None, float]] = [(None, None, 0.0)] * len(wave)
+
+    def one(i: int) -> None:
+        t0 = time.monotonic()
+        try:
+            out[i] = (load(wave[i]), None, round((time.monotonic() - t0) * 1000, 2))
+        except BaseException as e:  # handed to the caller, which raises what is not an AgentError
+            out[i] = (None, e, round((time.monotonic() - t0) * 1000, 2))
+
+    threads = [threading.Thread(target=one, args=(i,), name=f"autotune-load-{i}", daemon=True)
+               for i in range(1, len(wave))]
+    for t in threads:
+        t.start()
+    one(0)
+    for t in threads:
+        t.join()
+    return out
 
 
 def tune(decision: Decision, indices: Sequence[int], manifest: Manifest, vdir: Path,
          load: Callable[[Candidate], LoadedModel], on_failure: Callable[[Candidate, errors.AgentError], None],
-         kv: KV, key: str) -> TuneResult:
+         kv: KV, key: str, layout: str = "", concurrent_loads: int = 1) -> TuneResult:
     """Measure ``decision.candidates[i]`` for i in ``indices``; reorder the decision (fastest
-    correct first, then the unmeasured in rank order, then the failed) and cache the verdict."""
+    correct first, then the unmeasured in rank order, then the failed) and cache the verdict
+    (under ``key`` and, when given, ``layout``).
+
+    ``concurrent_loads`` = 2 loads two candidates at once when no best one is held yet (models
+    in worker processes load in parallel; at most two are loaded at any time either way). The
+    golden checks and timings always run one candidate at a time."""
     top = [decision.candidates[i] for i in indices]
     inputs, expected = load_samples(vdir, manifest)
     rows: list[dict[str, Any]] = []
     ok: list[tuple[float, int, Candidate]] = []
     failed: list[Candidate] = []
-    best: tuple[float, LoadedModel] | None = None
+    best: tuple[float, LoadedModel, dict[str, Any]] | None = None
     last_error: errors.AgentError | None = None
-    for pos, c in enumerate(top):
-        row: dict[str, Any] = {"variant": c.variant.id, "backend": c.target.id}
-        model: LoadedModel | None = None
+    pos = 0
+    while pos < len(top):
+        width = max(1, min(concurrent_loads, MAX_LOADED - (best is not None)))
+        wave = top[pos:pos + width]
+        loaded = _load_wave(wave, load)
         try:
-            t0 = time.monotonic()
-            model = load(c)
-            row["load_ms"] = round((time.monotonic() - t0) * 1000, 2)
-            rtol, atol = variant_tolerance(manifest, c.variant)
-            row["max_abs_error"] = max_error(model.infer(inputs), expected, rtol, atol, model.backend_id)
-            row.update(time_model(model, inputs))
-            details = getattr(model, "details", None)
-            if isinstance(details, dict) and details.get("compute_precision"):
-                row["compute_precision"] = details["compute_precision"]
-        except errors.AgentError as e:
-            last_error = e
-            row["error"] = e.to_dict()
-            failed.append(c)
-            if model is not None:
-                model.close()
-            on_failure(c, e)
-            rows.append(row)
-            continue
-        rows.append(row)
-        ok.append((row["median_ms"], pos, c))
-        assert model is not None
-        if best is None or row["median_ms"] < best[0]:
+            for i, c in enumerate(wave):
+                model, err, load_ms = loaded[i]
+                loaded[i] = (None, None, load_ms)  # from here on this loop owns (and closes) ``model``
+                row: dict[str, Any] = {"variant": c.variant.id, "backend": c.target.id}
+                if len(wave) > 1:
+                    row["loaded_with"] = len(wave) - 1  # its load ran beside this many others
+                try:
+                    if err is not None:
+                        raise err
+                    assert model is not None
+                    row["load_ms"] = load_ms
+                    rtol, atol = variant_tolerance(manifest, c.variant)
+                    row["max_abs_error"] = max_error(model.infer(inputs), expected, rtol, atol, model.backend_id)
+                    row.update(time_model(model, inputs))
+                    details = getattr(model, "details", None)
+                    if isinstance(details, dict) and details.get("compute_precision"):
+                        row["compute_precision"] = details["compute_precision"]
+                except errors.AgentError as e:
+                    last_error = e
+                    row["error"] = e.to_dict()
+                    failed.append(c)
+                    if model is not None:
+                        model.close()
+                    on_failure(c, e)
+                    rows.append(row)
+                    continue
+                except BaseException:
+                    if model is not None:
+                        model.close()
+                    raise
+                rows.append(row)
+                ok.append((row["median_ms"], pos + i, c))
+                if best is None or row["median_ms"] < best[0]:
+                    if best is not None:
+                        best[1].close()
+                    best = (row["median_ms"], model, row)
+                else:
+                    model.close()
+        except BaseException:  # a bug, not a candidate's failure: free every model before it propagates
+            for m, _, _ in loaded:
+                if m is not None:
+                    m.close()
             if best is not None:
                 best[1].close()
-            best = (row["median_ms"], model)
-        else:
-            model.close()
+            raise
+        pos += len(wave)
     ok.sort(key=lambda x: (x[0], x[1]))
     measured = {id(c) for c in top}
     order = [c for _, _, c in ok] + [c for c in decision.candidates if id(c) not in measured] + failed
@@ -237,6 +332,10 @@ def tune(decision: Decision, indices: Sequence[int], manifest: Manifest, vdir: P
     if ok:
         w = ok[0][2]
         state["winner"] = {"variant": w.variant.id, "backend": w.target.id}
-        kv.put(key, {"winner": state["winner"], "measured": rows, "at": state["measured_at"]})
+        entry = {"winner": state["winner"], "measured": rows, "at": state["measured_at"], "version": manifest.version}
+        kv.put(key, entry)
+        if layout:
+            kv.put(layout, entry)
     decision.autotune = state
-    return TuneResult(best[1] if best is not None else None, last_error, len(order) - len(top))
+    return TuneResult(best[1] if best is not None else None, last_error, len(order) - len(top),
+                      best[2] if best is not None else None)

@@ -1,8 +1,11 @@
 """Downloads that cannot be starved or tricked (BUNDLE.md "How a device handles it").
 
 Invariants:
-- Reading stops at the listed size + 1 byte; sha256 is computed while streaming; a file counts
-  only after its size and hash matched and it was fsynced.
+- Reading stops at the listed size + 1 byte; sha256 is computed while streaming (over http(s)
+  and file://, on a helper thread for large files, so hashing overlaps the network and the disk;
+  the bytes are not read back), and a file counts only after its size and hash matched and it
+  was fsynced. A download whose digest is not known from the stream (FTP, a part file already
+  complete) is hashed by reading it back.
 - Each read has a timeout (``read_timeout_s``). Each file has one total deadline, fixed when its
   download starts: ``deadline_base_s + size / min_rate_bps``. Retries never extend it, and a
   watchdog shuts the attempt's sockets down when it passes, so not even a server trickling its
@@ -21,11 +24,11 @@ Invariants:
 from __future__ import annotations
 
 import contextlib
-import ftplib
 import hashlib
 import io
 import logging
 import os
+import queue
 import random
 import re
 import shutil
@@ -42,6 +45,8 @@ from urllib.parse import unquote, urljoin, urlsplit
 from agent import errors
 
 if TYPE_CHECKING:
+    import ftplib  # imported where used: an idle daemon does without it
+
     from agent.config import DownloadsConfig
 
 log = logging.getLogger(__name__)
@@ -58,6 +63,9 @@ BACKOFF_MAX_S = 30.0
 MAX_REDIRECTS = 5
 FREE_DISK_MARGIN_BYTES = 16 * 1024 * 1024
 FTP_DEFAULT_PORT = 21
+HASH_THREAD_MIN_BYTES = 8 * 1024 * 1024  # smaller files are hashed inline: a thread costs more than it saves
+HASH_BATCH_BYTES = 1024 * 1024  # bytes handed to the hashing thread at once
+HASH_QUEUE_BATCHES = 16  # at most this many batches wait for the hasher (bounded memory)
 SCHEMES = ("http", "https", "ftp", "file")
 _CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
 
@@ -98,6 +106,70 @@ def join_url(manifest_url: str, rel: str) -> str:
 
 def _name(url: str) -> str:
     return urlsplit(url).path.rsplit("/", 1)[-1] or url
+
+
+class StreamHash:
+    """sha256 of a part file: the ``have`` bytes it already holds (read once, for a resume),
+    then every chunk appended to it, in order.
+
+    For files of ``HASH_THREAD_MIN_BYTES`` or more the chunks are hashed on a helper thread
+    (hashlib releases the GIL), so hashing runs beside the socket reads and file writes instead
+    of after them; the queue between them is bounded. ``close`` must follow (``digest`` does it).
+    """
+
+    def __init__(self, part: Path | None = None, have: int = 0, size: int = 0) -> None:
+        self._h = hashlib.sha256()
+        self.n = 0
+        if part is not None and have > 0:
+            with open(part, "rb") as f:
+                while self.n < have and (chunk := f.read(min(CHUNK_BYTES, have - self.n))):
+                    self._h.update(chunk)
+                    self.n += len(chunk)
+            if self.n != have:
+                raise errors.RetryableError(errors.DOWNLOAD_FAILED, f"{part.name}: shorter than the {have} bytes it held")
+        self._batch: list[bytes] = []
+        self._batch_bytes = 0
+        self._q: queue.Queue[list[bytes] | None] | None = None
+        self._thread: threading.Thread | None = None
+        if size - have >= HASH_THREAD_MIN_BYTES:
+            self._q = queue.Queue(HASH_QUEUE_BATCHES)
+            self._thread = threading.Thread(target=self._run, name="sha256", daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        assert self._q is not None
+        while (batch := self._q.get()) is not None:
+            for chunk in batch:
+                self._h.update(chunk)
+
+    def update(self, chunk: bytes) -> None:
+        self.n += len(chunk)
+        if self._q is None:
+            self._h.update(chunk)
+            return
+        self._batch.append(chunk)
+        self._batch_bytes += len(chunk)
+        if self._batch_bytes >= HASH_BATCH_BYTES:
+            self._q.put(self._batch)
+            self._batch, self._batch_bytes = [], 0
+
+    def close(self) -> None:
+        """Hash what is pending and stop the helper thread (also after a failed transfer)."""
+        if self._q is not None and self._thread is not None:
+            if self._batch:
+                self._q.put(self._batch)
+                self._batch, self._batch_bytes = [], 0
+            self._q.put(None)
+            self._thread.join()
+            self._q = None
+
+    def digest(self) -> tuple[int, str]:
+        """(bytes hashed, hex sha256)."""
+        self.close()
+        return self.n, self._h.hexdigest()
+
+
+Digest = tuple[int, str]  # (size, sha256 hex) of a part file, known from the stream
 
 
 class Deadline:
@@ -190,6 +262,7 @@ def _tracked_connection_classes() -> tuple[type, type]:
 def _transport_errors() -> tuple[type[BaseException], ...]:
     """What a read from a server may raise: socket, TLS, http.client, urllib3, requests, ftplib
     (ValueError: a read on a connection the watchdog closed)."""
+    import ftplib
     import http.client
 
     import requests
@@ -295,29 +368,30 @@ class Fetcher:
         part.parent.mkdir(parents=True, exist_ok=True)
         have = part.stat().st_size if part.exists() else 0
         self.check_disk(part.parent, size - have if have <= size else size, url)
-        self._fetch_into(url, part, size, progress)
+        streamed = self._fetch_into(url, part, size, progress)
         try:
-            self._verify_part(url, part, size, sha256)
+            self._verify_part(url, part, size, sha256, streamed)
         except errors.RejectError as e:
             if not (0 < have <= size) or e.code != errors.HASH_MISMATCH:
                 raise
             log.warning("%s: the resumed download did not verify (%s); fetching it again from zero", url, e.message)
-            self._fetch_into(url, part, size, progress)
-            self._verify_part(url, part, size, sha256)
+            streamed = self._fetch_into(url, part, size, progress)
+            self._verify_part(url, part, size, sha256, streamed)
 
-    def _fetch_into(self, url: str, part: Path, size: int, progress: Progress | None) -> None:
+    def _fetch_into(self, url: str, part: Path, size: int, progress: Progress | None) -> Digest | None:
+        """Fill ``part``; returns its (size, sha256) when hashed on the way (None: read it back)."""
         scheme = urlsplit(url).scheme
         if scheme == "file":
-            self._copy_file(url, part, size, progress)
-            return
+            return self._copy_file(url, part, size, progress)
         deadline = Deadline(self.limits.deadline_s(size))
         to_part = self._ftp_to_part if scheme == "ftp" else self._http_to_part
 
-        def attempt() -> None:
+        def attempt() -> Digest | None:
             with deadline.watching():
-                to_part(url, part, size, deadline, progress)
+                return to_part(url, part, size, deadline, progress)
 
-        self._with_retries(url, attempt, deadline)
+        result: Digest | None = self._with_retries(url, attempt, deadline)
+        return result
 
     @staticmethod
     def check_disk(folder: Path, need: int, what: str) -> None:
@@ -329,47 +403,59 @@ class Fetcher:
                                      f"{what}: needs {need} bytes, {free} free in {folder} (margin {FREE_DISK_MARGIN_BYTES})")
 
     @staticmethod
-    def _verify_part(url: str, part: Path, size: int, sha256: str) -> None:
-        h = hashlib.sha256()
-        n = 0
-        with open(part, "rb") as f:
-            while chunk := f.read(CHUNK_BYTES):
-                h.update(chunk)
-                n += len(chunk)
-            os.fsync(f.fileno())
+    def _verify_part(url: str, part: Path, size: int, sha256: str, streamed: Digest | None = None) -> None:
+        """Size and sha256 of ``part`` against the manifest. ``streamed`` is what was hashed while
+        the (already fsynced) file was written; without it the file is read back and fsynced."""
+        if streamed is not None and streamed[0] == part.stat().st_size:
+            n, digest = streamed
+        else:
+            h = StreamHash()
+            with open(part, "rb") as f:
+                while chunk := f.read(CHUNK_BYTES):
+                    h.update(chunk)
+                os.fsync(f.fileno())
+            n, digest = h.digest()
         name = _name(url)
         if n != size:
             part.unlink(missing_ok=True)
             code = errors.SIZE_EXCEEDED if n > size else errors.HASH_MISMATCH
             raise errors.RejectError(code, f"{name}: {n} bytes, the manifest lists {size}")
-        if h.hexdigest() != sha256:
+        if digest != sha256:
             part.unlink(missing_ok=True)
             raise errors.RejectError(errors.HASH_MISMATCH,
-                                     f"{name}: sha256 mismatch (expected {sha256}, got {h.hexdigest()})")
+                                     f"{name}: sha256 mismatch (expected {sha256}, got {digest})")
 
-    def _copy_file(self, url: str, part: Path, size: int, progress: Progress | None) -> None:
+    def _copy_file(self, url: str, part: Path, size: int, progress: Progress | None) -> Digest:
         src = Path(unquote(urlsplit(url).path))
         n = 0
-        with _open_regular(src, url) as fin:
-            try:
-                with open(part, "wb") as fout:
-                    while chunk := fin.read(min(CHUNK_BYTES, size + 1 - n)):
-                        fout.write(chunk)
-                        n += len(chunk)
-                        if n > size:
-                            break
-                        if progress:
-                            progress(n)
-            except OSError as e:
-                raise errors.RetryableError(errors.DOWNLOAD_FAILED, f"{url}: {e.strerror or e}") from e
+        h = StreamHash(size=size)
+        try:
+            with _open_regular(src, url) as fin:
+                try:
+                    with open(part, "wb") as fout:
+                        while chunk := fin.read(min(CHUNK_BYTES, size + 1 - n)):
+                            fout.write(chunk)
+                            h.update(chunk)
+                            n += len(chunk)
+                            if n > size:
+                                break
+                            if progress:
+                                progress(n)
+                        fout.flush()
+                        os.fsync(fout.fileno())
+                except OSError as e:
+                    raise errors.RetryableError(errors.DOWNLOAD_FAILED, f"{url}: {e.strerror or e}") from e
+        finally:
+            h.close()
         if n > size:
             part.unlink(missing_ok=True)
             raise errors.RejectError(errors.SIZE_EXCEEDED, f"{src.name}: longer than the listed {size} bytes")
+        return h.digest()
 
     def _copy_capped(self, read: Callable[[int], bytes], out: IO[bytes], n: int, size: int,
-                     deadline: Deadline, url: str, progress: Progress | None) -> int:
-        """Append what ``read`` yields to ``out`` until EOF or ``size + 1`` bytes in all; returns
-        the count. Transport trouble and the deadline are RetryableError."""
+                     deadline: Deadline, url: str, progress: Progress | None, hasher: StreamHash | None = None) -> int:
+        """Append what ``read`` yields to ``out`` (and ``hasher``) until EOF or ``size + 1`` bytes
+        in all; returns the count. Transport trouble and the deadline are RetryableError."""
         while n <= size:
             if deadline.passed():
                 raise self._deadline_error(url, deadline, n, size)
@@ -382,6 +468,8 @@ class Fetcher:
             if not chunk:
                 break
             out.write(chunk)
+            if hasher is not None:
+                hasher.update(chunk)
             n += len(chunk)
             if progress and n <= size:
                 progress(n)
@@ -405,13 +493,14 @@ class Fetcher:
             return lambda k: read1(k, decode_content=False)
         return lambda k: raw.read(k, decode_content=False)
 
-    def _http_to_part(self, url: str, part: Path, size: int, deadline: Deadline, progress: Progress | None) -> None:
+    def _http_to_part(self, url: str, part: Path, size: int, deadline: Deadline,
+                      progress: Progress | None) -> Digest | None:
         have = part.stat().st_size if part.exists() else 0
         if have > size:
             part.unlink()
             have = 0
         if have == size and size > 0:
-            return  # complete from an earlier attempt; verified by the caller
+            return None  # complete from an earlier attempt; read back and verified by the caller
         headers = {"Range": f"bytes={have}-"} if have else {}
         resp = self._request(url, headers, deadline)
         try:
@@ -439,26 +528,32 @@ class Fetcher:
                 raise errors.RetryableError(errors.DOWNLOAD_FAILED, f"{url}: range not satisfiable; restarting")
             else:
                 raise self._status_error(url, resp.status_code, "file")
-            with open(part, mode) as f:
-                try:
-                    n = self._copy_capped(self._reader(resp), f, have, size, deadline, url, progress)
-                finally:
-                    f.flush()
-                    os.fsync(f.fileno())  # what arrived counts for a resume, even after a failure
+            hasher = StreamHash(part if have else None, have, size)
+            try:
+                with open(part, mode) as f:
+                    try:
+                        n = self._copy_capped(self._reader(resp), f, have, size, deadline, url, progress, hasher)
+                    finally:
+                        f.flush()
+                        os.fsync(f.fileno())  # what arrived counts for a resume, even after a failure
+            finally:
+                hasher.close()
         finally:
             resp.close()
         if n > size:
             part.unlink(missing_ok=True)
             raise errors.RejectError(errors.SIZE_EXCEEDED, f"{_name(url)}: longer than the listed {size} bytes")
+        return hasher.digest()
 
     # -- ftp -----------------------------------------------------------------------------------
-    def _ftp_to_part(self, url: str, part: Path, size: int, deadline: Deadline, progress: Progress | None) -> None:
+    def _ftp_to_part(self, url: str, part: Path, size: int, deadline: Deadline,
+                     progress: Progress | None) -> Digest | None:
         have = part.stat().st_size if part.exists() else 0
         if have > size:
             part.unlink()
             have = 0
         if have == size and size > 0:
-            return
+            return None
         with open(part, "ab" if have else "wb") as f:
             try:
                 n = self._ftp_transfer(url, f, have, size, deadline, progress)
@@ -468,6 +563,7 @@ class Fetcher:
         if n > size:
             part.unlink(missing_ok=True)
             raise errors.RejectError(errors.SIZE_EXCEEDED, f"{_name(url)}: longer than the listed {size} bytes")
+        return None  # REST may restart the transfer mid-file: the caller reads the file back
 
     def _ftp_transfer(self, url: str, out: IO[bytes], have: int, size: int, deadline: Deadline,
                       progress: Progress | None) -> int:
@@ -481,6 +577,8 @@ class Fetcher:
             raise errors.RejectError(errors.INVALID_COMMAND, f"{url}: no file path")
         user = unquote(u.username) if u.username else "anonymous"
         password = unquote(u.password) if u.password else "anonymous@"
+        import ftplib
+
         ftp = ftplib.FTP(timeout=self.limits.read_timeout_s)
         try:
             try:
@@ -520,6 +618,8 @@ class Fetcher:
     def _ftp_retr(self, ftp: ftplib.FTP, url: str, path: str, have: int, out: IO[bytes],
                   deadline: Deadline) -> socket.socket | None:
         """Open the data connection for RETR (after REST ``have``); None if REST was refused."""
+        import ftplib
+
         try:
             conn = ftp.transfercmd(f"RETR {path}", rest=have or None)
         except (ftplib.error_reply, ftplib.error_perm) as e:

@@ -125,7 +125,7 @@ def test_named_inputs_dtype_and_shape_errors(models: dict[str, Path], runtime: s
         m.infer({"x": good})  # type: ignore[attr-defined]
 
 
-def test_openvino_precision_is_explicit_and_cache_is_used(models: dict[str, Path], tmp_path: Path) -> None:
+def test_openvino_precision_is_explicit_and_cpu_compiles_without_cache(models: dict[str, Path], tmp_path: Path) -> None:
     import openvino as ov
 
     caps = ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
@@ -135,7 +135,8 @@ def test_openvino_precision_is_explicit_and_cache_is_used(models: dict[str, Path
     assert m.details["compute_precision"] == "fp32" and m.details["inference_precision_hint"] == "f32"
     np.testing.assert_allclose(m.infer({"x": x})["probs"], ref, atol=SAME_ATOL, rtol=0)
     m.close()
-    assert any((tmp_path / "openvino").iterdir()), "compile cache written"
+    # The CPU compiles fast and its cache entry would be a second copy of the weights per version.
+    assert m.details["compile_cache"] == "off" and not (tmp_path / "openvino").exists()
     if "BF16" in caps:  # the runtime's default on this CPU: measurably different, hence never implicit
         b = OpenVinoBackend().load(models["ir"], "CPU", LoadOptions(extra={"inference_precision": "bf16"}))
         assert b.details["inference_precision_hint"] == "bf16"

@@ -183,6 +183,9 @@ def test_autotune_measures_keeps_fastest_and_caches(env: Env, mlp: Path) -> None
         assert row["runs"] >= 3 and row["max_abs_error"] < 1e-5 and row["compute_precision"] == "fp32"
     info = env.db.version("mlp", 1)
     assert info is not None and (info["backend"], info["variant"]) == (fastest["backend"], fastest["variant"])
+    # The winner's golden check and timings were autotune's, on the model that now serves.
+    assert r["figures"]["validation"]["measured_by"] == "autotune"
+    assert r["figures"]["validation"]["max_abs_error"] == rows[(r["backend"], r["variant"])]["max_abs_error"]
     serve_check(env, mlp, atol=1e-5)
 
     m2 = resign(env, m1, "b2", 2)  # same model files: the verdict is reused, nothing is measured
@@ -196,6 +199,16 @@ def test_autotune_measures_keeps_fastest_and_caches(env: Env, mlp: Path) -> None
     env.settings = replace(env.settings, hw_fingerprint="other-hardware")
     final3 = env.deploy("j3", resign(env, m1, "b3", 3))
     assert final3["result"]["selection"]["autotune"]["state"] == "measured"  # another fingerprint: measured again
+
+    # Retrained weights, same layout (tensor specs, variants, file sizes): the verdict applies,
+    # and the reused winner is validated as usual before it serves.
+    retrained = make_mlp(env.tmp / "retrained" / "mlp.onnx", seed=11)
+    final4 = env.deploy("j4", build(env, retrained, "b4", 4, variants=["openvino-fp32", "tflite"]))
+    assert final4["state"] == "SUCCEEDED", final4
+    tune4 = final4["result"]["selection"]["autotune"]
+    assert (tune4["state"], tune4["basis"], tune4["measured_version"]) == ("cached", "layout", 3), tune4
+    assert tune4["winner"] == final3["result"]["selection"]["autotune"]["winner"]
+    assert final4["result"]["figures"]["validation"]["runs"] >= 3
 
 
 def test_autotune_reports_a_failing_candidate_and_never_picks_it(env: Env, mlp: Path) -> None:

@@ -201,6 +201,7 @@ def test_other_models_on_the_same_connection_go_to_their_own_worker(env: Env) ->
     for name in ("a", "b", "a", "b"):
         status, doc = _post(c, f"/v2/models/{name}/infer")
         assert status == 200 and doc["model_name"] == name
+    assert len(b._held) == 1 and not a._held, "the connection moved from a's worker to b's"
     status, doc = _post(c, "/v2/models/nope/infer")
     assert status == 404 and doc["code"] == "unknown_model"
     status, doc = _post(c, "/v2/models/a/versions/7/infer")
