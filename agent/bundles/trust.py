@@ -3,10 +3,11 @@
 Key id = hex sha256 of the raw 32-byte public key (BUNDLE.md). Keys are PEM files in the trust
 folder; the daemon learns new keys only through the signed ``trust`` command.
 
-``cryptography`` (~7 MB of RSS) loads at the first signature check, not at start: a key file in
-the standard form (PEM SubjectPublicKeyInfo of one Ed25519 key) is read as its raw 32 bytes, and
-its key object is made when a signature names it. Any other file goes through ``cryptography``,
-which accepts or refuses it exactly as before.
+``cryptography`` (≈ 9 MB of RSS) stays out of the daemon: a key file in the standard form (PEM
+SubjectPublicKeyInfo of one Ed25519 key) is read as its raw 32 bytes, and signatures by such keys
+are checked through the OpenSSL libcrypto the interpreter already maps (agent/bundles/ed25519.py).
+Any other key file, and the rare ``trust`` command, go through ``cryptography``, which accepts or
+refuses them exactly as before; so do signatures when that libcrypto has no Ed25519.
 """
 
 from __future__ import annotations
@@ -133,6 +134,28 @@ class TrustStore:
 
             key = self._keys[kid] = Ed25519PublicKey.from_public_bytes(key)
         return key
+
+    def check(self, kid: str, sig: bytes, msg: bytes) -> bool | None:
+        """Whether ``sig`` is a valid signature of ``msg`` by trusted key ``kid``; None when no
+        such key is trusted."""
+        key = self._keys.get(kid)
+        if key is None:
+            return None
+        if isinstance(key, bytes):
+            from agent.bundles import ed25519
+
+            if ed25519.available():
+                return ed25519.verify(key, sig, msg)
+        pub = self.get(kid)
+        if pub is None:
+            return None
+        from cryptography.exceptions import InvalidSignature
+
+        try:
+            pub.verify(sig, msg)
+        except InvalidSignature:
+            return False
+        return True
 
     def writable_by_others(self) -> list[str]:
         """Paths in the trust folder that group or others can write (a takeover risk)."""

@@ -3,9 +3,12 @@ RFC 8032 and with ``cryptography`` on valid, altered and malformed signatures.""
 
 from __future__ import annotations
 
+import base64
+import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from cryptography.exceptions import InvalidSignature
@@ -83,3 +86,26 @@ def test_checking_signatures_does_not_load_cryptography() -> None:
             "print(ok, any(m.startswith('cryptography') for m in sys.modules))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert out.stdout.split() == ["True", "False"]
+
+
+def test_dsse_verify_of_a_signed_envelope_stays_without_cryptography(tmp_path: Path) -> None:
+    """What the daemon does for every command and manifest, in a fresh interpreter."""
+    from agent.bundles import dsse, trust
+
+    priv = Ed25519PrivateKey.generate()
+    folder = tmp_path / "trust"
+    folder.mkdir()
+    (folder / "fleet.pem").write_bytes(trust.public_pem(priv.public_key()))
+    env = dsse.sign(dsse.COMMAND_TYPE, b'{"cmd": "status"}', [priv])
+    (tmp_path / "env.json").write_text(json.dumps(env))
+    env["payload"] = base64.b64encode(b'{"cmd": "remove"}').decode()  # a payload the key never signed
+    (tmp_path / "bad.json").write_text(json.dumps(env))
+    code = ("import json, sys\nfrom pathlib import Path\nfrom agent import errors\nfrom agent.bundles import dsse, trust\n"
+            "store = trust.TrustStore.load(Path(sys.argv[1]))\n"
+            "print(dsse.verify(json.loads(Path(sys.argv[2]).read_text()), dsse.COMMAND_TYPE, store, 1).decode())\n"
+            "try:\n    dsse.verify(json.loads(Path(sys.argv[3]).read_text()), dsse.COMMAND_TYPE, store, 1)\n"
+            "except errors.RejectError as e:\n    print(e.code)\n"
+            "print(any(m.startswith('cryptography') for m in sys.modules))\n")
+    out = subprocess.run([sys.executable, "-c", code, str(folder), str(tmp_path / "env.json"), str(tmp_path / "bad.json")],
+                         capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.splitlines() == ['{"cmd": "status"}', "bad_signature", "False"], out.stderr
