@@ -43,6 +43,7 @@ from agent.telemetry.budget import DailyBudget
 from agent.telemetry.metrics import Metrics
 from agent.telemetry.outbox import Outbox
 from agent.telemetry.reporting import TelemetryReporter, manifest_max_p95_ms
+from agent.telemetry.system import release_free_memory
 from agent.telemetry.windows import LatencyWindows
 from agent.timeutil import now_rfc3339
 
@@ -76,7 +77,8 @@ class Agent:
             log.info("remote config applied: %s", ", ".join(applied))
         self.trust = TrustStore.load(Path(cfg.trust.keys_dir))
         self.windows = LatencyWindows()
-        self.registry = Registry(observer=self._observe_inference)
+        # Each call recorded once, by the windows: /metrics reads its totals from them at scrape time.
+        self.registry = Registry(observer=self.windows.observe)
         self.reporter = JobReporter(self.db, self.outbox, self.topics)
         # Targets listed by a child process (cached under state_dir): no runtime import in an idle daemon.
         self.backends = probed_backends(self._backends(), self.state_dir / "cache" / "backend-targets.json")
@@ -116,12 +118,9 @@ class Agent:
             self.cfg, self.outbox, self.topics, self.windows, self.budget, self.reporter.event,
             lambda: self.mqtt.state.to_dict(), slo_for=self._model_p95_limit, started=self.started)
         self.metrics = Metrics(self.outbox.stats, lambda: self.mqtt.state.to_dict(),
-                               budget=self.telemetry.budget_status, sent=lambda: dict(self.mqtt.sent))
+                               budget=self.telemetry.budget_status, sent=lambda: dict(self.mqtt.sent),
+                               windows=self.windows)
         self.outbox.on_add = self.metrics.on_outbox_add
-
-    def _observe_inference(self, name: str, version: int, backend: str, latency_s: float, ok: bool) -> None:
-        self.windows.observe(name, version, backend, latency_s, ok)
-        self.metrics.observe_inference(name, version, backend, latency_s, ok)
 
     def _model_p95_limit(self, name: str) -> float | None:
         sv = self.registry.get(name)
@@ -527,9 +526,12 @@ class Agent:
         control.register("rollback", local_op("rollback"), mutating=True)
         control.register("remove", local_op("remove"), mutating=True)
 
-        from agent.bundles.offline import install_op
+        def install(p: dict[str, Any], emit: Any) -> Any:
+            from agent.bundles.offline import install_op  # and the archive reader: at first use
 
-        control.register("install", lambda p, emit: install_op(self, p, emit), mutating=True, streaming=True)
+            return install_op(self, p, emit)
+
+        control.register("install", install, mutating=True, streaming=True)
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -572,6 +574,7 @@ class Agent:
         log.info("edge-agent %s started: device %s, profile %s, api %s, broker %s",
                  __version__, self.cfg.device_id, self.profile,
                  self.kserve.address if self.kserve else "off", self.cfg.mqtt.url)
+        release_free_memory()  # start-up's transient heap (≈ 3 MB where modules had no .pyc) back to the OS
 
     def stop(self) -> None:
         log.info("stopping")

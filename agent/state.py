@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 BUSY_TIMEOUT_S = 5.0
+CACHE_KIB = 512  # SQLite's page cache (default 2 MiB): small tables, read through the OS's file cache
 TERMINAL = ("SUCCEEDED", "FAILED", "REJECTED", "CANCELED", "TIMED_OUT")
 
 SCHEMA = """
@@ -56,6 +57,7 @@ class StateDB:
                                    isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
         self._db.executescript(SCHEMA)
 
     def close(self) -> None:
