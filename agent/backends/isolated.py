@@ -142,39 +142,107 @@ def _worker_command(fds: list[int]) -> list[str]:
     return [sys.executable, "-c", code, root, ",".join(map(str, fds))]
 
 
-class IsolatedModel:
-    """Proxy to a model loaded in a child process."""
+_CLAIM_LOCK = threading.Lock()
 
-    def __init__(self, runtime: str, target: str, path: Path, options: LoadOptions,
-                 channels: int = DEFAULT_CHANNELS, infer_timeout_s: float = DEFAULT_INFER_TIMEOUT_S,
-                 start_timeout_s: float = START_TIMEOUT_S) -> None:
-        from multiprocessing.connection import Connection
 
-        self.infer_timeout_s = infer_timeout_s
-        self.death: str = ""
-        self._lock = threading.Lock()
-        self._send_lock = threading.Lock()
-        self._idle = threading.Condition(self._lock)
+class Spare:
+    """A worker started ahead of its model: the interpreter is up and the runtime imported while
+    the bundle still downloads (``IsolatedModel(..., spare=)`` then only loads). ``close()`` ends
+    it when it is not used."""
+
+    def __init__(self, runtime: str, channels: int = DEFAULT_CHANNELS) -> None:
+        self.runtime = runtime
         pairs = [socket.socketpair() for _ in range(max(1, channels))]
         ctl, ctl_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         for s in (ctl, ctl_child):
             s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, CTL_SNDBUF_BYTES)
         child_fds = [child.fileno() for _, child in pairs] + [ctl_child.fileno()]
-        t0 = time.monotonic()
+        self.t0 = time.monotonic()
         try:
-            self._proc = subprocess.Popen(_worker_command(child_fds), pass_fds=child_fds,
-                                          stdin=subprocess.DEVNULL, close_fds=True)
-        except OSError as e:
+            self.proc = subprocess.Popen(_worker_command(child_fds), pass_fds=child_fds,
+                                         stdin=subprocess.DEVNULL, close_fds=True)
+        except OSError:
             for p, _ in pairs:
                 p.close()
             ctl.close()
-            raise errors.RejectError(errors.LOAD_FAILED, f"{path.name}: cannot start a worker: {e}") from e
+            raise
         finally:
             for _, child in pairs:
                 child.close()
             ctl_child.close()
+        from multiprocessing.connection import Connection
+
+        self.conns = [Connection(p.detach()) for p, _ in pairs]
+        self.ctl = ctl
+        self.claimed = False  # promised to one load (claim())
+        self.owned = False  # its process and sockets belong to a model, or are closed
+
+    def preload(self) -> Spare:
+        with contextlib.suppress(OSError):
+            self.conns[0].send(("preload", self.runtime))
+        return self
+
+    def claim(self) -> bool:
+        """Reserve this worker for one load; False when another load has it."""
+        with _CLAIM_LOCK:
+            if self.claimed:
+                return False
+            self.claimed = True
+            return True
+
+    def close(self) -> None:
+        """End the worker unless a model took it over."""
+        if self.owned:
+            return
+        self.owned = True
+        for c in self.conns:
+            with contextlib.suppress(OSError, ValueError):
+                c.send(None)
+            c.close()
+        self.ctl.close()
+        try:
+            self.proc.wait(KILL_WAIT_S)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(KILL_WAIT_S)
+
+
+def prestart(runtime: str) -> Spare | None:
+    """Start a worker for ``runtime`` now, to load a model into later; None if it cannot start."""
+    try:
+        return Spare(runtime).preload()
+    except OSError as e:
+        log.debug("cannot start a worker ahead: %s", e)
+        return None
+
+
+class IsolatedModel:
+    """Proxy to a model loaded in a child process."""
+
+    def __init__(self, runtime: str, target: str, path: Path, options: LoadOptions,
+                 channels: int = DEFAULT_CHANNELS, infer_timeout_s: float = DEFAULT_INFER_TIMEOUT_S,
+                 start_timeout_s: float = START_TIMEOUT_S, spare: Spare | None = None) -> None:
+        self.infer_timeout_s = infer_timeout_s
+        self.death: str = ""
+        self._lock = threading.Lock()
+        self._send_lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
+        if spare is not None and (spare.owned or spare.runtime != runtime or spare.proc.poll() is not None
+                                  or len(spare.conns) != max(1, channels)):
+            spare.close()
+            spare = None
+        if spare is None:
+            try:
+                spare = Spare(runtime, channels)
+            except OSError as e:
+                raise errors.RejectError(errors.LOAD_FAILED, f"{path.name}: cannot start a worker: {e}") from e
+        spare.owned = True
+        t0 = spare.t0
+        self._proc = spare.proc
+        ctl = spare.ctl
         self.pid: int = self._proc.pid
-        self._conns = [Connection(p.detach()) for p, _ in pairs]
+        self._conns = spare.conns
         self._ctl = ctl
         # One poll object per channel, made once: Connection.poll() builds a selector on every
         # call, ~65 µs of a ~160 µs round trip on a 2-core VM (docs/benchmarks.md).

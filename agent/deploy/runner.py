@@ -119,6 +119,7 @@ class DeployContext:
     previous: int | None = None  # the version that served before this one activated
     tune: list[int] = field(default_factory=list)  # candidates autotune measures in LOADING (once)
     tuned: dict[str, Any] | None = None  # autotune's row for ``loaded``: its golden check and timings
+    spares: list[Any] = field(default_factory=list)  # workers started while the bundle downloads
 
     @property
     def candidate(self) -> Candidate:
@@ -200,6 +201,7 @@ class DeployRunner:
                     errors.TIMEOUT, f"{step} took {elapsed:.0f} s (limit {STEP_TIMEOUT_S[step]:.0f} s)"))
             step = TRANSITIONS[(step, outcome)]
         ctx.figures["total_s"] = round(time.monotonic() - t_start, 4)
+        self._close_spares(ctx)
         self.sweep()
         if step == DONE:
             self.reporter.update(ctx.job_id, "deploy", "SUCCEEDED", None, result=self.result(ctx))
@@ -221,6 +223,7 @@ class DeployRunner:
     def _end(self, ctx: DeployContext, state: str, step: str, error: errors.AgentError) -> None:
         """End a deploy that did not activate: free what it loaded and downloaded, report."""
         self._close_unused(ctx)
+        self._close_spares(ctx)
         self._discard(ctx)
         self.sweep()
         self.reporter.update(ctx.job_id, "deploy", state, step, error=error)
@@ -290,6 +293,11 @@ class DeployRunner:
         hw = s.hw_fingerprint or autotune.fingerprint(s.hw_facts, targets)
         ctx.tune = autotune.plan(ctx.decision, ctx.manifest, self.db, autotune.cache_key(ctx.manifest, hw),
                                  enabled=s.autotune, pinned=bool(ctx.pin), layout=autotune.layout_key(ctx.manifest, hw))
+        if s.isolation == "process":  # their interpreters start and import the runtime during the download
+            from agent.backends.isolated import prestart
+
+            first = [ctx.decision.candidates[i] for i in ctx.tune[:2]] if ctx.tune else [ctx.candidate]
+            ctx.spares = [sp for c in first if (sp := prestart(c.target.runtime)) is not None]
         log.info("deploy %s: %s v%d → %s (%s); %d candidate(s)", ctx.job_id, ctx.model,
                  ctx.manifest.version, ctx.candidate.target.id, ctx.candidate.variant.id,
                  len(ctx.decision.candidates))
@@ -354,7 +362,7 @@ class DeployRunner:
         try:
             t0 = time.monotonic()
             ctx.loaded = load_model(self.backends, c.target.runtime, c.target.target, path, self.settings(),
-                                    precision=c.variant.precision)
+                                    precision=c.variant.precision, spares=ctx.spares)
             ctx.figures["load_ms"] = round((time.monotonic() - t0) * 1000, 2)
         except errors.AgentError as e:
             return self._fallback(ctx, e)
@@ -370,7 +378,7 @@ class DeployRunner:
 
         def load(c: Candidate) -> LoadedModel:
             return load_model(self.backends, c.target.runtime, c.target.target, vdir / c.variant.main_file.path, s,
-                              precision=c.variant.precision)
+                              precision=c.variant.precision, spares=ctx.spares)
 
         def failed(c: Candidate, e: errors.AgentError) -> None:
             ctx.figures.setdefault("fallbacks", []).append(
@@ -462,6 +470,12 @@ class DeployRunner:
             ctx.loaded.close()
             ctx.loaded = None
 
+    @staticmethod
+    def _close_spares(ctx: DeployContext) -> None:
+        spares, ctx.spares = ctx.spares, []
+        for sp in spares:
+            sp.close()
+
     def _prune(self, name: str) -> None:
         """Keep ``keep_versions`` versions (always the serving and previous ones); collect files."""
         keep = self.settings().keep_versions
@@ -479,8 +493,9 @@ class DeployRunner:
 
 
 def load_model(backends: Sequence[Backend], runtime: str, target: str, path: Path,
-               settings: DeploySettings, precision: str = "") -> LoadedModel:
-    """Load on ``runtime:target``, in a worker process unless ``backends.isolation = "none"``.
+               settings: DeploySettings, precision: str = "", spares: Sequence[Any] = ()) -> LoadedModel:
+    """Load on ``runtime:target``, in a worker process unless ``backends.isolation = "none"`` (one
+    of ``spares``, started ahead for that runtime, when there is one).
 
     ``precision`` is the variant's: backends pick their compute precision from it explicitly."""
     options = LoadOptions(threads=settings.threads, allow_spinning=settings.allow_spinning, precision=precision,
@@ -491,7 +506,8 @@ def load_model(backends: Sequence[Backend], runtime: str, target: str, path: Pat
     if settings.isolation == "process":
         from agent.backends.isolated import IsolatedModel
 
-        return IsolatedModel(runtime, target, path, options, infer_timeout_s=settings.infer_timeout_s)
+        spare = next((sp for sp in spares if sp.runtime == runtime and sp.claim()), None)
+        return IsolatedModel(runtime, target, path, options, infer_timeout_s=settings.infer_timeout_s, spare=spare)
     for b in backends:
         if b.runtime == runtime:
             return b.load(path, target, options)

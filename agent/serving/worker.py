@@ -6,7 +6,8 @@ daemon talks to the worker through ``IsolatedModel`` (agent/backends/isolated.py
 as ``main("FD,FD,…,CTL")``: the descriptors are socket pairs it inherited.
 
 Protocol on each pipe (multiprocessing Connection framing): the parent first sends
-``("load", runtime, target, path, threads, allow_spinning, extra)`` on the first pipe; the worker
+``("load", runtime, target, path, threads, allow_spinning, extra)`` on the first pipe (a worker
+started ahead of its model gets ``("preload", runtime)`` before it, and imports meanwhile); the worker
 answers ``("ready", backend_id, inputs, outputs, pid)`` or ``("err", code, message)``. Then the
 parent sends dicts of numpy arrays (already checked against the model's inputs); the worker answers
 ``("ok", outputs)`` or ``("err", code, message)``. The worker exits when every pipe is closed (the
@@ -69,6 +70,19 @@ def _serve(conn: Any, model: Any) -> None:
             return
 
 
+def _preload(runtime: str) -> None:
+    """Import the runtime's module and the runtime; a failure here shows again at load time."""
+    import importlib
+
+    from agent.backends import RUNTIME_MODULES
+
+    try:
+        mod = importlib.import_module(RUNTIME_MODULES[runtime])
+        getattr(mod, "preload", lambda: None)()
+    except Exception:
+        pass
+
+
 def _control(ctl: socket.socket, model: Any) -> None:
     """The HTTP machinery loads only once the daemon hands a first connection over."""
     from agent.backends.isolated import recv_ctl
@@ -99,7 +113,12 @@ def main(fds_arg: str) -> None:
     ctl = socket.socket(fileno=fds[-1])
     try:
         load = conns[0].recv()
+        if load[0] == "preload":  # started ahead of its model (while the bundle downloads)
+            _preload(load[1])
+            load = conns[0].recv()
     except (EOFError, OSError):
+        return
+    if load is None:
         return
     _, runtime, target, path, threads, allow_spinning, extra = load
     try:

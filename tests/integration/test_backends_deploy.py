@@ -227,3 +227,58 @@ def test_autotune_reports_a_failing_candidate_and_never_picks_it(env: Env, mlp: 
     assert final["result"]["selection"]["ranked"][-1]["variant"] == "ov-broken"  # the failed one goes last
     ev = env.events("backend_fallback")
     assert len(ev) == 1 and ev[0]["during"] == "autotune" and ev[0]["failed"]["variant"] == "ov-broken"
+
+
+def _worker_pids() -> set[int]:
+    import psutil
+
+    out = set()
+    for p in psutil.Process().children():
+        try:
+            if any("agent.serving.worker" in part for part in p.cmdline()) and p.status() != psutil.STATUS_ZOMBIE:
+                out.add(p.pid)
+        except psutil.Error:
+            continue
+    return out
+
+
+def test_process_isolation_loads_into_workers_started_during_the_download(env: Env, mlp: Path) -> None:
+    """With process isolation the workers for the first candidates start (interpreter, runtime
+    import) while the bundle downloads; the model loads into one of them, the others end."""
+    from agent.backends import isolated
+
+    started: list[Any] = []
+    real = isolated.prestart
+
+    def spy(runtime: str) -> Any:
+        sp = real(runtime)
+        started.append(sp)
+        return sp
+
+    def settle(serving_pid: int) -> None:
+        deadline = time.monotonic() + 10
+        while _worker_pids() != {serving_pid} and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _worker_pids() == {serving_pid}, "every other worker (candidates, spares) has ended"
+
+    isolated.prestart = spy  # type: ignore[assignment]  # observes the real function; nothing faked
+    try:
+        env.settings = replace(env.settings, isolation="process")
+        final = env.deploy("j1", build(env, mlp, "b1"))
+        assert final["state"] == "SUCCEEDED", final
+        assert [sp.runtime for sp in started] == [final["result"]["backend"].split(":")[0]]
+        sv = env.registry.get("mlp")
+        assert sv is not None and sv.model.pid == started[0].proc.pid, "the model loaded into the worker started ahead"  # type: ignore[attr-defined]
+        serve_check(env, mlp, atol=1e-5)
+
+        started.clear()  # autotune: one worker ahead for each of the two candidates loaded first
+        env.settings = replace(env.settings, autotune=True)
+        final = env.deploy("j2", build(env, mlp, "b2", 2, variants=["openvino-fp32"]))
+        assert final["state"] == "SUCCEEDED", final
+        assert len(started) == 2
+        sv = env.registry.get("mlp")
+        assert sv is not None and sv.version == 2
+        settle(sv.model.pid)  # type: ignore[attr-defined]
+        serve_check(env, mlp, atol=1e-5)
+    finally:
+        isolated.prestart = real  # type: ignore[assignment]

@@ -58,6 +58,11 @@ def _wait(cond: Any, what: str, timeout_s: float = TIMEOUT_S) -> None:
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def _proc_state(pid: int) -> str:
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0]
+
+
 class Env:
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -184,6 +189,7 @@ def test_hung_worker_answers_the_waiting_request_with_worker_hung(env: Env) -> N
     _wait(lambda: m._slots.get(next(iter(m._held)))[0] == IDLE, "the worker back to waiting")
     os.kill(m.pid, signal.SIGSTOP)  # the runtime stops answering
     try:
+        _wait(lambda: _proc_state(m.pid) == "T", "the worker stopped")  # kill() returns before it is
         t0 = time.monotonic()
         status, doc = _post(c)
         assert status == 500 and doc["code"] == "worker_hung", doc
@@ -206,3 +212,25 @@ def test_other_models_on_the_same_connection_go_to_their_own_worker(env: Env) ->
     assert status == 404 and doc["code"] == "unknown_model"
     status, doc = _post(c, "/v2/models/a/versions/7/infer")
     assert status == 404 and doc["code"] == "unknown_model"
+
+
+def test_a_worker_started_ahead_is_claimed_once_and_a_mismatched_one_ends(tmp_path: Path) -> None:
+    from agent.backends.isolated import prestart
+
+    path = make_linear_onnx(tmp_path / "m.onnx", seed=1)
+    sp = prestart("onnxruntime")
+    assert sp is not None and sp.claim() and not sp.claim(), "one load per worker"
+    m = IsolatedModel("onnxruntime", CPU, path, LoadOptions(threads=1), spare=sp)
+    try:
+        assert m.pid == sp.proc.pid
+        assert np.allclose(m.infer({"x": X})["y"], _expected(path), rtol=1e-5)
+    finally:
+        m.close()
+    wrong = prestart("tflite")
+    assert wrong is not None
+    m = IsolatedModel("onnxruntime", CPU, path, LoadOptions(threads=1), spare=wrong)
+    try:
+        assert m.pid != wrong.proc.pid
+        assert wrong.proc.wait(5) is not None, "a worker started for another runtime ends"
+    finally:
+        m.close()

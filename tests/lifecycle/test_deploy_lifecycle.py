@@ -141,6 +141,8 @@ def test_worker_hang_in_probation_rolls_back(fleet: Fleet, mosquitto: Mosquitto)
         wait_until(lambda: models(agent)["lin"]["state"] == "probation", 30, "v2 on probation")
         pid = _worker_pid(agent)
         os.kill(pid, signal.SIGSTOP)  # the runtime stops answering
+        wait_until(lambda: Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "T",
+                   10, "worker stopped")  # kill() returns before the process has stopped
         import requests
 
         body = {"inputs": [{"name": "x", "shape": [2, 4], "datatype": "FP32", "data": X.reshape(-1).tolist()}]}
