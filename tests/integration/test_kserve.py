@@ -142,6 +142,11 @@ def test_health_and_server_metadata(env: Env) -> None:
     r = env.http.get(f"{env.url}/v2/health/live", timeout=CLIENT_TIMEOUT_S)
     assert r.status_code == 200 and r.json() == {"live": True}
     assert r.headers["Content-Type"] == "application/json"
+    import email.utils
+
+    date = r.headers["Date"]  # IMF-fixdate, as the stdlib would write it
+    when = email.utils.parsedate_to_datetime(date).timestamp()
+    assert abs(when - time.time()) < 5 and date == email.utils.formatdate(when, usegmt=True)
     assert env.http.get(f"{env.url}/v2/health/ready", timeout=CLIENT_TIMEOUT_S).status_code == 200
     env.ready = False
     try:
