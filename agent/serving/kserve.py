@@ -25,6 +25,7 @@ Invariants:
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import logging
 import math
@@ -285,57 +286,49 @@ def infer_target(target: str) -> tuple[str, str | None] | None:
     return None
 
 
-class ConnReader:
-    """The ``rfile`` of a connection that arrives with bytes already read from it (handed over
-    between the daemon and a worker): those first, then the socket (its timeout applies).
-    Offers what the request handler uses (readline, read, read1) and ``unread()``."""
+class _PrefixRaw(io.RawIOBase):
+    """Raw stream: ``prefix`` first, then the socket (its timeout applies). While ``peeking``,
+    an empty prefix reads as "nothing available" instead of waiting."""
 
-    def __init__(self, sock: socket.socket, prefix: bytes = b"") -> None:
+    def __init__(self, sock: socket.socket, prefix: bytes) -> None:
         self._sock = sock
-        self._buf = bytearray(prefix)
-        self.closed = False
+        self._prefix: memoryview | None = memoryview(prefix) if prefix else None
+        self.peeking = False
 
-    def _fill(self) -> bool:
-        data = self._sock.recv(CHUNK_BYTES)
-        if not data:
-            return False
-        self._buf += data
+    def readable(self) -> bool:
         return True
 
-    def _take(self, n: int) -> bytes:
-        out = bytes(self._buf[:n])
-        del self._buf[:n]
-        return out
+    def readinto(self, b: Any) -> int | None:
+        p = self._prefix
+        if p is not None:
+            n = min(len(b), len(p))
+            b[:n] = p[:n]
+            self._prefix = p[n:] if n < len(p) else None
+            return n
+        if self.peeking:
+            return None
+        return self._sock.recv_into(b)
 
-    def readline(self, limit: int = -1) -> bytes:
-        buf = self._buf
-        start = 0
-        while True:
-            i = buf.find(b"\n", start)
-            if i >= 0 and (limit < 0 or i < limit):
-                return self._take(i + 1)
-            if 0 <= limit <= len(buf):
-                return self._take(limit)
-            start = len(buf)
-            if not self._fill():
-                return self._take(len(buf))
+    def rest(self) -> bytes:
+        return bytes(self._prefix) if self._prefix is not None else b""
 
-    def read(self, n: int = -1) -> bytes:
-        while (n < 0 or len(self._buf) < n) and self._fill():
-            pass
-        return self._take(len(self._buf) if n < 0 else n)
 
-    def read1(self, n: int = -1) -> bytes:
-        if not self._buf:
-            self._fill()
-        return self._take(len(self._buf) if n < 0 else min(n, len(self._buf)))
+class ConnReader(io.BufferedReader):
+    """The ``rfile`` of a connection that arrives with bytes already read from it (handed over
+    between the daemon and a worker): those first, then the socket. A C buffered reader (its
+    readline is what every request pays) that also tells what it holds unread."""
+
+    def __init__(self, sock: socket.socket, prefix: bytes = b"") -> None:
+        self._src = _PrefixRaw(sock, prefix)
+        super().__init__(self._src, CHUNK_BYTES)
 
     def unread(self) -> bytes:
         """What was read from the socket but not consumed (a pipelined request), without blocking."""
-        return bytes(self._buf)
-
-    def close(self) -> None:
-        self.closed = True
+        self._src.peeking = True
+        try:
+            return bytes(self.peek()) + self._src.rest()
+        finally:
+            self._src.peeking = False
 
 
 def _unread(rfile: Any, sock: socket.socket) -> bytes:
@@ -466,7 +459,7 @@ class _Handler(_HTTPHandler):
         prefix = self._app._prefixes.pop(self.connection, None)
         if prefix is not None:  # a connection given back by a worker, with the bytes it had read
             self.rfile.close()
-            self.rfile = ConnReader(self.connection, prefix)  # type: ignore[assignment]
+            self.rfile = ConnReader(self.connection, prefix)
         self._app._track(self.connection, True)
 
     def finish(self) -> None:
