@@ -170,53 +170,16 @@ def plan(decision: Decision, manifest: Manifest, kv: KV, key: str, *, enabled: b
     return picked
 
 
-def load_samples(vdir: Path, manifest: Manifest) -> tuple[dict[str, Any], dict[str, Any]]:
-    import numpy as np
+def _plan() -> Any:
+    from agent.deploy.golden import TimingPlan
 
-    assert manifest.validation is not None
-    try:
-        with np.load(vdir / manifest.validation.inputs, allow_pickle=False) as z:
-            inputs = {k: z[k] for k in z.files}
-        with np.load(vdir / manifest.validation.expected, allow_pickle=False) as z:
-            expected = {k: z[k] for k in z.files}
-    except (OSError, ValueError) as e:
-        raise errors.RejectError(errors.VALIDATION_FAILED, f"golden samples unreadable: {e}") from e
-    return inputs, expected
+    return TimingPlan(warmup=WARMUP_RUNS, min_runs=MIN_RUNS, max_runs=MAX_RUNS, budget_s=BUDGET_S)
 
 
-def max_error(out: Mapping[str, Any], expected: Mapping[str, Any], rtol: float, atol: float,
-              backend_id: str) -> float:
-    """Largest |got - expected|; ``validation_failed`` when any element is outside atol + rtol·|expected|."""
-    import numpy as np
+def figures(times_s: Sequence[float]) -> dict[str, Any]:
+    """Median / p90 / p95 / min latency in ms of the timed runs."""
+    times = sorted(t * 1000 for t in times_s)
 
-    worst = 0.0
-    for name, exp in expected.items():
-        if name not in out:
-            raise errors.RejectError(errors.VALIDATION_FAILED, f"output {name!r} missing from {backend_id}")
-        got = np.asarray(out[name], dtype=np.float64)
-        e = np.asarray(exp, dtype=np.float64)
-        if got.shape != e.shape:
-            raise errors.RejectError(errors.VALIDATION_FAILED, f"output {name!r} on {backend_id}: shape {list(got.shape)}, expected {list(e.shape)}")
-        diff = np.abs(got - e)
-        if diff.size and not bool(np.all(diff <= atol + rtol * np.abs(e))):
-            raise errors.RejectError(errors.VALIDATION_FAILED,
-                                     f"output {name!r} on {backend_id}: max abs error {float(diff.max()):.3g} exceeds atol {atol:g} + rtol {rtol:g}·|expected|")
-        worst = max(worst, float(diff.max()) if diff.size else 0.0)
-    return worst
-
-
-def time_model(model: LoadedModel, inputs: dict[str, Any], *, warmup: int = WARMUP_RUNS, min_runs: int = MIN_RUNS,
-               max_runs: int = MAX_RUNS, budget_s: float = BUDGET_S) -> dict[str, Any]:
-    """Median / p90 / p95 / min latency in ms over a bounded number of runs."""
-    for _ in range(warmup):
-        model.infer(inputs)
-    times: list[float] = []
-    t_end = time.monotonic() + budget_s
-    while len(times) < max_runs and (len(times) < min_runs or time.monotonic() < t_end):
-        t0 = time.perf_counter()
-        model.infer(inputs)
-        times.append((time.perf_counter() - t0) * 1000)
-    times.sort()
     def pct(q: float) -> float:
         return round(times[min(len(times) - 1, int(q * len(times)))], 4)
 
@@ -264,8 +227,11 @@ def tune(decision: Decision, indices: Sequence[int], manifest: Manifest, vdir: P
     ``concurrent_loads`` = 2 loads two candidates at once when no best one is held yet (models
     in worker processes load in parallel; at most two are loaded at any time either way). The
     golden checks and timings always run one candidate at a time."""
+    from agent.deploy import golden
+
     top = [decision.candidates[i] for i in indices]
-    inputs, expected = load_samples(vdir, manifest)
+    assert manifest.validation is not None
+    samples = (vdir / manifest.validation.inputs, vdir / manifest.validation.expected)  # read where each model runs
     rows: list[dict[str, Any]] = []
     ok: list[tuple[float, int, Candidate]] = []
     failed: list[Candidate] = []
@@ -289,8 +255,9 @@ def tune(decision: Decision, indices: Sequence[int], manifest: Manifest, vdir: P
                     assert model is not None
                     row["load_ms"] = load_ms
                     rtol, atol = variant_tolerance(manifest, c.variant)
-                    row["max_abs_error"] = max_error(model.infer(inputs), expected, rtol, atol, model.backend_id)
-                    row.update(time_model(model, inputs))
+                    res = golden.check(model, *samples, rtol, atol, _plan())  # where the model runs
+                    row["max_abs_error"] = res["max_abs_error"]
+                    row.update(figures(res["times_s"]))
                     details = getattr(model, "details", None)
                     if isinstance(details, dict) and details.get("compute_precision"):
                         row["compute_precision"] = details["compute_precision"]

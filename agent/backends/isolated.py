@@ -296,6 +296,28 @@ class IsolatedModel:
     # -- calls through the pipe (validation, agentctl, requests the daemon answers itself) -------
     def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         feed = check_inputs(self.inputs, inputs)
+        reply = self._call(feed, self.infer_timeout_s)
+        if reply[0] == "ok":
+            out: dict[str, np.ndarray] = reply[1]
+            return out
+        if reply[1] == errors.INVALID_INPUT:
+            raise errors.RejectError(reply[1], reply[2])
+        raise errors.RetryableError(reply[1], reply[2])
+
+    def golden(self, inputs: Path, expected: Path, rtol: float, atol: float, plan: Any) -> dict[str, Any]:
+        """Golden-sample check and timings run inside the worker (agent/deploy/golden.py): the
+        samples never enter the daemon. Bounded by ``plan.bound_s(infer_timeout_s)``."""
+        reply = self._call(("golden", str(inputs), str(expected), rtol, atol, plan.to_dict()),
+                           plan.bound_s(self.infer_timeout_s))
+        if reply[0] == "ok":
+            result: dict[str, Any] = reply[1]
+            return result
+        if reply[1] in (errors.VALIDATION_FAILED, errors.INVALID_INPUT):
+            raise errors.RejectError(reply[1], reply[2])
+        raise errors.RetryableError(reply[1], reply[2])
+
+    def _call(self, msg: Any, timeout_s: float) -> tuple[Any, ...]:
+        """One request on a free pipe; a worker that does not answer within ``timeout_s`` is hung."""
         if self.death:
             raise errors.RetryableError(WORKER_CRASHED if "crash" in self.death else WORKER_HUNG, self.death)
         try:
@@ -304,11 +326,11 @@ class IsolatedModel:
             raise errors.RetryableError(errors.TIMEOUT, f"no free worker channel within {self.infer_timeout_s:.0f} s") from e
         healthy = False
         try:
-            conn.send(feed)
-            if not self._pollers[id(conn)].poll(self.infer_timeout_s * 1000):
-                self._mark_dead(f"worker {self.pid} hung: no answer within {self.infer_timeout_s:.1f} s; killed")
+            conn.send(msg)
+            if not self._pollers[id(conn)].poll(timeout_s * 1000):
+                self._mark_dead(f"worker {self.pid} hung: no answer within {timeout_s:.1f} s; killed")
                 raise errors.RetryableError(WORKER_HUNG, self.death)
-            reply = conn.recv()
+            reply: tuple[Any, ...] = conn.recv()
             healthy = True
         except (EOFError, OSError, BrokenPipeError) as e:
             self._wait(0.2)
@@ -317,12 +339,7 @@ class IsolatedModel:
         finally:
             if healthy:
                 self._free.put(conn)
-        if reply[0] == "ok":
-            out: dict[str, np.ndarray] = reply[1]
-            return out
-        if reply[1] == errors.INVALID_INPUT:
-            raise errors.RejectError(reply[1], reply[2])
-        raise errors.RetryableError(reply[1], reply[2])
+        return reply
 
     # -- connections the worker serves itself ---------------------------------------------------
     def bind(self, name: str, version: int, sink: Sink) -> None:

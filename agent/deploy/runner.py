@@ -516,59 +516,19 @@ def load_model(backends: Sequence[Backend], runtime: str, target: str, path: Pat
 
 def validate(model: LoadedModel, vdir: Path, m: Manifest, variant: Variant | None = None) -> dict[str, Any]:
     """Golden samples within rtol/atol (the variant's own tolerance when the manifest gives one),
-    and p95 latency under the SLO, on the serving backend."""
-    import numpy as np
+    and p95 latency under the SLO, on the serving backend (inside its worker, when it has one:
+    agent/deploy/golden.py)."""
+    from agent.deploy import golden
 
     assert m.validation is not None
     v = m.validation
     rtol, atol = variant_tolerance(m, variant) if variant is not None else (v.rtol, v.atol)
-    try:
-        with np.load(vdir / v.inputs, allow_pickle=False) as z:
-            inputs = {k: z[k] for k in z.files}
-        with np.load(vdir / v.expected, allow_pickle=False) as z:
-            expected = {k: z[k] for k in z.files}
-    except (OSError, ValueError) as e:
-        raise errors.RejectError(errors.VALIDATION_FAILED, f"golden samples unreadable: {e}") from e
-    try:
-        out = model.infer(inputs)
-    except errors.AgentError as e:
-        raise errors.RejectError(errors.VALIDATION_FAILED, f"golden inputs rejected: {e.message}") from e
-    worst = 0.0
-    for name, exp in expected.items():
-        if name not in out:
-            raise errors.RejectError(errors.VALIDATION_FAILED, f"output {name!r} missing from {model.backend_id}")
-        got = np.asarray(out[name])
-        if got.shape != exp.shape:
-            raise errors.RejectError(errors.VALIDATION_FAILED,
-                                     f"output {name!r}: shape {list(got.shape)}, expected {list(exp.shape)}")
-        diff = np.abs(got.astype(np.float64) - exp.astype(np.float64))
-        allowed = atol + rtol * np.abs(exp.astype(np.float64))
-        if diff.size and not bool(np.all(diff <= allowed)):
-            i = int(np.argmax(diff - allowed))
-            raise errors.RejectError(
-                errors.VALIDATION_FAILED,
-                f"output {name!r} on {model.backend_id}: max abs error {float(diff.max()):.3g} exceeds "
-                f"atol {atol:g} + rtol {rtol:g}·|expected| (at flat index {i})")
-        worst = max(worst, float(diff.max()) if diff.size else 0.0)
-    times: list[float] = []
-    t_start = time.monotonic()
-    t_end, t_quick = t_start + SLO_BUDGET_S, t_start + SLO_QUICK_BUDGET_S
-    while len(times) < SLO_RUNS_MIN:
-        now = time.monotonic()
-        if len(times) >= 3 and now >= t_end:
-            break
-        # The p95 of 20 runs or fewer is the slowest, and more runs only raise it: a quick sample
-        # gives the same verdict as the full count when it already misses the SLO, and is all
-        # that is needed when there is no SLO to check. A met SLO is checked over the full count.
-        if (len(times) >= SLO_QUICK_RUNS and now >= t_quick
-                and (v.max_p95_ms is None or max(times) * 1000 > v.max_p95_ms)):
-            break
-        t0 = time.perf_counter()
-        model.infer(inputs)
-        times.append(time.perf_counter() - t0)
-    times.sort()
+    plan = golden.TimingPlan(min_runs=3, max_runs=SLO_RUNS_MIN, budget_s=SLO_BUDGET_S, quick_runs=SLO_QUICK_RUNS,
+                             quick_budget_s=SLO_QUICK_BUDGET_S, slo_ms=v.max_p95_ms)
+    res = golden.check(model, vdir / v.inputs, vdir / v.expected, rtol, atol, plan)
+    times = sorted(res["times_s"])
     p95 = times[min(len(times) - 1, int(0.95 * len(times)))] * 1000
     if v.max_p95_ms is not None and p95 > v.max_p95_ms:
         raise errors.RejectError(errors.SLO_FAILED,
                                  f"p95 latency {p95:.2f} ms on {model.backend_id} exceeds max_p95_ms {v.max_p95_ms:g}")
-    return {"max_abs_error": worst, "p95_ms": round(p95, 3), "runs": len(times)}
+    return {"max_abs_error": res["max_abs_error"], "p95_ms": round(p95, 3), "runs": len(times)}

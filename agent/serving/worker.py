@@ -10,7 +10,8 @@ Protocol on each pipe (multiprocessing Connection framing): the parent first sen
 started ahead of its model gets ``("preload", runtime)`` before it, and imports meanwhile); the worker
 answers ``("ready", backend_id, inputs, outputs, pid)`` or ``("err", code, message)``. Then the
 parent sends dicts of numpy arrays (already checked against the model's inputs); the worker answers
-``("ok", outputs)`` or ``("err", code, message)``. The worker exits when every pipe is closed (the
+``("ok", outputs)`` or ``("err", code, message)``; ``("golden", inputs_path, expected_path, rtol, atol,
+plan)`` runs agent/deploy/golden.py here and answers its figures. The worker exits when every pipe is closed (the
 daemon went away) or says ``None``. The last descriptor is the control socket on which the daemon
 hands over HTTP connections (agent/serving/adopted.py).
 """
@@ -57,7 +58,12 @@ def _serve(conn: Any, model: Any) -> None:
         if msg is None:
             return
         try:
-            out = model.infer(msg)
+            if type(msg) is tuple and msg[0] == "golden":  # the samples load here, not in the daemon
+                from agent.deploy.golden import TimingPlan, run
+
+                out: Any = run(model, Path(msg[1]), Path(msg[2]), msg[3], msg[4], TimingPlan(**msg[5]))
+            else:
+                out = model.infer(msg)
         except errors.AgentError as e:
             reply: tuple[Any, ...] = ("err", e.code, e.message)
         except Exception as e:  # the runtime's own errors: reported, the worker lives on

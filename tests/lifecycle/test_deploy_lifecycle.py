@@ -361,3 +361,25 @@ def test_remote_config_is_validated_and_persisted(fleet: Fleet, mosquitto: Mosqu
         assert persisted == {"storage.keep_versions": 4, "telemetry.heartbeat_s": 30}
     finally:
         agent.stop()
+
+
+def test_daemon_stays_without_numpy_cryptography_and_runtime_with_process_isolation(
+        fleet: Fleet, mosquitto: Mosquitto) -> None:
+    """Signed commands, a verified manifest, validation, swaps and inference over HTTP: none of
+    it loads numpy, cryptography or the runtime into the daemon (they live in the worker, or are
+    not needed: agent/bundles/ed25519.py, agent/deploy/golden.py, agent/serving/adopted.py)."""
+    agent = fleet.agent("dev", mosquitto.url, "\n[deploy]\nprobation_s = 0\n")
+    agent.start()
+    try:
+        _deploy_ok(fleet, 1, seed=1)
+        _deploy_ok(fleet, 2, seed=2)
+        for _ in range(3):
+            assert infer(agent)[0] == 2
+        assert agent.proc is not None
+        maps = Path(f"/proc/{agent.proc.pid}/maps").read_text()
+        for lib in ("numpy", "cryptography", "onnxruntime", "openvino", "ai_edge_litert"):
+            assert lib not in maps, f"{lib} is mapped into the daemon"
+        worker = Path(f"/proc/{_worker_pid(agent)}/maps").read_text()
+        assert "onnxruntime" in worker or "openvino" in worker, "the model runs in its worker"
+    finally:
+        agent.stop()

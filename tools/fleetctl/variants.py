@@ -395,8 +395,8 @@ def check_variant(bundle: Path, v: BuiltVariant, feeds: Mapping[str, np.ndarray]
     """Run the variant on this machine's CPU through the agent's backend; VariantError when it
     cannot run or is out of tolerance. Returns the figures."""
     from agent.backends import available_backends
-    from agent.backends.autotune import max_error
     from agent.backends.base import LoadOptions
+    from agent.deploy.golden import max_error
 
     runtime, target = CHECK_TARGETS[v.format]
     backend = next((b for b in available_backends() if b.runtime == runtime), None)

@@ -1,0 +1,124 @@
+"""Golden-sample checks and timings, where the model runs.
+
+Why here and not in the runner: with process isolation the model lives in a worker process, and
+the golden inputs (megabytes for an image model) would otherwise be loaded into the daemon — with
+numpy, ≈ 14 MB of RSS it keeps for good — and pickled across the pipe for every timed run. The
+worker runs ``run()`` itself (agent/serving/worker.py) and returns the figures; in-process models
+call it directly. Light imports only: a worker imports this module, not the daemon's stack.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from agent import errors
+
+
+@dataclass(frozen=True)
+class TimingPlan:
+    """How often to time the golden inputs: ``warmup`` untimed runs, then at least ``min_runs``
+    and at most ``max_runs`` timed ones, stopping once ``budget_s`` has passed. With ``quick_runs``,
+    also stop after that many runs and ``quick_budget_s`` when the p95 could no longer pass
+    ``slo_ms`` (or there is no SLO to check)."""
+
+    warmup: int = 0
+    min_runs: int = 3
+    max_runs: int = 20
+    budget_s: float = 2.0
+    quick_runs: int = 0
+    quick_budget_s: float = 0.0
+    slo_ms: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def bound_s(self, per_run_s: float) -> float:
+        """Longest the whole plan may take when no run takes longer than ``per_run_s``."""
+        return per_run_s * (2 + self.warmup + self.min_runs) + self.budget_s
+
+
+def load_samples(inputs: Path, expected: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The golden inputs and expected outputs (.npz, no pickles)."""
+    import numpy as np
+
+    try:
+        with np.load(inputs, allow_pickle=False) as z:
+            ins = {k: z[k] for k in z.files}
+        with np.load(expected, allow_pickle=False) as z:
+            exp = {k: z[k] for k in z.files}
+    except (OSError, ValueError) as e:
+        raise errors.RejectError(errors.VALIDATION_FAILED, f"golden samples unreadable: {e}") from e
+    return ins, exp
+
+
+def max_error(out: Mapping[str, Any], expected: Mapping[str, Any], rtol: float, atol: float, backend_id: str) -> float:
+    """Largest |got - expected|; ``validation_failed`` when any element is outside atol + rtol·|expected|."""
+    import numpy as np
+
+    worst = 0.0
+    for name, exp in expected.items():
+        if name not in out:
+            raise errors.RejectError(errors.VALIDATION_FAILED, f"output {name!r} missing from {backend_id}")
+        got = np.asarray(out[name], dtype=np.float64)
+        e = np.asarray(exp, dtype=np.float64)
+        if got.shape != e.shape:
+            raise errors.RejectError(errors.VALIDATION_FAILED,
+                                     f"output {name!r}: shape {list(got.shape)}, expected {list(e.shape)}")
+        diff = np.abs(got - e)
+        allowed = atol + rtol * np.abs(e)
+        if diff.size and not bool(np.all(diff <= allowed)):
+            i = int(np.argmax(diff - allowed))
+            raise errors.RejectError(
+                errors.VALIDATION_FAILED,
+                f"output {name!r} on {backend_id}: max abs error {float(diff.max()):.3g} exceeds "
+                f"atol {atol:g} + rtol {rtol:g}·|expected| (at flat index {i})")
+        worst = max(worst, float(diff.max()) if diff.size else 0.0)
+    return worst
+
+
+def time_runs(model: Any, inputs: dict[str, Any], plan: TimingPlan) -> list[float]:
+    """Seconds per timed run, in run order."""
+    for _ in range(plan.warmup):
+        model.infer(inputs)
+    times: list[float] = []
+    t_start = time.monotonic()
+    t_end, t_quick = t_start + plan.budget_s, t_start + plan.quick_budget_s
+    while len(times) < plan.max_runs:
+        now = time.monotonic()
+        if len(times) >= plan.min_runs and now >= t_end:
+            break
+        # The p95 of 20 runs or fewer is the slowest, and more runs only raise it: a quick sample
+        # gives the same verdict as the full count when it already misses the SLO, and is all
+        # that is needed when there is no SLO to check. A met SLO is checked over the full count.
+        if (plan.quick_runs and len(times) >= plan.quick_runs and now >= t_quick
+                and (plan.slo_ms is None or max(times) * 1000 > plan.slo_ms)):
+            break
+        t0 = time.perf_counter()
+        model.infer(inputs)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def run(model: Any, inputs: Path, expected: Path, rtol: float, atol: float,
+        plan: TimingPlan) -> dict[str, Any]:
+    """One checked run of the golden inputs, then the timed ones: ``max_abs_error``, ``times_s``."""
+    ins, exp = load_samples(inputs, expected)
+    try:
+        out = model.infer(ins)
+    except errors.AgentError as e:
+        raise errors.RejectError(errors.VALIDATION_FAILED, f"golden inputs rejected: {e.message}") from e
+    worst = max_error(out, exp, rtol, atol, model.backend_id)
+    return {"max_abs_error": worst, "times_s": time_runs(model, ins, plan)}
+
+
+def check(model: Any, inputs: Path, expected: Path, rtol: float, atol: float, plan: TimingPlan) -> dict[str, Any]:
+    """``run()`` where the model is: inside its worker when it has one, else here."""
+    remote = getattr(model, "golden", None)
+    if remote is not None:
+        result: dict[str, Any] = remote(inputs, expected, rtol, atol, plan)
+        return result
+    return run(model, inputs, expected, rtol, atol, plan)
