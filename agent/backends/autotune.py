@@ -187,6 +187,13 @@ def figures(times_s: Sequence[float]) -> dict[str, Any]:
             "min_ms": round(times[0], 4), "runs": len(times)}
 
 
+def time_model(model: LoadedModel, inputs: dict[str, Any]) -> dict[str, Any]:
+    """Autotune's timing of ``model`` on ``inputs`` held here (figures as in the measured rows)."""
+    from agent.deploy.golden import time_runs
+
+    return figures(time_runs(model, inputs, _plan()))
+
+
 @dataclass
 class TuneResult:
     loaded: LoadedModel | None  # the winner, loaded; None when every measured candidate failed
