@@ -109,8 +109,7 @@ def machine() -> dict[str, Any]:
         "memory_gib": round(mem_kb / 2**20, 1), "kernel": platform.release(), "os": platform.platform(),
         "python": platform.python_version(), "mosquitto": mosq,
         "packages": {d: _dist(d) for d in ("edge-agent", "paho-mqtt", "cryptography", "psutil", "requests",
-                                            "prometheus-client", "numpy", "onnxruntime", "openvino",
-                                            "ai-edge-litert", "matplotlib")},
+                                            "numpy", "onnxruntime", "openvino", "ai-edge-litert", "matplotlib")},
     }
 
 

@@ -18,6 +18,8 @@ from benchmarks import harness as h
 from benchmarks.context import Context, Floor
 
 TINY_SHAPE = (1, 16)
+ROUNDS = 5  # in-process variants, interleaved
+BATCHES = 7  # per variant and round (_per_call_us)
 MODELS = ("tiny", "cnn")
 
 
@@ -39,7 +41,7 @@ def _throughput(port: int, req: bytes, clients: int, seconds: float) -> dict[str
     return {"rps": len(lat) / wall, "ms": h.stats([x * 1000 for x in lat]).to_dict(), "errors": errs}
 
 
-def _per_call_us(fn: Any, calls: int, batches: int = 7) -> dict[str, float]:
+def _per_call_us(fn: Any, calls: int, batches: int = BATCHES) -> dict[str, float]:
     """Median over batches of the mean time per call, in µs (GC paused, as in timeit)."""
     per: list[float] = []
     gc.disable()
@@ -69,32 +71,32 @@ def in_process(ctx: Context, tiny_dir: Path) -> dict[str, Any]:
     sess, names = model._sess, model._out_names
     bare = Registry()
     bare.activate(ServingVersion("tiny", 1, "onnx-fp32", model))
+    # The daemon's wiring (agent/daemon.py): the registry records each call once, into the
+    # windows, and the metrics read their totals from the same windows when scraped.
     windows = LatencyWindows()
-    metrics = Metrics(lambda: {}, lambda: {})
-
-    def observe(name: str, version: int, backend: str, latency_s: float, ok: bool) -> None:
-        windows.observe(name, version, backend, latency_s, ok)  # what the daemon wires in
-        metrics.observe_inference(name, version, backend, latency_s, ok)
-
-    full = Registry(observer=observe)
+    metrics = Metrics(lambda: {}, lambda: {}, windows=windows)
+    full = Registry(observer=windows.observe)
     full.activate(ServingVersion("tiny", 1, "onnx-fp32", model))
     specs = model.inputs
     out: dict[str, Any] = {}
     # Interleave the variants over several rounds so drift (frequency, cache) hits all alike.
     rounds: dict[str, list[float]] = {k: [] for k in ("direct", "check_inputs", "model_infer", "registry",
                                                        "registry_observed")}
-    for _ in range(5):
+    for _ in range(ROUNDS):
         rounds["direct"].append(_per_call_us(lambda: sess.run(names, x), calls)["median"])
         rounds["check_inputs"].append(_per_call_us(lambda: check_inputs(specs, x), calls)["median"])
         rounds["model_infer"].append(_per_call_us(lambda: model.infer(x), calls)["median"])
         rounds["registry"].append(_per_call_us(lambda: bare.infer("tiny", x), calls)["median"])
         rounds["registry_observed"].append(_per_call_us(lambda: full.infer("tiny", x), calls)["median"])
+    observed = sum(t.count for _, _, t in metrics.windows.totals())  # what /metrics would report
+    if observed != ROUNDS * BATCHES * calls:  # each call recorded once
+        raise RuntimeError(f"the observer recorded {observed} calls, not {ROUNDS * BATCHES * calls}")
     # The same with a runtime call that costs nothing, so the runtime's own jitter (± 1 µs here)
     # does not blur a figure of ~2 µs: what remains is Registry.infer + check_inputs alone.
     const = _ConstModel(specs, {"probs": sess.run(names, x)[0]})
     creg = Registry()
     creg.activate(ServingVersion("const", 1, "const", const))
-    for _ in range(5):
+    for _ in range(ROUNDS):
         rounds.setdefault("const_direct", []).append(_per_call_us(const.run, calls)["median"])
         rounds.setdefault("const_registry", []).append(_per_call_us(lambda: creg.infer("const", x), calls)["median"])
     for k, v in rounds.items():

@@ -15,7 +15,6 @@ Invariants:
 
 from __future__ import annotations
 
-import ctypes.util
 import importlib.util
 import logging
 import os
@@ -105,6 +104,8 @@ class OnnxRuntimeBackend:
             na = Availability(False, "onnxruntime is not installed (pip install 'edge-agent[onnx]')")
             return [Target(RUNTIME, p, FORMATS, na) for p in KNOWN_PROVIDERS]
         try:
+            import ctypes.util  # here, not at the top: the daemon imports this module but lists no target
+
             import onnxruntime as ort
 
             available = ort.get_available_providers()
@@ -187,3 +188,8 @@ class OrtModel:
 
     def close(self) -> None:
         self._sess = None
+
+
+def preload() -> None:
+    """Import the runtime now: a worker started ahead of its model (agent/backends/isolated.py)."""
+    import onnxruntime  # noqa: F401

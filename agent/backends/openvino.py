@@ -240,3 +240,8 @@ class OvModel:
                 self._pool.get_nowait()
             except queue.Empty:
                 break
+
+
+def preload() -> None:
+    """Import the runtime now: a worker started ahead of its model (agent/backends/isolated.py)."""
+    _import_openvino()

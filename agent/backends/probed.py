@@ -22,6 +22,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -43,13 +44,32 @@ WARM_DELAY_S = 3.0  # the background probe waits this long: start-up (connect, s
 PROBE_NICE = 10  # the child yields the CPU to the daemon it works for
 
 
-def _dist_version(dist: str) -> str:
-    import importlib.metadata
+def _norm(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
 
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return ""
+
+def dist_versions(dists: Sequence[str]) -> dict[str, str]:
+    """``{dist: version}`` ("" when not installed) from the ``NAME-VERSION.dist-info`` (or
+    ``.egg-info``) folder names on ``sys.path``, the first one found winning, as in
+    ``importlib.metadata.version``; that module costs the daemon ~0.5 MB (zipfile, csv, ...)."""
+    wanted = {_norm(d): d for d in dists}
+    out = dict.fromkeys(dists, "")
+    found: set[str] = set()
+    for entry in sys.path:
+        try:
+            names = sorted(os.listdir(entry or "."))
+        except OSError:  # a zip file, a missing folder
+            continue
+        for n in names:
+            stem, dot, ext = n.rpartition(".")
+            if not dot or ext not in ("dist-info", "egg-info"):
+                continue
+            name, _, rest = stem.partition("-")
+            d = wanted.get(_norm(name))
+            if d is not None and d not in found:
+                found.add(d)
+                out[d] = rest.partition("-")[0] or n  # an egg-info without a version: its name is the evidence
+    return out
 
 
 def _listing(d: str) -> list[str]:
@@ -66,7 +86,7 @@ def _listing(d: str) -> list[str]:
 def evidence_key(runtimes: Sequence[str]) -> str:
     """What the targets depend on, hashed: cheap to compute (no runtime import)."""
     doc = {"v": CACHE_VERSION, "python": sys.executable, "runtimes": sorted(runtimes),
-           "dists": {d: _dist_version(d) for d in RUNTIME_DISTS},
+           "dists": dist_versions(RUNTIME_DISTS),
            "devices": [x for d in DEVICE_DIRS for x in _listing(d)],
            "env": {k: os.environ.get(k, "") for k in RUNTIME_ENV}}
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:32]

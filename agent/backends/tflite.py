@@ -20,9 +20,7 @@ Invariants:
 
 from __future__ import annotations
 
-import glob
 import importlib
-import importlib.metadata
 import importlib.util
 import logging
 import os
@@ -56,6 +54,8 @@ QUANTIZED_DTYPES = ("int8", "uint8", "int16")
 
 def coral_attached() -> bool:
     """A Coral Edge TPU on USB (either id) or PCIe (/dev/apex_N) on this machine."""
+    import glob  # here, not at the top: the daemon imports this module but lists no target
+
     if glob.glob(APEX_GLOB):
         return True
     for dev in glob.glob(USB_DEVICES_GLOB)[:1024]:
@@ -87,6 +87,9 @@ def tflite_targets(module: str | None, module_reason: str, edgetpu_library: str 
 
 def find_interpreter() -> tuple[Any, str | None, str]:
     """(interpreter module, "name version", reason) — the module is None when none imports."""
+    # here, not at the top: the daemon imports this module, and metadata costs ~0.5 MB (zipfile, csv)
+    from importlib import metadata
+
     reasons = []
     for mod, dist in INTERPRETER_MODULES:
         if importlib.util.find_spec(mod.split(".")[0]) is None:
@@ -98,8 +101,8 @@ def find_interpreter() -> tuple[Any, str | None, str]:
             reasons.append(f"{dist} failed to import: {e}")
             continue
         try:
-            version = importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
+            version = metadata.version(dist)
+        except metadata.PackageNotFoundError:
             version = "?"
         return m, f"{dist} {version}", ""
     return None, None, "no TFLite runtime: " + "; ".join(reasons) + " (pip install 'edge-agent[tflite]')"
@@ -121,19 +124,22 @@ def _version_tuple(text: str) -> tuple[int, ...]:
 def interpreter_available() -> tuple[str | None, str]:
     """("dist version", "") of the interpreter ``load`` will use, judged without importing it (a
     daemon start or a selection must not pay for a runtime import); else (None, reason)."""
+    # here, not at the top: the daemon imports this module, and metadata costs ~0.5 MB (zipfile, csv)
+    from importlib import metadata
+
     reasons = []
     for mod, dist in INTERPRETER_MODULES:
         if importlib.util.find_spec(mod.split(".")[0]) is None:
             reasons.append(f"{dist} not installed")
             continue
         try:
-            version = importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
+            version = metadata.version(dist)
+        except metadata.PackageNotFoundError:
             version = "?"
         if dist == "tflite-runtime":
             try:
-                numpy_version = importlib.metadata.version("numpy")
-            except importlib.metadata.PackageNotFoundError:
+                numpy_version = metadata.version("numpy")
+            except metadata.PackageNotFoundError:
                 numpy_version = "0"
             if _version_tuple(numpy_version) >= (2,) and _version_tuple(version) < TFLITE_RUNTIME_NUMPY2_FIXED:
                 reasons.append(f"tflite-runtime {version} fails under numpy {numpy_version} (\"_ARRAY_API not found\"); "
@@ -262,3 +268,8 @@ class TfliteModel:
     def close(self) -> None:
         with self._lock:
             self._interp = None
+
+
+def preload() -> None:
+    """Import the runtime now: a worker started ahead of its model (agent/backends/isolated.py)."""
+    find_interpreter()

@@ -32,9 +32,7 @@ Invariants:
 
 from __future__ import annotations
 
-import ctypes.util
 import importlib
-import importlib.metadata
 import importlib.util
 import logging
 import os
@@ -64,6 +62,8 @@ def _installed(module: str) -> bool:
 
 
 def _dist_version(dist: str) -> str | None:
+    import importlib.metadata  # here, not at the top: ~0.5 MB (zipfile, csv, ...) an idle daemon never needs
+
     try:
         return importlib.metadata.version(dist)
     except importlib.metadata.PackageNotFoundError:
@@ -141,6 +141,8 @@ def probe_openvino() -> dict[str, Any]:
 
 def find_edgetpu_library() -> str | None:
     """Path or soname of libedgetpu.so.1 when the loader can find it; None otherwise.  Never loads it."""
+    import ctypes.util  # here, not at the top: ctypes is only needed when a backend lists its targets
+
     try:
         found = ctypes.util.find_library(EDGETPU_LIBRARY_NAME)
     except Exception:
