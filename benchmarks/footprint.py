@@ -14,6 +14,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from benchmarks import harness as h
 from benchmarks.context import BACKEND_OF, VARIANT_FILE, Context, Floor
 
@@ -77,6 +79,9 @@ def run(ctx: Context) -> dict[str, Any]:
                         fp = d.footprint()
                         samples[f"daemon:{mode}:{rt}"].append(_fp(fp))
                         samples[f"libs:{mode}:{rt}"].append({k: float(v) for k, v in mapped_libs(d.pid).items()})
+                        tree = [mapped_libs(c.pid) for c in psutil.Process(d.pid).children(recursive=True)]
+                        samples[f"libs:{mode}:{rt}:workers"].append(
+                            {k: float(any(t.get(k, False) for t in tree)) for k in RUNTIME_LIBS})
                         samples[f"daemon:{mode}:{rt}:variant"].append({"ok": float(final["result"]["backend"] == BACKEND_OF[rt])})
                     finally:
                         d.stop()

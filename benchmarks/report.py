@@ -231,7 +231,16 @@ def _footprint(d: Doc, fp: dict[str, Any], images: dict[str, str]) -> None:
         loaded = [k for k, v in libs.items() if _med(libs, k)]
         d.add(f"- Native libraries mapped by the idle daemon (/proc/PID/maps): "
               f"{', '.join(loaded) if loaded else 'none of'} {'' if loaded else ', '.join(libs)}"
-              f"{'' if loaded else ' — numpy and the runtimes load only when a model needs them, cryptography at the first signature'}.", "")
+              f"{'' if loaded else ' — numpy and the runtimes load only when a model needs them'}.")
+    for rt in ("onnxruntime", "openvino", "tflite"):
+        daemon, workers = fp.get(f"libs:process:{rt}"), fp.get(f"libs:process:{rt}:workers")
+        if daemon and workers:
+            in_daemon = [k for k in daemon if _med(daemon, k)]
+            in_workers = [k for k in workers if _med(workers, k)]
+            d.add(f"- With process isolation and a {rt} model served (after signed commands, validation and "
+                  f"HTTP inference), the daemon maps {', '.join(in_daemon) or 'none of them'}; its worker maps "
+                  f"{', '.join(in_workers) or 'none of them'}.")
+    d.add("")
     _img(d, images, "footprint", "Footprint: RSS of floors and daemon")
 
 

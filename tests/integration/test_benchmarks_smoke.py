@@ -36,7 +36,11 @@ def test_footprint_serving_deploy(tmp_path: Path) -> None:
     assert fp["floor:bare"]["rss_mb"]["median"] > 0 and fp["daemon:process:idle"]["rss_mb"]["median"] > 0
     # The idle daemon maps no runtime and no numpy: they load only when a model needs them.
     assert all(v["max"] == 0 for v in fp["libs:process:idle"].values() if isinstance(v, dict)), fp["libs:process:idle"]
-    assert fp["libs:process:onnxruntime"]["numpy"]["max"] == 1  # (and the check can see a loaded library)
+    # With process isolation numpy and the runtime stay out of the daemon for good: they live in
+    # the model's worker (and the check can see a loaded library there).
+    assert fp["libs:process:onnxruntime"]["numpy"]["max"] == 0 and fp["libs:process:onnxruntime"]["onnxruntime"]["max"] == 0
+    assert fp["libs:process:onnxruntime:workers"]["numpy"]["min"] == 1
+    assert fp["libs:process:onnxruntime:workers"]["onnxruntime"]["min"] == 1
     assert res["serving"]["agent"]["process/tiny/json"]["latency"]["errors"] == 0
     assert res["serving"]["in_process"]["direct_us"] > 0
     assert res["deploy"]["agent"]["process, pinned/1"]["total_s"]["median"] > 0
