@@ -96,13 +96,19 @@ def in_process(ctx: Context, tiny_dir: Path) -> dict[str, Any]:
     const = _ConstModel(specs, {"probs": sess.run(names, x)[0]})
     creg = Registry()
     creg.activate(ServingVersion("const", 1, "const", const))
+    cobs = Registry(observer=LatencyWindows().observe)  # and as the daemon runs it: with its observer
+    cobs.activate(ServingVersion("const", 1, "const", const))
     for _ in range(ROUNDS):
         rounds.setdefault("const_direct", []).append(_per_call_us(const.run, calls)["median"])
         rounds.setdefault("const_registry", []).append(_per_call_us(lambda: creg.infer("const", x), calls)["median"])
+        rounds.setdefault("const_registry_observed", []).append(
+            _per_call_us(lambda: cobs.infer("const", x), calls)["median"])
     for k, v in rounds.items():
         out[f"{k}_us"] = statistics.median(v)
     out["agent_us"] = statistics.median(r - d for r, d in zip(rounds["const_registry"], rounds["const_direct"],
                                                              strict=True))
+    out["agent_observed_us"] = statistics.median(
+        r - d for r, d in zip(rounds["const_registry_observed"], rounds["const_direct"], strict=True))
     # Overheads as the median of per-round differences (each round measures both back to back).
     out["overhead_us"] = statistics.median(r - d for r, d in zip(rounds["registry"], rounds["direct"], strict=True))
     out["overhead_observed_us"] = statistics.median(

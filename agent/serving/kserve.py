@@ -141,6 +141,7 @@ class _Response:
 
 
 _ENCODER = json.JSONEncoder(separators=(",", ":"))
+_DECODER = json.JSONDecoder()
 
 
 def _json(obj: Any) -> bytes:
@@ -971,8 +972,8 @@ class KServeServer:
             binary = view[hlen:]
         else:
             header_b = body
-        try:
-            req = json.loads(bytes(header_b) if isinstance(header_b, memoryview) else header_b)
+        try:  # UTF-8 (RFC 8259): decoded here rather than by json.loads' encoding sniffing
+            req = _DECODER.decode(str(header_b, "utf-8"))
         except (ValueError, UnicodeDecodeError) as e:
             raise _invalid(f"request body is not valid JSON: {e}") from e
         if not isinstance(req, dict):

@@ -98,12 +98,16 @@ class Registry:
     def infer(self, name: str, inputs: dict[str, Any], version: int | None = None
               ) -> tuple[ServingVersion, dict[str, np.ndarray]]:
         """Run one inference on the serving version; records latency and errors."""
-        with self._lock:  # acquire(), inlined: this runs on every call
+        lock = self._lock
+        lock.acquire()  # acquire(), inlined: this runs on every call
+        try:
             sv = self._serving.get(name)
             if sv is not None and (version is None or sv.version == version):
                 sv.gate.enter()
             else:
                 sv = None
+        finally:
+            lock.release()
         if sv is None:
             sv = self.acquire(name, version)  # refuses with the precise reason (or it was just activated)
         t0 = time.perf_counter()
@@ -124,7 +128,7 @@ class Registry:
             sv.gate.leave()
             obs = self._observer
             if obs is not None:
-                obs(sv.name, sv.version, sv.backend, time.perf_counter() - t0, ok)
+                obs(sv.name, sv.version, sv.model.backend_id, time.perf_counter() - t0, ok)
 
     def activate(self, sv: ServingVersion) -> ServingVersion | None:
         """Make ``sv`` the serving version; the previous one drains and closes in the background."""
