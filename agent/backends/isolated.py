@@ -285,7 +285,10 @@ class IsolatedModel:
         self._retired = False
         self._closed = False
         self._retire_ack = threading.Event()
-        self._pidfd = os.pidfd_open(self.pid)
+        try:  # readable when the worker exits (Linux 5.3+); older kernels: polled every tick
+            self._pidfd = os.pidfd_open(self.pid)
+        except (OSError, AttributeError):
+            self._pidfd = -1
         self._monitor = threading.Thread(target=self._watch, name=f"worker-{self.pid}", daemon=True)
         self._monitor.start()
 
@@ -386,10 +389,14 @@ class IsolatedModel:
         """Monitor thread: control messages from the worker, hung requests, the worker's exit."""
         po = select.poll()
         po.register(self._ctl, select.POLLIN)
-        po.register(self._pidfd, select.POLLIN)
+        if self._pidfd >= 0:
+            po.register(self._pidfd, select.POLLIN)
         suspect: dict[int, int] = {}
         while True:
-            for fd, ev in po.poll(MONITOR_TICK_S * 1000):
+            events = po.poll(MONITOR_TICK_S * 1000)
+            if self._pidfd < 0 and self._proc.poll() is not None:
+                events = [*events, (self._pidfd, select.POLLIN)]
+            for fd, ev in events:
                 if fd == self._pidfd:
                     self._on_exit()
                     return
@@ -571,6 +578,7 @@ class IsolatedModel:
         for c in self._conns:
             c.close()
         self._ctl.close()
-        os.close(self._pidfd)
+        if self._pidfd >= 0:
+            os.close(self._pidfd)
         os.close(self._slots_fd)
         self._slots.close()

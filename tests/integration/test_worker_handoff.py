@@ -234,3 +234,16 @@ def test_a_worker_started_ahead_is_claimed_once_and_a_mismatched_one_ends(tmp_pa
         assert wrong.proc.wait(5) is not None, "a worker started for another runtime ends"
     finally:
         m.close()
+
+
+def test_worker_death_is_noticed_on_kernels_without_pidfd(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Kernels before 5.3 have no pidfd_open (faked here by removing it): the monitor polls."""
+    monkeypatch.delattr(os, "pidfd_open")
+    m, _ = env.serve("lin", 1, seed=1)
+    c = env.conn()
+    assert _post(c)[0] == 200
+    _wait(lambda: m._slots.get(next(iter(m._held)))[0] == IDLE, "the worker back to waiting")
+    os.kill(m.pid, signal.SIGKILL)
+    _wait(lambda: "crashed" in m.death and not m._held, "the death noticed and the connection taken over")
+    status, doc = _post(c)
+    assert status == 500 and doc["code"] == "worker_crashed"
