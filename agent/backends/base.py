@@ -190,42 +190,38 @@ def _check_inputs(specs: tuple[TensorSpec, ...], inputs: dict[str, Any]) -> dict
 
 
 class InflightGate:
-    """Counts calls in progress so a model is closed only after the last one returns."""
+    """Counts calls in progress so a model is closed only after the last one returns.
+
+    enter/leave run on every inference call, so they take no lock: a call in flight is an item
+    in a list, and ``list.append``/``list.pop`` are atomic in CPython. ``leave`` empties the list
+    *then* looks for waiters; ``wait_idle`` registers *then* looks at the list (under the lock it
+    waits on): whichever comes second sees the other, so no wake-up is lost (and every wait has a
+    timeout besides)."""
 
     def __init__(self) -> None:
-        # A plain Lock, and a notify only when someone waits: enter + leave run on every
-        # inference call (0.4 µs instead of 1.2 µs with an RLock-based Condition).
         self._lock = threading.Lock()
         self._cv = threading.Condition(self._lock)
-        self._n = 0
+        self._calls: list[None] = []
         self._waiters = 0
 
     def enter(self) -> None:
-        lock = self._lock
-        lock.acquire()  # acquire/release: ≈ 80 ns less than ``with`` on CPython 3.11, per call
-        try:
-            self._n += 1
-        finally:
-            lock.release()
+        self._calls.append(None)
 
     def leave(self) -> None:
-        lock = self._lock
-        lock.acquire()
-        try:
-            self._n -= 1
-            if self._n == 0 and self._waiters:
+        calls = self._calls
+        calls.pop()
+        if not calls and self._waiters:
+            with self._lock:
                 self._cv.notify_all()
-        finally:
-            lock.release()
 
     def wait_idle(self, timeout_s: float) -> bool:
         with self._lock:
             self._waiters += 1
             try:
-                return self._cv.wait_for(lambda: self._n == 0, timeout=timeout_s)
+                return self._cv.wait_for(lambda: not self._calls, timeout=timeout_s)
             finally:
                 self._waiters -= 1
 
     @property
     def count(self) -> int:
-        return self._n
+        return len(self._calls)

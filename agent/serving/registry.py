@@ -26,6 +26,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 DRAIN_TIMEOUT_S = 30.0  # an old version waits this long for in-flight calls before closing anyway
 
+_perf = time.perf_counter
+
 LatencyObserver = Callable[[str, int, str, float, bool], None]
 
 
@@ -110,7 +112,7 @@ class Registry:
             lock.release()
         if sv is None:
             sv = self.acquire(name, version)  # refuses with the precise reason (or it was just activated)
-        t0 = time.perf_counter()
+        t0 = _perf()
         ok = False
         try:
             out = sv.model.infer(inputs)
@@ -128,7 +130,7 @@ class Registry:
             sv.gate.leave()
             obs = self._observer
             if obs is not None:
-                obs(sv.name, sv.version, sv.model.backend_id, time.perf_counter() - t0, ok)
+                obs(sv.name, sv.version, sv.model.backend_id, _perf() - t0, ok)
 
     def activate(self, sv: ServingVersion) -> ServingVersion | None:
         """Make ``sv`` the serving version; the previous one drains and closes in the background."""
