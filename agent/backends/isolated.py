@@ -63,6 +63,7 @@ WORKER_HUNG = errors.WORKER_HUNG
 FREE, PENDING, IDLE, READING, INFER, WRITING, BACK = range(7)
 _STATE = struct.Struct("=i")
 _SINCE = struct.Struct("=q")
+_SLOT = struct.Struct("=iiq")
 _SLOT_BYTES = 16  # state (int32), padding, since (int64 CLOCK_MONOTONIC ns)
 
 Sink = Callable[[int, int, "array[float]", "array[float]"], None]
@@ -82,9 +83,9 @@ class SlotTable:
         return cls(fd, n), fd
 
     def set(self, i: int, state: int) -> None:
-        base = i * _SLOT_BYTES
-        _SINCE.pack_into(self._mm, base + 8, time.monotonic_ns())  # the time first, then the state
-        _STATE.pack_into(self._mm, base, state)
+        # One write of state and time. A reader may see it torn (the new state with the old
+        # time): the daemon acts on a hung state only when it reads the same time twice.
+        _SLOT.pack_into(self._mm, i * _SLOT_BYTES, state, 0, time.monotonic_ns())
 
     def get(self, i: int) -> tuple[int, int]:
         base = i * _SLOT_BYTES

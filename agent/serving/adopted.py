@@ -54,6 +54,8 @@ MAX_STATS_SAMPLES = 16384  # latency samples kept per interval; more are counted
 class _AdoptedHandler(_Handler):
     """The daemon's request handler, serving one adopted connection inside the worker."""
 
+    _idle = False  # the slot already says IDLE (set after the last response went out in full)
+
     def handle(self) -> None:
         ctx: Any = self.server
         owner: Adopted = ctx.owner
@@ -61,18 +63,21 @@ class _AdoptedHandler(_Handler):
         slots = owner.slots
         assert slots is not None
         self.close_connection = True
+        waiter = owner.waiter(self.connection)
         while True:
             if owner.retiring:
                 self._give_back(self.rfile.unread())  # type: ignore[attr-defined]
                 return
             if not self.rfile.unread():  # type: ignore[attr-defined]
-                slots.set(slot, IDLE)
-                if not owner.wait(self.connection):
+                if not self._idle:
+                    slots.set(slot, IDLE)
+                if not waiter.poll(IDLE_TIMEOUT_S * 1000):
                     return  # idle too long: close, as the daemon would
                 if owner.retiring:
                     self._give_back(b"")
                     return
             slots.set(slot, READING)
+            self._idle = False
             self.handle_one_request()
             if self.close_connection or self._handed:
                 return
@@ -95,6 +100,7 @@ class _AdoptedHandler(_Handler):
             self._linger()
         elif not self.rfile.unread():  # type: ignore[attr-defined]
             slots.set(ctx.slot, IDLE)  # answered in full: a crash from here on loses nothing
+            self._idle = True
 
     def _give_back(self, unread: bytes) -> None:
         ctx: Any = self.server
@@ -189,12 +195,12 @@ class Adopted:
                     send_ctl(self.ctl, ("done", slot))
             sock.close()
 
-    def wait(self, sock: socket.socket) -> bool:
-        """Wait for the next request or a retire; False after ``IDLE_TIMEOUT_S`` of silence."""
+    def waiter(self, sock: socket.socket) -> select.poll:
+        """A poll object that wakes on the connection's next request or on a retire."""
         po = select.poll()
         po.register(sock, select.POLLIN | select.POLLPRI)
         po.register(self._wake_r, select.POLLIN)
-        return bool(po.poll(IDLE_TIMEOUT_S * 1000))
+        return po
 
     def give_back(self, slot: int, sock: socket.socket, unread: bytes) -> bool:
         assert self.slots is not None
