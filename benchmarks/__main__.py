@@ -65,6 +65,8 @@ def main(argv: list[str] | None = None) -> int:
         if old.get("scale") == results["scale"]:
             old["sections"].update(results["sections"])
             old["machine"] = results["machine"]
+            reruns = [r for r in old.get("reruns", []) if not set(r["sections"]) <= set(results["sections"])]
+            old["reruns"] = [*reruns, {"sections": sorted(results["sections"]), "started": results["started"]}]
             results = old
     results_path.write_text(json.dumps(results, indent=1, default=str))
     from benchmarks import report
