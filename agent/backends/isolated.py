@@ -64,6 +64,9 @@ FREE, PENDING, IDLE, READING, INFER, WRITING, BACK = range(7)
 _STATE = struct.Struct("=i")
 _SINCE = struct.Struct("=q")
 _SLOT = struct.Struct("=iiq")
+_LEN = struct.Struct("!Q")
+SMALL_MESSAGE_BYTES = 64 * 1024  # messages up to this size go out in one send with their length
+MAX_MESSAGE_BYTES = 1 << 31  # a longer claimed length means a broken (or hostile) worker
 _SLOT_BYTES = 16  # state (int32), padding, since (int64 CLOCK_MONOTONIC ns)
 
 Sink = Callable[[int, int, "array[float]", "array[float]"], None]
@@ -122,6 +125,53 @@ def recv_ctl(sock: socket.socket) -> tuple[tuple[Any, ...] | None, list[int]]:
     return msg, fds
 
 
+class Channel:
+    """Pickled messages over a stream socket, each after its length: what multiprocessing's
+    Connection does, without importing multiprocessing (≈ 1.7 MB of RSS in the daemon and in
+    every worker). EOFError at end of stream, OSError on a broken one."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def send(self, obj: Any) -> None:
+        data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+        head = _LEN.pack(len(data))
+        if len(data) <= SMALL_MESSAGE_BYTES:
+            self.sock.sendall(head + data)
+        else:  # no copy of a large payload just to prepend eight bytes
+            self.sock.sendall(head)
+            self.sock.sendall(data)
+
+    def recv(self) -> Any:
+        n = _LEN.unpack(self._exact(_LEN.size))[0]
+        if n > MAX_MESSAGE_BYTES:
+            raise OSError(errno.EMSGSIZE, f"message of {n} bytes from the other process")
+        return pickle.loads(self._exact(n))  # from our own parent or child process
+
+    def _exact(self, n: int) -> bytearray:
+        buf = bytearray(n)
+        view = memoryview(buf)
+        got = 0
+        while got < n:
+            k = self.sock.recv_into(view[got:])
+            if k == 0:
+                raise EOFError("the other process closed the channel")
+            got += k
+        return buf
+
+    def poll(self, timeout_s: float) -> bool:
+        """Whether a message (or the end of the stream) is there within ``timeout_s``."""
+        po = select.poll()
+        po.register(self.sock, select.POLLIN | select.POLLHUP | select.POLLERR)
+        return bool(po.poll(timeout_s * 1000))
+
+    def close(self) -> None:
+        self.sock.close()
+
+
 def _unsent(sock: socket.socket) -> int:
     """Bytes written to a TCP socket and not yet acknowledged by the peer (-1 if unknown)."""
     import fcntl
@@ -171,9 +221,7 @@ class Spare:
             for _, child in pairs:
                 child.close()
             ctl_child.close()
-        from multiprocessing.connection import Connection
-
-        self.conns = [Connection(p.detach()) for p, _ in pairs]
+        self.conns = [Channel(p) for p, _ in pairs]
         self.ctl = ctl
         self.claimed = False  # promised to one load (claim())
         self.owned = False  # its process and sockets belong to a model, or are closed
@@ -245,8 +293,7 @@ class IsolatedModel:
         self.pid: int = self._proc.pid
         self._conns = spare.conns
         self._ctl = ctl
-        # One poll object per channel, made once: Connection.poll() builds a selector on every
-        # call, ~65 µs of a ~160 µs round trip on a 2-core VM (docs/benchmarks.md).
+        # One poll object per channel, made once (a poll object per call costs a few µs).
         self._pollers: dict[int, Any] = {}
         for c in self._conns:
             po = select.poll()

@@ -5,7 +5,7 @@ take the daemon — and its MQTT session, its other models and its local API —
 daemon talks to the worker through ``IsolatedModel`` (agent/backends/isolated.py), which starts it
 as ``main("FD,FD,…,CTL")``: the descriptors are socket pairs it inherited.
 
-Protocol on each pipe (multiprocessing Connection framing): the parent first sends
+Protocol on each pipe (``Channel``: pickled messages after their length): the parent first sends
 ``("load", runtime, target, path, threads, allow_spinning, extra)`` on the first pipe (a worker
 started ahead of its model gets ``("preload", runtime)`` before it, and imports meanwhile); the worker
 answers ``("ready", backend_id, inputs, outputs, pid)`` or ``("err", code, message)``. Then the
@@ -108,14 +108,14 @@ def main(fds_arg: str) -> None:
     """Entry point in the child process."""
     _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the daemon decides when we stop
-    from multiprocessing.connection import Connection
-
     from agent import errors
     from agent.backends import find_backend  # not agent.deploy.runner: the daemon's stack stays out
     from agent.backends.base import LoadOptions
 
     fds = [int(x) for x in fds_arg.split(",")]
-    conns = [Connection(fd) for fd in fds[:-1]]
+    from agent.backends.isolated import Channel
+
+    conns = [Channel(socket.socket(fileno=fd)) for fd in fds[:-1]]
     ctl = socket.socket(fileno=fds[-1])
     try:
         load = conns[0].recv()
