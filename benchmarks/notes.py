@@ -19,7 +19,7 @@ p50 moved between 105 and 150 µs across runs): compare the ratios of one run, n
   `isolation = "none"` the gap is that 10.4 MB plus ≈ 6 MB of the agent's own (SQLite, the HTTP
   server, the deploy state machine, threads); numpy and the runtime are shared with the floor, and
   `cryptography` is no longer loaded at all. With process isolation (the default) the tree holds
-  two processes by design: the worker, at the runtime-plus-model floor plus ≈ 6 MB (the HTTP handler
+  two processes by design: the worker, at the runtime-plus-model floor plus ≈ 5 MB (the HTTP handler
   it now runs itself), and the daemon at its idle size (≈ 29 MB: a second interpreter, paho and the
   agent). Since this round the daemon stays at that size with models served: after signed
   commands, validation, swaps and HTTP inference it maps neither numpy, `cryptography` nor a
@@ -129,8 +129,9 @@ Second round (the changes behind the figures above):
   the bytes already read), which answers it and the following requests with the same handler
   code; other requests, swaps and worker deaths give the connection back at a request boundary.
   Tiny-model p50 in process mode 3.0× → ≈ 1.4–1.5× the echo floor, the same as in-process.
-- **No `multiprocessing`** for workers: plain child processes on socket pairs, so the resource
-  tracker process (≈ 15 MB RSS) no longer rides along with the first worker.
+- **No `multiprocessing`** for workers: plain child processes on socket pairs with length-prefixed
+  pickles, so the resource tracker process (≈ 15 MB RSS) no longer rides along with the first
+  worker, and neither the daemon nor a worker imports `multiprocessing` (≈ 1.7 MB each).
 - **No `cryptography` in the daemon** (`agent/bundles/ed25519.py`): Ed25519 checks go through
   `EVP_DigestVerify` of the OpenSSL libcrypto the interpreter has already mapped for `hashlib`
   (self-tested against RFC 8032 at first use, `cryptography` as the fallback): ≈ 9 MB less in
