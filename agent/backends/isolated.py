@@ -61,8 +61,6 @@ WORKER_HUNG = errors.WORKER_HUNG
 
 # Slot states of an adopted connection (SlotTable).
 FREE, PENDING, IDLE, READING, INFER, WRITING, BACK = range(7)
-_STATE = struct.Struct("=i")
-_SINCE = struct.Struct("=q")
 _SLOT = struct.Struct("=iiq")
 _LEN = struct.Struct("!Q")
 SMALL_MESSAGE_BYTES = 64 * 1024  # messages up to this size go out in one send with their length
@@ -91,8 +89,8 @@ class SlotTable:
         _SLOT.pack_into(self._mm, i * _SLOT_BYTES, state, 0, time.monotonic_ns())
 
     def get(self, i: int) -> tuple[int, int]:
-        base = i * _SLOT_BYTES
-        return _STATE.unpack_from(self._mm, base)[0], _SINCE.unpack_from(self._mm, base + 8)[0]
+        state, _, since = _SLOT.unpack_from(self._mm, i * _SLOT_BYTES)
+        return state, since
 
     def close(self) -> None:
         with contextlib.suppress(BufferError, ValueError):

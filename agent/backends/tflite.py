@@ -85,11 +85,19 @@ def tflite_targets(module: str | None, module_reason: str, edgetpu_library: str 
             Target(RUNTIME, CPU, FORMATS, Availability(True, f"{module}: built-in CPU kernels without XNNPACK"))]
 
 
-def find_interpreter() -> tuple[Any, str | None, str]:
-    """(interpreter module, "name version", reason) — the module is None when none imports."""
+def _dist_version(dist: str) -> str:
+    """The installed distribution's version, "?" when its metadata is missing."""
     # here, not at the top: the daemon imports this module, and metadata costs ~0.5 MB (zipfile, csv)
     from importlib import metadata
 
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return "?"
+
+
+def find_interpreter() -> tuple[Any, str | None, str]:
+    """(interpreter module, "name version", reason) — the module is None when none imports."""
     reasons = []
     for mod, dist in INTERPRETER_MODULES:
         if importlib.util.find_spec(mod.split(".")[0]) is None:
@@ -100,11 +108,7 @@ def find_interpreter() -> tuple[Any, str | None, str]:
         except Exception as e:  # tflite-runtime 2.14 under numpy 2: "_ARRAY_API not found"
             reasons.append(f"{dist} failed to import: {e}")
             continue
-        try:
-            version = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            version = "?"
-        return m, f"{dist} {version}", ""
+        return m, f"{dist} {_dist_version(dist)}", ""
     return None, None, "no TFLite runtime: " + "; ".join(reasons) + " (pip install 'edge-agent[tflite]')"
 
 
@@ -124,23 +128,14 @@ def _version_tuple(text: str) -> tuple[int, ...]:
 def interpreter_available() -> tuple[str | None, str]:
     """("dist version", "") of the interpreter ``load`` will use, judged without importing it (a
     daemon start or a selection must not pay for a runtime import); else (None, reason)."""
-    # here, not at the top: the daemon imports this module, and metadata costs ~0.5 MB (zipfile, csv)
-    from importlib import metadata
-
     reasons = []
     for mod, dist in INTERPRETER_MODULES:
         if importlib.util.find_spec(mod.split(".")[0]) is None:
             reasons.append(f"{dist} not installed")
             continue
-        try:
-            version = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            version = "?"
+        version = _dist_version(dist)
         if dist == "tflite-runtime":
-            try:
-                numpy_version = metadata.version("numpy")
-            except metadata.PackageNotFoundError:
-                numpy_version = "0"
+            numpy_version = _dist_version("numpy")  # "?" reads as no version: not numpy 2
             if _version_tuple(numpy_version) >= (2,) and _version_tuple(version) < TFLITE_RUNTIME_NUMPY2_FIXED:
                 reasons.append(f"tflite-runtime {version} fails under numpy {numpy_version} (\"_ARRAY_API not found\"); "
                                "install ai-edge-litert")

@@ -104,6 +104,18 @@ def join_url(manifest_url: str, rel: str) -> str:
     return urljoin(manifest_url, rel)
 
 
+def _resume_point(part: Path, size: int) -> int | None:
+    """Where a download into ``part`` continues: its length (0 after dropping a part longer than
+    the file), or None when it is already complete."""
+    have = part.stat().st_size if part.exists() else 0
+    if have > size:
+        part.unlink()
+        have = 0
+    if have == size and size > 0:
+        return None
+    return have
+
+
 def _name(url: str) -> str:
     return urlsplit(url).path.rsplit("/", 1)[-1] or url
 
@@ -495,11 +507,8 @@ class Fetcher:
 
     def _http_to_part(self, url: str, part: Path, size: int, deadline: Deadline,
                       progress: Progress | None) -> Digest | None:
-        have = part.stat().st_size if part.exists() else 0
-        if have > size:
-            part.unlink()
-            have = 0
-        if have == size and size > 0:
+        have = _resume_point(part, size)
+        if have is None:
             return None  # complete from an earlier attempt; read back and verified by the caller
         headers = {"Range": f"bytes={have}-"} if have else {}
         resp = self._request(url, headers, deadline)
@@ -548,11 +557,8 @@ class Fetcher:
     # -- ftp -----------------------------------------------------------------------------------
     def _ftp_to_part(self, url: str, part: Path, size: int, deadline: Deadline,
                      progress: Progress | None) -> Digest | None:
-        have = part.stat().st_size if part.exists() else 0
-        if have > size:
-            part.unlink()
-            have = 0
-        if have == size and size > 0:
+        have = _resume_point(part, size)
+        if have is None:
             return None
         with open(part, "ab" if have else "wb") as f:
             try:
