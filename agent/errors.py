@@ -48,6 +48,11 @@ WORKER_HUNG = "worker_hung"
 PROBATION_FAILED = "probation_failed"
 INTERRUPTED = "interrupted"
 INTERNAL = "internal"
+RESOURCE_EXHAUSTED = "resource_exhausted"  # out of descriptors, processes or memory: retry later
+BUSY = "busy"  # a bounded queue is full: retry later
+
+_DISK_FULL_ERRNOS = {28, 122}  # ENOSPC, EDQUOT
+_EXHAUSTED_ERRNOS = {11, 12, 23, 24}  # EAGAIN, ENOMEM, ENFILE, EMFILE
 
 
 class AgentError(Exception):
@@ -85,3 +90,20 @@ class ConfigError(AgentError):
 
     def __init__(self, message: str) -> None:
         super().__init__("invalid_config", message)
+
+
+def classify(e: BaseException) -> AgentError:
+    """An unexpected exception as the error a job ends with: ``disk_full`` for a full disk or
+    database, ``resource_exhausted`` for descriptors or memory, else ``internal``; an AgentError
+    is returned as it is."""
+    if isinstance(e, AgentError):
+        return e
+    text = f"{type(e).__name__}: {e}"
+    errno = getattr(e, "errno", None)
+    msg = str(e).lower()
+    if errno in _DISK_FULL_ERRNOS or "disk is full" in msg or "no space left" in msg:
+        return RetryableError(DISK_FULL, text)
+    if (isinstance(e, MemoryError) or errno in _EXHAUSTED_ERRNOS or "too many open files" in msg
+            or "unable to open database file" in msg or "out of memory" in msg):
+        return RetryableError(RESOURCE_EXHAUSTED, text)
+    return AgentError(INTERNAL, text)

@@ -37,6 +37,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from agent.config import MqttConfig
+from agent.logs import RateLimit
 from agent.telemetry.budget import mqtt_publish_bytes
 from agent.telemetry.outbox import Outbox, dumps
 
@@ -52,6 +53,9 @@ RESEND_AFTER_S = 30.0  # an unacknowledged row is published again after this lon
 DRAIN_RATE_PER_S = 50.0  # outbox rows per second after an outage (telemetry.drain_rate_per_s)
 DRAIN_BURST = 16  # rows sent without pacing, so live messages never wait behind the rate limit
 COMMAND_QUEUE_MAX = 256
+HELD_MAX = 64  # commands kept unacknowledged (not recorded for want of room) and tried again
+HELD_RETRY_S = 2.0  # how often the oldest held command is tried again
+QUEUE_FULL_LOG_S = 10.0  # the "command queue full" line: at most once per this
 NOT_AUTHORIZED_CODES = {4, 5, 134, 135}  # v3 bad user/pass, not authorized; v5 0x86, 0x87
 UNSUPPORTED_PROTOCOL_CODES = {1, 132}  # v3 unacceptable protocol version; v5 0x84
 
@@ -87,7 +91,7 @@ class Connection:
     def __init__(self, cfg: MqttConfig, client_id: str, subscriptions: list[str],
                  status_topic: str, birth: Callable[[], dict[str, Any]],
                  will: Callable[[], dict[str, Any]], outbox: Outbox,
-                 on_command: Callable[[str, bytes, bool], None]) -> None:
+                 on_command: Callable[[str, bytes, bool], bool]) -> None:
         self.cfg = cfg
         self.client_id = client_id
         self.subscriptions = subscriptions
@@ -113,6 +117,8 @@ class Connection:
         self._threads: list[threading.Thread] = []
         # (topic, payload, dup, client, mid, qos): acknowledged only after the handler recorded it
         self._commands: queue.Queue[tuple[str, bytes, bool, mqtt.Client, int, int]] = queue.Queue(COMMAND_QUEUE_MAX)
+        self._held: list[tuple[str, bytes, bool, mqtt.Client, int, int]] = []  # oldest first
+        self._queue_full_log = RateLimit(QUEUE_FULL_LOG_S)
         self.drain_rate_per_s = DRAIN_RATE_PER_S
         self.on_sent: Callable[[str, int], None] | None = None  # (kind, MQTT bytes) per PUBLISH
         self.sent: dict[str, tuple[int, int]] = {}  # kind -> (messages, MQTT bytes) sent
@@ -203,6 +209,19 @@ class Connection:
         payload = dumps(doc)
         client.publish(self.status_topic, payload, qos=1, retain=True)
         self._note_sent("status", self.status_topic, len(payload))
+        return True
+
+    def publish_now(self, topic: str, doc: dict[str, Any], kind: str = "job") -> bool:
+        """Publish ``doc`` at QoS 1 now, outside the outbox, if connected; True if handed to the
+        client. For a job update the outbox cannot store (a full disk): not re-sent after a
+        reconnect, so it is a fallback, never the normal path."""
+        client = self._client
+        if client is None or not self.state.connected:
+            return False
+        payload = dumps(doc)
+        if client.publish(topic, payload, qos=1).rc != mqtt.MQTT_ERR_SUCCESS:
+            return False
+        self._note_sent(kind, topic, len(payload))
         return True
 
     # -- network thread ----------------------------------------------------------------------
@@ -351,7 +370,8 @@ class Connection:
         try:
             self._commands.put_nowait((msg.topic, bytes(msg.payload), bool(msg.dup), client, msg.mid, msg.qos))
         except queue.Full:  # not acknowledged: the broker delivers it again after a reconnect
-            log.error("mqtt: command queue full (%d); a message on %s waits for redelivery", COMMAND_QUEUE_MAX, msg.topic)
+            self._queue_full_log.log(log, logging.ERROR, "mqtt: command queue full (%d); a message on %s waits for redelivery",
+                                     COMMAND_QUEUE_MAX, msg.topic)
 
     def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason: Any,
                     properties: Any) -> None:
@@ -360,17 +380,48 @@ class Connection:
 
     # -- command worker ----------------------------------------------------------------------
     def _command_loop(self) -> None:
+        """Hand each command to the handler; acknowledge it only when the handler says it is
+        recorded (True). One it could not record yet (False: no room on disk, no descriptors)
+        stays unacknowledged, is held (up to ``HELD_MAX``) and tried again, oldest first and
+        before newer ones, every ``HELD_RETRY_S``; past the bound it waits for the broker's
+        redelivery after a reconnect."""
+        next_retry = 0.0
         while not self._stop.is_set():
+            if self._held and time.monotonic() >= next_retry:
+                item = self._held.pop(0)
+            else:
+                wait = max(0.0, next_retry - time.monotonic()) if self._held else LOOP_TIMEOUT_S
+                try:
+                    item = self._commands.get(timeout=min(LOOP_TIMEOUT_S, wait) or 0.01)
+                except queue.Empty:
+                    continue
+                if self._held:  # newer commands wait behind the held ones, in order
+                    self._hold(item)
+                    continue
+            topic, payload, dup, client, mid, qos = item
             try:
-                topic, payload, dup, client, mid, qos = self._commands.get(timeout=LOOP_TIMEOUT_S)
-            except queue.Empty:
-                continue
-            try:
-                self._on_command(topic, payload, dup)
+                done = self._on_command(topic, payload, dup)
             except Exception:  # a bad command must never kill the worker
                 log.exception("mqtt: command handler failed for a message on %s", topic)
+                done = True
+            if not done:
+                self._hold(item, first=True)
+                next_retry = time.monotonic() + HELD_RETRY_S
+                continue
             if qos > 0 and client is self._client and self.state.connected:
                 client.ack(mid, qos)
+
+    def _hold(self, item: tuple[str, bytes, bool, mqtt.Client, int, int], first: bool = False) -> None:
+        if item[3] is not self._client:
+            return  # from an older connection: the broker redelivers it on this one
+        if len(self._held) >= HELD_MAX:
+            self._queue_full_log.log(log, logging.WARNING, "mqtt: %d commands already wait for room; a message on %s "
+                                     "waits for the broker's redelivery", HELD_MAX, item[0])
+            return
+        if first:
+            self._held.insert(0, item)
+        else:
+            self._held.append(item)
 
     # -- outbox pump -------------------------------------------------------------------------
     def _drain_acks(self) -> None:
