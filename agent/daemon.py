@@ -93,7 +93,8 @@ class Agent:
         self.mqtt = Connection(cfg.mqtt, cfg.mqtt.client_id or cfg.device_id, subs, self.topics.status,
                                birth=lambda: self.status_doc(True), will=lambda: self.status_doc(False, "connection lost"),
                                outbox=self.outbox, on_command=self.on_command)
-        self.intake = CommandIntake(self.verifier, self.db, self.reporter, self._route, self.mqtt.publish_now)
+        self.intake = CommandIntake(self.verifier, self.db, self.reporter, self._route, self.mqtt.publish_now,
+                                    clock_flag_changed=lambda: self.publish_status())
         self.reporter.publish_now = self.mqtt.publish_now
         self._telemetry_parts()
         self.notifier = Notifier()

@@ -30,7 +30,7 @@ from typing import Any
 from agent import errors
 from agent.commands.verify import ID_RE, Command, CommandVerifier
 from agent.deploy.jobs import JobReporter
-from agent.deploy.runner import check_clock
+from agent.deploy.runner import CLOCK_UNTRUSTED_KEY, check_clock
 from agent.logs import RateLimit
 from agent.state import StateDB
 from agent.timeutil import now_rfc3339
@@ -60,12 +60,14 @@ class CommandIntake:
     """Verifies, records and routes commands; runs on the MQTT command worker only."""
 
     def __init__(self, verifier: CommandVerifier, db: StateDB, reporter: JobReporter,
-                 route: Callable[[Command], None], publish_now: PublishNow) -> None:
+                 route: Callable[[Command], None], publish_now: PublishNow,
+                 clock_flag_changed: Callable[[], None] | None = None) -> None:
         self.verifier = verifier
         self.db = db
         self.reporter = reporter
         self._route = route
         self._publish_now = publish_now
+        self._clock_flag_changed = clock_flag_changed  # e.g. publish the status ("clock": "untrusted")
         self._lock = threading.Lock()
         self._refused: dict[str, int] = {}  # code -> messages refused before their signatures checked
         self._reported: dict[str, int] = {}  # the counts the last event carried
@@ -146,13 +148,16 @@ class CommandIntake:
         skew = self.verifier.max_clock_skew_s
         if cmd.signed and cmd.issued_at <= now + skew:
             self.db.raise_trusted_time(cmd.issued_at)
+        flag = self.db.get(CLOCK_UNTRUSTED_KEY) or None
         behind = check_clock(self.db, skew, now)  # also the status document's "clock" flag
+        if behind != flag and self._clock_flag_changed is not None:
+            self._clock_flag_changed()
         if behind and cmd.type not in READ_ONLY_TYPES:
             trusted = self.db.trusted_time()
             raise errors.RejectError(errors.CLOCK_UNTRUSTED,
-                                     f"device clock {now_rfc3339(now)} is behind the latest verified time "
-                                     f"{now_rfc3339(trusted)} by more than {skew:.0f} s; {cmd.type} waits for "
-                                     "the clock to be fixed (NTP)")
+                                     f"device clock {now_rfc3339(now)} is earlier than the last trusted time "
+                                     f"{now_rfc3339(trusted)} (beyond the {skew:.0f} s skew); {cmd.type} waits "
+                                     "until the clock is fixed (NTP)")
         self.verifier.check_time(cmd, now)
 
     def _replayed(self, cmd: Command, prior: dict[str, Any], dup: bool) -> bool:
