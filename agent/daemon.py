@@ -57,6 +57,7 @@ BENCH_OP_TIMEOUT_S = 280.0  # agentctl bench: under the control client's 300 s; 
 LOCAL_BENCH_MAX = 4  # agentctl bench calls running or waiting on their own worker; more are "busy"
 LOCAL_JOB_KEEP_S = 7 * 86400  # local jobs are kept (for `agentctl jobs`) like fleet jobs
 DEPLOY_QUEUE_MAX = 64
+TICK_LOG_INTERVAL_S = 60.0  # a failing heartbeat or window (a full disk) is logged once per this
 EXIT_CONFIG = 2
 EXIT_UNSAFE = 3
 
@@ -113,6 +114,7 @@ class Agent:
         self._bench = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bench")
         self._bench_slots = threading.BoundedSemaphore(LOCAL_BENCH_MAX)
         self._threads: list[threading.Thread] = []
+        self._tick_log = logs.RateLimit(TICK_LOG_INTERVAL_S)  # heartbeat/window failures
         self.kserve: Any = None
         self.control: ControlServer | None = None
 
@@ -413,8 +415,9 @@ class Agent:
         while not self.stopping.wait(self.cfg.telemetry.heartbeat_s):
             try:
                 self.telemetry.heartbeat()
-            except Exception:
-                log.exception("heartbeat failed")
+            except Exception as e:  # e.g. a full disk: said once per interval, not every tick
+                if self._tick_log.allow() is not None:
+                    log.error("heartbeat failed: %s", e, exc_info=e)
 
     def _window_loop(self) -> None:
         while not self.stopping.wait(self.cfg.telemetry.window_s):
@@ -423,8 +426,9 @@ class Agent:
     def _flush_window(self, final: bool = False) -> None:
         try:
             self.telemetry.window(final=final)
-        except Exception:
-            log.exception("telemetry window failed")
+        except Exception as e:
+            if self._tick_log.allow() is not None:
+                log.error("telemetry window failed: %s", e, exc_info=e)
 
     def _watchdog_loop(self) -> None:
         interval = self.notifier.watchdog_s / 2
