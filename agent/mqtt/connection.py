@@ -404,7 +404,7 @@ class Connection:
             except Exception:  # a bad command must never kill the worker
                 log.exception("mqtt: command handler failed for a message on %s", topic)
                 done = True
-            if not done:
+            if done is False:  # not recorded for want of room: held, tried again
                 self._hold(item, first=True)
                 next_retry = time.monotonic() + HELD_RETRY_S
                 continue
