@@ -61,13 +61,15 @@ class CommandIntake:
 
     def __init__(self, verifier: CommandVerifier, db: StateDB, reporter: JobReporter,
                  route: Callable[[Command], None], publish_now: PublishNow,
-                 clock_flag_changed: Callable[[], None] | None = None) -> None:
+                 clock_flag_changed: Callable[[], None] | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
         self.verifier = verifier
         self.db = db
         self.reporter = reporter
         self._route = route
         self._publish_now = publish_now
         self._clock_flag_changed = clock_flag_changed  # e.g. publish the status ("clock": "untrusted")
+        self._clock = clock
         self._lock = threading.Lock()
         self._refused: dict[str, int] = {}  # code -> messages refused before their signatures checked
         self._reported: dict[str, int] = {}  # the counts the last event carried
@@ -122,7 +124,7 @@ class CommandIntake:
             return True
         p.type = cmd.type
         try:
-            self._check_time(cmd, time.time())
+            self._check_time(cmd, self._clock())
         except errors.RejectError as e:
             log.warning("command %s refused: %s", cmd.id, e)
             if e.code == errors.EXPIRED and not self.db.record_refusal(cmd.id, cmd.type, cmd.params,
