@@ -12,6 +12,9 @@ Invariants:
   again, and the fleet is told once that it waits (a ``QUEUED`` update with ``delayed``).
 - Any other failure while handling ends in a job update (``FAILED`` with the classified code),
   never silence.
+- A signed command resent under an id already recorded (a replay) is answered ``replayed`` at
+  most once per ``REPLAY_ANSWER_S`` per id, so a captured command resent in a loop cannot make
+  the device publish in a loop either.
 - Time only moves forward: every verified ``issued_at`` raises the durable last trusted time;
   while the clock is behind it (beyond the skew) every state-changing command is refused
   ``clock_untrusted``. A command refused as ``expired`` is recorded under its id and stays
@@ -43,6 +46,8 @@ EVENT_INTERVAL_S = 60.0  # at most one commands_refused event per interval
 REFUSED_EVENT = "commands_refused"
 ROOM_CODES = (errors.DISK_FULL, errors.RESOURCE_EXHAUSTED)  # waiting for room: keep unacknowledged
 DELAYED_TOLD_MAX = 1024  # ids already told they wait (bounded; forgotten oldest first)
+REPLAY_ANSWER_S = 60.0  # a replayed id is answered at most once per this (a captured command resent in a loop)
+REPLAY_IDS_MAX = 1024  # ids whose last replay answer is remembered (bounded; oldest forgotten)
 
 PublishNow = Callable[[str, dict[str, Any]], bool]  # (topic, doc) -> sent, outside the outbox
 
@@ -77,6 +82,8 @@ class CommandIntake:
         self._refused_event = RateLimit(EVENT_INTERVAL_S)
         self._failed_log = RateLimit(LOG_INTERVAL_S)
         self._told: dict[str, None] = {}  # insertion-ordered set of ids told they wait
+        self._signed_log = RateLimit(LOG_INTERVAL_S)  # refusals of signed commands (replays can repeat)
+        self._replay_answered: dict[str, float] = {}  # id -> when its last replay was answered
 
     # -- counters ----------------------------------------------------------------------------
     def refused(self) -> dict[str, int]:
@@ -118,7 +125,7 @@ class CommandIntake:
         try:
             cmd = self.verifier.check(doc, signed)
         except errors.RejectError as e:
-            log.warning("command %s refused: %s", p.cid, e)
+            self._signed_log.log(log, logging.WARNING, "command %s refused: %s", p.cid, e)
             if p.cid is not None and not self.db.job(p.cid):  # never overwrite a recorded job's story
                 self.reporter.update(p.cid, "unknown", "REJECTED", error=e, persist=False)
             return True
@@ -126,7 +133,7 @@ class CommandIntake:
         try:
             self._check_time(cmd, self._clock())
         except errors.RejectError as e:
-            log.warning("command %s refused: %s", cmd.id, e)
+            self._signed_log.log(log, logging.WARNING, "command %s refused: %s", cmd.id, e)
             if e.code == errors.EXPIRED and not self.db.record_refusal(cmd.id, cmd.type, cmd.params,
                                                                        cmd.expires_at, e.to_dict()):
                 return self._replayed(cmd, self.db.job(cmd.id) or {}, dup)
@@ -166,6 +173,16 @@ class CommandIntake:
         if dup:  # the broker's redelivery of a command recorded before a crash: handled already
             log.info("command %s redelivered by the broker; already recorded (%s)", cmd.id, prior.get("state"))
             return True
+        now = time.monotonic()
+        last = self._replay_answered.pop(cmd.id, None)
+        if last is not None and now - last < REPLAY_ANSWER_S:  # answered moments ago: a resend loop
+            self._replay_answered[cmd.id] = last
+            self._signed_log.log(log, logging.WARNING, "command %s replayed again; answered within %.0f s already",
+                                 cmd.id, REPLAY_ANSWER_S)
+            return True
+        self._replay_answered[cmd.id] = now
+        while len(self._replay_answered) > REPLAY_IDS_MAX:
+            self._replay_answered.pop(next(iter(self._replay_answered)))
         prior_err = prior.get("error") or {}
         if prior.get("state") == "REJECTED" and prior_err.get("code") == errors.EXPIRED:
             err = errors.RejectError(errors.EXPIRED, f"command {cmd.id} was refused as expired before; "

@@ -152,6 +152,8 @@ def test_Q01_unsigned_flood_costs_the_fleet_nothing(tmp_path: Path, mosquitto: M
         events = dev.obs.find(lambda t, d: t == f"edge/{DEVICE}/events" and d.get("event") == "commands_refused")
         assert 1 <= len(events) <= 2, events  # one per minute at most (the flood takes less)
         assert dev.proc.log.stat().st_size - log_before < FLOOD_LOG_MAX_BYTES
+        metrics = dev.http.get(f"{dev.proc.api}/metrics", timeout=5).text
+        assert f'edge_agent_commands_refused_unauthenticated_total{{code="unsigned_command"}} {FLOOD_N}' in metrics
         status = dev.agentctl("status", "--json")
         assert '"thinned": false' in status.stdout, status.stdout
         time.sleep(HEARTBEAT_S * 4)  # a few more heartbeats after the flood

@@ -167,3 +167,13 @@ def test_rate_limit_passes_once_per_interval_and_counts_the_rest() -> None:
     assert [r.allow() for _ in range(5)] == [None] * 5
     t[0] = 10.0
     assert r.allow() == 5 and r.allow() is None
+
+
+def test_a_replayed_id_is_answered_once_per_interval(rig: Rig) -> None:
+    raw = rig.command("r-1")
+    assert rig.intake.handle("edge/dev1/cmd", raw)
+    for _ in range(20):
+        assert rig.intake.handle("edge/dev1/cmd", raw)
+    states = [(u["state"], (u.get("error") or {}).get("code")) for u in rig.job_updates("r-1")]
+    assert states == [("QUEUED", None), ("SUCCEEDED", None), ("REJECTED", "replayed")], states
+    assert [c.id for c in rig.routed] == ["r-1"]
