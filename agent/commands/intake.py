@@ -113,6 +113,9 @@ class CommandIntake:
         except errors.AgentError as e:
             self._unauthenticated(topic, e)
             return True
+        except Exception as e:  # a parser bug: still nothing believed, counted, never a traceback per message
+            self._unauthenticated(topic, errors.classify(e))
+            return True
         p = _Progress()
         try:
             return self._accept(doc, signed, dup, p)
