@@ -44,7 +44,7 @@ FLOOD_PUBACK_S = 60.0  # the broker acknowledges the whole flood within this
 FLOOD_HANDLED_S = 60.0  # ... and the daemon has counted every message within this
 FLOOD_LOG_MAX_BYTES = 20_000  # the log may grow this much for the whole flood (was ~520 B a message)
 HEARTBEAT_S = 0.5
-HEARTBEAT_GAP_MAX_S = 5.0  # heartbeats keep coming during the flood: no gap above this (not thinned)
+HEARTBEAT_GAP_MAX_S = 30.0  # heartbeats keep coming through the flood (thinned, they came every 900 s)
 BUDGET_ALLOWANCE_BYTES = 200_000  # what the budget allows by now: the old job-update flood (~1 MB) would thin it
 STATE_TMPFS_BYTES = 128 * 2**20  # room for the store and the runtime caches; then filled
 FULL_WAIT_S = 3.0  # with the folder full, commands are given this long to be answered or held
@@ -150,7 +150,7 @@ def test_Q01_unsigned_flood_costs_the_fleet_nothing(tmp_path: Path, mosquitto: M
         flood_ids = set(ids)
         assert not dev.obs.find(lambda t, d: t.startswith(f"edge/{DEVICE}/jobs/") and t.rsplit("/", 1)[1] in flood_ids)
         events = dev.obs.find(lambda t, d: t == f"edge/{DEVICE}/events" and d.get("event") == "commands_refused")
-        assert 1 <= len(events) <= 2, events  # one per minute at most (the flood takes less)
+        assert 1 <= len(events) <= 1 + (time.time() - t0) // 60, events  # one a minute at most
         assert dev.proc.log.stat().st_size - log_before < FLOOD_LOG_MAX_BYTES
         metrics = dev.http.get(f"{dev.proc.api}/metrics", timeout=5).text
         assert f'edge_agent_commands_refused_unauthenticated_total{{code="unsigned_command"}} {FLOOD_N}' in metrics
@@ -159,6 +159,7 @@ def test_Q01_unsigned_flood_costs_the_fleet_nothing(tmp_path: Path, mosquitto: M
         time.sleep(HEARTBEAT_S * 4)  # a few more heartbeats after the flood
         gaps = heartbeat_gaps(dev, t0)
         assert len(gaps) >= 2 and max(gaps) <= HEARTBEAT_GAP_MAX_S, gaps
+        assert not dev.obs.find(lambda t, d: t == f"edge/{DEVICE}/heartbeat" and "budget" in d)  # never thinned
         dev.assert_serving(1)
 
 
