@@ -546,7 +546,7 @@ class Agent:
             log.warning("trust folder %s holds no keys: every signed command and bundle will be refused", self.cfg.trust.keys_dir)
         clock = check_clock(self.db, self.cfg.trust.max_clock_skew_s)
         if clock:
-            log.warning("installs are refused until the clock is fixed: %s", clock)
+            log.warning("installs and other state-changing commands are refused until the clock is fixed: %s", clock)
         self.control = ControlServer(self.cfg.api.control_socket, self.cfg.api.control_group, self.cfg.api.admin_group)
         self._control_handlers(self.control)
         self.control.start()  # first: it also refuses a second daemon on the same socket
