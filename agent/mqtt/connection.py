@@ -3,6 +3,10 @@
 Invariants:
 - paho callbacks never block: incoming commands go to a bounded queue, acknowledgements to the
   outbox pump; nothing slow runs on the network thread.
+- A command is acknowledged (PUBACK) only once the handler says it is recorded; MQTT 5's Receive
+  Maximum (``RECEIVE_MAXIMUM``) keeps the broker from sending more unacknowledged commands than
+  the queue has room for, so a flood cannot push a command out (over MQTT 3.1.1 the broker's
+  own in-flight limit applies: Mosquitto's ``max_inflight_messages``, 20 by default).
 - Every (re)connect publishes the birth status and resubscribes (a broker may have lost the
   session). A refused login is surfaced (state ``refused``) and retried at the slowest rate.
 - Reconnect back-off doubles from ``BACKOFF_MIN_S`` to ``BACKOFF_MAX_S`` with full jitter, so a
@@ -53,6 +57,11 @@ RESEND_AFTER_S = 30.0  # an unacknowledged row is published again after this lon
 DRAIN_RATE_PER_S = 50.0  # outbox rows per second after an outage (telemetry.drain_rate_per_s)
 DRAIN_BURST = 16  # rows sent without pacing, so live messages never wait behind the rate limit
 COMMAND_QUEUE_MAX = 256
+# MQTT 5 Receive Maximum: the broker sends at most this many QoS 1 commands we have not yet
+# acknowledged (we acknowledge only once recorded), so a flood can never overflow the queue and
+# push a later command out; the rest of the queue is all QoS 0 messages may take.
+RECEIVE_MAXIMUM = COMMAND_QUEUE_MAX // 2
+QOS0_QUEUE_MAX = COMMAND_QUEUE_MAX - RECEIVE_MAXIMUM
 HELD_MAX = 64  # commands kept unacknowledged (not recorded for want of room) and tried again
 HELD_RETRY_S = 2.0  # how often the oldest held command is tried again
 QUEUE_FULL_LOG_S = 10.0  # the "command queue full" line: at most once per this
@@ -275,6 +284,7 @@ class Connection:
                 if self._proto5:
                     props = Properties(PacketTypes.CONNECT)
                     props.SessionExpiryInterval = self.cfg.session_expiry_s
+                    props.ReceiveMaximum = RECEIVE_MAXIMUM
                     client.connect(self.host, self.port, keepalive=self.cfg.keepalive_s,
                                    clean_start=False, properties=props)
                 else:
@@ -367,6 +377,10 @@ class Connection:
             self._connected_cv.notify_all()
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        if msg.qos == 0 and self._commands.qsize() >= QOS0_QUEUE_MAX:  # commands are QoS 1; room kept for them
+            self._queue_full_log.log(log, logging.WARNING, "mqtt: QoS 0 message on %s dropped: %d already queued",
+                                     msg.topic, QOS0_QUEUE_MAX)
+            return
         try:
             self._commands.put_nowait((msg.topic, bytes(msg.payload), bool(msg.dup), client, msg.mid, msg.qos))
         except queue.Full:  # not acknowledged: the broker delivers it again after a reconnect
