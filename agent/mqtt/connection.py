@@ -27,6 +27,7 @@ import logging
 import queue
 import random
 import socket
+import sqlite3
 import ssl
 import threading
 import time
@@ -65,6 +66,8 @@ QOS0_QUEUE_MAX = COMMAND_QUEUE_MAX - RECEIVE_MAXIMUM
 HELD_MAX = 64  # commands kept unacknowledged (not recorded for want of room) and tried again
 HELD_RETRY_S = 2.0  # how often the oldest held command is tried again
 QUEUE_FULL_LOG_S = 10.0  # the "command queue full" line: at most once per this
+PUMP_RETRY_S = 1.0  # the outbox pump waits this long after the outbox failed (full disk), then resumes
+ACK_PENDING_MAX = 10_000  # acknowledged rows kept for removal while the outbox cannot delete them
 NOT_AUTHORIZED_CODES = {4, 5, 134, 135}  # v3 bad user/pass, not authorized; v5 0x86, 0x87
 UNSUPPORTED_PROTOCOL_CODES = {1, 132}  # v3 unacceptable protocol version; v5 0x84
 
@@ -128,6 +131,8 @@ class Connection:
         self._commands: queue.Queue[tuple[str, bytes, bool, mqtt.Client, int, int]] = queue.Queue(COMMAND_QUEUE_MAX)
         self._held: list[tuple[str, bytes, bool, mqtt.Client, int, int]] = []  # oldest first
         self._queue_full_log = RateLimit(QUEUE_FULL_LOG_S)
+        self._pump_log = RateLimit(QUEUE_FULL_LOG_S)
+        self._ack_pending: list[int] = []  # acknowledged rows the outbox could not delete yet
         self.drain_rate_per_s = DRAIN_RATE_PER_S
         self.on_sent: Callable[[str, int], None] | None = None  # (kind, MQTT bytes) per PUBLISH
         self.sent: dict[str, tuple[int, int]] = {}  # kind -> (messages, MQTT bytes) sent
@@ -450,10 +455,28 @@ class Connection:
                 entry = self._inflight.pop(key, None)
             if entry is not None:
                 acked.append(entry[0])
-        if acked:
+        acked = self._ack_pending + acked
+        if not acked:
+            return
+        try:
             self.outbox.ack(acked)
+            self._ack_pending = []
+        except (sqlite3.Error, OSError) as e:  # a full disk: forget them later (until then a re-send is harmless)
+            self._ack_pending = acked[-ACK_PENDING_MAX:]
+            self._pump_log.log(log, logging.WARNING, "mqtt: %d acknowledged rows not removed from the outbox yet: %s",
+                               len(acked), e)
 
     def _pump_loop(self) -> None:
+        """Run the pump; a failure of the outbox (a full disk, no descriptors) pauses it for
+        ``PUMP_RETRY_S`` instead of ending it (it starts again from the oldest unacknowledged row)."""
+        while not self._stop.is_set():
+            try:
+                self._pump_run()
+            except (sqlite3.Error, OSError) as e:
+                self._pump_log.log(log, logging.ERROR, "mqtt: outbox pump paused: %s", e)
+                self._stop.wait(PUMP_RETRY_S)
+
+    def _pump_run(self) -> None:
         last_id = 0
         gen_seen = 0
         tokens = float(DRAIN_BURST)

@@ -233,6 +233,7 @@ def test_Q02_state_folder_full_commands_are_answered_or_redelivered(tmp_path: Pa
         pid, ping = fleet.command("ping", {})
         assert dev.run(pid, ping)["state"] == "SUCCEEDED"
         dev.assert_serving(1)
+        assert "Exception in thread" not in dev.proc.log.read_text(errors="replace"), "a thread died of the full disk"
 
 
 # ---------------------------------------------------------------- Q03 clock set back
