@@ -6,7 +6,10 @@ Invariants:
 - A command is acknowledged (PUBACK) only once the handler says it is recorded; MQTT 5's Receive
   Maximum (``RECEIVE_MAXIMUM``) keeps the broker from sending more unacknowledged commands than
   the queue has room for, so a flood cannot push a command out (over MQTT 3.1.1 the broker's
-  own in-flight limit applies: Mosquitto's ``max_inflight_messages``, 20 by default).
+  own in-flight limit applies: Mosquitto's ``max_inflight_messages``, 20 by default). As not
+  every broker honours it (Mosquitto 2.0.11 does not once acknowledgements flow), reading from
+  the socket also pauses while the queue is nearly full (``READ_PAUSE_AT``): TCP holds the
+  broker back, and nothing is dropped.
 - Every (re)connect publishes the birth status and resubscribes (a broker may have lost the
   session). A refused login is surfaced (state ``refused``) and retried at the slowest rate.
 - Reconnect back-off doubles from ``BACKOFF_MIN_S`` to ``BACKOFF_MAX_S`` with full jitter, so a
@@ -63,6 +66,10 @@ COMMAND_QUEUE_MAX = 256
 # push a later command out; the rest of the queue is all QoS 0 messages may take.
 RECEIVE_MAXIMUM = COMMAND_QUEUE_MAX // 2
 QOS0_QUEUE_MAX = COMMAND_QUEUE_MAX - RECEIVE_MAXIMUM
+# Reading pauses while the queue holds this many (one read may bring up to INFLIGHT_WINDOW + 8
+# packets: paho reads as many as it has messages in flight).
+READ_PAUSE_AT = COMMAND_QUEUE_MAX - 2 * (INFLIGHT_WINDOW + 8)
+READ_PAUSE_POLL_S = 0.02
 HELD_MAX = 64  # commands kept unacknowledged (not recorded for want of room) and tried again
 HELD_RETRY_S = 2.0  # how often the oldest held command is tried again
 QUEUE_FULL_LOG_S = 10.0  # the "command queue full" line: at most once per this
@@ -303,7 +310,7 @@ class Connection:
                 continue
             refused = False
             while not self._stop.is_set():
-                rc = client.loop(timeout=LOOP_TIMEOUT_S)
+                rc = self._loop_once(client)
                 if rc != mqtt.MQTT_ERR_SUCCESS:
                     break
                 if self.state.extra.pop("refused", None):
@@ -325,6 +332,18 @@ class Connection:
             delay = REFUSED_BACKOFF_S * random.uniform(0.5, 1.0) if refused else backoff_delay(attempt)
             log.info("mqtt: connection ended (%s); retrying in %.1f s", self.state.last_error or "closed", delay)
             self._stop.wait(delay)
+
+    def _loop_once(self, client: mqtt.Client) -> int:
+        """One turn of the network loop. While the command queue is nearly full, nothing is read
+        (TCP holds the broker back; pings and writes go on), so no command is ever dropped for
+        want of room: some brokers do not honour Receive Maximum once acknowledgements flow."""
+        if self._commands.qsize() < READ_PAUSE_AT:
+            return int(client.loop(timeout=LOOP_TIMEOUT_S))
+        rc = client.loop_write()
+        if rc == mqtt.MQTT_ERR_SUCCESS:
+            rc = client.loop_misc()
+        self._stop.wait(READ_PAUSE_POLL_S)
+        return int(rc)
 
     def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any,
                     properties: Any) -> None:
