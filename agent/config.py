@@ -8,6 +8,7 @@ Search order: ``--config PATH``, then ``$EDGE_AGENT_CONFIG``, then /etc/edge-age
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 import re
 import socket
@@ -160,6 +161,30 @@ _SECTIONS: dict[str, type] = {
 }
 
 
+TOP_LEVEL_KEYS = ("device_id", "groups", "state_dir")
+
+
+def _closest(word: str, choices: list[str], fmt: str = "{}") -> str:
+    """`` (did you mean X?)`` for the closest of ``choices`` (difflib), or an empty string."""
+    match = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
+    return f" (did you mean {fmt.format(match[0])}?)" if match else ""
+
+
+def unknown_top_level_message(key: str, is_table: bool) -> str:
+    """An unknown ``[section]`` (or top-level key): the known ones and the closest."""
+    sections = ", ".join(f"[{n}]" for n in _SECTIONS)
+    if is_table:
+        return f"unknown section [{key}]{_closest(key, list(_SECTIONS), '[{}]')}; known sections: {sections}"
+    return (f"{key}: unknown key{_closest(key, [*TOP_LEVEL_KEYS, *_SECTIONS])}; known top-level keys: "
+            f"{', '.join(TOP_LEVEL_KEYS)}; known sections: {sections}")
+
+
+def unknown_key_message(section: str, key: str) -> str:
+    """An unknown key inside ``[section]``: the section's keys and the closest."""
+    names = [f.name for f in dataclasses.fields(_SECTIONS[section])]
+    return f"{section}.{key}: unknown key in [{section}]{_closest(key, names)}; known keys: {', '.join(names)}"
+
+
 def _coerce(key: str, value: Any, default: Any) -> Any:
     """Check ``value`` has the default's type (ints accepted for floats); error names ``key``."""
     if isinstance(default, bool):
@@ -193,15 +218,15 @@ def from_dict(data: dict[str, Any], source: str = "dict") -> Config:
             if not isinstance(value, dict):
                 raise ConfigError(f"[{key}]: expected a table")
             section = getattr(cfg, key)
-            names = {f.name for f in dataclasses.fields(section)}
+            names = [f.name for f in dataclasses.fields(section)]
             for sub, v in value.items():
                 if sub not in names:
-                    raise ConfigError(f"{key}.{sub}: unknown key (known: {', '.join(sorted(names))})")
+                    raise ConfigError(unknown_key_message(key, sub))
                 setattr(section, sub, _coerce(f"{key}.{sub}", v, getattr(section, sub)))
-        elif key in ("device_id", "groups", "state_dir"):
+        elif key in TOP_LEVEL_KEYS:
             setattr(cfg, key, _coerce(key, value, getattr(cfg, key)))
         else:
-            raise ConfigError(f"{key}: unknown key")
+            raise ConfigError(unknown_top_level_message(key, isinstance(value, dict)))
     if not cfg.device_id:
         cfg.device_id = re.sub(r"[^A-Za-z0-9_.-]", "-", socket.gethostname())[:64] or "device"
     validate(cfg)
@@ -212,16 +237,17 @@ def set_dotted(cfg: Config, key: str, value: Any) -> None:
     """Set ``section.key`` (or a top-level key) on ``cfg`` with type checks; validates after."""
     parts = key.split(".")
     if len(parts) == 1:
-        if key not in ("groups", "device_id", "state_dir"):
-            raise ConfigError(f"{key}: unknown key")
+        if key not in TOP_LEVEL_KEYS:
+            raise ConfigError(unknown_top_level_message(key, False))
         setattr(cfg, key, _coerce(key, value, getattr(cfg, key)))
     elif len(parts) == 2 and parts[0] in _SECTIONS:
         section = getattr(cfg, parts[0])
-        if not hasattr(section, parts[1]):
-            raise ConfigError(f"{key}: unknown key")
+        if parts[1] not in {f.name for f in dataclasses.fields(section)}:
+            raise ConfigError(unknown_key_message(parts[0], parts[1]))
         setattr(section, parts[1], _coerce(key, value, getattr(section, parts[1])))
     else:
-        raise ConfigError(f"{key}: unknown key")
+        raise ConfigError(f"{key}: unknown key{_closest(parts[0], list(_SECTIONS)) if len(parts) == 2 else ''}; "
+                          f"keys are {', '.join(TOP_LEVEL_KEYS)} or SECTION.KEY with SECTION one of {', '.join(_SECTIONS)}")
     validate(cfg)
 
 

@@ -27,7 +27,7 @@ from agent import __version__, config, errors, logs
 from agent.backends.probed import probed_backends
 from agent.bundles.fetch import fetcher_from_config
 from agent.bundles.store import Store
-from agent.bundles.trust import TrustStore
+from agent.bundles.trust import TrustStore, describe_writable, folder_problem
 from agent.commands.handlers import REMOTE_CONFIG_FILE, Handlers, apply_remote_overrides
 from agent.commands.verify import Command, CommandVerifier, peek_id
 from agent.deploy.jobs import JobReporter
@@ -536,11 +536,12 @@ class Agent:
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
-        bad = self.trust.writable_by_others()
+        bad = self.trust.writable_paths()
         if bad:
-            raise errors.AgentError("unsafe_trust", f"trust folder is writable by others: {', '.join(bad)} (chmod go-w)")
+            raise errors.AgentError("unsafe_trust", f"trust folder {self.cfg.trust.keys_dir} is writable by others than "
+                                                    f"its owner: {describe_writable(bad)}")
         if not len(self.trust):
-            log.warning("trust folder %s holds no keys: every signed command and bundle will be refused", self.cfg.trust.keys_dir)
+            log.warning("%s: every signed command and bundle will be refused", self.trust.no_keys_message())
         clock = check_clock(self.db, self.cfg.trust.max_clock_skew_s)
         if clock:
             log.warning("installs are refused until the clock is fixed: %s", clock)
@@ -677,6 +678,32 @@ def _simple_args(argv: list[str]) -> Any:
     return types.SimpleNamespace(cmd=cmd, **{k[2:].replace("-", "_"): v for k, v in values.items()})
 
 
+def check_config(path: str | None) -> int:
+    """``edge-agent check-config``: the effective values, then what would stop the daemon working:
+    a bad key, a missing or unsafe trust folder (exit 2); too few trusted keys (a warning)."""
+    import json
+
+    try:
+        cfg = config.load(path)
+    except errors.ConfigError as e:
+        print(f"edge-agent: {e.message}", file=sys.stderr)
+        return EXIT_CONFIG
+    print(json.dumps(cfg.to_dict(), indent=2))
+    where = cfg.source if cfg.source != "defaults" else "no config file, built-in defaults"
+    problem = folder_problem(Path(cfg.trust.keys_dir))
+    if problem:  # the daemon would refuse every signed command, or not start at all
+        print(f"edge-agent: {where}: {problem}", file=sys.stderr)
+        return EXIT_CONFIG
+    trust = TrustStore.load(Path(cfg.trust.keys_dir))
+    if not len(trust):
+        print(f"edge-agent: warning: {trust.no_keys_message()}; until then every signed command and bundle "
+              "is refused", file=sys.stderr)
+    elif len(trust) < cfg.trust.threshold:
+        print(f"edge-agent: warning: {trust.where()} holds {len(trust)} key(s) but trust.threshold is "
+              f"{cfg.trust.threshold}; every signed command and bundle is refused", file=sys.stderr)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = _simple_args(argv)
@@ -687,15 +714,7 @@ def main(argv: list[str] | None = None) -> int:
             ap.print_help(sys.stderr)
             return 2
     if args.cmd == "check-config":
-        try:
-            cfg = config.load(args.config)
-        except errors.ConfigError as e:
-            print(f"edge-agent: {e.message}", file=sys.stderr)
-            return EXIT_CONFIG
-        import json
-
-        print(json.dumps(cfg.to_dict(), indent=2))
-        return 0
+        return check_config(args.config)
     logs.setup(args.log_level, args.log_format)
     try:
         cfg = config.load(args.config)

@@ -368,7 +368,7 @@ def verify_bundle(bundle_dir: Path | str, trust: TrustStore, threshold: int = 1,
     if threshold < 1:
         raise ValueError(f"threshold must be at least 1, got {threshold}")
     if len(trust) == 0:
-        raise errors.RejectError(errors.UNTRUSTED_KEY, "the trust folder holds no Ed25519 public key (*.pem)")
+        raise errors.RejectError(errors.UNTRUSTED_KEY, trust.no_keys_message())
     manifest = verify_manifest(raw, trust, threshold)
     if manifest.is_expired(now):
         raise errors.RejectError(errors.EXPIRED, f"{manifest.name} v{manifest.version}: expired at {manifest.expires_at}")
