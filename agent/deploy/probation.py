@@ -24,6 +24,7 @@ from agent import errors
 from agent.deploy.jobs import JobReporter
 from agent.serving.registry import Registry, ServingVersion
 from agent.state import StateDB
+from agent.timeutil import now_rfc3339
 
 log = logging.getLogger(__name__)
 
@@ -82,11 +83,17 @@ class Supervisor:
               window_s: float | None = None) -> None:
         """Watch ``name`` v``version`` for ``window_s``; the job ends when the watch does."""
         sv = self.registry.get(name)
-        w = Watch(job_id, name, version, previous, time.monotonic() + (self.settings().window_s if window_s is None else window_s),
+        window = self.settings().window_s if window_s is None else window_s
+        w = Watch(job_id, name, version, previous, time.monotonic() + window,
                   result, sv.calls if sv else 0, sv.errors if sv else 0)
         with self._lock:
             old = self._watches.pop(name, None)
             self._watches[name] = w
+        # How long the job stays IN_PROGRESS at this step, so a fleet can show a countdown
+        # (docs/protocol.md); published only, like download progress.
+        self.reporter.update(job_id, "deploy", "IN_PROGRESS", "probation", persist=False,
+                             extra={"probation": {"window_s": round(window, 3),
+                                                  "ends_at": now_rfc3339(time.time() + window)}})
         if old is not None:  # a newer version replaced one still on probation: that one served fine
             self._finish(old, "SUCCEEDED", note="probation cut short by a newer deploy")
 

@@ -21,6 +21,7 @@ from typing import Any
 from agent import errors
 from agent.bundles.trust import TrustStore, load_public_pem, public_pem
 from fleetctl import bundle, commands, keys, mqttc, rollout, sim, watch
+from fleetctl.follow import ProbationCountdown, silent_device_message
 from fleetctl.serve import DEFAULT_HOST, DEFAULT_PORT, ArtifactServer
 
 log = logging.getLogger("fleetctl")
@@ -199,15 +200,29 @@ def _targets(a: argparse.Namespace) -> list[commands.Target]:
     return [commands.device_target(d) for d in devices]
 
 
-def _print_update(prefix: str, command_id: str) -> Callable[[str, dict[str, Any]], None]:
+def _print_update(prefix: str, command_id: str,
+                  countdown: ProbationCountdown | None = None) -> Callable[[str, dict[str, Any]], None]:
     def show(device: str, update: dict[str, Any]) -> None:
+        line = countdown.update(device, update) if countdown is not None else None
+        if line is not None and "probation" in update:  # the step's window: shown as the countdown's first line
+            _out(line)
+            return
         _out(watch.format_message(commands.job_topic(prefix, device, command_id), update))
     return show
 
 
+def _print_due(countdown: ProbationCountdown) -> Callable[[], None]:
+    def tick() -> None:
+        for line in countdown.tick():
+            _out(line)
+    return tick
+
+
 def _send(a: argparse.Namespace, ctype: str, params: dict[str, Any], *, wait: bool,
-          timeout_s: float, quiet_updates: bool = False) -> commands.JobOutcome | None:
-    """Sign and send one command to the targets; with ``wait`` follow it to the end."""
+          timeout_s: float, quiet_updates: bool = False,
+          countdown: ProbationCountdown | None = None) -> commands.JobOutcome | None:
+    """Sign and send one command to the targets; with ``wait`` follow it to the end (printing a
+    probation countdown to ``countdown``) and note each device's latest status."""
     targets = _targets(a)
     if wait and ctype not in ("status", "ping") and any("group" in t for t in targets):
         raise UsageError("--wait needs --device targets (a group's members are not known in advance); "
@@ -220,23 +235,28 @@ def _send(a: argparse.Namespace, ctype: str, params: dict[str, Any], *, wait: bo
             for t in topics:
                 print(f"sent {req.id} ({ctype}) to {t}", file=sys.stderr if quiet_updates else sys.stdout,
                       flush=True)
-        on_update = None if quiet_updates else _print_update(a.prefix, req.id)
+        on_update = None if quiet_updates else _print_update(a.prefix, req.id, countdown)
         if wait and "group" in targets[0]:  # status/ping: members are whoever answers (rollout.collect_group)
             sent([commands.command_topic(a.prefix, targets[0])])
             return rollout.collect_group(client, a.prefix, targets[0]["group"], req, signing, timeout_s, on_update)
         return commands.run_command(client, a.prefix, targets, req, signing, wait=wait,
-                                    timeout_s=timeout_s, on_update=on_update, on_sent=sent)
+                                    timeout_s=timeout_s, on_update=on_update, on_sent=sent,
+                                    on_tick=_print_due(countdown) if countdown is not None else None,
+                                    watch_status=True)
     finally:
         mqttc.disconnect(client)
 
 
-def _report(outcome: commands.JobOutcome, timeout_s: float) -> int:
+def _report(outcome: commands.JobOutcome, timeout_s: float, prefix: str,
+            countdown: ProbationCountdown | None = None) -> int:
     """Exit status for a followed command, with one stderr line per device that did not succeed."""
     for device, last in outcome.last.items():
         if last is None:
-            _err(f"{device}: no job update for {outcome.command_id} within {timeout_s:g} s")
+            _err(silent_device_message(device, outcome.command_id, timeout_s, outcome.status.get(device), prefix))
         elif last.get("state") not in commands.TERMINAL_STATES:
-            _err(f"{device}: still {last.get('state')} {last.get('step') or ''} after {timeout_s:g} s".rstrip())
+            left = countdown.left_s(device) if countdown is not None else None
+            more = f" ({left:.0f} s of probation left; a longer --timeout waits for the end)" if left is not None else ""
+            _err(f"{device}: still {last.get('state')} {last.get('step') or ''}".rstrip() + f" after {timeout_s:g} s{more}")
         elif last.get("state") != "SUCCEEDED":
             raw_err = last.get("error")
             err: dict[str, Any] = raw_err if isinstance(raw_err, dict) else {}
@@ -247,8 +267,9 @@ def _report(outcome: commands.JobOutcome, timeout_s: float) -> int:
 def _generic(ctype: str, params_of: Callable[[argparse.Namespace], dict[str, Any]]
              ) -> Callable[[argparse.Namespace], int]:
     def run(a: argparse.Namespace) -> int:
-        outcome = _send(a, ctype, params_of(a), wait=a.wait, timeout_s=a.timeout)
-        return EXIT_OK if outcome is None else _report(outcome, a.timeout)
+        countdown = ProbationCountdown()
+        outcome = _send(a, ctype, params_of(a), wait=a.wait, timeout_s=a.timeout, countdown=countdown)
+        return EXIT_OK if outcome is None else _report(outcome, a.timeout, a.prefix, countdown)
     return run
 
 
@@ -261,7 +282,8 @@ def _query(ctype: str) -> Callable[[argparse.Namespace], int]:
             return EXIT_FAILED
         rtt_ms = (time.monotonic() - t0) * 1000.0
         if a.group and not outcome.last:
-            _err(f"no device of group {a.group} answered within {a.timeout:g} s")
+            _err(f"no device of group {a.group} answered within {a.timeout:g} s; is any device of it online, "
+                 "with the group in its config (groups = [...])? `fleetctl watch` lists the devices seen")
         for device, last in outcome.last.items():
             if last is None or last.get("state") != "SUCCEEDED":
                 continue
@@ -277,7 +299,7 @@ def _query(ctype: str) -> Callable[[argparse.Namespace], int]:
             else:
                 _out(f"{device}:")
                 _out(json.dumps(result, indent=2, sort_keys=True))
-        return _report(outcome, a.timeout)
+        return _report(outcome, a.timeout, a.prefix)
     return run
 
 

@@ -539,14 +539,25 @@ class SimDevice:
         self.sim.loop.call_later(self.sim.opts.window_s, self.telemetry)
 
 
+def load_trust(folder: Path) -> TrustStore:
+    """The simulated devices' trust folder; ValueError naming the path and the fix when it is
+    missing or holds no key (one clean line from fleetctl, before any process starts)."""
+    if not folder.is_dir():
+        what = "does not exist" if not folder.exists() else "is not a folder"
+        raise ValueError(f"--trust {folder}: {what} (resolved: {folder.resolve()}); give the folder holding the "
+                         "fleet's public key(s) (.pub.pem), e.g. the --out folder of `fleetctl keygen`")
+    trust = TrustStore.load(folder)
+    if not len(trust):
+        raise ValueError(f"--trust {folder}: {trust.no_keys_message()}")
+    return trust
+
+
 class Simulator:
     """Many devices in this process, on one event-loop thread."""
 
     def __init__(self, opts: SimOptions, device_ids: Sequence[str]) -> None:
         self.opts = opts
-        self.trust = TrustStore.load(opts.trust_dir)
-        if not len(self.trust):
-            raise ValueError(f"{opts.trust_dir}: no trusted public keys (*.pem)")
+        self.trust = load_trust(opts.trust_dir)
         self.loop = _Loop()
         self.manifests = _ManifestCache(self.loop, self.trust, opts.threshold)
         self.stopping = False
@@ -678,10 +689,11 @@ def run_children(argv: list[str], processes: int, out: Callable[[str], None],
                 i, line = lines.get(timeout=max(0.0, min(LOOP_TICK_S, deadline - time.monotonic())))
             except queue.Empty:
                 if time.monotonic() >= deadline:
-                    raise RuntimeError(f"simulator processes not ready within {CHILD_READY_TIMEOUT_S:g} s") from None
+                    raise ChildProcessError(f"simulator processes not ready within {CHILD_READY_TIMEOUT_S:g} s") from None
                 continue
             if not line:
-                raise RuntimeError(f"simulator process {children[i].pid} ended before it was ready (exit {children[i].wait()})")
+                raise ChildProcessError(f"simulator process {children[i].pid} ended before it was ready "
+                                        f"(exit {children[i].wait()}; its error is printed above)")
             if line.startswith("ready "):
                 ready.add(i)
                 total += int(line.split()[1])
@@ -771,6 +783,7 @@ def run_cli(a: argparse.Namespace) -> int:
     if len(set(ids)) != len(ids):
         raise ValueError(f"--id-format {a.id_format!r} gives duplicate ids")
     opts = options_from(a)
+    load_trust(opts.trust_dir)  # a bad folder is one line here, not an error in each child process
     if a.shard:
         index, _, total = a.shard.partition("/")
         return run_here(opts, shard(ids, int(index), int(total)), out, a.duration)
