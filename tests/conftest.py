@@ -69,7 +69,7 @@ def mosquitto_binary() -> str | None:
         (p for p in ("/usr/sbin/mosquitto", "/usr/bin/mosquitto") if os.path.exists(p)), None)
 
 
-def start_mosquitto(tmp: Path) -> Mosquitto:
+def start_mosquitto(tmp: Path, extra_conf: str = "") -> Mosquitto:
     binary = mosquitto_binary()
     if binary is None:
         pytest.fail("mosquitto is not installed (apt-get install -y mosquitto); .ci/run installs it")
@@ -83,6 +83,7 @@ def start_mosquitto(tmp: Path) -> Mosquitto:
         "persistence true\n"
         f"persistence_location {tmp}/\n"
         "max_queued_messages 100000\n"
+        + extra_conf
     )
     m = Mosquitto("127.0.0.1", port, None, conf)  # type: ignore[arg-type]
     m.proc = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from agentproc import AgentProcess
-from conftest import Mosquitto
+from conftest import Mosquitto, start_mosquitto
 from opskit import MODEL, FleetKit, agentctl, env, fleetctl
 
 from agent.bundles.trust import key_id, load_private_key
@@ -115,6 +115,31 @@ def test_no_job_update_says_unknown_or_offline_device(tmp_path: Path, mosquitto:
                  "--timeout", SILENT_TIMEOUT, "--key", str(kit.key), "--broker", mosquitto.url)
     assert r.returncode == EXIT_FAILED
     assert re.search(r"device dev1 is offline since \d{4}-\d\d-\d\dT[\d:.]+Z \(shutdown\)", r.stderr), r.stderr
+
+
+def test_a_broker_withholding_the_status_topics_costs_the_explanation_not_the_command(tmp_path: Path,
+                                                                                    kit: FleetKit) -> None:
+    """The status subscription only explains silence: an ACL that withholds status must not fail a command."""
+    acl = tmp_path / "acl"
+    acl.write_text("topic readwrite edge/+/cmd\ntopic readwrite edge/+/jobs/#\ntopic readwrite edge/groups/#\n"
+                   "topic write edge/+/status\ntopic write edge/+/heartbeat\ntopic write edge/+/telemetry\n"
+                   "topic write edge/+/events\n")
+    broker = start_mosquitto(tmp_path, extra_conf=f"acl_file {acl}\n")
+    agent = AgentProcess(tmp_path / "device", broker.url)
+    try:
+        agent.write_config()
+        agent.trust_key((kit.trust / "fleet.pem").read_bytes())
+        agent.start()
+        ok = fleetctl("ping", "--device", "dev1", "--timeout", "20s", "--key", str(kit.key), "--broker", broker.url)
+        assert ok.returncode == 0 and "dev1 pong" in ok.stdout, ok.stdout + ok.stderr
+        r = fleetctl("ping", "--device", "dev-typo", "--timeout", SILENT_TIMEOUT, "--key", str(kit.key),
+                     "--broker", broker.url)
+        assert r.returncode == EXIT_FAILED
+        assert "Is the device id right" in r.stderr and "may not read status topics" in r.stderr, r.stderr
+    finally:
+        if agent.proc is not None:
+            agent.stop()
+        broker.stop()
 
 
 def _check_config(cfg: Path) -> subprocess.CompletedProcess[str]:

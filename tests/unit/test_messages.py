@@ -130,12 +130,14 @@ def test_probation_countdown_without_a_window_counts_up() -> None:
 
 
 def test_silent_device_message_offline_unknown_online() -> None:
-    unknown = silent_device_message("cam-7", "deploy-1", 5, None, "edge")
+    unknown = silent_device_message("cam-7", "deploy-1", 5, {"cam-8": {"online": True}}, "edge")
     assert "no job update for deploy-1 within 5 s" in unknown
     assert "no status ever seen for device cam-7 under topic prefix 'edge'" in unknown
     assert "`fleetctl watch` lists the devices seen" in unknown and "device id" in unknown
-    off = silent_device_message("cam-7", "deploy-1", 5, {"online": False, "ts": "2026-12-01T10:00:00.000Z",
-                                                         "reason": "connection lost"}, "edge")
+    off = silent_device_message("cam-7", "deploy-1", 5, {"cam-7": {"online": False, "ts": "2026-12-01T10:00:00.000Z",
+                                                                   "reason": "connection lost"}}, "edge")
     assert "device cam-7 is offline since 2026-12-01T10:00:00.000Z (connection lost)" in off
-    on = silent_device_message("cam-7", "deploy-1", 5, {"online": True, "ts": "T"}, "edge")
+    on = silent_device_message("cam-7", "deploy-1", 5, {"cam-7": {"online": True, "ts": "T"}}, "edge")
     assert "is online (status at T)" in on and "--timeout" in on
+    unwatched = silent_device_message("cam-7", "deploy-1", 5, None, "edge")  # the broker refused the status topics
+    assert "is device cam-7 online, and is its id right?" in unwatched and "never" not in unwatched

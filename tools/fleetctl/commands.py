@@ -182,7 +182,7 @@ class JobOutcome:
 
     command_id: str
     last: dict[str, dict[str, Any] | None] = field(default_factory=dict)
-    status: dict[str, dict[str, Any]] = field(default_factory=dict)  # latest status seen per device (watch_status)
+    status: dict[str, dict[str, Any]] | None = None  # latest status seen per device; None: not watched
 
     @property
     def pending(self) -> list[str]:
@@ -213,6 +213,7 @@ class JobWatcher:
         self.status_topics = [status_topic(prefix, d) for d in self.devices] if watch_status else []
         self._status_of = dict(zip(self.status_topics, self.devices, strict=False))
         self.status: dict[str, dict[str, Any]] = {}
+        self.status_watched = False  # the broker granted the status subscription
         self._queue: queue.Queue[tuple[str, dict[str, Any]]] = queue.Queue()
         self._started = False
 
@@ -243,10 +244,15 @@ class JobWatcher:
         """Subscribe (waiting for the SUBACK); call before publishing the command."""
         for t in self.topics:
             self.client.message_callback_add(t, self._on_message)
+        self._started = True
+        mqttc.subscribe(self.client, self.topics, qos=1, timeout_s=timeout_s)
         for t in self.status_topics:
             self.client.message_callback_add(t, self._on_status)
-        self._started = True
-        mqttc.subscribe(self.client, [*self.topics, *self.status_topics], qos=1, timeout_s=timeout_s)
+        try:  # only to explain silence: a broker that refuses it (an ACL) costs the explanation, not the command
+            mqttc.subscribe(self.client, self.status_topics, qos=1, timeout_s=timeout_s)
+            self.status_watched = bool(self.status_topics)
+        except (ConnectionError, TimeoutError) as e:
+            log.debug("device status not available: %s", e)
         return self
 
     def close(self) -> None:
@@ -283,7 +289,8 @@ def wait_jobs(watcher: JobWatcher, timeout_s: float = DEFAULT_WAIT_TIMEOUT_S,
     duplicate) and anything after a device's terminal state are skipped. ``on_tick()`` runs at
     least every WAIT_TICK_S while waiting (progress lines).
     """
-    outcome = JobOutcome(watcher.command_id, {d: None for d in watcher.devices}, watcher.status)
+    outcome = JobOutcome(watcher.command_id, {d: None for d in watcher.devices},
+                         watcher.status if watcher.status_watched else None)
     seen: set[tuple[str, Any]] = set()
     deadline = time.monotonic() + timeout_s
     while outcome.pending:

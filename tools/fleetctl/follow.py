@@ -77,13 +77,19 @@ class ProbationCountdown:
                 "(the agent does not say how long; deploy.probation_s in its config)")
 
 
-def silent_device_message(device: str, command_id: str, timeout_s: float, status: dict[str, Any] | None,
-                          prefix: str) -> str:
-    """Why ``device`` sent no job update for ``command_id``, from its latest status (None: none seen)."""
+def silent_device_message(device: str, command_id: str, timeout_s: float,
+                          statuses: dict[str, dict[str, Any]] | None, prefix: str) -> str:
+    """Why ``device`` sent no job update for ``command_id``, from the latest status of each device
+    (``statuses``; None when they could not be watched)."""
     head = f"{device}: no job update for {command_id} within {timeout_s:g} s"
+    if statuses is None:
+        return (f"{head}; is device {device} online, and is its id right? "
+                "`fleetctl watch` lists the devices seen")
+    status = statuses.get(device)
     if status is None:
-        return (f"{head}; no status ever seen for device {device} under topic prefix {prefix!r} on this broker. "
-                f"Is the device id right, and is the device online? `fleetctl watch` lists the devices seen")
+        return (f"{head}; no status ever seen for device {device} under topic prefix {prefix!r} on this broker "
+                "(or this account may not read status topics). Is the device id right, and is the device online? "
+                "`fleetctl watch` lists the devices seen")
     ts = str(status.get("ts") or "an unknown time")
     if status.get("online") is False:
         reason = f" ({status['reason']})" if isinstance(status.get("reason"), str) and status["reason"] else ""

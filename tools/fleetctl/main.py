@@ -252,7 +252,7 @@ def _report(outcome: commands.JobOutcome, timeout_s: float, prefix: str,
     """Exit status for a followed command, with one stderr line per device that did not succeed."""
     for device, last in outcome.last.items():
         if last is None:
-            _err(silent_device_message(device, outcome.command_id, timeout_s, outcome.status.get(device), prefix))
+            _err(silent_device_message(device, outcome.command_id, timeout_s, outcome.status, prefix))
         elif last.get("state") not in commands.TERMINAL_STATES:
             left = countdown.left_s(device) if countdown is not None else None
             more = f" ({left:.0f} s of probation left; a longer --timeout waits for the end)" if left is not None else ""
