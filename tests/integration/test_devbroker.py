@@ -24,6 +24,7 @@ from agentproc import AgentProcess, Observer
 from opskit import FleetKit, env
 from paho.mqtt.enums import CallbackAPIVersion
 
+from agent.mqtt.connection import CONNACK_TIMEOUT_S
 from fleetctl import mqttc
 from fleetctl.devbroker import DevBroker
 
@@ -33,6 +34,7 @@ V5_ANSWER_S = 3.0  # how long a v5 CONNECT is given to be accepted (it must not 
 AGENT_FALLBACK_S = 45.0  # the agent's v5 attempt ends at its CONNACK deadline or keepalive (5 s here)
 DEMO_TIMEOUT_S = 240.0
 FALLBACK_LOG = 'mqtt.protocol = "auto" falls back to MQTT 3.1.1'
+LONG_KEEPALIVE_S = 60  # longer than the agent's CONNACK deadline
 
 
 class Client:
@@ -211,6 +213,22 @@ def test_agent_auto_protocol_falls_back_to_311_on_amqtt(tmp_path: Path, amqtt_br
         kit.close()
         if second is not None:
             second.stop()
+
+
+def test_agent_connack_deadline_ends_an_unanswered_mqtt5_connect(tmp_path: Path, amqtt_broker: DevBroker) -> None:
+    """With a keepalive longer than the CONNACK deadline, the deadline (not the keepalive) ends the
+    unanswered MQTT 5 attempt, and the agent connects on 3.1.1."""
+    agent = AgentProcess(tmp_path / "device", amqtt_broker.url)
+    agent.write_config()
+    agent.config.write_text(agent.config.read_text().replace("keepalive_s = 5", f"keepalive_s = {LONG_KEEPALIVE_S}"))
+    try:
+        agent.start(wait=False)
+        agent.wait_ready(AGENT_FALLBACK_S)
+        log = agent.log.read_text()
+        assert f"no CONNACK from 127.0.0.1:{amqtt_broker.port} within {CONNACK_TIMEOUT_S:.0f} s" in log, log[-3000:]
+        assert log.count(FALLBACK_LOG) == 1, log[-3000:]
+    finally:
+        agent.stop()
 
 
 def test_demo_runs_end_to_end_on_amqtt(tmp_path: Path) -> None:
