@@ -79,3 +79,19 @@ def test_will_after_kill_and_online_after_restart_order_by_session(tmp_path: Pat
         obs.close()
         if agent.proc is not None and agent.proc.poll() is None:
             agent.stop()
+
+
+def test_documents_without_session_keep_arrival_order() -> None:
+    """An agent before ``session``: nothing to order by, so the later arrival wins (as MQTT delivers
+    one publisher's messages in order) — a reconnect's online status replaces the earlier Will."""
+    will = {"device": "dev1", "online": False, "seq": 5, "reason": "connection lost"}
+    online = {"device": "dev1", "online": True, "seq": 7}
+    view = FleetView()
+    for d in (will, online):
+        view.apply(TOPIC, d)
+    assert view.devices["dev1"].online is True
+    view.apply(TOPIC, {**will, "seq": 8})
+    assert view.devices["dev1"].online is False
+    mixed = {"device": "dev1", "online": True, "seq": 1, "session": 3}
+    view.apply(TOPIC, mixed)  # the agent upgraded: its first document with a session replaces the old one
+    assert view.devices["dev1"].status == mixed

@@ -86,15 +86,17 @@ def status_order(doc: dict[str, Any]) -> tuple[int, int, int]:
     """Where a status document stands in its device's history (docs/protocol.md): by the
     connection's ``session``; within one session an offline document (the Last Will, or the final
     status of a clean stop) after every online one, whatever its ``seq`` and ``ts`` (the Will is
-    stamped when the connection opens); then by ``seq``. A document without ``session`` (an older
-    agent) counts as session 0."""
+    stamped when the connection opens); then by ``seq``."""
     return (_int(doc.get("session")), 1 if doc.get("online") is False else 0, _int(doc.get("seq")))
 
 
 def supersedes(new: dict[str, Any], held: dict[str, Any] | None) -> bool:
     """True if status ``new`` replaces ``held`` (the one a consumer keeps); equal keys replace, so a
-    redelivered document is idempotent."""
-    return held is None or status_order(new) >= status_order(held)
+    redelivered document is idempotent. Without a ``session`` on both (an agent before that field)
+    there is nothing to order by: the later arrival wins."""
+    if held is None or "session" not in new or "session" not in held:
+        return True
+    return status_order(new) >= status_order(held)
 
 
 def _status(p: dict[str, Any]) -> str:
