@@ -122,11 +122,12 @@ class AgentProcess:
 class Observer:
     """A fleet-side MQTT client recording every message under a prefix."""
 
-    def __init__(self, broker_host: str, broker_port: int, topics: tuple[str, ...] = ("edge/#",)) -> None:
+    def __init__(self, broker_host: str, broker_port: int, topics: tuple[str, ...] = ("edge/#",),
+                 protocol: mqtt.MQTTProtocolVersion = mqtt.MQTTv5) -> None:
         self.messages: list[tuple[str, dict[str, Any], bool]] = []
         self._cv = threading.Condition()
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"observer-{os.getpid()}-{id(self)}",
-                                  protocol=mqtt.MQTTv5)
+                                  protocol=protocol)
         self.client.on_message = self._on_message
         self.client.connect(broker_host, broker_port)
         self.client.loop_start()

@@ -1,6 +1,6 @@
 """``fleetctl demo``: the whole product on one machine, end to end, in under a minute.
 
-A local broker (Mosquitto when installed, else the embedded one), dev signing keys and a device
+A local broker (Mosquitto when installed, else amqtt: fleetctl.devbroker), dev signing keys and a device
 trust folder, a sample bundle built and signed from a small CNN, the artifact server, the real
 ``edge-agent`` daemon as a process, a signed deploy, inference through the local KServe v2 API
 (checked against onnxruntime called directly), and job updates, status, heartbeat and latency
@@ -32,6 +32,7 @@ DEPLOY_TIMEOUT_S = 120.0
 TELEMETRY_TIMEOUT_S = 30.0
 INFER_REQUESTS = 200
 BROKER_START_TIMEOUT_S = 10.0
+BROKER_ENV = "FLEETCTL_DEMO_BROKER"  # "amqtt": use the fallback broker even where Mosquitto is installed
 
 
 def _free_port() -> int:
@@ -52,7 +53,7 @@ def _wait_port(port: int, timeout_s: float) -> None:
 
 
 class DemoBroker:
-    """Mosquitto when it is installed, else the embedded pure-Python broker."""
+    """Mosquitto when it is installed, else amqtt (MQTT 3.1.1) in a child process."""
 
     def __init__(self, workdir: Path) -> None:
         self.port = _free_port()
@@ -60,6 +61,8 @@ class DemoBroker:
         self.embedded: Any = None
         binary = shutil.which("mosquitto") or next(
             (p for p in ("/usr/sbin/mosquitto", "/usr/bin/mosquitto") if os.path.exists(p)), None)
+        if os.environ.get(BROKER_ENV) == "amqtt":  # the fallback, even where Mosquitto is installed
+            binary = None
         if binary:
             conf = workdir / "mosquitto.conf"
             conf.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\nset_tcp_nodelay true\n")
@@ -68,11 +71,10 @@ class DemoBroker:
             self.kind = f"Mosquitto ({binary})"
             _wait_port(self.port, BROKER_START_TIMEOUT_S)
         else:
-            from fleetctl.broker import Broker
+            from fleetctl.devbroker import DevBroker
 
-            self.embedded = Broker("127.0.0.1", self.port)
-            self.embedded.start()
-            self.kind = "embedded Python broker (install mosquitto for the real one)"
+            self.embedded = DevBroker(self.port, log_path=workdir / "broker.log").start()
+            self.kind = "amqtt, MQTT 3.1.1 (install mosquitto for MQTT 5)"
 
     @property
     def url(self) -> str:

@@ -236,6 +236,7 @@ class SimDevice:
         self.latency_ms = o.latency_ms * random.uniform(0.8, 1.25)
         self._backoff = RECONNECT_MIN_S
         self._misc_at = 0.0
+        self.session = 0  # status ordering (docs/protocol.md): a new number per connect
         self.client = self._make_client()
 
     @property
@@ -252,13 +253,19 @@ class SimDevice:
         c.on_disconnect = self._on_disconnect
         c.on_subscribe = self._on_subscribe
         c.on_message = self._on_message
-        c.will_set(f"{self.topic}/status", json.dumps(self.status_doc(False, "connection lost")), qos=1, retain=True)
+        self._new_session(c)
         addr = mqttc.parse_broker_url(self.sim.opts.broker)
         if addr.tls:
             c.tls_set()
         if addr.username:
             c.username_pw_set(addr.username, addr.password)
         return c
+
+    def _new_session(self, c: mqtt.Client) -> None:
+        """A new status ``session`` for the next connect, and the Will that carries it. Simulated
+        devices keep no state: milliseconds of the wall clock keep it increasing across restarts."""
+        self.session = max(self.session + 1, time.time_ns() // 1_000_000)
+        c.will_set(f"{self.topic}/status", json.dumps(self.status_doc(False, "connection lost")), qos=1, retain=True)
 
     # -- paho external loop ------------------------------------------------------------------
     def _on_socket_open(self, c: mqtt.Client, u: Any, sock: Any) -> None:
@@ -310,6 +317,7 @@ class SimDevice:
             return
         self.reconnects += 1
         try:
+            self._new_session(self.client)
             self.client.reconnect()
         except OSError as e:
             log.debug("%s: reconnect failed: %s", self.id, e)
@@ -349,7 +357,7 @@ class SimDevice:
 
     def status_doc(self, online: bool, reason: str = "") -> dict[str, Any]:
         doc: dict[str, Any] = {"v": 1, "device": self.id, "online": online, "ts": now_rfc3339(), "agent": AGENT_VERSION,
-                               "boot_id": self.boot_id, "profile": "simulated",
+                               "boot_id": self.boot_id, "profile": "simulated", "session": self.session,
                                "models": [dict(m) for m in self.models.values()]}
         if reason:
             doc["reason"] = reason
