@@ -298,6 +298,8 @@ def _sweep_stale(out: Path) -> None:
 def _check_output(out: Path, overwrite: bool) -> None:
     """A build replaces the whole output folder: only a bundle (with ``overwrite``), an empty
     folder or a new path may be replaced."""
+    if not out.name:
+        raise BuildError(f"{out}: a bundle cannot replace the filesystem root; give --out a folder name")
     if out.is_symlink() or (out.exists() and not out.is_dir()):
         raise BuildError(f"{out}: exists and is not a folder")
     if not out.exists():
@@ -422,7 +424,7 @@ def build_bundle(model_path: Path | str, out_dir: Path | str, name: str, version
     ``overwrite`` allows replacing a bundle (devices refuse a version they already have, so
     re-signing the same version is usually a mistake).
     """
-    model_path, out = Path(model_path), Path(out_dir)
+    model_path, out = Path(model_path), Path(os.path.abspath(out_dir))  # "." and ".." resolved, links not
     if not keys:
         raise BuildError("at least one signing key is required")
     if not model_path.is_file():
