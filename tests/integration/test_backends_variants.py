@@ -30,6 +30,7 @@ from fleetctl.main import main
 from fleetctl.samples import make_classifier
 from fleetctl.variants import (
     REDUCED_TOLERANCE,
+    Outcome,
     VariantError,
     convert_onnx_to_tflite,
     tflite_precision,
@@ -138,8 +139,14 @@ def test_given_tflite_and_prebuilt_files_join_as_they_are(tmp_path: Path, key: E
     for f in ("model.xml", "model.bin"):
         (ir / f).write_bytes((tmp_path / "first" / "openvino" / "fp32" / f).read_bytes())
     checks: list[dict] = []
+    outcomes: list[Outcome] = []
     mpath = build_bundle(model, tmp_path / "b", "mlp", 1, [key], tflite=tmp_path / "given.tflite",
-                         prebuilt=[f"ov-ir:openvino:fp32:{ir / 'model.xml'}"], checks=checks)
+                         prebuilt=[f"ov-ir:openvino:fp32:{ir / 'model.xml'}"], checks=checks,
+                         variants=["tflite"], outcomes=outcomes)
+    assert [(o.id, o.status) for o in outcomes] == [("onnx-fp32", "built"), ("tflite-fp32", "built"),
+                                                    ("ov-ir", "built"), ("tflite-fp32", "skipped")]
+    assert outcomes[-1].line() == (f"variant tflite-fp32 (tflite/fp32): skipped: --tflite {tmp_path / 'given.tflite'} "
+                                   "is the TFLite variant of this build")
     got = {v["id"]: [f["path"] for f in v["files"]] for v in manifest_document(mpath)["variants"]}
     assert got == {"onnx-fp32": ["model.onnx"], "tflite-fp32": ["variants/tflite-fp32/given.tflite"],
                    "ov-ir": ["variants/ov-ir/model.xml", "variants/ov-ir/model.bin"]}

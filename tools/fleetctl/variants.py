@@ -641,7 +641,7 @@ def make_variant(bundle: Path, model: Path, p: Planned, feeds: Mapping[str, np.n
 def make_variants(bundle: Path, model: Path, feeds: Mapping[str, np.ndarray], expected: Mapping[str, np.ndarray],
                   *, variants: Sequence[str] = (), tflite: Path | None = None, prebuilt: Sequence[Prebuilt] = (),
                   unchecked: Sequence[str] = (), rtol: float, atol: float, taken: Sequence[str] = ()) -> list[Outcome]:
-    """Try every requested variant on its own and return each one's outcome, in request order.
+    """Try every requested variant on its own; return their outcomes (in request order, skipped ones last).
 
     VariantError only for options that cannot work (plan_variants); a variant that cannot be made
     or fails its check is a ``failed`` outcome and leaves no file in ``bundle``.
