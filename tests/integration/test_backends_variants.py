@@ -161,6 +161,12 @@ def test_a_variant_outside_tolerance_fails_the_build(tmp_path: Path, key: Ed2551
     assert "variant onnx-x (onnx/fp32): failed: did not pass its build-time check on " \
            "onnxruntime:CPUExecutionProvider" in str(ei.value)
     assert "exceeds" in str(ei.value)
+    assert not (tmp_path / "b").exists()
+    # With --keep-going the copied file of the failed variant is not left in the bundle.
+    mpath = build_bundle(model, tmp_path / "k", "mlp", 1, [key], prebuilt=[f"onnx-x:onnx:fp32:{wrong}"],
+                         keep_going=True)
+    assert [v["id"] for v in manifest_document(mpath)["variants"]] == ["onnx-fp32"]
+    assert set(tree(tmp_path / "k")) == listed(mpath) and not (tmp_path / "k" / "variants").exists()
     with pytest.raises(BuildError, match="unknown variant 'onnx-bf16'"):
         build_bundle(model, tmp_path / "b", "mlp", 1, [key], variants=["onnx-bf16"])
     with pytest.raises(BuildError, match="--no-check names no variant"):

@@ -16,10 +16,11 @@ Prebuilt files join as they are: ``--tflite FILE`` and ``--add-variant ID:FORMAT
 (an OpenVINO ``.xml`` brings the ``.bin`` beside it).
 
 Invariants:
-- Each variant succeeds or fails on its own: ``make_variants`` tries every one and returns one
-  ``Outcome`` per variant (built, failed or skipped, with the reason); a failed variant leaves
-  none of its files behind. Only options that cannot work for any model (a missing file, an id
-  or path used twice) stop the build before anything is made.
+- Each variant succeeds or fails on its own: ``plan_variants`` lists what to try (and what is
+  skipped, with the reason), ``make_variant`` makes and checks one and returns its ``Outcome``
+  (built, or failed with the reason); a failed variant leaves none of its files behind. Only
+  options that cannot work for any model (a missing file, an id or path used twice) stop the
+  build before anything is made.
 - Every variant is checked at build time against the golden outputs (computed with onnxruntime on
   the fp32 model) on this machine's CPU, through the agent's own backend for its format; one out
   of tolerance or that cannot run here fails with the reason; ``--no-check ID`` skips that for a
@@ -636,18 +637,3 @@ def make_variant(bundle: Path, model: Path, p: Planned, feeds: Mapping[str, np.n
         return Outcome(p.id, p.format, p.precision, BUILT, variant=v)
     _discard(bundle, p.files)
     return Outcome(p.id, p.format, p.precision, FAILED, reason)
-
-
-def make_variants(bundle: Path, model: Path, feeds: Mapping[str, np.ndarray], expected: Mapping[str, np.ndarray],
-                  *, variants: Sequence[str] = (), tflite: Path | None = None, prebuilt: Sequence[Prebuilt] = (),
-                  unchecked: Sequence[str] = (), rtol: float, atol: float, taken: Sequence[str] = ()) -> list[Outcome]:
-    """Try every requested variant on its own; return their outcomes (in request order, skipped ones last).
-
-    VariantError only for options that cannot work (plan_variants); a variant that cannot be made
-    or fails its check is a ``failed`` outcome and leaves no file in ``bundle``.
-    """
-    plan, skipped = plan_variants(variants=variants, tflite=tflite, prebuilt=prebuilt, unchecked=unchecked,
-                                  taken=taken)
-    outcomes = [make_variant(bundle, model, p, feeds, expected, check=p.id not in unchecked, rtol=rtol, atol=atol)
-                for p in plan]
-    return [*outcomes, *skipped]
