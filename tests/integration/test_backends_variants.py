@@ -322,3 +322,18 @@ def test_tflite_refusals_name_the_operator(tmp_path: Path) -> None:
     assert str(ei.value) == ("TFLite variant: operator Softmax (node 'attn_softmax') works over axis 1 of a "
                              "rank-3 tensor (TFLite: the last axis only)" + hint)
     assert not list(tmp_path.glob("*.tflite"))
+
+
+def test_replacing_without_an_atomic_swap_still_leaves_one_whole_bundle(tmp_path: Path, key: Ed25519PrivateKey,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    # Faked: a kernel or filesystem without renameat2(RENAME_EXCHANGE), which this machine has.
+    import fleetctl.bundle as fb
+
+    monkeypatch.setattr(fb, "_exchange", lambda a, b: False)
+    model = make_mlp(tmp_path / "mlp.onnx")
+    out = tmp_path / "bundles" / "b"
+    build_bundle(model, out, "mlp", 1, [key], variants=["onnx-fp16"])
+    mpath = build_bundle(model, out, "mlp", 2, [key], overwrite=True)
+    assert manifest_document(mpath)["version"] == 2
+    assert set(tree(out)) == listed(mpath)
+    assert [p.name for p in out.parent.iterdir()] == ["b"]  # the retired folder is gone too
