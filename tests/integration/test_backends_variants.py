@@ -266,26 +266,34 @@ def test_force_rebuild_leaves_only_the_files_of_its_manifest(tmp_path: Path, key
     assert [p.name for p in mine.iterdir()] == ["model.onnx"]
 
 
-def test_a_killed_build_leaves_the_previous_bundle(tmp_path: Path, key: Ed25519PrivateKey) -> None:
+def test_an_interrupted_build_leaves_the_previous_bundle(tmp_path: Path, key: Ed25519PrivateKey) -> None:
     model = make_mlp(tmp_path / "mlp.onnx")
     kp = generate_keypair(tmp_path / "keys", "fleet")
     out = tmp_path / "bundles" / "b"
     build_bundle(model, out, "mlp", 1, [key])
     before = tree(out)
-    proc = subprocess.Popen([sys.executable, "-m", "fleetctl.main", "bundle", "build", str(model), "--name", "mlp",
-                             "--version", "2", "--key", str(kp.private_path), "--out", str(out), "--force",
-                             "--variants", ",".join(ALL)], cwd=REPO, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + KILL_WAIT_S
-        while not any(out.parent.glob(".b.partial-*/model.onnx")) and proc.poll() is None:
-            assert time.monotonic() < deadline, "the build never staged its folder"
-            time.sleep(0.005)
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.kill()
-        proc.wait(timeout=30)
-    assert proc.returncode == -signal.SIGKILL, "the build finished before it could be killed"
+
+    def interrupt(sig: signal.Signals) -> int:
+        """Start a --force build of v2 and send ``sig`` once it has staged its folder."""
+        proc = subprocess.Popen([sys.executable, "-m", "fleetctl.main", "bundle", "build", str(model), "--name", "mlp",
+                                 "--version", "2", "--key", str(kp.private_path), "--out", str(out), "--force",
+                                 "--variants", ",".join(ALL)], cwd=REPO, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        try:
+            deadline = time.monotonic() + KILL_WAIT_S
+            while not any(out.parent.glob(".b.partial-*/model.onnx")) and proc.poll() is None:
+                assert time.monotonic() < deadline, "the build never staged its folder"
+                time.sleep(0.005)
+            proc.send_signal(sig)
+            return proc.wait(timeout=KILL_WAIT_S)
+        finally:
+            proc.kill()
+            proc.wait(timeout=KILL_WAIT_S)
+
+    assert interrupt(signal.SIGINT) == 130  # Ctrl-C: fleetctl's "interrupted" exit
+    assert tree(out) == before
+    assert [p.name for p in out.parent.iterdir()] == ["b"]  # it removed its own staging folder
+    assert interrupt(signal.SIGKILL) == -signal.SIGKILL
     assert tree(out) == before  # mid-build, the output is still the previous bundle
     assert len(list(out.parent.glob(".b.partial-*"))) == 1  # what the killed process left
     mpath = build_bundle(model, out, "mlp", 2, [key], variants=["onnx-int8"], overwrite=True)
