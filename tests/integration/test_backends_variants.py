@@ -33,6 +33,7 @@ from fleetctl.variants import (
     Outcome,
     VariantError,
     convert_onnx_to_tflite,
+    convert_openvino_ir,
     tflite_precision,
 )
 
@@ -345,3 +346,13 @@ def test_replacing_without_an_atomic_swap_still_leaves_one_whole_bundle(tmp_path
     assert manifest_document(mpath)["version"] == 2
     assert set(tree(out)) == listed(mpath)
     assert [p.name for p in out.parent.iterdir()] == ["b"]  # the retired folder is gone too
+
+
+def test_openvino_variants_convert_to_the_same_bytes_every_time(tmp_path: Path) -> None:
+    # OpenVINO numbers the nodes it names from a counter global to the process; renumbered, the
+    # same model gives the same IR, so a retrained model keeps its layout (sizes) for autotune.
+    model = make_mlp(tmp_path / "mlp.onnx")
+    for d in ("a", "b"):
+        convert_openvino_ir(model, tmp_path / d / "model.xml", fp16=False)
+    assert (tmp_path / "a" / "model.xml").read_bytes() == (tmp_path / "b" / "model.xml").read_bytes()
+    assert b'name="w1"' in (tmp_path / "a" / "model.xml").read_bytes()  # names from the ONNX graph stay

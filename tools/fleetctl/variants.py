@@ -35,6 +35,7 @@ Invariants:
 from __future__ import annotations
 
 import logging
+import re
 import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -172,10 +173,32 @@ def convert_openvino_ir(src: Path, xml: Path, fp16: bool) -> None:
         raise VariantError("needs openvino (pip install 'edge-agent[openvino]')") from e
     try:
         model = ov.convert_model(str(src))
+        _stable_names(model, src)
         xml.parent.mkdir(parents=True, exist_ok=True)
         ov.save_model(model, str(xml), compress_to_fp16=fp16)
     except Exception as e:  # OpenVINO's conversion errors share no public base class
         raise VariantError(f"OpenVINO could not convert the model: {e}") from e
+
+
+_GENERATED_NAME = re.compile(r"([A-Za-z][A-Za-z0-9]*)_\d+")
+
+
+def _stable_names(model: Any, src: Path) -> None:
+    """Renumber the names OpenVINO made up (``Constant_2360``: a counter global to the process)
+    in graph order, so the same model converts to the same IR bytes whatever ran before it in
+    this process (the agent's autotune cache matches bundles by file sizes). Names from the ONNX
+    graph are kept."""
+    import onnx
+
+    g = onnx.load(str(src), load_external_data=False).graph
+    given = {n for node in g.node for n in (node.name, *node.output)} | {i.name for i in (*g.initializer, *g.input)}
+    k = 0
+    for op in model.get_ordered_ops():
+        name = op.get_friendly_name()
+        m = _GENERATED_NAME.fullmatch(name)
+        if m and name not in given and op.get_type_name() not in ("Parameter", "Result"):
+            op.set_friendly_name(f"{m.group(1)}_fleetctl{k}")
+            k += 1
 
 
 # ---- ONNX → TFLite for dense graphs (see the module docstring for the subset)
