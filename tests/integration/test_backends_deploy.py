@@ -282,3 +282,19 @@ def test_process_isolation_loads_into_workers_started_during_the_download(env: E
         serve_check(env, mlp, atol=1e-5)
     finally:
         isolated.prestart = real  # type: ignore[assignment]
+
+
+def test_a_keep_going_bundle_deploys_with_the_variants_that_passed(env: Env, mlp: Path) -> None:
+    wrong = make_mlp(env.tmp / "wrong" / "model.onnx", seed=99)  # fails its build-time check
+    outcomes: list[Any] = []
+    m = build(env, mlp, "b1", variants=["onnx-int8"], prebuilt=[f"onnx-wrong:onnx:fp32:{wrong}"],
+              keep_going=True, outcomes=outcomes)
+    assert [(o.id, o.status) for o in outcomes] == [("onnx-fp32", "built"), ("onnx-int8", "built"),
+                                                    ("onnx-wrong", "failed")]
+    assert [v["id"] for v in manifest_document(m)["variants"]] == ["onnx-fp32", "onnx-int8"]
+    final = env.deploy("j1", m)
+    assert final["state"] == "SUCCEEDED", final
+    r = final["result"]
+    assert (r["backend"], r["variant"]) == (OV_CPU, "onnx-int8")
+    assert r["figures"]["validation"]["max_abs_error"] < 0.05  # within the int8 variant's own tolerance
+    assert serve_check(env, mlp, atol=0.05) == OV_CPU

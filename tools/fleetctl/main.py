@@ -123,17 +123,20 @@ def _signing_key_paths(a: argparse.Namespace) -> list[str]:
 def cmd_bundle_build(a: argparse.Namespace) -> int:
     signing = keys.load_signing_keys(_signing_key_paths(a))
     out = Path(a.out) if a.out else Path("bundles") / a.name / str(a.version)
-    checks: list[dict[str, Any]] = []
+    outcomes: list[bundle.Outcome] = []
     mpath = bundle.build_bundle(
         a.model, out, a.name, a.version, signing, inputs=a.inputs, samples=a.samples, seed=a.seed,
         expires_in_s=a.expires_in, rtol=a.rtol, atol=a.atol, max_p95_ms=a.max_p95_ms,
         extra_files=a.file or (), description=a.description, overwrite=a.force,
         variants=a.variants or (), tflite=a.tflite, prebuilt=a.add_variant or (), unchecked=a.no_check or (),
-        checks=checks)
-    for c in checks:  # one line per added variant: where it was checked and how close it came
-        _out(f"variant {c['variant']} ({c['format']}/{c['precision']}): " + (
-            f"checked on {c['backend']} computing in {c['compute_precision']}, max abs error {c['max_abs_error']:.3g} "
-            f"(rtol {c['rtol']:g}, atol {c['atol']:g})" if "backend" in c else "NOT checked (--no-check)"))
+        keep_going=a.keep_going, outcomes=outcomes)
+    if len(outcomes) > 1:  # one line per variant: built (where checked, how close), failed or skipped, and why
+        for o in outcomes:
+            _out(o.line())
+    failed = [o.id for o in outcomes if o.status == bundle.FAILED]
+    if failed:
+        _err(f"warning: {len(failed)} of {len(outcomes)} variants failed and are not in the bundle "
+             f"(--keep-going): {', '.join(failed)}")
     doc = bundle.manifest_document(mpath)
     sha = bundle.file_entry(mpath.parent, mpath.name).sha256
     n_files = sum(len(v["files"]) for v in doc["variants"]) + len(doc["files"])
@@ -443,6 +446,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a prebuilt variant file (an OpenVINO .xml brings its .bin); repeatable")
     p.add_argument("--no-check", action="append", metavar="VARIANT_ID",
                    help="add this variant without the build-time check (e.g. an Edge TPU model); repeatable")
+    p.add_argument("--keep-going", action="store_true",
+                   help="when a variant fails, sign the bundle with those that passed and list the rest "
+                        "(default: fail listing every variant's outcome, writing nothing)")
     p.set_defaults(func=cmd_bundle_build)
     p = bsub.add_parser("verify", help="check a bundle's signature and files as a device would")
     p.add_argument("dir", metavar="DIR|ARCHIVE", help="a bundle folder or a .tar, .tar.gz or .zip from `bundle pack`")
