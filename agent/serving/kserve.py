@@ -82,6 +82,7 @@ ACCEPT_BACKOFF_S = 0.1  # pause after an accept that failed for want of descript
 REQUEST_QUEUE_SIZE = 128  # listen() backlog
 BUSY_SEND_TIMEOUT_S = 0.0  # the 503 to a connection over the cap is sent without waiting
 UNIX_SOCKET_MODE = 0o660
+MIN_TOKEN_BYTES = 16  # a shorter api.token_file token is a config error
 EXTENSIONS = ("binary_tensor_data",)
 _ACCEPT_SCARCE = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
@@ -126,6 +127,22 @@ def infer_target(target: str) -> tuple[str, str | None] | None:
             and parts[4] == "versions"):
         return parts[3], parts[5]
     return None
+
+
+def api_options(api: Any) -> dict[str, Any]:
+    """``KServeServer`` keyword arguments from the ``[api]`` config section (reads the token)."""
+    token: bytes | None = None
+    if api.token_file:
+        try:
+            token = Path(api.token_file).read_bytes().strip()
+        except OSError as e:
+            raise errors.ConfigError(f"api.token_file: cannot read {api.token_file}: {e.strerror or e}") from e
+        if len(token) < MIN_TOKEN_BYTES:
+            raise errors.ConfigError(f"api.token_file: {api.token_file} holds {len(token)} byte(s); "
+                                     f"a token needs at least {MIN_TOKEN_BYTES}")
+    policy = ApiPolicy(frozenset(h.lower().rstrip(".") for h in api.allowed_hosts),
+                       frozenset(api.allowed_origins), token)
+    return {"policy": policy, "max_connections": api.max_connections, "unix_socket": api.unix_socket}
 
 
 def connection_cap(configured: int = MAX_CONNECTIONS) -> int:
