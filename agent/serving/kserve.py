@@ -150,7 +150,7 @@ def connection_cap(configured: int = MAX_CONNECTIONS) -> int:
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == resource.RLIM_INFINITY:
         return configured
-    return max(MIN_CONNECTIONS, min(configured, (soft - FD_RESERVE) // 2))
+    return min(configured, max(MIN_CONNECTIONS, (soft - FD_RESERVE) // 2))
 
 
 class ConnSlot:
