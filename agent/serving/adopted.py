@@ -190,7 +190,8 @@ class Adopted:
         except OSError:
             pass  # the client went away
         except Exception:
-            log.exception("worker: connection %d failed", slot)
+            if self.app is not None:
+                self.app.gate.log(log, logging.ERROR, "conn", "worker: connection %d failed", slot, exc_info=True)
         finally:
             if not handed:
                 with contextlib.suppress(OSError):

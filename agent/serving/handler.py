@@ -24,6 +24,7 @@ import socketserver
 import time
 from typing import TYPE_CHECKING, Any
 
+from agent import errors
 from agent.serving import guard
 from agent.serving.httpconn import (
     HEAD_TIMEOUT_S,
@@ -155,7 +156,7 @@ class Handler(socketserver.BaseRequestHandler):
             return error_response(e.status, e.code, e.message, e.headers)
         except ReadTimeout:
             self.close_connection = True
-            return error_response(408, "timeout", "request body did not arrive in time")
+            return error_response(408, errors.TIMEOUT, "request body did not arrive within its deadline")
         self.computing()
         return app.respond(req, body)
 

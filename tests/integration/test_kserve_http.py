@@ -367,3 +367,20 @@ def test_connection_cap_follows_the_descriptor_limit() -> None:
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     assert os.sysconf("SC_OPEN_MAX") == soft
+
+
+def test_tritonclient_with_request_compression(server: KServeServer) -> None:
+    """tritonclient's ``request_compression_algorithm`` (gzip, deflate) and binary tensors."""
+    httpclient = pytest.importorskip("tritonclient.http", reason="tritonclient[http] is not installed")
+    client = httpclient.InferenceServerClient(f"127.0.0.1:{server.port}")
+    try:
+        x = np.arange(8, dtype=np.float32).reshape(2, 4)
+        for algo in ("gzip", "deflate"):
+            for binary in (False, True):
+                inp = httpclient.InferInput("x", [2, 4], "FP32")
+                inp.set_data_from_numpy(x, binary_data=binary)
+                out = httpclient.InferRequestedOutput("y", binary_data=binary)
+                res = client.infer("m", [inp], outputs=[out], request_compression_algorithm=algo)
+                np.testing.assert_array_equal(res.as_numpy("y"), x * 2)
+    finally:
+        client.close()
