@@ -33,6 +33,7 @@ HEALTH_PATHS = frozenset({"/v2/health/live", "/v2/health/ready"})
 INFER_TYPES = frozenset({"application/json", "application/octet-stream"})
 ENCODINGS = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
 INFLATE_STEP_BYTES = 1024 * 1024  # output produced per decompress call (the bound is checked between)
+HOST_CACHE_SIZE = 256  # Host header values remembered as allowed or not
 LOG_INTERVAL_S = 60.0  # one line per kind of event per interval; the rest are counted
 
 
@@ -43,6 +44,7 @@ class ApiPolicy:
     allowed_hosts: frozenset[str] = frozenset()  # names beside loopback names and IP literals
     allowed_origins: frozenset[str] = frozenset()  # exact origins; "*" allows any
     token: bytes | None = field(default=None, repr=False)
+    hosts_seen: dict[str, bool] = field(default_factory=dict, compare=False, hash=False, repr=False)
 
 
 def host_name(value: str) -> str:
@@ -53,6 +55,17 @@ def host_name(value: str) -> str:
     if v.count(":") == 1:
         v = v.rpartition(":")[0]
     return v.rstrip(".")
+
+
+def _host_allowed(value: str, policy: ApiPolicy) -> bool:
+    """Whether a ``Host`` header value names this API (remembered: clients repeat theirs)."""
+    known = policy.hosts_seen.get(value)
+    if known is None:
+        known = _host_ok(host_name(value), policy)
+        if len(policy.hosts_seen) >= HOST_CACHE_SIZE:
+            policy.hosts_seen.clear()
+        policy.hosts_seen[value] = known
+    return known
 
 
 def _host_ok(name: str, policy: ApiPolicy) -> bool:
@@ -70,7 +83,7 @@ def check(policy: ApiPolicy, req: Request, path: str, local_socket: bool) -> Non
     h = req.headers
     if not local_socket:
         host = h.get("host")
-        if host is not None and not _host_ok(host_name(host), policy):
+        if host is not None and not _host_allowed(host, policy):
             raise HttpFail(421, errors.HOST_NOT_ALLOWED,
                            f"Host {host[:100]!r} is not an allowed name for this API; add it to "
                            "api.allowed_hosts", close=False)

@@ -38,12 +38,14 @@ RECV_BYTES = 64 * 1024  # one recv's worth
 CHUNKED_OVERHEAD_BYTES = 1024 * 1024  # chunk headers and trailers allowed beyond the body limit
 CRLF2 = b"\r\n\r\n"
 VERSIONS = ("1.0", "1.1")
+_METHODS = {m.encode(): m for m in ("GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH")}
 
 # Error codes of the HTTP layer (agent.errors holds the agent's own).
 NOT_FOUND = "not_found"
 METHOD_NOT_ALLOWED = "method_not_allowed"
 NOT_READY = "not_ready"
 
+_PARSER_ERRORS = (httptools.HttpParserError, httptools.HttpParserUpgrade)
 REASONS = {s.value: s.phrase for s in HTTPStatus}
 Headers = Sequence[tuple[str, str]]
 
@@ -156,6 +158,7 @@ class HttpConn:
         self._ev = _Events()
         self._parser: httptools.HttpRequestParser | None = None
         self.body_left = 0  # bytes of a refused body still on the wire
+        self._timeout: float | None = None  # the socket's timeout as last set (settimeout is a syscall)
 
     # -- reading ----------------------------------------------------------------------------------
     def unread(self) -> bytes:
@@ -164,14 +167,18 @@ class HttpConn:
 
     def _recv(self, deadline: float) -> bool:
         """Read more into ``buf`` before ``deadline``; False at end of stream."""
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise ReadTimeout("deadline passed")
-        self.sock.settimeout(left)
-        try:
-            data = self.sock.recv(RECV_BYTES)
-        except TimeoutError as e:
-            raise ReadTimeout("deadline passed") from e
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise ReadTimeout("deadline passed")
+            if self._timeout is None or self._timeout > left:
+                self._timeout = left
+                self.sock.settimeout(left)
+            try:
+                data = self.sock.recv(RECV_BYTES)
+                break
+            except TimeoutError:
+                continue  # an earlier, shorter timeout: the deadline decides
         if not data:
             self.eof = True
             return False
@@ -191,16 +198,20 @@ class HttpConn:
         assert self._parser is not None
         try:
             self._parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            pass  # Upgrade/CONNECT: never honoured; the request is answered as a plain one
-        except httptools.HttpParserInvalidMethodError as e:
+        except _PARSER_ERRORS as e:
+            self._refuse(e)
+
+    def _refuse(self, e: Exception) -> None:
+        """What a parser error means for the client (raises), or nothing for an Upgrade."""
+        if isinstance(e, httptools.HttpParserUpgrade):
+            return  # Upgrade/CONNECT: never honoured; the request is answered as a plain one
+        if isinstance(e, httptools.HttpParserInvalidMethodError):
             raise HttpFail(405, METHOD_NOT_ALLOWED, f"unknown method: {e}") from e
-        except httptools.HttpParserError as e:
-            if self._ev.fail is not None:
-                raise self._ev.fail from e
-            if "HTTP version" in str(e):
-                raise HttpFail(505, errors.INVALID_INPUT, f"{e}; use HTTP/1.1") from e
-            raise HttpFail(400, errors.INVALID_INPUT, f"malformed request: {e}") from e
+        if self._ev.fail is not None:
+            raise self._ev.fail from e
+        if "HTTP version" in str(e):
+            raise HttpFail(505, errors.INVALID_INPUT, f"{e}; use HTTP/1.1") from e
+        raise HttpFail(400, errors.INVALID_INPUT, f"malformed request: {e}") from e
 
     def read_head(self, deadline: float) -> Request | None:
         """The next request's head, read before ``deadline``; None if the peer closed first."""
@@ -228,17 +239,23 @@ class HttpConn:
             if size > MAX_HEAD_BYTES:
                 raise HttpFail(431, errors.TOO_LARGE, f"request head exceeds {MAX_HEAD_BYTES} bytes")
             raw.append(piece)
-            self._feed(piece)
+            try:
+                parser.feed_data(piece)
+            except _PARSER_ERRORS as e:
+                self._refuse(e)
+        if ev.complete and "transfer-encoding" in ev.headers:  # Upgrade made llhttp skip the body
+            raise HttpFail(400, errors.INVALID_INPUT, "Upgrade is not supported with a chunked body")
         version = parser.get_http_version()
         if version == "0.9":
             raise HttpFail(400, errors.INVALID_INPUT, "request line without an HTTP version; use HTTP/1.1")
         if version not in VERSIONS:
             raise HttpFail(505, errors.INVALID_INPUT, f"HTTP version {version} is not supported; use HTTP/1.1")
-        method = str(parser.get_method(), "latin-1")
+        m = parser.get_method()
+        method = _METHODS.get(m) or str(m, "latin-1")
         target = str(ev.url, "latin-1")
         if target.startswith("//"):
             target = "/" + target.lstrip("/")
-        return Request(method, target, version, ev.headers, b"".join(raw))
+        return Request(method, target, version, ev.headers, raw[0] if len(raw) == 1 else b"".join(raw))
 
     def read_body(self, req: Request) -> bytes:
         """The body of ``req`` (after ``read_head``), bounded by ``max_body`` and its deadline."""
@@ -307,7 +324,9 @@ class HttpConn:
 
     # -- writing ----------------------------------------------------------------------------------
     def send(self, data: bytes) -> None:
-        self.sock.settimeout(SEND_TIMEOUT_S)
+        if self._timeout != SEND_TIMEOUT_S:
+            self._timeout = SEND_TIMEOUT_S
+            self.sock.settimeout(SEND_TIMEOUT_S)
         self.sock.sendall(data)
 
 

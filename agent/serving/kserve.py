@@ -395,10 +395,12 @@ class KServeServer:
                 slot = self._conns[sock] = ConnSlot()
             return slot
 
-    def _mark(self, slot: ConnSlot, busy: bool) -> None:
-        with self._cv:
-            slot.busy = busy
-            slot.since = time.monotonic()
+    @staticmethod
+    def _mark(slot: ConnSlot, busy: bool) -> None:
+        # No lock: two attribute stores; ``_admit`` reads them under its lock, and an eviction
+        # racing a head that just completed costs that one client a reset, nothing more.
+        slot.since = time.monotonic()
+        slot.busy = busy
 
     def _untrack(self, sock: socket.socket) -> None:
         with self._cv:

@@ -384,3 +384,16 @@ def test_tritonclient_with_request_compression(server: KServeServer) -> None:
                 np.testing.assert_array_equal(res.as_numpy("y"), x * 2)
     finally:
         client.close()
+
+
+def test_upgrade_is_never_honoured(server: KServeServer) -> None:
+    """``Upgrade: h2c`` is answered as a plain request; with a chunked body (which llhttp would
+    skip, leaving it to be read as the next request) it is refused."""
+    got = replies(exchange(server, b"GET /v2/health/live HTTP/1.1\r\nHost: localhost\r\nConnection: Upgrade\r\n"
+                                   b"Upgrade: h2c\r\n\r\nGET /v2 HTTP/1.1\r\nHost: localhost\r\n\r\n"))
+    assert [s for s, _ in got] == [200, 200] and got[0][1] == {"live": True}
+    inner = b"GET /v2 HTTP/1.1\r\nHost: localhost\r\n\r\n"
+    raw = (b"POST /v2/models/m/infer HTTP/1.1\r\nHost: localhost\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n"
+           b"Transfer-Encoding: chunked\r\n\r\n" + f"{len(inner):x}\r\n".encode() + inner + b"\r\n0\r\n\r\n")
+    status, doc = one(server, raw)
+    assert (status, doc["code"]) == (400, "invalid_input")
