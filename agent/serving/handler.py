@@ -165,8 +165,8 @@ class Handler(socketserver.BaseRequestHandler):
 
     def _skip_body(self, req: Request, e: HttpFail) -> None:
         """After a refusal: drop the body so the connection can go on, or close it."""
-        if e.close and e.status != 413:
-            self.close_connection = True
+        if (e.close and e.status != 413) or "expect" in req.headers:
+            self.close_connection = True  # (an Expect client sends its body only after a 100)
             return
         if "transfer-encoding" in req.headers:
             self.close_connection = True

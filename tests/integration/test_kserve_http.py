@@ -397,3 +397,17 @@ def test_upgrade_is_never_honoured(server: KServeServer) -> None:
            b"Transfer-Encoding: chunked\r\n\r\n" + f"{len(inner):x}\r\n".encode() + inner + b"\r\n0\r\n\r\n")
     status, doc = one(server, raw)
     assert (status, doc["code"]) == (400, "invalid_input")
+
+
+def test_expect_continue_gets_100_or_a_prompt_refusal(server: KServeServer) -> None:
+    b = body()
+    with socket.create_connection(("127.0.0.1", server.port), timeout=TIMEOUT_S) as c:
+        c.sendall(infer_head(len(b), "Expect: 100-continue\r\n"))
+        assert c.recv(65536).startswith(b"HTTP/1.1 100 Continue\r\n\r\n")
+        c.sendall(b)
+        head = c.recv(65536)
+        assert head.startswith(b"HTTP/1.1 200 ")
+    with socket.create_connection(("127.0.0.1", server.port), timeout=TIMEOUT_S) as c:
+        c.sendall(infer_head(len(b), "Expect: 100-continue\r\nOrigin: http://evil.example\r\n"))  # no body sent
+        [(status, doc)] = replies(b"".join(iter(lambda: c.recv(65536), b"")))  # answered and closed
+        assert (status, doc["code"]) == (403, "origin_not_allowed")
