@@ -231,19 +231,23 @@ def decode_request(headers: dict[str, str], body: bytes) -> InferRequest:
 
     rparams = req.get("parameters") or {}
     binary_default = bool(rparams.get("binary_data_output", False)) if isinstance(rparams, dict) else False
-    wanted: list[tuple[str, bool]] | None = None
-    raw_outputs = req.get("outputs")
-    if raw_outputs is not None:
-        if not isinstance(raw_outputs, list):
-            raise _invalid("\"outputs\" must be a list")
-        wanted = []
-        for i, o in enumerate(raw_outputs):
-            if not isinstance(o, dict) or not isinstance(o.get("name"), str):
-                raise _invalid(f"outputs[{i}] must be an object with a \"name\"")
-            op = o.get("parameters") or {}
-            b = op.get("binary_data", binary_default) if isinstance(op, dict) else binary_default
-            wanted.append((o["name"], bool(b)))
-    return InferRequest(feed, wanted, binary_default, req.get("id"))
+    return InferRequest(feed, _wanted_outputs(req.get("outputs"), binary_default), binary_default, req.get("id"))
+
+
+def _wanted_outputs(raw_outputs: Any, binary_default: bool) -> list[tuple[str, bool]] | None:
+    """The request's ``outputs`` → (name, as binary) pairs; None: every output."""
+    if raw_outputs is None:
+        return None
+    if not isinstance(raw_outputs, list):
+        raise _invalid("\"outputs\" must be a list")
+    wanted = []
+    for i, o in enumerate(raw_outputs):
+        if not isinstance(o, dict) or not isinstance(o.get("name"), str):
+            raise _invalid(f"outputs[{i}] must be an object with a \"name\"")
+        op = o.get("parameters") or {}
+        b = op.get("binary_data", binary_default) if isinstance(op, dict) else binary_default
+        wanted.append((o["name"], bool(b)))
+    return wanted
 
 
 def encode_response(sv: ServingVersion, results: dict[str, Any], r: InferRequest) -> tuple[bytes | list[bytes], str, tuple[tuple[str, str], ...]]:
