@@ -411,3 +411,52 @@ def test_expect_continue_gets_100_or_a_prompt_refusal(server: KServeServer) -> N
         c.sendall(infer_head(len(b), "Expect: 100-continue\r\nOrigin: http://evil.example\r\n"))  # no body sent
         [(status, doc)] = replies(b"".join(iter(lambda: c.recv(65536), b"")))  # answered and closed
         assert (status, doc["code"]) == (403, "origin_not_allowed")
+
+
+SPIN_SERVER = """
+import sys, time
+from agent.serving import kserve
+from agent.serving.registry import Registry
+kserve.connection_cap = lambda configured: configured  # let the API itself run out of descriptors
+s = kserve.KServeServer(Registry(), port=0, max_connections=1000)
+s.start()
+print(s.port, flush=True)
+time.sleep(60)
+"""
+SPIN_NOFILE = 64  # the server's descriptor limit in this test
+SPIN_CPU_MAX_S = 0.25  # CPU the server may burn in SPIN_WINDOW_S while out of descriptors
+SPIN_WINDOW_S = 2.0
+
+
+def test_accept_backs_off_when_descriptors_run_out(tmp_path: Path) -> None:
+    """With the cap lifted, the server runs out of descriptors: accept fails with EMFILE and the
+    listening socket stays readable. The loop must back off, not spin a core."""
+    import subprocess
+    import sys
+
+    import psutil
+
+    proc = subprocess.Popen(["prlimit", f"--nofile={SPIN_NOFILE}", "--", sys.executable, "-c", SPIN_SERVER],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    conns: list[socket.socket] = []
+    try:
+        assert proc.stdout is not None
+        port = int(proc.stdout.readline())
+        for _ in range(SPIN_NOFILE + 20):  # beyond its limit: the rest wait in the backlog
+            conns.append(socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT_S))
+        p = psutil.Process(proc.pid)
+        time.sleep(0.5)
+        before = sum(p.cpu_times()[:2])
+        time.sleep(SPIN_WINDOW_S)
+        burnt = sum(p.cpu_times()[:2]) - before
+        assert burnt < SPIN_CPU_MAX_S, f"{burnt:.2f} s of CPU in {SPIN_WINDOW_S} s: the accept loop spins"
+        for c in conns:  # descriptors come back: the server answers again
+            c.close()
+        with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT_S) as c:
+            c.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+            assert c.recv(65536).startswith(b"HTTP/1.1 200 ")
+    finally:
+        for c in conns:
+            c.close()
+        proc.kill()
+        proc.wait()
