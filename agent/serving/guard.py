@@ -18,7 +18,6 @@ body limit (413 ``too_large``). Other encodings get 415 with the ones accepted.
 from __future__ import annotations
 
 import hmac
-import ipaddress
 import logging
 import threading
 import time
@@ -71,6 +70,8 @@ def _host_allowed(value: str, policy: ApiPolicy) -> bool:
 def _host_ok(name: str, policy: ApiPolicy) -> bool:
     if name in LOOPBACK_NAMES or name in policy.allowed_hosts or name.endswith(".localhost"):
         return True
+    import ipaddress  # only for a Host not seen before
+
     try:
         ipaddress.ip_address(name)  # an IP literal cannot be rebound by DNS
     except ValueError:
