@@ -27,7 +27,7 @@ from conftest import start_mosquitto
 from security.attacklib import X_IN, Bundles, Device, Fleet, HostileServer
 
 SERVING = 1
-NOFILE = 1024  # the daemon's descriptor limit, soft and hard (finding: 1024/1024 exhausted)
+NOFILE = 1024  # the daemon's descriptor limit, soft and hard (where 1024/1024 were once exhausted)
 FLOOD_CONNECTIONS = 1100  # idle connections, each with half a request line
 TOKEN = "s3cret-token-for-the-local-api"
 ALLOWED_HOST = "edge.test"
@@ -123,7 +123,7 @@ def tree_rss_mib(pid: int) -> float:
 
 
 def test_L01_descriptor_exhaustion_by_half_sent_request_lines(env: Env) -> None:
-    """Finding 3: 1,100 idle connections with half a request line each exhausted 1024/1024
+    """Once, 1,100 idle connections with half a request line each exhausted 1024/1024
     descriptors and stopped the watchdog. Now the API holds at most its cap; health, inference,
     agentctl and heartbeats go on while the flood is open."""
     dev = env.dev
@@ -179,7 +179,7 @@ def test_L02_slow_head_is_dropped_and_does_not_hold_the_api(env: Env) -> None:
 
 @pytest.mark.parametrize("size", ["1_0", "0x10"])
 def test_L03_chunk_sizes_beyond_plain_hex(env: Env, size: str) -> None:
-    """Finding 9: chunk sizes ``1_0`` and ``0x10`` were accepted."""
+    """Once accepted: chunk sizes ``1_0`` and ``0x10``."""
     b = body()
     raw = request("POST", INFER, f"{size}\r\n".encode() + b[:16] + b"\r\n0\r\n\r\n",
                   {"Transfer-Encoding": "chunked", "Content-Type": "application/json"})
@@ -188,7 +188,7 @@ def test_L03_chunk_sizes_beyond_plain_hex(env: Env, size: str) -> None:
 
 
 def test_L04_content_length_with_transfer_encoding(env: Env) -> None:
-    """Finding 9: a request with both framings (a smuggling shape) was accepted."""
+    """Once accepted: a request with both framings (a smuggling shape)."""
     b = body()
     raw = request("POST", INFER, b"0\r\n\r\n" + b, {"Transfer-Encoding": "chunked", "Content-Length": str(len(b) + 5)})
     assert_refused(env, raw, 400, "invalid_input")
@@ -203,7 +203,7 @@ def test_L05_header_flood(env: Env) -> None:
 
 
 def test_L06_gzip_bodies_are_served_and_a_gzip_bomb_stops_at_the_limit(env: Env) -> None:
-    """Issue 12: gzip bodies failed as "not valid JSON". Now they are inflated, never past 64 MiB."""
+    """Gzip bodies (tritonclient's compression) failed as "not valid JSON"; now inflated, never past 64 MiB."""
     packed = gzip.compress(body())
     got, doc = send(env, request("POST", INFER, packed, {"Content-Encoding": "gzip",
                                                          "Content-Type": "application/json"}))
@@ -226,7 +226,7 @@ def test_L07_unknown_content_encoding(env: Env) -> None:
 
 
 def test_L08_shape_overflow_and_deep_json(env: Env) -> None:
-    """Finding 9: both gave 500 ``internal`` with a traceback at ERROR."""
+    """Both once gave 500 ``internal`` with a traceback at ERROR."""
     mark = len(env.dev.log_tail(10**9))
     overflow = body({"shape": [2**62, 2**62, 0], "data": []})
     assert_refused(env, request("POST", INFER, overflow), 400, "invalid_input")
@@ -248,7 +248,7 @@ def test_L09_dns_rebinding_host(env: Env) -> None:
 
 
 def test_L10_cross_origin_simple_posts(env: Env) -> None:
-    """Finding 9: a page's form post (text/plain) was accepted; Origin was ignored."""
+    """Once accepted: a page's form post (text/plain), with Origin ignored."""
     assert_refused(env, request("POST", INFER, body(), {"Origin": "http://evil.example",
                                                          "Content-Type": "text/plain"}), 403, "origin_not_allowed")
     assert_refused(env, request("POST", INFER, body(), {"Content-Type": "text/plain"}), 415,
