@@ -82,6 +82,7 @@ ACCEPT_BACKOFF_S = 0.1  # pause after an accept that failed for want of descript
 REQUEST_QUEUE_SIZE = 128  # listen() backlog
 BUSY_SEND_TIMEOUT_S = 0.0  # the 503 to a connection over the cap is sent without waiting
 UNIX_SOCKET_MODE = 0o660
+RETRY_AFTER_S = 1  # what a 503 busy tells the client to wait
 MIN_TOKEN_BYTES = 16  # a shorter api.token_file token is a config error
 EXTENSIONS = ("binary_tensor_data",)
 _ACCEPT_SCARCE = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
@@ -381,7 +382,7 @@ class KServeServer:
 
     def _busy_reply(self, sock: socket.socket) -> None:
         resp = error_response(503, errors.BUSY, f"the inference API is at its limit of "
-                              f"{self.max_connections} connections; retry", (("Retry-After", "1"),))
+                              f"{self.max_connections} connections; retry", (("Retry-After", str(RETRY_AFTER_S)),))
         body = resp.body if isinstance(resp.body, bytes) else b"".join(resp.body)
         with contextlib.suppress(OSError):
             sock.setblocking(False)
@@ -477,7 +478,8 @@ class KServeServer:
         except HttpFail as e:
             return error_response(e.status, e.code, e.message, e.headers)
         except errors.AgentError as e:
-            return error_response(status_of(e.code), e.code, e.message)
+            retry = (("Retry-After", str(RETRY_AFTER_S)),) if e.code == errors.BUSY else ()
+            return error_response(status_of(e.code), e.code, e.message, retry)
         except (RecursionError, MemoryError) as e:
             self.gate.log(log, logging.WARNING, "input", "inference API: %s %s: %s", req.method,
                           req.target[:100], type(e).__name__)

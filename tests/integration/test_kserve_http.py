@@ -460,3 +460,24 @@ def test_accept_backs_off_when_descriptors_run_out(tmp_path: Path) -> None:
             c.close()
         proc.kill()
         proc.wait()
+
+
+class Busy(Echo):
+    def infer(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        from agent import errors
+
+        raise errors.RetryableError(errors.BUSY, "model m: 4 requests in flight, queue full")
+
+
+def test_busy_is_503_with_retry_after() -> None:
+    reg = Registry()
+    reg.activate(ServingVersion("m", 1, "busy", Busy()))
+    s = KServeServer(reg, port=0)
+    s.start()
+    try:
+        b = body()
+        raw = exchange(s, infer_head(len(b)) + b)
+        [(status, doc)] = replies(raw)
+        assert (status, doc["code"]) == (503, "busy") and b"\r\nRetry-After: 1\r\n" in raw
+    finally:
+        s.stop()
