@@ -481,3 +481,18 @@ def test_busy_is_503_with_retry_after() -> None:
         assert (status, doc["code"]) == (503, "busy") and b"\r\nRetry-After: 1\r\n" in raw
     finally:
         s.stop()
+
+
+def test_a_stalled_body_is_answered_408_at_its_deadline(monkeypatch: pytest.MonkeyPatch) -> None:
+    from agent.serving import httpconn
+
+    monkeypatch.setattr(httpconn, "BODY_BASE_S", 0.5)
+    s, _ = serve()
+    try:
+        b = body()
+        with socket.create_connection(("127.0.0.1", s.port), timeout=TIMEOUT_S) as c:
+            c.sendall(infer_head(len(b)) + b[:10])  # and nothing more
+            [(status, doc)] = replies(b"".join(iter(lambda: c.recv(65536), b"")))
+        assert (status, doc["code"]) == (408, "timeout")
+    finally:
+        s.stop()
