@@ -557,11 +557,11 @@ class Agent:
             self.submit_deploy(ctx)
         self.supervisor.start()
         if self.cfg.api.listen:
-            from agent.serving.kserve import KServeServer, parse_listen
+            from agent.serving.kserve import KServeServer, api_options, parse_listen
 
             host, port = parse_listen(self.cfg.api.listen)
             self.kserve = KServeServer(self.registry, host, port, ready_fn=lambda: not self.stopping.is_set(),
-                                       metrics_fn=self.metrics.render)
+                                       metrics_fn=self.metrics.render, **api_options(self.cfg.api))
             self.kserve.start()
         self.telemetry.report_recoveries()  # a corrupt outbox replaced at open: say so
         self.mqtt.start()

@@ -65,6 +65,15 @@ def test_unit_has_what_the_agent_needs() -> None:
     assert d["DevicePolicy"] == ["closed"]
     # The trust folder must stay writable for the signed `trust` command under ProtectSystem=strict.
     assert d["ProtectSystem"] == ["strict"] and "-/etc/edge-agent/trust" in d["ReadWritePaths"]
+    # Bounds: the descriptor limit leaves the API's connection cap with room for the rest of the
+    # daemon (agent/serving/kserve.py connection_cap), and memory is limited for daemon and workers.
+    from agent.serving.kserve import FD_RESERVE, MAX_CONNECTIONS
+
+    nofile = int(d["LimitNOFILE"][0])
+    assert (nofile - FD_RESERVE) // 2 >= MAX_CONNECTIONS
+    assert d["MemoryHigh"] and d["MemoryMax"]
+    high, top = (int(d[k][0].rstrip("%")) for k in ("MemoryHigh", "MemoryMax"))
+    assert 0 < high < top <= 100
     # The control socket folder is the RuntimeDirectory the config points at by default.
     from agent.config import ApiConfig
 
