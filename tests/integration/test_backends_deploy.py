@@ -206,7 +206,7 @@ def test_autotune_measures_keeps_fastest_and_caches(env: Env, mlp: Path) -> None
     final4 = env.deploy("j4", build(env, retrained, "b4", 4, variants=["openvino-fp32", "tflite"]))
     assert final4["state"] == "SUCCEEDED", final4
     tune4 = final4["result"]["selection"]["autotune"]
-    assert (tune4["state"], tune4["basis"], tune4["measured_version"]) == ("cached", "layout", 3), tune4
+    assert (tune4["state"], tune4.get("basis"), tune4.get("measured_version")) == ("cached", "layout", 3), tune4
     assert tune4["winner"] == final3["result"]["selection"]["autotune"]["winner"]
     assert final4["result"]["figures"]["validation"]["runs"] >= 3
 
