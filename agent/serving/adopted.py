@@ -16,7 +16,8 @@ Invariants:
   says whether a request is in flight and since when: if the worker dies or hangs, the daemon
   takes idle connections over untouched and answers in-flight ones with an error.
 - Calls, errors and latencies reach the daemon's probation and telemetry every
-  ``STATS_INTERVAL_S``; the sample buffer is bounded.
+  ``STATS_INTERVAL_S``, before the worker acknowledges a retire, and once more when it exits, so a
+  stop or swap right after a call still counts it; the sample buffer is bounded.
 """
 
 from __future__ import annotations
@@ -131,6 +132,7 @@ class Adopted:
         self._bad = array("d")
         self._untimed = 0
         self._sent = (0, 0)
+        self._flush_lock = threading.Lock()  # the periodic flush, a retire and the exit send in turn
 
     # -- control channel (one thread) ------------------------------------------------------------
     def run(self) -> None:
@@ -156,6 +158,7 @@ class Adopted:
         elif kind == "retire":
             self.retiring = True
             os.write(self._wake_w, b"r")  # never drained: every idle connection wakes
+            self.flush_stats()  # before the acknowledgement: the daemon has every call answered so far
             send_ctl(self.ctl, ("retired",))
         for fd in fds:
             os.close(fd)
@@ -230,25 +233,33 @@ class Adopted:
     def _flush_loop(self) -> None:
         while True:
             time.sleep(STATS_INTERVAL_S)
-            sv = self._sv
-            if sv is None:
-                continue
+            try:
+                self.flush_stats()
+            except OSError:
+                return
+
+    def flush_stats(self) -> None:
+        """Send the calls, errors and latencies since the last flush to the daemon (if any)."""
+        sv = self._sv
+        if sv is None:
+            return
+        with self._flush_lock:
             with self._lock:
                 ok, bad, self._ok, self._bad = self._ok, self._bad, array("d"), array("d")
                 self._untimed = 0
             calls, errs = sv.calls, sv.errors
             dc, de = calls - self._sent[0], errs - self._sent[1]
             if not (dc or de or ok or bad):
-                continue
-            self._sent = (calls, errs)
-            try:
-                send_ctl(self.ctl, ("stats", dc, de, ok.tobytes(), bad.tobytes()))
-            except OSError:
                 return
+            self._sent = (calls, errs)
+            send_ctl(self.ctl, ("stats", dc, de, ok.tobytes(), bad.tobytes()))
 
 
-def serve_adopted(model: Any, ctl: socket.socket, first: tuple[Any, ...], fds: list[int]) -> None:
-    """Take over a worker's control socket at its first message (agent/serving/worker.py)."""
+def serve_adopted(model: Any, ctl: socket.socket, first: tuple[Any, ...], fds: list[int],
+                  owners: list[Adopted]) -> None:
+    """Take over a worker's control socket at its first message (agent/serving/worker.py); the
+    owner goes into ``owners`` so that the worker can flush its statistics when it exits."""
     owner = Adopted(model, ctl)
+    owners.append(owner)
     owner.handle(first, fds)
     owner.run()
