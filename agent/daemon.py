@@ -646,6 +646,9 @@ def _parser() -> Any:
     r.add_argument("--log-level", default=os.environ.get("EDGE_AGENT_LOG_LEVEL", "info"))
     c = sub.add_parser("check-config", help="validate the config and print the effective values")
     c.add_argument("--config")
+    from agent import devinit
+
+    devinit.add_parser(sub)
     return ap
 
 
@@ -686,6 +689,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd is None:
             ap.print_help(sys.stderr)
             return 2
+    if args.cmd == "init":
+        from agent import devinit
+
+        return devinit.run(args)
     if args.cmd == "check-config":
         try:
             cfg = config.load(args.config)
