@@ -136,7 +136,7 @@ def next_steps(cfg: config.Config, folder: Path) -> list[str]:
         "fleetctl serve bundles --port 8080 > serve.log 2>&1 &",
         f"fleetctl deploy --device {cfg.device_id} --model mymodel "
         "--manifest-url http://127.0.0.1:8080/mymodel/1/manifest.json --wait",
-        f"curl -s http://{cfg.api.listen}/v2/models/mymodel/infer -d @model.request.json",
+        f"curl -s -w '\\n' http://{cfg.api.listen}/v2/models/mymodel/infer -d @model.request.json",
         "agentctl status",
     ]
 
