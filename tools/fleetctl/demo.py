@@ -202,7 +202,11 @@ def run_demo(workdir: Path, keep_running: bool = False, out: TextIO | None = Non
         client = mqttc.connect(broker.url, client_id=f"demo-fleet-{os.getpid()}")
         stops.append(lambda: mqttc.disconnect(client))
 
+        quiet = threading.Event()  # set once the demo is done: `fleetctl watch` is the live view then
+
         def on_message(c: Any, u: Any, msg: Any) -> None:
+            if quiet.is_set():
+                return
             try:
                 doc = json.loads(msg.payload)
             except ValueError:
@@ -271,6 +275,7 @@ def run_demo(workdir: Path, keep_running: bool = False, out: TextIO | None = Non
                  TELEMETRY_TIMEOUT_S, "heartbeat and telemetry")
         tele = next(t for t in seen["telemetry"] if MODEL in t.get("models", {}))["models"][MODEL]
         _say(out, f"   window: {tele['count']} requests, p50 {tele['latency_ms']['p50']} ms, p99 {tele['latency_ms']['p99']} ms")
+        quiet.set()  # nothing more is recorded or printed, so the hint stays the last thing on screen
         _closing_hint(out, keep_running, sock, broker.url, base)
         if keep_running:
             try:
