@@ -136,6 +136,11 @@ def test_demo_keep_running_hint_works_and_a_signal_ends_everything(tmp_path: Pat
     assert "demo-device status online" in results["fleetctl"], results["fleetctl"]
     assert '"name":"demo-classifier"' in results["curl"].replace(" ", ""), results["curl"]
 
+    # Heartbeats (every 2 s) went on meanwhile, but the hint stays the last thing printed.
+    with d._cv:
+        ready = next(i for i, x in enumerate(d.lines) if "Everything keeps running" in x)
+        assert d.lines[ready + 1:] == [f"   $ {h}" for h in hints], d.lines[ready:]
+
     procs, names = _started(d)
     assert any(WORKER_MARK in n for n in names) and any("mosquitto" in n for n in names), names
     os.kill(d.proc.pid, sig)

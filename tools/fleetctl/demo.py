@@ -205,17 +205,17 @@ def run_demo(workdir: Path, keep_running: bool = False, out: TextIO | None = Non
         quiet = threading.Event()  # set once the demo is done: `fleetctl watch` is the live view then
 
         def on_message(c: Any, u: Any, msg: Any) -> None:
-            if quiet.is_set():
-                return
             try:
                 doc = json.loads(msg.payload)
             except ValueError:
                 return
             kind = msg.topic.split("/")[-2] if "/jobs/" in msg.topic else msg.topic.rsplit("/", 1)[-1]
-            with seen_cv:
+            with seen_cv:  # checked and printed under the lock: nothing is printed after quiet.set()
+                if quiet.is_set():
+                    return
                 seen.setdefault(kind, []).append(doc)
                 seen_cv.notify_all()
-            _say(out, "   << " + format_message(msg.topic, doc))
+                _say(out, "   << " + format_message(msg.topic, doc))
 
         prefix = "edge"
         topics = [f"{prefix}/{DEVICE_ID}/{k}" for k in ("status", "heartbeat", "telemetry", "events")]
@@ -275,7 +275,8 @@ def run_demo(workdir: Path, keep_running: bool = False, out: TextIO | None = Non
                  TELEMETRY_TIMEOUT_S, "heartbeat and telemetry")
         tele = next(t for t in seen["telemetry"] if MODEL in t.get("models", {}))["models"][MODEL]
         _say(out, f"   window: {tele['count']} requests, p50 {tele['latency_ms']['p50']} ms, p99 {tele['latency_ms']['p99']} ms")
-        quiet.set()  # nothing more is recorded or printed, so the hint stays the last thing on screen
+        with seen_cv:
+            quiet.set()  # nothing more is recorded or printed, so the hint stays the last thing on screen
         _closing_hint(out, keep_running, sock, broker.url, base)
         if keep_running:
             try:
