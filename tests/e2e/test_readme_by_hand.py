@@ -35,13 +35,13 @@ import numpy as np
 import onnxruntime as ort
 import psutil
 import pytest
-from conftest import REPO, free_port, mosquitto_binary, wait_port
+from conftest import REPO, free_port, mosquitto_binary
 
 from agent.errors import AgentError
 
 SECTION = "## By hand on one machine"
 COMMAND_TIMEOUT_S = 120.0  # one foreground line (the deploy's --wait included)
-READY_TIMEOUT_S = 30.0
+READY_TIMEOUT_S = 60.0  # under load from others the daemon's start can take tens of seconds
 STOP_TIMEOUT_S = 15.0  # after `kill %1 %2 %3`: the daemon's clean shutdown fits well inside
 README_PORTS = {"broker": "1883", "api": "8470", "serve": "8080"}
 FALLBACK_RE = re.compile(r"#\s*or, without Mosquitto:\s*(.+)$")
@@ -117,6 +117,22 @@ class Shell:
         self.out.close()
 
 
+def wait_listening(shell: Shell, port: int, timeout_s: float) -> None:
+    """A process this session started listens on ``port`` (not someone else's that took the port)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for p in shell.descendants():
+            try:
+                conns = p.net_connections("tcp") if hasattr(p, "net_connections") else p.connections("tcp")
+            except psutil.Error:
+                continue
+            if any(c.status == psutil.CONN_LISTEN and c.laddr.port == port for c in conns):
+                return
+        time.sleep(0.05)
+    raise TimeoutError(f"nothing this session started listens on port {port} after {timeout_s:.0f} s "
+                       f"(output so far:\n{shell.out_path.read_text(errors='replace')[-3000:]})")
+
+
 def wait_subscribed(sock: Path, timeout_s: float) -> None:
     """The daemon answers on its control socket and the broker acknowledged its subscriptions."""
     from agent.serving.control import ControlClient
@@ -130,7 +146,9 @@ def wait_subscribed(sock: Path, timeout_s: float) -> None:
             except (OSError, ValueError, AgentError):
                 pass
         time.sleep(0.1)
-    raise TimeoutError(f"the daemon was not connected and subscribed after {timeout_s:.0f} s")
+    log = sock.parent / "agent.log"
+    raise TimeoutError(f"the daemon was not connected and subscribed after {timeout_s:.0f} s; its log:\n"
+                       + (log.read_text(errors="replace")[-4000:] if log.exists() else "(none)"))
 
 
 def all_gone(procs: list[psutil.Process], timeout_s: float) -> list[str]:
@@ -194,11 +212,12 @@ def test_readme_by_hand_deploys_and_infers(tmp_path: Path, shell: Shell, broker:
         outputs[" ".join(cmd.split()[:2])] = out
         if cmd.endswith("&"):
             if cmd.startswith(("mosquitto", "python -m fleetctl.broker")):
-                wait_port("127.0.0.1", int(ports["broker"]), READY_TIMEOUT_S)
+                wait_listening(shell, int(ports["broker"]), READY_TIMEOUT_S)
             elif cmd.startswith("edge-agent run"):
                 wait_subscribed(tmp_path / "dev" / "control.sock", READY_TIMEOUT_S)
+                wait_listening(shell, int(ports["api"]), READY_TIMEOUT_S)
             elif cmd.startswith("fleetctl serve"):
-                wait_port("127.0.0.1", int(ports["serve"]), READY_TIMEOUT_S)
+                wait_listening(shell, int(ports["serve"]), READY_TIMEOUT_S)
             else:
                 raise AssertionError(f"a background line this test does not know how to wait for: {line}")
 

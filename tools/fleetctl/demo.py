@@ -298,7 +298,7 @@ def _closing_hint(out: TextIO, keep_running: bool, sock: Path, broker_url: str, 
     """What to try next, only where it works: the commands need the demo's processes running."""
     agentctl, fleetctl = _tool("agentctl"), _tool("fleetctl")
     if not keep_running:
-        _say(out, "\nDemo OK. Everything it started is stopped again. To try the device and fleet commands "
+        _say(out, "\nDemo OK. Everything it started stops now. To try the device and fleet commands "
                   "against it, run it with --keep-running (bash tools/demo.sh --keep-running).")
         return
     _say(out, f"\nDemo OK. Everything keeps running (--keep-running) until Ctrl-C or SIGTERM to pid {os.getpid()}, "
