@@ -1,7 +1,7 @@
 """`fleetctl demo` (what `bash tools/demo.sh` runs, minus the venv): it works end to end, its
 closing hint is true, and a signal to the demo alone ends everything it started.
 
-The demo runs as a real process in its own session; the signal goes to the demo's pid only (as
+The demo runs as a real process in its own process group; the signal goes to the demo's pid only (as
 `kill PID` would), so the broker, the agent and the model's worker must be stopped by the demo
 itself, not by a signal to the whole group.
 """
@@ -68,7 +68,7 @@ class DemoProcess:
             return []
 
     def kill_all(self) -> None:
-        """Test cleanup only: whatever is left in the demo's session."""
+        """Test cleanup only: whatever is left in the demo's process group."""
         for p in self.descendants():
             with contextlib.suppress(psutil.Error):
                 p.kill()

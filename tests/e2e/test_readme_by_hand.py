@@ -1,10 +1,12 @@
 """The README's "By hand on one machine" section, run as written.
 
 The commands are read from the README's fenced block (so the README cannot drift from what works)
-and typed, one line at a time, into one real bash session in an empty folder standing in for the
+and typed, one line at a time, into one real bash shell in an empty folder standing in for the
 user's: the same `export`s, the same background jobs with `&`, the same `kill %1 %2 %3` at the
 end. What the test changes, and why:
 
+- it runs twice: with the broker line as written (Mosquitto), and with that line's
+  "or, without Mosquitto:" alternative, the fallback broker;
 - the ports 1883, 8470 and 8080 become free loopback ports (others may use those here);
 - the venv line is not run (it installs from PyPI for minutes); `source .venv/bin/activate`
   activates the venv running these tests instead, which was installed the same way;
@@ -13,7 +15,7 @@ end. What the test changes, and why:
   the artifact server's port.
 
 It ends with a successful deploy of the sample model, an inference over curl equal to
-onnxruntime called directly on the same model and input, and every process the session started
+onnxruntime called directly on the same model and input, and every process the shell started
 (broker, daemon, model worker, server) gone after the README's `kill`.
 """
 
@@ -76,7 +78,7 @@ class Shell:
                                      stderr=subprocess.STDOUT, cwd=self.cwd, env=self.env, start_new_session=True)
 
     def run(self, line: str, timeout_s: float = COMMAND_TIMEOUT_S) -> tuple[int, str]:
-        """Type ``line``; return its exit status and what the session printed meanwhile."""
+        """Type ``line``; return its exit status and what the shell printed meanwhile."""
         self.n += 1
         marker = f"@@rc-{self.n}@@"
         start = self.out_path.stat().st_size
@@ -104,7 +106,7 @@ class Shell:
             return []
 
     def close(self) -> None:
-        """End the session and anything still running in its process group."""
+        """End the shell and anything still running in its process group."""
         for sig in (signal.SIGTERM, signal.SIGKILL):
             try:
                 os.killpg(self.proc.pid, sig)
@@ -118,7 +120,7 @@ class Shell:
 
 
 def wait_listening(shell: Shell, port: int, timeout_s: float) -> None:
-    """A process this session started listens on ``port`` (not someone else's that took the port)."""
+    """A process this shell started listens on ``port`` (not someone else's that took the port)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         for p in shell.descendants():
@@ -129,7 +131,7 @@ def wait_listening(shell: Shell, port: int, timeout_s: float) -> None:
             if any(c.status == psutil.CONN_LISTEN and c.laddr.port == port for c in conns):
                 return
         time.sleep(0.05)
-    raise TimeoutError(f"nothing this session started listens on port {port} after {timeout_s:.0f} s "
+    raise TimeoutError(f"nothing this shell started listens on port {port} after {timeout_s:.0f} s "
                        f"(output so far:\n{shell.out_path.read_text(errors='replace')[-3000:]})")
 
 
