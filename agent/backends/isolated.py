@@ -437,7 +437,7 @@ class IsolatedModel:
         po.register(self._ctl, select.POLLIN)
         if self._pidfd >= 0:
             po.register(self._pidfd, select.POLLIN)
-        suspect: dict[int, int] = {}
+        suspect: dict[int, tuple[socket.socket, int, int]] = {}
         while True:
             events = po.poll(MONITOR_TICK_S * 1000)
             if self._pidfd < 0 and self._proc.poll() is not None:
@@ -480,30 +480,39 @@ class IsolatedModel:
         for fd in fds:
             os.close(fd)
 
-    def _check_hung(self, suspect: dict[int, int]) -> None:
+    def _check_hung(self, suspect: dict[int, tuple[socket.socket, int, int]]) -> None:
         """A request pending, in the runtime, or waiting unread on an idle connection for longer
-        than ``infer_timeout_s`` means a hung worker (each seen twice, so no torn read counts)."""
+        than ``infer_timeout_s`` means a hung worker (each seen twice, so no torn read counts).
+
+        ``suspect`` holds, per slot, the connection, the slot's own time stamp when last seen and
+        since when it is suspect: key ``i`` for a request pending or in the runtime, ``-1 - i`` for
+        bytes waiting unread. An entry counts only for the very connection it was made for, and
+        only while the worker has not moved the slot on: slots are reused (last freed, first
+        taken), and a stamp left by an earlier connection or request would make a new one look
+        hung at once."""
         limit_ns = int(self.infer_timeout_s * 1e9)
         now = time.monotonic_ns()
         with self._lock:
             held = {slot: entry[0] for slot, entry in self._held.items()}
+        for k in [k for k, (sock, _, _) in suspect.items() if held.get(k if k >= 0 else -1 - k) is not sock]:
+            del suspect[k]  # released, or the slot serves another connection now
         idle: dict[int, int] = {}
         for slot, sock in held.items():
             state, since = self._slots.get(slot)
-            if state in (PENDING, INFER):
-                key = since
-            elif state == IDLE or (state == WRITING and _unsent(sock) == 0):
+            if state == IDLE or (state == WRITING and _unsent(sock) == 0):
                 with contextlib.suppress(OSError, ValueError):  # nothing for the worker to wait on
                     idle[sock.fileno()] = slot
-                continue
-            else:
                 suspect.pop(slot, None)
                 continue
-            if now - key > limit_ns and suspect.get(slot) == key:
+            suspect.pop(-1 - slot, None)  # the worker is at it: nothing waits unread
+            if state not in (PENDING, INFER):
+                suspect.pop(slot, None)
+                continue
+            if now - since > limit_ns and suspect.get(slot) == (sock, since, since):
                 what = "a handed-over request was not taken" if state == PENDING else "a request got no answer"
                 self._mark_dead(f"worker {self.pid} hung: {what} within {self.infer_timeout_s:.1f} s; killed")
                 return
-            suspect[slot] = key
+            suspect[slot] = (sock, since, since)
         if idle:  # bytes waiting on a connection the worker should be reading
             po = select.poll()
             for fd in idle:
@@ -511,11 +520,13 @@ class IsolatedModel:
             waiting = {idle[fd] for fd, _ in po.poll(0)}
             for slot in idle.values():
                 key = -1 - slot  # its own entry: since when bytes wait unread
+                since = self._slots.get(slot)[1]
+                seen = suspect.get(key)
                 if slot not in waiting:
                     suspect.pop(key, None)
-                elif key not in suspect:
-                    suspect[key] = now
-                elif now - suspect[key] > limit_ns:
+                elif seen is None or seen[1] != since:  # new, or the worker moved on in between
+                    suspect[key] = (held[slot], since, now)
+                elif now - seen[2] > limit_ns:
                     self._mark_dead(f"worker {self.pid} hung: a request waited unread for "
                                     f"{self.infer_timeout_s:.1f} s; killed")
                     return
