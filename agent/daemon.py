@@ -101,7 +101,8 @@ class Agent:
         self.handlers = Handlers(self)
         self.supervisor = Supervisor(self.registry, self.db, self.reporter,
                                      lambda name, v: self.handlers.load_version(name, v, validate_samples=False),
-                                     self.runner.activation_lock, self.probation_settings, self.publish_status)
+                                     self.runner.activation_lock, self.probation_settings, self.publish_status,
+                                     recheck=lambda name, v: self.handlers.load_version(name, v, validate_samples=True))
         self._ops = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ops")  # rollback, remove, bench: in order
         self._threads: list[threading.Thread] = []
         self.kserve: Any = None
