@@ -36,6 +36,7 @@ from agent.deploy.runner import DeployContext, DeployRunner, DeploySettings, che
 from agent.mqtt.connection import Connection
 from agent.mqtt.topics import Topics
 from agent.sdnotify import Notifier
+from agent.serving.admission import Limits
 from agent.serving.control import ControlServer
 from agent.serving.registry import Registry
 from agent.state import StateDB
@@ -78,7 +79,9 @@ class Agent:
         self.trust = TrustStore.load(Path(cfg.trust.keys_dir))
         self.windows = LatencyWindows()
         # Each call recorded once, by the windows: /metrics reads its totals from them at scrape time.
-        self.registry = Registry(observer=self.windows.observe)
+        bc = cfg.backends
+        self.registry = Registry(observer=self.windows.observe,
+                                 limits=Limits(bc.max_batch, bc.max_inflight, bc.max_queue, bc.infer_timeout_s))
         self.reporter = JobReporter(self.db, self.outbox, self.topics)
         # Targets listed by a child process (cached under state_dir): no runtime import in an idle daemon.
         self.backends = probed_backends(self._backends(), self.state_dir / "cache" / "backend-targets.json")
@@ -162,7 +165,8 @@ class Agent:
 
     def probation_settings(self) -> ProbationSettings:
         d = self.cfg.deploy
-        return ProbationSettings(d.probation_s, d.probation_max_errors, d.probation_max_error_ratio)
+        return ProbationSettings(d.probation_s, d.probation_max_errors, d.probation_max_error_ratio,
+                                 self.cfg.backends.worker_memory_max_mb)
 
     def _begin_probation(self, ctx: DeployContext, result: dict[str, Any]) -> bool:
         if self.cfg.deploy.probation_s <= 0 or ctx.previous is None or ctx.manifest is None:

@@ -48,6 +48,10 @@ WORKER_HUNG = "worker_hung"
 PROBATION_FAILED = "probation_failed"
 INTERRUPTED = "interrupted"
 INTERNAL = "internal"
+INFERENCE_FAILED = "inference_failed"  # the runtime failed on a request (see agent/serving/admission.py)
+# A request's own fault: the caller's error, never held against a model version (413 / 503).
+TOO_LARGE = "too_large"
+BUSY = "busy"
 
 
 class AgentError(Exception):

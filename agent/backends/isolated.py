@@ -67,7 +67,7 @@ SMALL_MESSAGE_BYTES = 64 * 1024  # messages up to this size go out in one send w
 MAX_MESSAGE_BYTES = 1 << 31  # a longer claimed length means a broken (or hostile) worker
 _SLOT_BYTES = 16  # state (int32), padding, since (int64 CLOCK_MONOTONIC ns)
 
-Sink = Callable[[int, int, "array[float]", "array[float]"], None]
+Sink = Callable[[int, int, "array[float]", "array[float]", Any], None]
 
 
 class SlotTable:
@@ -325,7 +325,8 @@ class IsolatedModel:
         self._slots, self._slots_fd = SlotTable.create(MAX_ADOPTED)
         self._held: dict[int, tuple[socket.socket, bytes, Any]] = {}
         self._free_slots = list(range(MAX_ADOPTED - 1, -1, -1))
-        self._bound: tuple[str, int, Sink] | None = None
+        self._bound: tuple[str, int, Sink, dict[str, Any]] | None = None
+        self.known_shapes: list[Any] = []  # input shapes its golden samples ran with
         self._serving_sent = False
         self._closing = False  # no more adoptions
         self._retired = False
@@ -341,6 +342,14 @@ class IsolatedModel:
     @property
     def alive(self) -> bool:
         return not self.death and self._proc.poll() is None
+
+    def rss_bytes(self) -> int:
+        """The worker's resident memory (0 when unknown): its memory ceiling is checked on this."""
+        try:
+            with open(f"/proc/{self.pid}/statm", "rb") as f:
+                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError, IndexError):
+            return 0
 
     # -- calls through the pipe (validation, agentctl, requests the daemon answers itself) -------
     def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -360,6 +369,7 @@ class IsolatedModel:
                            plan.bound_s(self.infer_timeout_s))
         if reply[0] == "ok":
             result: dict[str, Any] = reply[1]
+            self.known_shapes = result.get("input_shapes", [])  # agent/serving/admission.py
             return result
         if reply[1] in (errors.VALIDATION_FAILED, errors.INVALID_INPUT):
             raise errors.RejectError(reply[1], reply[2])
@@ -391,9 +401,10 @@ class IsolatedModel:
         return reply
 
     # -- connections the worker serves itself ---------------------------------------------------
-    def bind(self, name: str, version: int, sink: Sink) -> None:
-        """Called when this version serves: what it is called, and where its statistics go."""
-        self._bound = (name, version, sink)
+    def bind(self, name: str, version: int, sink: Sink, serving: dict[str, Any] | None = None) -> None:
+        """Called when this version serves: what it is called, where its statistics go, and
+        ``serving``: its admission limits and known shapes (agent/serving/admission.py)."""
+        self._bound = (name, version, sink, serving or {})
 
     def adopt(self, sock: socket.socket, prefix: bytes, host: Any) -> bool:
         """Hand an HTTP connection whose next request (``prefix``: its head, read already) is an
@@ -410,9 +421,9 @@ class IsolatedModel:
         try:
             with self._send_lock:
                 if not self._serving_sent:
-                    name, version, _ = self._bound
+                    name, version, _, serving = self._bound
                     send_ctl(self._ctl, ("serve", name, version, MAX_ADOPTED, host.max_body_bytes,
-                                         host.server_name, host.server_version), self._slots_fd)
+                                         host.server_name, host.server_version, serving), self._slots_fd)
                     self._serving_sent = True
                 send_ctl(self._ctl, ("adopt", slot, prefix), sock.fileno())
         except OSError as e:
@@ -468,7 +479,7 @@ class IsolatedModel:
                 ok, bad = array("d"), array("d")
                 ok.frombytes(msg[3])
                 bad.frombytes(msg[4])
-                bound[2](msg[1], msg[2], ok, bad)
+                bound[2](msg[1], msg[2], ok, bad, msg[5] if len(msg) > 5 else ())
         elif kind == "retired":
             self._retire_ack.set()
         elif msg is not None and kind in ("back", "done"):

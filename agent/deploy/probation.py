@@ -36,6 +36,8 @@ TICK_S = 0.2
 CRASH_LOOP_MAX = 3  # worker deaths of one version within the window that count as a crash loop
 CRASH_LOOP_WINDOW_S = 600.0
 MIN_CALLS_FOR_ERROR_RATE = 5
+MEMORY_HOLD_S = 1.0  # a worker's RSS above the ceiling this long has it replaced ...
+RECYCLE_MIN_INTERVAL_S = 30.0  # ... at most this often per model (a ceiling below a fresh worker loops)
 
 
 @dataclass
@@ -43,6 +45,7 @@ class ProbationSettings:
     window_s: float = 60.0
     max_errors: int = 5  # errors in the window that end probation ...
     max_error_ratio: float = 0.5  # ... when they are also at least this share of the calls
+    worker_memory_max_mb: float = 0.0  # a worker above this RSS for MEMORY_HOLD_S is replaced; 0: off
 
 
 @dataclass
@@ -81,6 +84,8 @@ class Supervisor:
         self._lock = threading.Lock()
         self._watches: dict[str, Watch] = {}
         self._health: dict[str, _Health] = collections.defaultdict(_Health)
+        self._over: dict[str, float] = {}  # model → since when its worker is above the memory ceiling
+        self._recycled: dict[str, float] = {}  # model → when its worker was last replaced for memory
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -126,6 +131,7 @@ class Supervisor:
                 w.result["probation"] = {"calls": sv.calls - w.calls0, "errors": sv.errors - w.errors0}
                 self._finish(w, "SUCCEEDED")
         self._check_health(now)
+        self._check_memory(now)
 
     def _verdict(self, w: Watch, sv: ServingVersion) -> tuple[str, str] | None:
         if not sv.alive:
@@ -190,6 +196,40 @@ class Supervisor:
                 self.on_change()
             else:
                 self.reporter.event("worker_restart_failed", model=sv.name, version=sv.version, reason=failed)
+
+    def _check_memory(self, now: float) -> None:
+        """Replace a worker whose RSS stays above ``worker_memory_max_mb``: a fresh worker loads the
+        same version and takes the traffic over as in a swap (at request boundaries, no request
+        fails); the old one drains and ends."""
+        ceiling = self.settings().worker_memory_max_mb * 2**20
+        if ceiling <= 0:
+            return
+        for sv in self.registry.all():
+            rss = getattr(sv.model, "rss_bytes", lambda: 0)()
+            if not sv.alive or rss <= ceiling:
+                self._over.pop(sv.name, None)
+                continue
+            since = self._over.setdefault(sv.name, now)
+            if now - since < MEMORY_HOLD_S or now - self._recycled.get(sv.name, -RECYCLE_MIN_INTERVAL_S) < RECYCLE_MIN_INTERVAL_S:
+                continue
+            self._over.pop(sv.name, None)
+            self._recycled[sv.name] = now
+            try:
+                fresh = self.reload(sv.name, sv.version)
+            except errors.AgentError as e:
+                self.reporter.event("worker_recycle_failed", model=sv.name, version=sv.version, error=e.to_dict())
+                continue
+            fresh.calls, fresh.errors = sv.calls, sv.errors
+            with self.activation_lock:
+                if self.registry.get(sv.name) is sv:
+                    self.registry.activate(fresh)
+                else:
+                    fresh.model.close()
+                    continue
+            log.warning("%s v%d: worker RSS %d MB above %d MB; replaced", sv.name, sv.version,
+                        rss >> 20, int(ceiling) >> 20)
+            self.reporter.event("worker_recycled", model=sv.name, version=sv.version, rss_mb=rss >> 20,
+                                limit_mb=int(ceiling) >> 20)
 
     def _rollback(self, bad: ServingVersion, to: int, reason: str) -> None:
         try:

@@ -49,6 +49,31 @@ log = logging.getLogger(__name__)
 
 STATS_INTERVAL_S = 0.25  # how often calls/errors/latencies go to the daemon
 MAX_STATS_SAMPLES = 16384  # latency samples kept per interval; more are counted, not timed
+MAX_STATS_SHAPES = 64  # newly computable input shapes reported per interval (the rest are dropped)
+
+
+class _SlotMarking:
+    """The model, with each runtime call marked INFER in the connection's slot: the daemon's
+    hung-worker deadline covers the runtime call only, not reading or decoding the request."""
+
+    def __init__(self, model: Any, owner: Adopted) -> None:
+        self._model = model
+        self._owner = owner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._model, name)
+
+    def infer(self, inputs: Any) -> Any:
+        owner = self._owner
+        slot = getattr(owner.local, "slot", None)
+        slots = owner.slots
+        if slot is None or slots is None:
+            return self._model.infer(inputs)
+        slots.set(slot, INFER)
+        try:
+            return self._model.infer(inputs)
+        finally:
+            slots.set(slot, READING)
 
 
 class _AdoptedHandler(_Handler):
@@ -92,7 +117,7 @@ class _AdoptedHandler(_Handler):
         slots = owner.slots
         assert slots is not None
         got = self._read_body()
-        slots.set(ctx.slot, INFER)
+        owner.local.slot = ctx.slot  # the runtime call marks it INFER (_SlotMarking): decoding is not timed
         resp = got if isinstance(got, _Response) else self._app._respond(self.command, self.path, self.hdrs, got)
         slots.set(ctx.slot, WRITING)
         self._write(resp)
@@ -122,6 +147,8 @@ class Adopted:
         self.version = ""
         self.retiring = False
         self._sv: Any = None
+        self._reg: Any = None
+        self.local = threading.local()  # the slot of the request this thread serves
         self._wake_r, self._wake_w = os.pipe()
         self._lock = threading.Lock()
         self._ok = array("d")
@@ -158,13 +185,17 @@ class Adopted:
             os.close(fd)
 
     def _start_serving(self, msg: tuple[Any, ...], slots_fd: int) -> None:
+        from agent.serving.admission import Limits
         from agent.serving.registry import Registry, ServingVersion
 
-        _, name, version, n_slots, max_body, server_name, server_version = msg
+        _, name, version, n_slots, max_body, server_name, server_version, *more = msg
+        serving: dict[str, Any] = more[0] if more else {}
         self.slots = SlotTable(slots_fd, n_slots)
         os.close(slots_fd)
-        reg = Registry(observer=self._observe)
-        self._sv = ServingVersion(name, int(version), "", self.model)
+        reg = Registry(observer=self._observe, limits=Limits(**serving.get("limits", {})))
+        reg.shapes.add(name, serving.get("shapes", ()))  # computable shapes the daemon knows of
+        self._sv = ServingVersion(name, int(version), "", _SlotMarking(self.model, self))
+        self._reg = reg
         reg.activate(self._sv)
         self.app = KServeServer(reg, max_body_bytes=max_body, server_name=server_name,
                                 server_version=server_version)
@@ -233,11 +264,12 @@ class Adopted:
                 self._untimed = 0
             calls, errs = sv.calls, sv.errors
             dc, de = calls - self._sent[0], errs - self._sent[1]
-            if not (dc or de or ok or bad):
+            shapes = [k for _, k in self._reg.shapes.fresh()][:MAX_STATS_SHAPES]
+            if not (dc or de or ok or bad or shapes):
                 continue
             self._sent = (calls, errs)
             try:
-                send_ctl(self.ctl, ("stats", dc, de, ok.tobytes(), bad.tobytes()))
+                send_ctl(self.ctl, ("stats", dc, de, ok.tobytes(), bad.tobytes(), shapes))
             except OSError:
                 return
 

@@ -45,7 +45,8 @@ from agent import errors
 if TYPE_CHECKING:
     import numpy as np
 
-    from agent.serving.registry import Registry, ServingVersion
+from agent.serving.admission import RETRY_AFTER_S
+from agent.serving.registry import Registry, ServingVersion
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +76,8 @@ NOT_READY = "not_ready"
 
 _STATUS_BY_CODE = {errors.INVALID_INPUT: 400, errors.UNKNOWN_MODEL: 404,
                    errors.SIZE_EXCEEDED: 413, NOT_FOUND: 404, METHOD_NOT_ALLOWED: 405,
-                   NOT_READY: 503}
+                   NOT_READY: 503, errors.TOO_LARGE: 413, errors.BUSY: 503}
+_RETRY_AFTER = (("Retry-After", str(RETRY_AFTER_S)),)
 
 # KServe v2 datatype ↔ numpy dtype name (the names TensorSpec.dtype uses).
 KSERVE_TO_NUMPY = {"BOOL": "bool", "UINT8": "uint8", "UINT16": "uint16", "UINT32": "uint32",
@@ -537,9 +539,10 @@ class _Handler(socketserver.StreamRequestHandler):
 
     def handle_expect_100(self) -> bool:
         length = self.hdrs.get("content-length")
-        if length is not None and length.strip().isdigit() and int(length) > self._app.max_body_bytes:
+        limit = self._app.body_limit(self.command, self.path)
+        if length is not None and length.strip().isdigit() and int(length) > limit:
             self.close_connection = True  # the client may send the body anyway: do not parse it
-            self._write(self._too_large(int(length)))
+            self._write(self._too_large(int(length), limit))
             return False
         self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         return True
@@ -568,9 +571,10 @@ class _Handler(socketserver.StreamRequestHandler):
         finally:
             app._leave()
 
-    def _too_large(self, length: int) -> _Response:
-        return _error(413, errors.SIZE_EXCEEDED,
-                      f"request body is {length} bytes; the limit is {self._app.max_body_bytes}")
+    def _too_large(self, length: int, limit: int) -> _Response:
+        if limit < self._app.max_body_bytes:  # the model's own bound (agent/serving/admission.py)
+            return _error(413, errors.TOO_LARGE, f"request body is {length} bytes; this model takes at most {limit}")
+        return _error(413, errors.SIZE_EXCEEDED, f"request body is {length} bytes; the limit is {limit}")
 
     def _read_body(self) -> bytes | _Response:
         headers = self.hdrs
@@ -588,7 +592,8 @@ class _Handler(socketserver.StreamRequestHandler):
             self.close_connection = True
             return _error(400, errors.INVALID_INPUT, f"bad Content-Length {cl!r}")
         n = int(cl)
-        if n > self._app.max_body_bytes:
+        limit = self._app.body_limit(self.command, self.path)
+        if n > limit:
             if n <= DISCARD_MAX_BYTES:
                 left = n
                 while left > 0:
@@ -600,7 +605,7 @@ class _Handler(socketserver.StreamRequestHandler):
             else:
                 self.close_connection = True
                 self._unread_body = True
-            return self._too_large(n)
+            return self._too_large(n, limit)
         body = self.rfile.read(n) if n else b""
         if len(body) != n:
             self.close_connection = True
@@ -608,7 +613,7 @@ class _Handler(socketserver.StreamRequestHandler):
         return body
 
     def _read_chunked(self) -> bytes | _Response:
-        cap = self._app.max_body_bytes
+        cap = self._app.body_limit(self.command, self.path)
         parts: list[bytes] = []
         total = 0
         rfile = self.rfile
@@ -627,7 +632,7 @@ class _Handler(socketserver.StreamRequestHandler):
             if total > cap:
                 self.close_connection = True
                 self._unread_body = True
-                return _error(413, errors.SIZE_EXCEEDED,
+                return _error(413, errors.TOO_LARGE if cap < self._app.max_body_bytes else errors.SIZE_EXCEEDED,
                               f"chunked request body exceeds the limit of {cap} bytes")
             data = rfile.read(size)
             rfile.readline(3)
@@ -785,6 +790,11 @@ class KServeServer:
             if self._inflight == 0:
                 self._cv.notify_all()
 
+    def body_limit(self, method: str, target: str) -> int:
+        """The largest body read for this request: an infer's model bound, else ``max_body_bytes``."""
+        t = infer_target(target) if method == "POST" else None
+        return self.max_body_bytes if t is None else self.registry.body_limit(t[0], self.max_body_bytes)
+
     # -- connections served by a model's worker (process isolation)
 
     def _hand_off(self, h: _Handler) -> bool:
@@ -843,7 +853,8 @@ class KServeServer:
         except _HttpError as e:
             return _error(e.status, e.code, e.message, e.headers)
         except errors.AgentError as e:
-            return _error(_STATUS_BY_CODE.get(e.code, 500), e.code, e.message)
+            return _error(_STATUS_BY_CODE.get(e.code, 500), e.code, e.message,
+                          _RETRY_AFTER if e.code == errors.BUSY else ())
         except Exception as e:
             log.exception("inference API: %s %s failed", method, target)
             return _error(500, errors.INTERNAL, f"internal error: {type(e).__name__}: {e}")

@@ -231,6 +231,7 @@ def test_repeated_errors_in_probation_roll_back(fleet: Fleet, mosquitto: Mosquit
     agent.start()
     try:
         _deploy_ok(fleet, 1, seed=1)
+        assert infer(agent)[0] == 1  # v1 answers a batch of 2: v2 failing on it is v2's fault
         bad = _reshape_model(fleet.root / "src" / "reshape.onnx")
         samples = fleet.root / "src" / "in3.npz"
         np.savez(samples, x=np.ones((3, 4), np.float32))
