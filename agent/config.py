@@ -97,7 +97,7 @@ class BackendsConfig:
     # Per-model admission (agent/serving/admission.py): what callers may push into a model.
     max_batch: int = 64  # rows on a dynamic batch dimension; sets the largest request (413 too_large)
     max_inflight: int = 4  # runtime calls of one model at once ...
-    max_queue: int = 16  # ... and calls waiting for one (beyond: 503 busy with Retry-After)
+    max_queue: int = 64  # ... and calls waiting for one (beyond, or waiting past infer_timeout_s: 503 busy)
     worker_memory_max_mb: float = 2048.0  # a worker above this RSS is replaced between requests; 0: off
 
 

@@ -229,7 +229,8 @@ class Supervisor:
             log.warning("%s v%d: worker RSS %d MB above %d MB; replaced", sv.name, sv.version,
                         rss >> 20, int(ceiling) >> 20)
             self.reporter.event("worker_recycled", model=sv.name, version=sv.version, rss_mb=rss >> 20,
-                                limit_mb=int(ceiling) >> 20)
+                                limit_mb=int(ceiling) >> 20, pid=getattr(sv.model, "pid", None),
+                                new_pid=getattr(fresh.model, "pid", None))
 
     def _rollback(self, bad: ServingVersion, to: int, reason: str) -> None:
         try:

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 
 DEFAULT_MAX_BATCH = 64
 DEFAULT_MAX_INFLIGHT = 4
-DEFAULT_MAX_QUEUE = 16
+DEFAULT_MAX_QUEUE = 64
 DEFAULT_QUEUE_WAIT_S = 10.0
 RETRY_AFTER_S = 1  # what a ``busy`` answer asks the caller to wait
 MAX_SHAPES = 256  # known-computable input shapes kept per model (more are not learned)

@@ -897,7 +897,8 @@ class KServeServer:
                     return _Response(200, _json({"name": sv.name, "ready": True}))
                 if len(rest) == 1 and rest[0] == "infer":
                     self._allow(method == "POST", "POST")
-                    return self._infer(name, self._version(name, version), headers, body)
+                    with self.registry.admit(name):  # decoding and answering count in the model's bound
+                        return self._infer(name, self._version(name, version), headers, body)
         elif parts[0] == "metrics" and n == 1:
             self._allow(get, "GET")
             if self._metrics_fn is None:

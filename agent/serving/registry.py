@@ -13,10 +13,11 @@ Invariants:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -78,6 +79,7 @@ class Registry:
         self.shapes = ShapeBook()  # input shapes known to be computable, per model
         self._admission: dict[str, Admission] = {}
         self._body_limits: dict[str, tuple[ServingVersion, int]] = {}
+        self._local = threading.local()  # the model whose slot this thread holds (admit())
 
     def set_observer(self, observer: LatencyObserver | None) -> None:
         self._observer = observer
@@ -145,11 +147,8 @@ class Registry:
         """The runtime call behind the model's admission; a runtime failure on shapes not known
         to be computable is the caller's ``invalid_input``."""
         admission.check_size(sv.model.inputs, inputs, self.limits.max_batch)
-        gate = self._admission.get(sv.name)
-        if gate is None:
-            gate = self._admission.setdefault(sv.name, Admission(sv.name, self.limits))
         key = admission.shape_key(inputs)
-        with gate.slot():
+        with contextlib.nullcontext() if getattr(self._local, "admitted", None) == sv.name else self.admit(sv.name):
             try:
                 out = sv.model.infer(inputs)
             except errors.AgentError as e:
@@ -159,6 +158,24 @@ class Registry:
         if not self.shapes.knows(sv.name, key):
             self.shapes.add(sv.name, (key,), report=True)
         return out
+
+    @contextlib.contextmanager
+    def admit(self, name: str) -> Iterator[None]:
+        """Hold one of ``name``'s in-flight slots (``busy`` when none frees up in time): the HTTP
+        layer holds it from decoding a request to encoding its answer, so that decoding, too, is
+        bounded per model (and cannot starve the runtime calls of the worker's interpreter)."""
+        gate = self._admission.get(name)
+        if gate is None:
+            if self.get(name) is None:  # not serving: the call is refused (no table entry per name asked)
+                yield
+                return
+            gate = self._admission.setdefault(name, Admission(name, self.limits))
+        with gate.slot():
+            self._local.admitted = name
+            try:
+                yield
+            finally:
+                self._local.admitted = None
 
     def body_limit(self, name: str, cap: int) -> int:
         """The largest request body worth reading for ``name`` (its admission bound), at most ``cap``."""

@@ -12,6 +12,7 @@ import http.client
 import json
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -107,5 +108,166 @@ def test_idle_then_burst_keeps_the_worker(fleet: Fleet, mosquitto: Mosquitto) ->
         assert "hung" not in agent.log.read_text()
         assert fleet.events("worker_restarted") == []
         assert infer(agent)[0] == 1
+    finally:
+        agent.stop()
+
+
+def _conv_model(path: Path, seed: int, out_channels: int = 1) -> Path:
+    """x[batch, 1, h, w] → a 3×3 convolution without padding: any h, w ≥ 3 computes; h = w = 1
+    is an allowed shape the runtime cannot compute."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((out_channels, 1, 3, 3)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "W"], ["y"], kernel_shape=[3, 3])], "conv3",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 1, "h", "w"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", out_channels, None, None])],
+        initializer=[numpy_helper.from_array(w, "W")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(path))
+    return path
+
+
+def _deploy_conv(fleet: Fleet, version: int, out_channels: int = 1, wait: bool = True) -> str:
+    src = fleet.root / "src"
+    samples = src / "conv-in.npz"
+    src.mkdir(parents=True, exist_ok=True)
+    np.savez(samples, x=np.random.default_rng(3).standard_normal((1, 1, 8, 8)).astype(np.float32))
+    model = _conv_model(src / f"conv{version}.onnx", seed=version, out_channels=out_channels)
+    job = fleet.deploy("conv", fleet.bundle("conv", version, seed=version, model_file=model, inputs=samples))
+    if wait:
+        done = fleet.end_of(job, timeout_s=JOB_TIMEOUT_S)
+        assert done["state"] == "SUCCEEDED", done
+    return job
+
+
+def _binary(x: np.ndarray) -> tuple[bytes, dict[str, str]]:
+    """A KServe v2 binary-tensor request for input ``x``."""
+    head = json.dumps({"inputs": [{"name": "x", "shape": list(x.shape), "datatype": "FP32",
+                                   "parameters": {"binary_data_size": x.nbytes}}]}).encode()
+    return head + x.tobytes(), {"Inference-Header-Content-Length": str(len(head)),
+                                "Content-Type": "application/octet-stream"}
+
+
+def _concurrently(n: int, fn: Any) -> list[Any]:
+    out: list[Any] = [None] * n
+
+    def run(i: int) -> None:
+        try:
+            out[i] = fn(i)
+        except Exception as e:  # recorded, asserted by the caller
+            out[i] = e
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(HTTP_TIMEOUT_S * 3)
+    return out
+
+
+LARGE_CLIENTS = 6
+LARGE_BINARY_BYTES = 4 * 1024 * 1024  # each, over lin's bound (64 rows × 4 floats), under the discard limit
+DECODE_SIDE = 800  # 800×800 JSON images: megabytes of numbers each, decoded for longer (together) than infer_timeout_s
+
+
+def test_large_requests_neither_kill_the_worker_nor_move_the_version(fleet: Fleet, mosquitto: Mosquitto) -> None:
+    """Concurrent oversized binary requests are refused 413 ``too_large`` by the model's bound
+    (before the runtime); concurrent large JSON requests within the bound are decoded outside the
+    hung-worker deadline and answered. No worker is killed, no version moves."""
+    agent = _start(fleet, mosquitto, "max_batch = 64\nmax_inflight = 2\n")
+    try:
+        _deploy_conv(fleet, 1)
+        pids = {m: models(agent)[m]["worker_pid"] for m in ("lin", "conv")}
+        big = np.zeros((LARGE_BINARY_BYTES // 16, 4), np.float32)  # far more than 64 rows
+
+        def oversized(_: int) -> tuple[int, dict[str, Any]]:
+            body, headers = _binary(big)
+            c = _conn(agent)
+            try:
+                status, _, doc = _post(c, body, "lin", headers)
+                return status, doc
+            finally:
+                c.close()
+
+        for got in _concurrently(LARGE_CLIENTS, oversized):
+            assert not isinstance(got, Exception), got
+            status, doc = got
+            assert status == 413 and doc["code"] == "too_large", (status, doc)
+        over_batch = np.zeros((65, 4), np.float32)  # within the body bound, one row over max_batch
+        c = _conn(agent)
+        try:
+            status, _, doc = _post(c, _body(over_batch))
+            assert status == 413 and doc["code"] == "too_large" and "65" in doc["error"], doc
+            status, _, doc = _post(c, _body(np.zeros((64, 4), np.float32)))
+            assert status == 200 and doc["model_version"] == "1", doc
+        finally:
+            c.close()
+
+        image = np.random.default_rng(5).standard_normal((1, 1, DECODE_SIDE, DECODE_SIDE)).astype(np.float32)
+        json_body = _body(image)
+
+        def decode_heavy(_: int) -> tuple[int, dict[str, str], dict[str, Any]]:
+            c = _conn(agent)
+            try:
+                return _post(c, json_body, "conv")
+            finally:
+                c.close()
+
+        answered = 0
+        for got in _concurrently(LARGE_CLIENTS, decode_heavy):
+            assert not isinstance(got, Exception), got
+            status, headers, doc = got
+            if status == 503:  # beyond the model's in-flight and queue bounds: the caller's to retry
+                assert doc["code"] == "busy" and headers.get("retry-after") == "1", (headers, doc)
+                continue
+            assert status == 200 and doc["outputs"][0]["shape"] == [1, 1, DECODE_SIDE - 2, DECODE_SIDE - 2], \
+                (status, str(doc)[:300])
+            answered += 1
+        assert answered >= 1
+        now = models(agent)
+        assert {m: now[m]["worker_pid"] for m in pids} == pids, agent.log.read_text()[-3000:]
+        assert (now["lin"]["version"], now["conv"]["version"]) == (1, 1)
+        assert "hung" not in agent.log.read_text()
+        assert fleet.events("worker_restarted") == [] and fleet.events("rollback") == []
+        assert infer(agent)[0] == 1
+    finally:
+        agent.stop()
+
+
+def test_runtime_failure_on_a_callers_shape_does_not_fail_probation(fleet: Fleet, mosquitto: Mosquitto) -> None:
+    """During v2's probation, requests with an allowed shape the runtime cannot compute (1×1 under
+    a 3×3 kernel, which v1 never answered either) are the caller's 400 ``invalid_input``: v2
+    stays and its deploy SUCCEEDS."""
+    agent = _start(fleet, mosquitto, "[deploy]\nprobation_s = 4\nprobation_max_errors = 5\n")
+    try:
+        _deploy_conv(fleet, 1)
+        job = _deploy_conv(fleet, 2, wait=False)
+        from fleet import wait_until
+
+        wait_until(lambda: models(agent)["conv"].get("version") == 2, JOB_TIMEOUT_S, "v2 serving")
+        tiny = np.ones((1, 1, 1, 1), np.float32)
+        c = _conn(agent)
+        try:
+            for _ in range(8):
+                status, _, doc = _post(c, _body(tiny), "conv")
+                assert status == 400 and doc["code"] == "invalid_input", (status, doc)
+                assert "'x'" in doc["error"] or "x [1, 1, 1, 1]" in doc["error"], doc
+        finally:
+            c.close()
+        end = fleet.end_of(job, timeout_s=JOB_TIMEOUT_S)
+        assert end["state"] == "SUCCEEDED", end
+        assert models(agent)["conv"]["version"] == 2
+        assert fleet.events("rollback") == []
+        c = _conn(agent)
+        try:
+            status, _, doc = _post(c, _body(np.ones((1, 1, 5, 5), np.float32)), "conv")
+            assert status == 200 and doc["model_version"] == "2", doc
+        finally:
+            c.close()
     finally:
         agent.stop()
