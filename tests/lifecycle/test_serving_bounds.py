@@ -25,6 +25,8 @@ from fleet import (
     fleet_fixture,  # noqa: F401 - the `fleet` fixture
     infer,
     models,
+    pid_alive,
+    wait_until,
 )
 
 INFER_TIMEOUT_S = 2.0  # the hung-worker deadline in these tests
@@ -247,8 +249,6 @@ def test_runtime_failure_on_a_callers_shape_does_not_fail_probation(fleet: Fleet
     try:
         _deploy_conv(fleet, 1)
         job = _deploy_conv(fleet, 2, wait=False)
-        from fleet import wait_until
-
         wait_until(lambda: models(agent)["conv"].get("version") == 2, JOB_TIMEOUT_S, "v2 serving")
         tiny = np.ones((1, 1, 1, 1), np.float32)
         c = _conn(agent)
@@ -269,5 +269,122 @@ def test_runtime_failure_on_a_callers_shape_does_not_fail_probation(fleet: Fleet
             assert status == 200 and doc["model_version"] == "2", doc
         finally:
             c.close()
+    finally:
+        agent.stop()
+
+
+BUSY_SIDE = 1000  # a 1000×1000 JSON image: its decoding and answer hold the model's only slot a while
+BUSY_ROUNDS = 3
+
+
+def test_beyond_inflight_and_queue_bounds_callers_get_busy(fleet: Fleet, mosquitto: Mosquitto) -> None:
+    """With one call in flight allowed and none queued, requests arriving while a heavy one holds
+    the slot get 503 ``busy`` with Retry-After at once; afterwards the model answers again, on
+    the same worker and version."""
+    agent = _start(fleet, mosquitto, "max_inflight = 1\nmax_queue = 0\n")
+    try:
+        _deploy_conv(fleet, 1)
+        pid = models(agent)["conv"]["worker_pid"]
+        heavy = _body(np.random.default_rng(9).standard_normal((1, 1, BUSY_SIDE, BUSY_SIDE)).astype(np.float32))
+        small = _body(np.ones((1, 1, 4, 4), np.float32))
+        busy: list[dict[str, str]] = []
+        other: list[tuple[int, dict[str, Any]]] = []
+        for _ in range(BUSY_ROUNDS):
+            done = threading.Event()
+            results: list[int] = []
+
+            def big(done: threading.Event, results: list[int]) -> None:
+                c = _conn(agent)
+                try:
+                    results.append(_post(c, heavy, "conv")[0])
+                finally:
+                    c.close()
+                    done.set()
+
+            t = threading.Thread(target=big, args=(done, results))
+            t.start()
+            c = _conn(agent)
+            try:
+                while not done.is_set():
+                    status, headers, doc = _post(c, small, "conv")
+                    if status == 503 and doc.get("code") == "busy":
+                        busy.append(headers)
+                    elif status != 200:
+                        other.append((status, doc))
+            finally:
+                c.close()
+            t.join(HTTP_TIMEOUT_S)
+            assert results == [200], results
+            if busy:
+                break
+        assert busy, "no request was refused while the only slot was taken"
+        assert all(h.get("retry-after") == "1" for h in busy), busy[:3]
+        assert other == [], other[:3]
+        c = _conn(agent)
+        try:
+            status, _, doc = _post(c, small, "conv")
+            assert status == 200 and doc["model_version"] == "1", doc
+        finally:
+            c.close()
+        m = models(agent)["conv"]
+        assert (m["worker_pid"], m["version"]) == (pid, 1)
+        assert fleet.events("worker_restarted") == [] and fleet.events("rollback") == []
+    finally:
+        agent.stop()
+
+
+RECYCLE_TIMEOUT_S = 30.0
+AFTER_RECYCLE_S = 1.0
+
+
+def test_worker_over_its_memory_ceiling_is_replaced_without_failing_a_request(
+        fleet: Fleet, mosquitto: Mosquitto) -> None:
+    """A worker whose RSS stays above ``backends.worker_memory_max_mb`` (1 MB here: any worker) is
+    replaced between requests: a fresh worker takes the traffic over and the old one ends, while
+    clients on kept and new connections see no failure and the same version."""
+    agent = _start(fleet, mosquitto, "worker_memory_max_mb = 1\n")
+    try:
+        stop = threading.Event()
+        failures: list[str] = []
+        answered = [0]
+
+        def client(keep: bool) -> None:
+            c = _conn(agent)
+            try:
+                while not stop.is_set():
+                    if not keep:
+                        c.close()
+                        c = _conn(agent)
+                    try:
+                        status, _, doc = _post(c, _body())
+                    except (OSError, http.client.HTTPException) as e:
+                        failures.append(repr(e))
+                        c.close()
+                        c = _conn(agent)
+                        continue
+                    if status != 200 or doc.get("model_version") != "1":
+                        failures.append(f"{status} {doc}")
+                    answered[0] += 1
+            finally:
+                c.close()
+
+        threads = [threading.Thread(target=client, args=(k,)) for k in (True, True, False)]
+        for t in threads:
+            t.start()
+        try:
+            ev = fleet.obs.wait(lambda t, d: t.endswith("/events") and d.get("event") == "worker_recycled",
+                                timeout_s=RECYCLE_TIMEOUT_S, what="worker recycled")
+            time.sleep(AFTER_RECYCLE_S)  # traffic goes on over the new worker
+        finally:
+            stop.set()
+            for t in threads:
+                t.join(HTTP_TIMEOUT_S)
+        assert failures == [], failures[:5]
+        assert answered[0] > 0
+        assert ev["rss_mb"] > ev["limit_mb"] == 1 and ev["version"] == 1, ev
+        m = models(agent)["lin"]
+        assert m["worker_pid"] == ev["new_pid"] != ev["pid"] and m["version"] == 1, (m, ev)
+        wait_until(lambda: not pid_alive(ev["pid"]), 10, "old worker ended")
+        assert infer(agent)[0] == 1
     finally:
         agent.stop()
