@@ -32,7 +32,7 @@ from agent.commands.handlers import REMOTE_CONFIG_FILE, Handlers, apply_remote_o
 from agent.commands.verify import Command, CommandVerifier, peek_id
 from agent.deploy.jobs import JobReporter
 from agent.deploy.probation import ProbationSettings, Supervisor
-from agent.deploy.runner import DeployContext, DeployRunner, DeploySettings, check_clock
+from agent.deploy.runner import DeployContext, DeployRunner, DeploySettings, check_clock, recheck
 from agent.mqtt.connection import Connection
 from agent.mqtt.topics import Topics
 from agent.sdnotify import Notifier
@@ -105,7 +105,8 @@ class Agent:
         self.supervisor = Supervisor(self.registry, self.db, self.reporter,
                                      lambda name, v: self.handlers.load_version(name, v, validate_samples=False),
                                      self.runner.activation_lock, self.probation_settings, self.publish_status,
-                                     recheck=lambda name, v: self.handlers.load_version(name, v, validate_samples=True))
+                                     recheck=lambda name, v: recheck(self.handlers.load_version(name, v, validate_samples=False),
+                                                                     self.store.version_dir(name, v)))
         self._ops = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ops")  # rollback, remove, bench: in order
         self._threads: list[threading.Thread] = []
         self.kserve: Any = None
