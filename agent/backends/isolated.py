@@ -19,15 +19,12 @@ Invariants:
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
-import mmap
 import os
 import pickle
 import queue
 import select
 import socket
-import struct
 import subprocess
 import sys
 import threading
@@ -39,6 +36,20 @@ from typing import TYPE_CHECKING, Any
 
 from agent import errors
 from agent.backends.base import LoadOptions, check_inputs
+from agent.backends.wire import (  # noqa: F401 (the worker side imports these from here)
+    BACK,
+    CTL_MAX_BYTES,
+    FREE,
+    IDLE,
+    INFER,
+    PENDING,
+    READING,
+    WRITING,
+    Channel,
+    SlotTable,
+    recv_ctl,
+    send_ctl,
+)
 
 if TYPE_CHECKING:
     import numpy as np
@@ -53,121 +64,13 @@ DEFAULT_CHANNELS = 2
 KILL_WAIT_S = 2.0
 MONITOR_TICK_S = 0.1  # how often adopted connections are checked for a hung request
 MAX_ADOPTED = 128  # connections one worker serves itself; beyond that the daemon relays by pipe
-CTL_MAX_BYTES = 256 * 1024  # largest control message: a request head and the bytes read ahead
 CTL_SNDBUF_BYTES = 1024 * 1024
 CTL_SEND_TIMEOUT_S = 1.0  # a worker that does not take a message within this is not handed more
 WORKER_CRASHED = errors.WORKER_CRASHED
 WORKER_HUNG = errors.WORKER_HUNG
 
-# Slot states of an adopted connection (SlotTable).
-FREE, PENDING, IDLE, READING, INFER, WRITING, BACK = range(7)
-_SLOT = struct.Struct("=iiq")
-_LEN = struct.Struct("!Q")
-SMALL_MESSAGE_BYTES = 64 * 1024  # messages up to this size go out in one send with their length
-MAX_MESSAGE_BYTES = 1 << 31  # a longer claimed length means a broken (or hostile) worker
-_SLOT_BYTES = 16  # state (int32), padding, since (int64 CLOCK_MONOTONIC ns)
 
 Sink = Callable[[int, int, "array[float]", "array[float]", Any], None]
-
-
-class SlotTable:
-    """Per-connection state shared by the daemon and a worker (a memfd mapped by both)."""
-
-    def __init__(self, fd: int, n: int) -> None:
-        self.n = n
-        self._mm = mmap.mmap(fd, n * _SLOT_BYTES)
-
-    @classmethod
-    def create(cls, n: int) -> tuple[SlotTable, int]:
-        fd = os.memfd_create("edge-agent-slots", os.MFD_CLOEXEC)
-        os.ftruncate(fd, n * _SLOT_BYTES)
-        return cls(fd, n), fd
-
-    def set(self, i: int, state: int) -> None:
-        # One write of state and time. A reader may see it torn (the new state with the old
-        # time): the daemon acts on a hung state only when it reads the same time twice.
-        _SLOT.pack_into(self._mm, i * _SLOT_BYTES, state, 0, time.monotonic_ns())
-
-    def get(self, i: int) -> tuple[int, int]:
-        state, _, since = _SLOT.unpack_from(self._mm, i * _SLOT_BYTES)
-        return state, since
-
-    def close(self) -> None:
-        with contextlib.suppress(BufferError, ValueError):
-            self._mm.close()
-
-
-def send_ctl(sock: socket.socket, msg: tuple[Any, ...], fd: int | None = None) -> None:
-    """One control message (SOCK_SEQPACKET keeps it whole), optionally with a descriptor."""
-    data = pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL)
-    if len(data) > CTL_MAX_BYTES:
-        raise OSError(errno.EMSGSIZE, f"control message of {len(data)} bytes")
-    anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array("i", [fd]).tobytes())] if fd is not None else []
-    sock.sendmsg([data], anc)
-
-
-def recv_ctl(sock: socket.socket) -> tuple[tuple[Any, ...] | None, list[int]]:
-    """The next control message and the descriptors it carries; (None, []) at EOF."""
-    data, anc, _flags, _ = sock.recvmsg(CTL_MAX_BYTES, socket.CMSG_SPACE(4 * array("i").itemsize))
-    fds: list[int] = []
-    for level, kind, payload in anc:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            a = array("i")
-            a.frombytes(payload[: len(payload) - len(payload) % a.itemsize])
-            fds.extend(a)
-    if not data:
-        for fd in fds:
-            os.close(fd)
-        return None, []
-    msg: tuple[Any, ...] = pickle.loads(data)  # from our own parent or child process
-    return msg, fds
-
-
-class Channel:
-    """Pickled messages over a stream socket, each after its length: what multiprocessing's
-    Connection does, without importing multiprocessing (≈ 1.7 MB of RSS in the daemon and in
-    every worker). EOFError at end of stream, OSError on a broken one."""
-
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
-
-    def fileno(self) -> int:
-        return self.sock.fileno()
-
-    def send(self, obj: Any) -> None:
-        data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
-        head = _LEN.pack(len(data))
-        if len(data) <= SMALL_MESSAGE_BYTES:
-            self.sock.sendall(head + data)
-        else:  # no copy of a large payload just to prepend eight bytes
-            self.sock.sendall(head)
-            self.sock.sendall(data)
-
-    def recv(self) -> Any:
-        n = _LEN.unpack(self._exact(_LEN.size))[0]
-        if n > MAX_MESSAGE_BYTES:
-            raise OSError(errno.EMSGSIZE, f"message of {n} bytes from the other process")
-        return pickle.loads(self._exact(n))  # from our own parent or child process
-
-    def _exact(self, n: int) -> bytearray:
-        buf = bytearray(n)
-        view = memoryview(buf)
-        got = 0
-        while got < n:
-            k = self.sock.recv_into(view[got:])
-            if k == 0:
-                raise EOFError("the other process closed the channel")
-            got += k
-        return buf
-
-    def poll(self, timeout_s: float) -> bool:
-        """Whether a message (or the end of the stream) is there within ``timeout_s``."""
-        po = select.poll()
-        po.register(self.sock, select.POLLIN | select.POLLHUP | select.POLLERR)
-        return bool(po.poll(timeout_s * 1000))
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 def _unsent(sock: socket.socket) -> int:
