@@ -16,9 +16,8 @@ Invariants:
 
 from __future__ import annotations
 
-import contextlib
 import threading
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -84,25 +83,43 @@ def body_bound(specs: Iterable[TensorSpec], max_batch: int, cap: int) -> int:
     return min(cap, BODY_SLACK_BYTES + max(b[0], b[1] * JSON_BYTES_PER_ELEMENT))
 
 
-def check_size(specs: Iterable[TensorSpec], feed: Mapping[str, Any], max_batch: int) -> None:
+class SizeCheck:
     """``too_large`` for a request over the model's bound: more than ``max_batch`` rows on a
-    dynamic batch dimension, or more tensor bytes than the model's largest request."""
-    specs = tuple(specs)
-    for s in specs:
-        a = feed.get(s.name)
-        shape = getattr(a, "shape", None)
-        if shape and s.shape and (s.shape[0] is None or s.shape[0] < 0) and shape[0] > max_batch:
-            raise errors.RejectError(errors.TOO_LARGE, f"input {s.name!r}: a batch of {shape[0]} is more than "
-                                                       f"the {max_batch} allowed (backends.max_batch)")
-    bound = request_bound(specs, max_batch)
-    if bound is not None:
-        size = sum(int(getattr(a, "nbytes", 0)) for a in feed.values())
-        if size > bound[0]:
-            raise errors.RejectError(errors.TOO_LARGE, f"request tensors are {size} bytes; this model takes "
-                                                       f"at most {bound[0]}")
+    dynamic batch dimension, or more tensor bytes than the model's largest request. Made once
+    per model version (it runs on every call)."""
+
+    __slots__ = ("_batched", "_bound", "_max_batch")
+
+    def __init__(self, specs: Iterable[TensorSpec], max_batch: int) -> None:
+        specs = tuple(specs)
+        self._max_batch = max_batch
+        self._batched = tuple(s.name for s in specs if s.shape and (s.shape[0] is None or s.shape[0] < 0))
+        b = request_bound(specs, max_batch)
+        self._bound = None if b is None else b[0]
+
+    def __call__(self, feed: Mapping[str, Any]) -> None:
+        mb = self._max_batch
+        for name in self._batched:
+            shape = getattr(feed.get(name), "shape", None)
+            if shape and shape[0] > mb:
+                raise errors.RejectError(errors.TOO_LARGE, f"input {name!r}: a batch of {shape[0]} is more than "
+                                                           f"the {mb} allowed (backends.max_batch)")
+        if self._bound is not None:
+            size = sum(int(getattr(a, "nbytes", 0)) for a in feed.values())
+            if size > self._bound:
+                raise errors.RejectError(errors.TOO_LARGE, f"request tensors are {size} bytes; this model takes "
+                                                           f"at most {self._bound}")
+
+
+def check_size(specs: Iterable[TensorSpec], feed: Mapping[str, Any], max_batch: int) -> None:
+    """``SizeCheck(specs, max_batch)(feed)``, for one call."""
+    SizeCheck(specs, max_batch)(feed)
 
 
 def shape_key(feed: Mapping[str, Any]) -> ShapeKey:
+    if len(feed) == 1:
+        for k, a in feed.items():
+            return ((k, tuple(getattr(a, "shape", ()))),)
     return tuple(sorted((k, tuple(getattr(a, "shape", ()))) for k, a in feed.items()))
 
 
@@ -155,8 +172,11 @@ class Admission:
         self._running = 0
         self._waiting = 0
 
-    @contextlib.contextmanager
-    def slot(self) -> Iterator[None]:
+    def slot(self) -> Admission:
+        """``with gate.slot():`` holds one in-flight slot (``busy`` when none frees up in time)."""
+        return self
+
+    def __enter__(self) -> None:
         lim = self.limits
         with self._cv:
             if self._running >= lim.max_inflight:
@@ -172,9 +192,9 @@ class Admission:
                     raise errors.RetryableError(errors.BUSY, f"{self.name}: no free slot within "
                                                              f"{lim.queue_wait_s:g} s; try again later")
             self._running += 1
-        try:
-            yield
-        finally:
-            with self._cv:
-                self._running -= 1
+
+    def __exit__(self, *exc: object) -> None:
+        with self._cv:
+            self._running -= 1
+            if self._waiting:
                 self._cv.notify()

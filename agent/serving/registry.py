@@ -50,6 +50,7 @@ class ServingVersion:
     gate: InflightGate = field(default_factory=InflightGate)
     calls: int = 0
     errors: int = 0  # failures of the model itself (not bad requests): probation counts these
+    size_check: admission.SizeCheck | None = None  # its inputs' bound (made at the first call)
 
     @property
     def alive(self) -> bool:
@@ -146,18 +147,27 @@ class Registry:
     def _call(self, sv: ServingVersion, inputs: dict[str, Any]) -> dict[str, np.ndarray]:
         """The runtime call behind the model's admission; a runtime failure on shapes not known
         to be computable is the caller's ``invalid_input``."""
-        admission.check_size(sv.model.inputs, inputs, self.limits.max_batch)
+        size = sv.size_check
+        if size is None:
+            size = sv.size_check = admission.SizeCheck(sv.model.inputs, self.limits.max_batch)
+        size(inputs)
         key = admission.shape_key(inputs)
-        with contextlib.nullcontext() if getattr(self._local, "admitted", None) == sv.name else self.admit(sv.name):
-            try:
-                out = sv.model.infer(inputs)
-            except errors.AgentError as e:
-                if e.code == errors.INFERENCE_FAILED and not self.shapes.knows(sv.name, key):
-                    raise admission.runtime_failure(sv.name, inputs, e) from e
-                raise
+        if getattr(self._local, "admitted", None) == sv.name:  # the HTTP layer holds the slot
+            out = self._run(sv, inputs, key)
+        else:
+            with self.admit(sv.name):
+                out = self._run(sv, inputs, key)
         if not self.shapes.knows(sv.name, key):
             self.shapes.add(sv.name, (key,), report=True)
         return out
+
+    def _run(self, sv: ServingVersion, inputs: dict[str, Any], key: admission.ShapeKey) -> dict[str, np.ndarray]:
+        try:
+            return sv.model.infer(inputs)
+        except errors.AgentError as e:
+            if e.code == errors.INFERENCE_FAILED and not self.shapes.knows(sv.name, key):
+                raise admission.runtime_failure(sv.name, inputs, e) from e
+            raise
 
     @contextlib.contextmanager
     def admit(self, name: str) -> Iterator[None]:
