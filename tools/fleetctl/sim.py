@@ -102,6 +102,7 @@ class SimOptions:
     latency_ms: float = DEFAULT_LATENCY_MS
     fetch: bool = True
     log_path: Path | None = None
+    samples_path: Path | None = None  # every simulated latency, one JSON line per telemetry message
     max_clock_skew_s: float = 300.0
 
 
@@ -349,7 +350,7 @@ class SimDevice:
 
     def status_doc(self, online: bool, reason: str = "") -> dict[str, Any]:
         doc: dict[str, Any] = {"v": 1, "device": self.id, "online": online, "ts": now_rfc3339(), "agent": AGENT_VERSION,
-                               "boot_id": self.boot_id, "profile": "simulated",
+                               "boot_id": self.boot_id, "profile": "simulated", "groups": list(self.groups),
                                "models": [dict(m) for m in self.models.values()]}
         if reason:
             doc["reason"] = reason
@@ -529,13 +530,15 @@ class SimDevice:
 
     def telemetry(self) -> None:
         if self.connected and self.models:
-            models = {}
+            models, raw = {}, {}
             for name, m in self.models.items():
                 w = Window(m["version"], SIM_BACKEND)
-                for _ in range(SAMPLES_PER_WINDOW):
-                    w.add(random.lognormvariate(0, 0.25) * self.latency_ms / 1000.0, True)
+                raw[name] = [random.lognormvariate(0, 0.25) * self.latency_ms / 1000.0 for _ in range(SAMPLES_PER_WINDOW)]
+                for latency_s in raw[name]:
+                    w.add(latency_s, True)
                 models[name] = w.summary()
             self.publish("telemetry", {"window_s": self.sim.opts.window_s, "models": models})
+            self.sim.record_samples({"device": self.id, "seq": self.seq["telemetry"], "latency_s": raw})
         self.sim.loop.call_later(self.sim.opts.window_s, self.telemetry)
 
 
@@ -565,6 +568,7 @@ class Simulator:
         self._ready_cv = threading.Condition()
         self._log_lock = threading.Lock()
         self._log = open(opts.log_path, "a", encoding="utf-8") if opts.log_path else None  # noqa: SIM115 - closed in stop()
+        self._samples = open(opts.samples_path, "a", encoding="utf-8") if opts.samples_path else None  # noqa: SIM115 - closed in stop()
         self.devices = [SimDevice(self, d) for d in device_ids]
 
     def record(self, entry: dict[str, Any]) -> None:
@@ -575,6 +579,12 @@ class Simulator:
         with self._log_lock:
             self._log.write(line)
             self._log.flush()
+
+    def record_samples(self, entry: dict[str, Any]) -> None:
+        """One line in the samples log (JSONL): the raw latencies behind one telemetry message."""
+        if self._samples is not None:
+            self._samples.write(json.dumps(entry, separators=(",", ":")) + "\n")
+            self._samples.flush()  # one write per line: lines from several processes never interleave
 
     def device_ready(self) -> None:
         with self._ready_cv:
@@ -627,6 +637,8 @@ class Simulator:
         self.loop.close()
         if self._log is not None:
             self._log.close()
+        if self._samples is not None:
+            self._samples.close()
 
 
 def device_ids(count: int, fmt: str = "sim-{:03d}", first: int = 0) -> list[str]:
@@ -754,6 +766,8 @@ def add_arguments(p: argparse.ArgumentParser, duration: Callable[[str], float]) 
     p.add_argument("--latency-ms", type=float, default=DEFAULT_LATENCY_MS, help="typical simulated inference latency")
     p.add_argument("--no-fetch", action="store_true", help="do not fetch manifests (the version is the next one)")
     p.add_argument("--log", metavar="FILE", help="append one JSON line per executed command, result and refused replay")
+    p.add_argument("--samples-log", metavar="FILE",
+                   help="append the raw latencies behind each telemetry message (JSON lines; for checking fleet percentiles)")
     p.add_argument("--processes", type=int, default=1, metavar="K", help="spread the devices over K processes")
     p.add_argument("--duration", type=duration, metavar="DURATION", help="stop after this long (default: until Ctrl-C)")
     p.add_argument("--shard", help=argparse.SUPPRESS)  # I/K: this process runs share I of K (run_children)
@@ -769,7 +783,8 @@ def options_from(a: argparse.Namespace) -> SimOptions:
     return SimOptions(broker=a.broker, trust_dir=Path(a.trust), prefix=a.prefix, threshold=a.threshold,
                       groups=tuple(a.group), fail=tuple(a.fail), fail_code=a.fail_code, fail_step=a.fail_step,
                       models=models, step_s=a.step_time, heartbeat_s=a.heartbeat, window_s=a.window,
-                      latency_ms=a.latency_ms, fetch=not a.no_fetch, log_path=Path(a.log) if a.log else None)
+                      latency_ms=a.latency_ms, fetch=not a.no_fetch, log_path=Path(a.log) if a.log else None,
+                      samples_path=Path(a.samples_log) if a.samples_log else None)
 
 
 def run_cli(a: argparse.Namespace) -> int:
@@ -805,6 +820,8 @@ def _child_argv(a: argparse.Namespace) -> list[str]:
         argv.append("--no-fetch")
     if a.log:
         argv += ["--log", a.log]
+    if a.samples_log:
+        argv += ["--samples-log", a.samples_log]
     for flag, value in (("--ca-file", a.ca_file), ("--cert-file", a.cert_file), ("--cert-key-file", a.cert_key_file),
                         ("--username", a.username), ("--password-file", a.password_file)):
         if value:
