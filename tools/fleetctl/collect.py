@@ -31,7 +31,6 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import paho.mqtt.client as mqtt
-from prometheus_client import CollectorRegistry, start_http_server
 
 from agent import logs
 from fleetctl.commands import check_name
@@ -139,6 +138,10 @@ def metrics_from(a: argparse.Namespace) -> FleetMetrics:
 def run_cli(a: argparse.Namespace, connect: Callable[[argparse.Namespace], mqtt.Client],
             subscribe: Callable[[mqtt.Client, Sequence[str]], None], disconnect: Callable[[mqtt.Client], None]) -> int:
     """Serve until SIGTERM/SIGINT (or ``--duration``); prints ``listening HOST:PORT`` once ready."""
+    try:
+        from prometheus_client import CollectorRegistry, start_http_server
+    except ImportError as e:
+        raise ValueError("fleetctl collect needs prometheus-client: pip install 'edge-agent[fleet]'") from e
     if a.log_format == "json":
         logs.setup("info", "json")
     host, port = parse_listen(a.listen)

@@ -17,6 +17,9 @@ Invariants:
   job code) at most its cap of distinct values; a value past the cap is reported as
   ``OVERFLOW`` and counted in ``edge_fleet_label_overflow_total{label}``.
 - Thread-safe: the MQTT thread calls ``take``, the HTTP thread ``collect``; one lock.
+
+prometheus_client (the ``fleet`` extra) is imported only when rendering, so the rest of fleetctl
+works without it.
 """
 
 from __future__ import annotations
@@ -30,18 +33,13 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
-
-from prometheus_client.core import (
-    CounterMetricFamily,
-    GaugeHistogramMetricFamily,
-    GaugeMetricFamily,
-    HistogramMetricFamily,
-    Metric,
-)
+from typing import TYPE_CHECKING, Any
 
 from agent.telemetry.histogram import SCHEME, SUB_BUCKETS
 from fleetctl.seqtrack import DEFAULT_GRACE_S, SeqTracker
+
+if TYPE_CHECKING:
+    from prometheus_client.core import Metric
 
 OVERFLOW = "_other"  # the label value past a cap
 UNKNOWN = "unknown"  # a label the message did not say (e.g. the model of a refused job)
@@ -339,6 +337,12 @@ class FleetMetrics:
         yield from families
 
     def _fleet_families(self, now: float) -> list[Metric]:
+        from prometheus_client.core import (
+            CounterMetricFamily,
+            GaugeHistogramMetricFamily,
+            GaugeMetricFamily,
+        )
+
         online = GaugeMetricFamily("edge_fleet_devices", "Devices by group and last status (online, offline, "
                                    "unknown: no status seen yet)", labels=["group", "state"])
         per_state: dict[tuple[str, str], int] = {}
@@ -358,8 +362,9 @@ class FleetMetrics:
                 ages.setdefault(d.group, []).append(now - d.last_hb)
                 if self.per_device:
                     per_dev.add_metric([name, d.group], round(now - d.last_hb, 3))
-        for (g, s), n in sorted(per_state.items()):
-            online.add_metric([g, s], n)
+        for g in sorted({g for g, _ in per_state}):
+            for state in ("online", "offline", "unknown"):  # every state of a known group: stable series
+                online.add_metric([g, state], per_state.get((g, state), 0))
         age = GaugeHistogramMetricFamily("edge_fleet_heartbeat_age_seconds",
                                          "Devices by seconds since their last heartbeat, per group", labels=["group"])
         for g, values in sorted(ages.items()):
@@ -391,6 +396,8 @@ class FleetMetrics:
         return out
 
     def _latency_families(self) -> list[Metric]:
+        from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
+
         hist = HistogramMetricFamily("edge_fleet_inference_latency_seconds", "Inference latency merged from the "
                                      "devices' log2/8 histograms", labels=["model", "version", "backend", "group"])
         calls = CounterMetricFamily("edge_fleet_inferences", "Inferences reported in telemetry windows",
@@ -408,6 +415,8 @@ class FleetMetrics:
         return [hist, calls]
 
     def _own_families(self) -> list[Metric]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
         out: list[Metric] = []
         for name, doc, table in (
                 ("edge_fleet_messages_received", "Messages received per stream", self.received),

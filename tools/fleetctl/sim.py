@@ -458,6 +458,8 @@ class SimDevice:
         self.sim.loop.call_later(self.sim.opts.step_s, lambda: self._rolled_back(cid, m, frm))
 
     def _rolled_back(self, cid: str, m: dict[str, Any], frm: int) -> None:
+        self.publish("events", {"event": "rollback", "model": m["name"], "frm": frm, "to": m["version"],
+                                "reason": "rollback command"})  # as the agent reports it
         self.job(cid, "rollback", "SUCCEEDED", result={"name": m["name"], "version": m["version"], "backend": SIM_BACKEND,
                                                        "previous": frm})
         self.publish_status()
