@@ -13,9 +13,11 @@ Invariants:
 - Latency histograms are sums of the devices' own ``log2/8`` bucket counts: each exported
   bucket bound is a device bucket bound, so ``histogram_quantile`` over them is exact to the
   bucket (no re-estimation from percentiles).
-- Bounded: at most ``Caps.devices`` devices, and each label (group, model, version, backend,
-  job code) at most its cap of distinct values; a value past the cap is reported as
-  ``OVERFLOW`` and counted in ``edge_fleet_label_overflow_total{label}``.
+- Bounded: at most ``Caps.devices`` devices, and each label (group, model, backend, job code)
+  at most its cap of distinct values; a value past the cap is reported as ``OVERFLOW`` and
+  counted in ``edge_fleet_label_overflow_total{label}``. Versions rotate instead (a fleet
+  moves on to new ones): past the cap per model the least recently seen version's series are
+  dropped, counted as ``label="version"``.
 - Thread-safe: the MQTT thread calls ``take``, the HTTP thread ``collect``; one lock.
 
 prometheus_client (the ``fleet`` extra) is imported only when rendering, so the rest of fleetctl
@@ -157,7 +159,7 @@ class FleetMetrics:
         self._cap_model = self._cap("model", self.caps.models)
         self._cap_backend = self._cap("backend", self.caps.backends)
         self._cap_code = self._cap("code", self.caps.codes)
-        self._cap_versions: dict[str, _Cap] = {}
+        self._versions: dict[str, OrderedDict[str, None]] = {}  # per model, least recently seen first
 
     def _cap(self, label: str, limit: int) -> _Cap:
         return _Cap(limit, lambda: self._count(self.overflow, label))
@@ -167,10 +169,27 @@ class FleetMetrics:
         table[key] = table.get(key, 0) + n
 
     def _version(self, model: str, version: str) -> str:
-        cap = self._cap_versions.get(model)
-        if cap is None:
-            cap = self._cap_versions[model] = self._cap("version", self.caps.versions)
-        return cap(version)
+        """Versions rotate: past ``caps.versions`` per model, the least recently seen one is evicted
+        (its series dropped, counted in the overflow counter) to admit the new one."""
+        seen = self._versions.get(model)
+        if seen is None:
+            seen = self._versions[model] = OrderedDict()
+        if version in seen:
+            seen.move_to_end(version)
+            return version
+        if len(seen) >= self.caps.versions:
+            old, _ = seen.popitem(last=False)
+            self._evict_version(model, old)
+        seen[version] = None
+        return version
+
+    def _evict_version(self, model: str, version: str) -> None:
+        self._count(self.overflow, "version")
+        for table in (self.latency, self.calls):
+            for key in [k for k in table if k[0] == model and k[1] == version]:
+                del table[key]
+        for jkey in [k for k in self.jobs if k[1] == model and k[2] == version]:
+            del self.jobs[jkey]
 
     # -- taking messages ---------------------------------------------------------------------
     def take(self, topic: str, payload: bytes) -> None:
@@ -252,6 +271,7 @@ class FleetMetrics:
             return
         for key, w in models.items():
             if not isinstance(w, dict):
+                self._count(self.invalid, "telemetry")
                 continue
             counts = _hist_counts(w.get("hist"))
             if counts is None:
