@@ -227,3 +227,15 @@ def test_log_format_config_key() -> None:
     assert from_dict({}).log_format == "text"
     with pytest.raises(ConfigError, match="log_format"):
         from_dict({"log_format": "xml"})
+
+
+def test_deeply_nested_json_and_retained_status_again_after_a_reconnect() -> None:
+    m = FleetMetrics()
+    m.take("edge/d/telemetry", b"[" * 100_000 + b"]" * 100_000)
+    status = json.dumps({"seq": 4, "online": True, "groups": ["cams"]}).encode()
+    m.take("edge/d/status", status, retained=True)
+    m.take("edge/d/status", status, retained=True)  # the broker's copy, delivered at each subscribe
+    s = scrape(m)
+    assert value(s, "edge_fleet_messages_invalid_total", stream="telemetry") == 1
+    assert value(s, "edge_fleet_messages_duplicate_total", stream="status") == 0
+    assert value(s, "edge_fleet_devices", group="cams", state="online") == 1

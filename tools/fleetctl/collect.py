@@ -78,7 +78,10 @@ class Collector:
         log.info("collecting %s", ", ".join(self.topics))
 
     def _on_message(self, c: mqtt.Client, u: Any, msg: mqtt.MQTTMessage) -> None:
-        self.metrics.take(msg.topic, bytes(msg.payload))
+        try:
+            self.metrics.take(msg.topic, bytes(msg.payload), retained=bool(msg.retain))
+        except Exception:  # a bug on one message must not stop paho's network thread
+            log.exception("message on %s not taken", msg.topic)
 
     def _on_connect(self, c: mqtt.Client, u: Any, flags: Any, reason: Any, props: Any) -> None:
         if self._first_connect is not None:

@@ -192,8 +192,10 @@ class FleetMetrics:
             del self.jobs[jkey]
 
     # -- taking messages ---------------------------------------------------------------------
-    def take(self, topic: str, payload: bytes) -> None:
-        """One message from the broker (any topic under the prefix)."""
+    def take(self, topic: str, payload: bytes, retained: bool = False) -> None:
+        """One message from the broker (any topic under the prefix). ``retained``: a status the
+        broker kept, delivered at subscribe time (again after a reconnect): applied, but not a
+        duplicate."""
         kind, device = _kind(topic)
         if kind == "other":
             return
@@ -203,19 +205,19 @@ class FleetMetrics:
             return
         try:
             doc = json.loads(payload)
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: absurdly deep nesting
             doc = None
         with self._lock:
             self._count(self.received, kind)
             if not isinstance(doc, dict):
                 self._count(self.invalid, kind)
                 return
-            self._take(kind, device, doc)
+            self._take(kind, device, doc, retained)
 
-    def _take(self, kind: str, device: str, doc: dict[str, Any]) -> None:
+    def _take(self, kind: str, device: str, doc: dict[str, Any], retained: bool) -> None:
         now = self._clock()
         seq = _seq(doc)
-        if seq is not None:
+        if seq is not None and not retained:
             tracker = self.seq_all if kind in self._gap_streams else self.seq_partial
             if not tracker.see(device, kind, seq, now):
                 return
@@ -500,7 +502,7 @@ def _command_doc(payload: bytes) -> dict[str, Any] | None:
     try:
         env = json.loads(payload)
         inner = json.loads(base64.b64decode(env["payload"], validate=True)) if "payload" in env else env
-    except (ValueError, TypeError, KeyError, binascii.Error, UnicodeDecodeError):
+    except (ValueError, TypeError, KeyError, binascii.Error, UnicodeDecodeError, RecursionError):
         return None
     return inner if isinstance(inner, dict) else None
 
