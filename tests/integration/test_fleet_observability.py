@@ -130,7 +130,12 @@ def test_two_shared_collectors_give_prometheus_the_exact_fleet_p99_and_every_das
             p.stop()  # the simulators: their last messages are in the samples log
         lat = raw_latencies(samples, "det")
         windows = len(samples.read_text().splitlines())
-        wait_for(prom, 'sum(edge_fleet_inference_latency_seconds_count{model="det"})', len(lat))
+        try:
+            wait_for(prom, 'sum(edge_fleet_inference_latency_seconds_count{model="det"})', len(lat))
+        except AssertionError as e:  # say whether windows went missing or were dropped as duplicates
+            seen = prom.query('sum by (instance) (edge_fleet_messages_received_total{stream="telemetry"} '
+                              '- edge_fleet_messages_duplicate_total{stream="telemetry"})')
+            raise AssertionError(f"{e}; {windows} windows logged, unique per collector: {seen}") from e
         per_collector = [float(r["value"][1]) for r in
                          prom.query('edge_fleet_messages_received_total{stream="telemetry"}')]
         assert sum(per_collector) == windows and len(per_collector) == 2 and min(per_collector) > 0, per_collector

@@ -83,6 +83,7 @@ SIM_VARIANT = "onnx-fp32"
 FAKE_DOWNLOAD_BYTES = 4 * 1024 * 1024
 CHILD_READY_TIMEOUT_S = 60.0
 CHILD_STOP_TIMEOUT_S = 10.0
+STOP_POLL_S = 0.05  # at a stop: how often the loop checks every device's messages went out
 
 
 @dataclass
@@ -520,7 +521,7 @@ class SimDevice:
 
     # -- telemetry ---------------------------------------------------------------------------
     def heartbeat(self) -> None:
-        if self.connected:
+        if self.connected and not self.sim.stopping:
             self.publish("heartbeat", {"uptime_s": round(time.time() - self.started, 1),
                                        "system": {"cpu_pct": round(random.uniform(5, 40), 1),
                                                   "mem_used_pct": round(random.uniform(30, 60), 1),
@@ -531,7 +532,7 @@ class SimDevice:
         self.sim.loop.call_later(self.sim.opts.heartbeat_s, self.heartbeat)
 
     def telemetry(self) -> None:
-        if self.connected and self.models:
+        if self.connected and self.models and not self.sim.stopping:  # nothing after the goodbye
             models, raw = {}, {}
             for name, m in self.models.items():
                 w = Window(m["version"], SIM_BACKEND)
@@ -622,13 +623,22 @@ class Simulator:
         """Publish offline status and disconnect every device (bounded)."""
         done = threading.Event()
 
+        deadline = time.monotonic() + timeout_s
+
+        def flushed() -> None:
+            # paho closes a socket once its DISCONNECT is written, i.e. after every queued message
+            if all(d.client.socket() is None for d in self.devices) or time.monotonic() >= deadline:
+                done.set()
+            else:
+                self.loop.call_later(STOP_POLL_S, flushed)
+
         def bye() -> None:
             self.stopping = True
             for d in self.devices:
                 if d.connected:
                     d.publish_status(False, "shutdown")
                     d.client.disconnect()
-            self.loop.call_later(0.2, done.set)
+            self.loop.call_later(STOP_POLL_S, flushed)
 
         if self.loop.thread is not None and self.loop.thread.is_alive():
             self.loop.call_soon_threadsafe(bye)
