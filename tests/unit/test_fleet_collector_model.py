@@ -143,6 +143,7 @@ def test_groups_online_state_heartbeat_ages_and_versions() -> None:
     m.take("edge/cam-1/status", json.dumps({"seq": 1, "online": True, "groups": ["cams"],
                                             "models": [{"name": "det", "version": 3}]}).encode())
     m.take("edge/cam-2/status", json.dumps({"seq": 1, "online": False, "groups": ["cams"]}).encode())
+    m.take("edge/cam-2/heartbeat", b'{"seq":1}')  # offline now: counted offline, not as a stale heartbeat
     m.take("edge/door-1/heartbeat", b'{"seq":1,"budget":{"thinned":true}}')
     m.take("edge/x-1/heartbeat", b'{"seq":1}')
     clock.t += 100
@@ -158,6 +159,7 @@ def test_groups_online_state_heartbeat_ages_and_versions() -> None:
     assert value(s, "edge_fleet_heartbeat_age_seconds_bucket", group="doors", le="90.0") == 0
     assert value(s, "edge_fleet_heartbeat_age_seconds_bucket", group="doors", le="120.0") == 1
     assert value(s, "edge_fleet_heartbeat_age_seconds_bucket", group="cams", le="30.0") == 1
+    assert value(s, "edge_fleet_heartbeat_age_seconds_bucket", group="cams", le="+Inf") == 1
     assert value(s, "edge_fleet_device_heartbeat_age_seconds", device="door-1") == 120
     assert "edge_fleet_device_heartbeat_age_seconds" not in scrape(FleetMetrics())
 

@@ -380,15 +380,15 @@ class FleetMetrics:
             if d.online:
                 for model, version in d.models.items():
                     versions[(model, version, d.group)] = versions.get((model, version, d.group), 0) + 1
-            if d.last_hb is not None:
+            if d.last_hb is not None and d.online is not False:  # an offline device has its own count
                 ages.setdefault(d.group, []).append(now - d.last_hb)
                 if self.per_device:
                     per_dev.add_metric([name, d.group], round(now - d.last_hb, 3))
         for g in sorted({g for g, _ in per_state}):
             for state in ("online", "offline", "unknown"):  # every state of a known group: stable series
                 online.add_metric([g, state], per_state.get((g, state), 0))
-        age = GaugeHistogramMetricFamily("edge_fleet_heartbeat_age_seconds",
-                                         "Devices by seconds since their last heartbeat, per group", labels=["group"])
+        age = GaugeHistogramMetricFamily("edge_fleet_heartbeat_age_seconds", "Devices not known offline, by seconds "
+                                         "since their last heartbeat, per group", labels=["group"])
         for g, values in sorted(ages.items()):
             cum = [(repr(b), float(sum(1 for v in values if v <= b))) for b in AGE_BUCKETS_S]
             age.add_metric([g], [*cum, ("+Inf", float(len(values)))], gsum_value=sum(values))
