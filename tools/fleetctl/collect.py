@@ -92,7 +92,7 @@ class Collector:
             log.warning("reconnected to the broker; subscribed again")
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
+def add_arguments(p: argparse.ArgumentParser, duration: Callable[[str], float]) -> None:
     p.add_argument("--listen", default=DEFAULT_LISTEN, metavar="HOST:PORT",
                    help="serve /metrics here (default %(default)s)")
     p.add_argument("--share", type=lambda t: check_name(t, "share group"), metavar="GROUP",
@@ -107,12 +107,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="p99 objective of a model, exported for the alert rules; repeatable")
     p.add_argument("--latency-buckets-per-octave", type=int, default=DEFAULT_PER_OCTAVE, choices=(1, 2, 4, 8),
                    help="exported latency buckets per doubling (8: every device bucket; default %(default)s)")
-    p.add_argument("--loss-grace", type=float, default=DEFAULT_GRACE_S, metavar="SECONDS",
-                   help="a missing sequence number counts as lost after this long (default %(default)g)")
-    p.add_argument("--max-devices", type=int, default=Caps.devices, metavar="N")
+    p.add_argument("--loss-grace", type=duration, default=DEFAULT_GRACE_S, metavar="DURATION",
+                   help="a missing sequence number counts as lost after this long (default %(default)gs)")
+    p.add_argument("--max-devices", type=int, default=Caps.devices, metavar="N",
+                   help="devices kept in the table; messages from more are counted, not taken (default %(default)s)")
     p.add_argument("--log-format", choices=("text", "json"), default="text",
                    help="json: one object per line (time, level, logger, message) for log shippers")
-    p.add_argument("--duration", type=float, metavar="SECONDS", help="stop after this long (default: until stopped)")
+    p.add_argument("--duration", type=duration, metavar="DURATION", help="stop after this long (default: until stopped)")
 
 
 def _pairs(items: Sequence[str], flag: str) -> list[tuple[str, str]]:
@@ -132,6 +133,8 @@ def metrics_from(a: argparse.Namespace) -> FleetMetrics:
             slo[model] = float(ms)
         except ValueError as e:
             raise ValueError(f"--slo {model}={ms}: the objective is milliseconds, e.g. {model}=25") from e
+    if a.max_devices < 1:
+        raise ValueError(f"--max-devices {a.max_devices}: must be at least 1")
     gap_streams = GAP_STREAMS if not a.share or a.affine else ("heartbeat",)
     return FleetMetrics(caps=Caps(devices=a.max_devices), per_device=a.per_device,
                         per_octave=a.latency_buckets_per_octave, group_rules=_pairs(a.group_rule, "--group-rule"),

@@ -531,7 +531,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=lambda a: rollout.run_cli(a, _connect, keys.load_signing_keys, lambda: _signing_key_paths(a)))
 
     p = sub.add_parser("collect", help="device streams → Prometheus /metrics (scale out with --share)")
-    collect.add_arguments(p)
+    collect.add_arguments(p, parse_duration)
     _add_broker_args(p)
     p.set_defaults(func=lambda a: collect.run_cli(a, _connect, lambda c, t: mqttc.subscribe(c, t), mqttc.disconnect))
 
