@@ -137,6 +137,7 @@ class Config:
     device_id: str = ""
     groups: list[str] = field(default_factory=list)
     state_dir: str = "/var/lib/edge-agent"
+    log_format: str = "text"  # "json": one JSON object per line for log shippers (agent/logs.py)
     mqtt: MqttConfig = field(default_factory=MqttConfig)
     trust: TrustConfig = field(default_factory=TrustConfig)
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
@@ -172,7 +173,7 @@ _SECTIONS: dict[str, type] = {
 }
 
 
-TOP_LEVEL_KEYS = ("device_id", "groups", "state_dir")
+TOP_LEVEL_KEYS = ("device_id", "groups", "state_dir", "log_format")
 
 
 def _closest(word: str, choices: list[str], fmt: str = "{}") -> str:
@@ -347,6 +348,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"deploy.max_resumes: {cfg.deploy.max_resumes} not in 1..100")
     if not cfg.state_dir:
         raise ConfigError("state_dir: must not be empty")
+    if cfg.log_format not in ("text", "json"):
+        raise ConfigError(f"log_format: {cfg.log_format!r}: expected \"text\" or \"json\"")
 
 
 def config_path(explicit: str | None = None) -> Path | None:

@@ -737,6 +737,8 @@ def main(argv: list[str] | None = None) -> int:
     except errors.ConfigError as e:
         log.error("config: %s", e.message)
         return EXIT_CONFIG
+    if "json" in (args.log_format, cfg.log_format):  # either asks for JSON lines; they carry the device id
+        logs.setup(args.log_level, "json", device=cfg.device_id)
     return run(cfg)
 
 
