@@ -195,7 +195,8 @@ class Agent:
     def status_doc(self, online: bool, reason: str = "") -> dict[str, Any]:
         doc: dict[str, Any] = {"v": 1, "device": self.cfg.device_id, "online": online, "ts": now_rfc3339(),
                                "seq": self.outbox.next_seq("status"), "agent": __version__, "boot_id": self.boot_id,
-                               "profile": self.profile, "models": self.models_status()}
+                               "profile": self.profile, "groups": list(self.cfg.groups),
+                               "models": self.models_status()}
         if reason:
             doc["reason"] = reason
         clock = self.db.get("clock_untrusted")
