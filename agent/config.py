@@ -8,6 +8,7 @@ Search order: ``--config PATH``, then ``$EDGE_AGENT_CONFIG``, then /etc/edge-age
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 import re
 import socket
@@ -77,6 +78,12 @@ class ApiConfig:
     control_socket: str = "/run/edge-agent/control.sock"
     control_group: str = "edge-agent"
     admin_group: str = "edge-agent-admin"  # may use the mutating control calls (install, rollback, config, remove)
+    # The local inference API's callers (docs/security.md, "Local threat model").
+    max_connections: int = 256  # served at once; fewer where RLIMIT_NOFILE is tight
+    allowed_hosts: list[str] = field(default_factory=list)  # Host names beside loopback names and IP literals
+    allowed_origins: list[str] = field(default_factory=list)  # browser Origins allowed ("*": any); none by default
+    token_file: str = ""  # a bearer token every request but the health checks must carry; empty: none
+    unix_socket: str = ""  # also listen on this Unix socket (mode 0660, the agent's group); empty: no
 
 
 @dataclass
@@ -94,6 +101,11 @@ class BackendsConfig:
     allow_spinning: bool = False  # onnxruntime busy-wait pools burn a core; off by default
     isolation: str = "process"  # "process": a runtime crash or hang cannot take the daemon down; "none": in-process
     infer_timeout_s: float = 30.0  # a call slower than this counts as a hung worker (killed; rollback in probation)
+    # Per-model admission (agent/serving/admission.py): what callers may push into a model.
+    max_batch: int = 64  # rows on a dynamic batch dimension; sets the largest request (413 too_large)
+    max_inflight: int = 4  # runtime calls of one model at once ...
+    max_queue: int = 64  # ... and calls waiting for one (beyond, or waiting past infer_timeout_s: 503 busy)
+    worker_memory_max_mb: float = 2048.0  # a worker above this RSS is replaced between requests; 0: off
 
 
 @dataclass
@@ -125,6 +137,7 @@ class Config:
     device_id: str = ""
     groups: list[str] = field(default_factory=list)
     state_dir: str = "/var/lib/edge-agent"
+    log_format: str = "text"  # "json": one JSON object per line for log shippers (agent/logs.py)
     mqtt: MqttConfig = field(default_factory=MqttConfig)
     trust: TrustConfig = field(default_factory=TrustConfig)
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
@@ -160,6 +173,30 @@ _SECTIONS: dict[str, type] = {
 }
 
 
+TOP_LEVEL_KEYS = ("device_id", "groups", "state_dir", "log_format")
+
+
+def _closest(word: str, choices: list[str], fmt: str = "{}") -> str:
+    """`` (did you mean X?)`` for the closest of ``choices`` (difflib), or an empty string."""
+    match = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
+    return f" (did you mean {fmt.format(match[0])}?)" if match else ""
+
+
+def unknown_top_level_message(key: str, is_table: bool) -> str:
+    """An unknown ``[section]`` (or top-level key): the known ones and the closest."""
+    sections = ", ".join(f"[{n}]" for n in _SECTIONS)
+    if is_table:
+        return f"unknown section [{key}]{_closest(key, list(_SECTIONS), '[{}]')}; known sections: {sections}"
+    return (f"{key}: unknown key{_closest(key, [*TOP_LEVEL_KEYS, *_SECTIONS])}; known top-level keys: "
+            f"{', '.join(TOP_LEVEL_KEYS)}; known sections: {sections}")
+
+
+def unknown_key_message(section: str, key: str) -> str:
+    """An unknown key inside ``[section]``: the section's keys and the closest."""
+    names = [f.name for f in dataclasses.fields(_SECTIONS[section])]
+    return f"{section}.{key}: unknown key in [{section}]{_closest(key, names)}; known keys: {', '.join(names)}"
+
+
 def _coerce(key: str, value: Any, default: Any) -> Any:
     """Check ``value`` has the default's type (ints accepted for floats); error names ``key``."""
     if isinstance(default, bool):
@@ -193,15 +230,15 @@ def from_dict(data: dict[str, Any], source: str = "dict") -> Config:
             if not isinstance(value, dict):
                 raise ConfigError(f"[{key}]: expected a table")
             section = getattr(cfg, key)
-            names = {f.name for f in dataclasses.fields(section)}
+            names = [f.name for f in dataclasses.fields(section)]
             for sub, v in value.items():
                 if sub not in names:
-                    raise ConfigError(f"{key}.{sub}: unknown key (known: {', '.join(sorted(names))})")
+                    raise ConfigError(unknown_key_message(key, sub))
                 setattr(section, sub, _coerce(f"{key}.{sub}", v, getattr(section, sub)))
-        elif key in ("device_id", "groups", "state_dir"):
+        elif key in TOP_LEVEL_KEYS:
             setattr(cfg, key, _coerce(key, value, getattr(cfg, key)))
         else:
-            raise ConfigError(f"{key}: unknown key")
+            raise ConfigError(unknown_top_level_message(key, isinstance(value, dict)))
     if not cfg.device_id:
         cfg.device_id = re.sub(r"[^A-Za-z0-9_.-]", "-", socket.gethostname())[:64] or "device"
     validate(cfg)
@@ -212,16 +249,17 @@ def set_dotted(cfg: Config, key: str, value: Any) -> None:
     """Set ``section.key`` (or a top-level key) on ``cfg`` with type checks; validates after."""
     parts = key.split(".")
     if len(parts) == 1:
-        if key not in ("groups", "device_id", "state_dir"):
-            raise ConfigError(f"{key}: unknown key")
+        if key not in TOP_LEVEL_KEYS:
+            raise ConfigError(unknown_top_level_message(key, False))
         setattr(cfg, key, _coerce(key, value, getattr(cfg, key)))
     elif len(parts) == 2 and parts[0] in _SECTIONS:
         section = getattr(cfg, parts[0])
-        if not hasattr(section, parts[1]):
-            raise ConfigError(f"{key}: unknown key")
+        if parts[1] not in {f.name for f in dataclasses.fields(section)}:
+            raise ConfigError(unknown_key_message(parts[0], parts[1]))
         setattr(section, parts[1], _coerce(key, value, getattr(section, parts[1])))
     else:
-        raise ConfigError(f"{key}: unknown key")
+        raise ConfigError(f"{key}: unknown key{_closest(parts[0], list(_SECTIONS)) if len(parts) == 2 else ''}; "
+                          f"keys are {', '.join(TOP_LEVEL_KEYS)} or SECTION.KEY with SECTION one of {', '.join(_SECTIONS)}")
     validate(cfg)
 
 
@@ -271,6 +309,8 @@ def validate(cfg: Config) -> None:
         host, _, port = cfg.api.listen.rpartition(":")
         if not host or not port.isdigit() or int(port) > 65535:
             raise ConfigError(f"api.listen: {cfg.api.listen!r} must be host:port (or empty to disable)")
+    if not 1 <= cfg.api.max_connections <= 65536:
+        raise ConfigError(f"api.max_connections: {cfg.api.max_connections} not in 1..65536")
     if cfg.hardware.profile != "auto" and not NAME_RE.match(cfg.hardware.profile):
         raise ConfigError(f"hardware.profile: {cfg.hardware.profile!r} is not a profile name")
     for p in cfg.backends.prefer:
@@ -280,6 +320,13 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"backends.isolation: {cfg.backends.isolation!r} not one of process, none")
     if not 0.1 <= cfg.backends.infer_timeout_s <= 3600:
         raise ConfigError(f"backends.infer_timeout_s: {cfg.backends.infer_timeout_s} not in 0.1..3600")
+    b = cfg.backends
+    for key, ival, lo, hi in (("max_batch", b.max_batch, 1, 1 << 20), ("max_inflight", b.max_inflight, 1, 1024),
+                              ("max_queue", b.max_queue, 0, 65536)):
+        if not lo <= ival <= hi:
+            raise ConfigError(f"backends.{key}: {ival} not in {lo}..{hi}")
+    if not 0 <= b.worker_memory_max_mb <= 1 << 30:
+        raise ConfigError(f"backends.worker_memory_max_mb: {b.worker_memory_max_mb} must be 0 (off) or positive")
     if not 0 <= cfg.backends.threads <= 256:
         raise ConfigError(f"backends.threads: {cfg.backends.threads} not in 0..256")
     if not 1 <= cfg.storage.keep_versions <= 32:
@@ -301,6 +348,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"deploy.max_resumes: {cfg.deploy.max_resumes} not in 1..100")
     if not cfg.state_dir:
         raise ConfigError("state_dir: must not be empty")
+    if cfg.log_format not in ("text", "json"):
+        raise ConfigError(f"log_format: {cfg.log_format!r}: expected \"text\" or \"json\"")
 
 
 def config_path(explicit: str | None = None) -> Path | None:
@@ -332,7 +381,8 @@ def load(explicit: str | None = None) -> Config:
     # Relative paths in the file are relative to the file, so a config folder can be moved whole.
     for obj, attr in ((cfg, "state_dir"), (cfg.trust, "keys_dir"), (cfg.mqtt, "password_file"),
                       (cfg.mqtt, "ca_file"), (cfg.mqtt, "cert_file"), (cfg.mqtt, "key_file"),
-                      (cfg.api, "control_socket"), (cfg.downloads, "ca_file")):
+                      (cfg.api, "control_socket"), (cfg.api, "token_file"), (cfg.api, "unix_socket"),
+                      (cfg.downloads, "ca_file")):
         val = os.path.expandvars(getattr(obj, attr))  # ${CREDENTIALS_DIRECTORY}, ${RUNTIME_DIRECTORY}
         setattr(obj, attr, val)
         if val and not os.path.isabs(val):

@@ -27,16 +27,17 @@ from agent import __version__, config, errors, logs
 from agent.backends.probed import probed_backends
 from agent.bundles.fetch import fetcher_from_config
 from agent.bundles.store import Store
-from agent.bundles.trust import TrustStore
+from agent.bundles.trust import TrustStore, describe_writable, folder_problem
 from agent.commands.handlers import REMOTE_CONFIG_FILE, Handlers, apply_remote_overrides
 from agent.commands.intake import CommandIntake
 from agent.commands.verify import Command, CommandVerifier
 from agent.deploy.jobs import JobReporter
 from agent.deploy.probation import ProbationSettings, Supervisor
-from agent.deploy.runner import DeployContext, DeployRunner, DeploySettings, check_clock
+from agent.deploy.runner import DeployContext, DeployRunner, DeploySettings, check_clock, recheck
 from agent.mqtt.connection import Connection
 from agent.mqtt.topics import Topics
 from agent.sdnotify import Notifier
+from agent.serving.admission import Limits
 from agent.serving.control import ControlServer
 from agent.serving.registry import Registry
 from agent.state import StateDB
@@ -52,6 +53,7 @@ log = logging.getLogger("agent.daemon")
 
 STOP_TIMEOUT_S = 5.0  # SIGTERM to exit, in-flight work included
 STOP_FLUSH_S = 1.0  # at most this long of the stop sends what is still queued (the last window)
+REGISTRY_CLOSE_S = 2.0  # at most this long of the stop waits for in-flight calls before models close
 LOCAL_OP_TIMEOUT_S = 120.0  # an agentctl rollback/remove/config waits this long for the ops worker
 BENCH_OP_TIMEOUT_S = 280.0  # agentctl bench: under the control client's 300 s; the handler bounds each run
 LOCAL_BENCH_MAX = 4  # agentctl bench calls running or waiting on their own worker; more are "busy"
@@ -81,7 +83,9 @@ class Agent:
         self.trust = TrustStore.load(Path(cfg.trust.keys_dir))
         self.windows = LatencyWindows()
         # Each call recorded once, by the windows: /metrics reads its totals from them at scrape time.
-        self.registry = Registry(observer=self.windows.observe)
+        bc = cfg.backends
+        self.registry = Registry(observer=self.windows.observe,
+                                 limits=Limits(bc.max_batch, bc.max_inflight, bc.max_queue, bc.infer_timeout_s))
         self.reporter = JobReporter(self.db, self.outbox, self.topics)
         # Targets listed by a child process (cached under state_dir): no runtime import in an idle daemon.
         self.backends = probed_backends(self._backends(), self.state_dir / "cache" / "backend-targets.json")
@@ -107,7 +111,9 @@ class Agent:
         self.handlers = Handlers(self)
         self.supervisor = Supervisor(self.registry, self.db, self.reporter,
                                      lambda name, v: self.handlers.load_version(name, v, validate_samples=False),
-                                     self.runner.activation_lock, self.probation_settings, self.publish_status)
+                                     self.runner.activation_lock, self.probation_settings, self.publish_status,
+                                     recheck=lambda name, v: recheck(self.handlers.load_version(name, v, validate_samples=False),
+                                                                     self.store.version_dir(name, v)))
         self._ops = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ops")  # fleet and admin changes, in order
         # agentctl bench (any control-socket user): its own worker and bound, so local read-only
         # work never delays a fleet rollback or remove on the ops worker.
@@ -172,7 +178,8 @@ class Agent:
 
     def probation_settings(self) -> ProbationSettings:
         d = self.cfg.deploy
-        return ProbationSettings(d.probation_s, d.probation_max_errors, d.probation_max_error_ratio)
+        return ProbationSettings(d.probation_s, d.probation_max_errors, d.probation_max_error_ratio,
+                                 self.cfg.backends.worker_memory_max_mb)
 
     def _begin_probation(self, ctx: DeployContext, result: dict[str, Any]) -> bool:
         if self.cfg.deploy.probation_s <= 0 or ctx.previous is None or ctx.manifest is None:
@@ -199,7 +206,8 @@ class Agent:
     def status_doc(self, online: bool, reason: str = "") -> dict[str, Any]:
         doc: dict[str, Any] = {"v": 1, "device": self.cfg.device_id, "online": online, "ts": now_rfc3339(),
                                "seq": self.outbox.next_seq("status"), "agent": __version__, "boot_id": self.boot_id,
-                               "profile": self.profile, "models": self.models_status()}
+                               "profile": self.profile, "groups": list(self.cfg.groups),
+                               "models": self.models_status()}
         if reason:
             doc["reason"] = reason
         clock = self.db.get("clock_untrusted")
@@ -539,11 +547,12 @@ class Agent:
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
-        bad = self.trust.writable_by_others()
+        bad = self.trust.writable_paths()
         if bad:
-            raise errors.AgentError("unsafe_trust", f"trust folder is writable by others: {', '.join(bad)} (chmod go-w)")
+            raise errors.AgentError("unsafe_trust", f"trust folder {self.cfg.trust.keys_dir} is writable by others than "
+                                                    f"its owner: {describe_writable(bad)}")
         if not len(self.trust):
-            log.warning("trust folder %s holds no keys: every signed command and bundle will be refused", self.cfg.trust.keys_dir)
+            log.warning("%s: every signed command and bundle will be refused", self.trust.no_keys_message())
         clock = check_clock(self.db, self.cfg.trust.max_clock_skew_s)
         if clock:
             log.warning("installs and other state-changing commands are refused until the clock is fixed: %s", clock)
@@ -559,11 +568,11 @@ class Agent:
             self.submit_deploy(ctx)
         self.supervisor.start()
         if self.cfg.api.listen:
-            from agent.serving.kserve import KServeServer, parse_listen
+            from agent.serving.kserve import KServeServer, api_options, parse_listen
 
             host, port = parse_listen(self.cfg.api.listen)
             self.kserve = KServeServer(self.registry, host, port, ready_fn=lambda: not self.stopping.is_set(),
-                                       metrics_fn=self.metrics.render)
+                                       metrics_fn=self.metrics.render, **api_options(self.cfg.api))
             self.kserve.start()
         self.telemetry.report_recoveries()  # a corrupt outbox replaced at open: say so
         self.mqtt.start()
@@ -599,13 +608,15 @@ class Agent:
             self.control.stop()
         for t in self._threads:
             t.join(max(0.0, min(1.0, deadline - time.monotonic() - 1.5)))
+        final_status = self.status_doc(False, "shutdown")  # the models it served, before they close
+        # Models close before the last window: a worker's latest calls reach the windows as it stops.
+        self.registry.close(timeout_s=max(0.1, min(REGISTRY_CLOSE_S, deadline - time.monotonic() - 2.0)))
         self._flush_window(final=True)
         self.telemetry.save_budget()
         self.mqtt.flush(timeout_s=max(0.0, min(STOP_FLUSH_S, deadline - time.monotonic() - 1.0)))
-        self.mqtt.stop(final_status=self.status_doc(False, "shutdown"), timeout_s=max(0.5, deadline - time.monotonic() - 0.5))
+        self.mqtt.stop(final_status=final_status, timeout_s=max(0.5, deadline - time.monotonic() - 0.5))
         self._ops.shutdown(wait=False, cancel_futures=True)
         self._bench.shutdown(wait=False, cancel_futures=True)
-        self.registry.close(timeout_s=max(0.1, deadline - time.monotonic()))
         self.outbox.close()
         self.db.put("clean_shutdown", True)
         self.db.close()
@@ -650,6 +661,9 @@ def _parser() -> Any:
     r.add_argument("--log-level", default=os.environ.get("EDGE_AGENT_LOG_LEVEL", "info"))
     c = sub.add_parser("check-config", help="validate the config and print the effective values")
     c.add_argument("--config")
+    from agent import devinit
+
+    devinit.add_parser(sub)
     return ap
 
 
@@ -681,6 +695,32 @@ def _simple_args(argv: list[str]) -> Any:
     return types.SimpleNamespace(cmd=cmd, **{k[2:].replace("-", "_"): v for k, v in values.items()})
 
 
+def check_config(path: str | None) -> int:
+    """``edge-agent check-config``: the effective values, then what would stop the daemon working:
+    a bad key, a missing or unsafe trust folder (exit 2); too few trusted keys (a warning)."""
+    import json
+
+    try:
+        cfg = config.load(path)
+    except errors.ConfigError as e:
+        print(f"edge-agent: {e.message}", file=sys.stderr)
+        return EXIT_CONFIG
+    print(json.dumps(cfg.to_dict(), indent=2))
+    where = cfg.source if cfg.source != "defaults" else "no config file, built-in defaults"
+    problem = folder_problem(Path(cfg.trust.keys_dir))
+    if problem:  # the daemon would refuse every signed command, or not start at all
+        print(f"edge-agent: {where}: {problem}", file=sys.stderr)
+        return EXIT_CONFIG
+    trust = TrustStore.load(Path(cfg.trust.keys_dir))
+    if not len(trust):
+        print(f"edge-agent: warning: {trust.no_keys_message()}; until then every signed command and bundle "
+              "is refused", file=sys.stderr)
+    elif len(trust) < cfg.trust.threshold:
+        print(f"edge-agent: warning: {trust.where()} holds {len(trust)} key(s) but trust.threshold is "
+              f"{cfg.trust.threshold}; every signed command and bundle is refused", file=sys.stderr)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = _simple_args(argv)
@@ -690,22 +730,20 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd is None:
             ap.print_help(sys.stderr)
             return 2
-    if args.cmd == "check-config":
-        try:
-            cfg = config.load(args.config)
-        except errors.ConfigError as e:
-            print(f"edge-agent: {e.message}", file=sys.stderr)
-            return EXIT_CONFIG
-        import json
+    if args.cmd == "init":
+        from agent import devinit
 
-        print(json.dumps(cfg.to_dict(), indent=2))
-        return 0
+        return devinit.run(args)
+    if args.cmd == "check-config":
+        return check_config(args.config)
     logs.setup(args.log_level, args.log_format)
     try:
         cfg = config.load(args.config)
     except errors.ConfigError as e:
         log.error("config: %s", e.message)
         return EXIT_CONFIG
+    if "json" in (args.log_format, cfg.log_format):  # either asks for JSON lines; they carry the device id
+        logs.setup(args.log_level, "json", device=cfg.device_id)
     return run(cfg)
 
 

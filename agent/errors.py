@@ -49,7 +49,15 @@ PROBATION_FAILED = "probation_failed"
 INTERRUPTED = "interrupted"
 INTERNAL = "internal"
 RESOURCE_EXHAUSTED = "resource_exhausted"  # out of descriptors, processes or memory: retry later
-BUSY = "busy"  # a bounded queue is full: retry later
+INFERENCE_FAILED = "inference_failed"  # the runtime failed on a request (see agent/serving/admission.py)
+# The local inference API's refusals (docs/security.md, "Local threat model"); a request's own
+# fault is the caller's error, never held against a model version.
+TOO_LARGE = "too_large"
+BUSY = "busy"
+UNAUTHORIZED = "unauthorized"
+HOST_NOT_ALLOWED = "host_not_allowed"
+ORIGIN_NOT_ALLOWED = "origin_not_allowed"
+UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"
 
 _DISK_FULL_ERRNOS = {28, 122}  # ENOSPC, EDQUOT
 _EXHAUSTED_ERRNOS = {11, 12, 23, 24}  # EAGAIN, ENOMEM, ENFILE, EMFILE

@@ -32,6 +32,7 @@ class AgentProcess:
     groups: tuple[str, ...] = ("cams",)
     extra_toml: str = ""
     env: dict[str, str] = field(default_factory=dict)
+    wrap: tuple[str, ...] = ()  # a launcher before the interpreter, e.g. ("prlimit", "--nofile=1024", "--")
     proc: subprocess.Popen[bytes] | None = None
     api_port: int = 0
 
@@ -72,7 +73,7 @@ class AgentProcess:
             self.write_config()
         env = {**os.environ, **self.env}
         self._logf = open(self.log, "ab")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen([sys.executable, "-m", "agent", "run", "--config", str(self.config)],
+        self.proc = subprocess.Popen([*self.wrap, sys.executable, "-m", "agent", "run", "--config", str(self.config)],
                                      stdout=self._logf, stderr=subprocess.STDOUT, env=env)
         if wait:
             self.wait_ready()
@@ -122,11 +123,12 @@ class AgentProcess:
 class Observer:
     """A fleet-side MQTT client recording every message under a prefix."""
 
-    def __init__(self, broker_host: str, broker_port: int, topics: tuple[str, ...] = ("edge/#",)) -> None:
+    def __init__(self, broker_host: str, broker_port: int, topics: tuple[str, ...] = ("edge/#",),
+                 protocol: mqtt.MQTTProtocolVersion = mqtt.MQTTv5) -> None:
         self.messages: list[tuple[str, dict[str, Any], bool]] = []
         self._cv = threading.Condition()
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"observer-{os.getpid()}-{id(self)}",
-                                  protocol=mqtt.MQTTv5)
+                                  protocol=protocol)
         self.client.on_message = self._on_message
         self.client.connect(broker_host, broker_port)
         self.client.loop_start()

@@ -15,7 +15,7 @@ import pytest
 
 BROKER_START_TIMEOUT_S = 10.0
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
+HW_CAPTURES = REPO / "tests" / "data" / "hw-captures"  # real devices' files; see its README.md
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -69,7 +69,7 @@ def mosquitto_binary() -> str | None:
         (p for p in ("/usr/sbin/mosquitto", "/usr/bin/mosquitto") if os.path.exists(p)), None)
 
 
-def start_mosquitto(tmp: Path) -> Mosquitto:
+def start_mosquitto(tmp: Path, extra_conf: str = "") -> Mosquitto:
     binary = mosquitto_binary()
     if binary is None:
         pytest.fail("mosquitto is not installed (apt-get install -y mosquitto); .ci/run installs it")
@@ -83,6 +83,7 @@ def start_mosquitto(tmp: Path) -> Mosquitto:
         "persistence true\n"
         f"persistence_location {tmp}/\n"
         "max_queued_messages 100000\n"
+        + extra_conf
     )
     m = Mosquitto("127.0.0.1", port, None, conf)  # type: ignore[arg-type]
     m.proc = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

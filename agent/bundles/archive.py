@@ -387,7 +387,7 @@ def verify_archive(path: Path | str, trust: TrustStore, threshold: int, now: flo
     arch = BundleArchive(path)
     raw = arch.manifest_bytes()
     if len(trust) == 0:
-        raise errors.RejectError(errors.UNTRUSTED_KEY, "the trust folder holds no Ed25519 public key (*.pem)")
+        raise errors.RejectError(errors.UNTRUSTED_KEY, trust.no_keys_message())
     m = verify_manifest(raw, trust, threshold)
     if m.is_expired(now):
         raise errors.RejectError(errors.EXPIRED, f"{m.name} v{m.version}: expired at {m.expires_at}")

@@ -17,7 +17,7 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from agent import errors
-from agent.bundles.trust import TrustStore, key_id
+from agent.bundles.trust import HEX_ID_RE, TrustStore, describe_ids, key_id
 
 if TYPE_CHECKING:  # signing needs cryptography; checking does not (agent/bundles/trust.py)
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -108,10 +108,34 @@ def verify(env: dict[str, Any], expected_type: str, trust: TrustStore, threshold
     if len(valid) >= threshold:
         return payload
     if known_seen == 0:
-        raise errors.RejectError(errors.UNTRUSTED_KEY,
-                                 f"{what}: no signature by a trusted key (trusted: {len(trust)} keys)")
+        raise untrusted(what, sigs, trust)
     if not valid:
         raise errors.RejectError(errors.BAD_SIGNATURE,
                                  f"{what}: signature does not verify (payload altered or wrong key)")
     raise errors.RejectError(errors.THRESHOLD_NOT_MET,
                              f"{what}: {len(valid)} distinct trusted key(s) signed, threshold is {threshold}")
+
+
+def untrusted(what: str, sigs: list[Any], trust: TrustStore) -> errors.RejectError:
+    """``untrusted_key`` naming the signers' key ids, the trusted ones and where a public key goes.
+
+    The signers' ids are the sender's text: only hex ids are shown (shortened), and at most a few.
+    """
+    signers = sorted({s["keyid"] for s in sigs if isinstance(s, dict) and isinstance(s.get("keyid"), str) and s["keyid"]})
+    hex_signers = [k.lower() for k in signers if HEX_ID_RE.match(k)]
+    where = trust.where()
+    if not len(trust):
+        return errors.RejectError(errors.UNTRUSTED_KEY, f"{what}: {trust.no_keys_message()}",
+                                  signer_key_ids=hex_signers, trusted_key_ids=[])
+    trusted = list(trust.key_ids())
+    fix = f"copy the signer's public key (.pub.pem) into {where}"
+    if not sigs:
+        head, fix = f"{what}: carries no signature", f"sign it with a key whose public key is in {where}"
+    elif not signers:
+        head = f"{what}: signed without a key id, by no key in {where}"
+    elif len(signers) == 1:
+        head = f"{what}: signed by key id {describe_ids(signers)} which is not in {where}"
+    else:
+        head = f"{what}: signed by key ids {describe_ids(signers)}, none of which is in {where}"
+    return errors.RejectError(errors.UNTRUSTED_KEY, f"{head} (trusted: {describe_ids(trusted)}); {fix}",
+                              signer_key_ids=hex_signers, trusted_key_ids=trusted)

@@ -63,7 +63,7 @@ def verify_path(path: Path | str, trust: TrustStore, threshold: int, now: float 
     except OSError as e:
         raise errors.RejectError(errors.INVALID_BUNDLE, f"{p / MANIFEST_NAME}: {e.strerror or e}") from e
     if len(trust) == 0:
-        raise errors.RejectError(errors.UNTRUSTED_KEY, "the trust folder holds no Ed25519 public key (*.pem)")
+        raise errors.RejectError(errors.UNTRUSTED_KEY, trust.no_keys_message())
     m = verify_manifest(raw, trust, threshold)
     if m.is_expired(now):
         raise errors.RejectError(errors.EXPIRED, f"{m.name} v{m.version}: expired at {m.expires_at}")

@@ -17,8 +17,9 @@ import binascii
 import hashlib
 import logging
 import os
+import re
 import stat
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -35,6 +36,36 @@ log = logging.getLogger(__name__)
 MAX_KEY_FILE_BYTES = 16 * 1024
 ED25519_SPKI_PREFIX = bytes.fromhex("302a300506032b6570032100")  # SEQUENCE{SEQUENCE{OID 1.3.101.112}, BIT STRING(32 bytes)}
 PEM_BEGIN, PEM_END = "-----BEGIN PUBLIC KEY-----", "-----END PUBLIC KEY-----"
+KEY_ID_SHOWN = 16  # hex digits of a key id in messages; trust files written by `apply` use as many
+MAX_IDS_SHOWN = 4  # key ids listed in one message, then "and N more"
+HEX_ID_RE = re.compile(r"^[0-9a-fA-F]{1,128}$")
+
+
+def short_id(kid: object) -> str:
+    """A key id as messages show it: its first hex digits with an ellipsis; anything that is not
+    hex (the ``keyid`` of an envelope is the sender's text) is named as such, never echoed."""
+    if not isinstance(kid, str) or not HEX_ID_RE.match(kid):
+        return "(not a hex key id)"
+    kid = kid.lower()
+    return kid if len(kid) <= KEY_ID_SHOWN else kid[:KEY_ID_SHOWN] + "…"
+
+
+def describe_ids(ids: Iterable[object]) -> str:
+    """``ab12…, cd34…`` (at most MAX_IDS_SHOWN, then "and N more"); ``none`` when empty."""
+    shown = [short_id(k) for k in ids]
+    if not shown:
+        return "none"
+    more = len(shown) - MAX_IDS_SHOWN
+    return ", ".join(shown[:MAX_IDS_SHOWN]) + (f" and {more} more" if more > 0 else "")
+
+
+def writable_kind(mode: int) -> str | None:
+    """``world-writable``, ``group-writable`` or None for a file mode; world wins when both."""
+    if mode & stat.S_IWOTH:
+        return "world-writable"
+    if mode & stat.S_IWGRP:
+        return "group-writable"
+    return None
 
 
 def key_id(pub: Ed25519PublicKey) -> str:
@@ -157,16 +188,26 @@ class TrustStore:
             return False
         return True
 
+    def where(self) -> str:
+        """The trust folder for messages (``the trust store`` when keys were given in memory)."""
+        return str(self.folder) if self.folder is not None else "the trust store"
+
+    def no_keys_message(self) -> str:
+        """Why nothing can verify when the store is empty, and the fix."""
+        if self.folder is not None and not self.folder.is_dir():
+            return (f"the trust folder {self.folder} does not exist; create it (install -d -m 0755 {self.folder}) "
+                    "and copy the signer's public key (.pub.pem) there")
+        return (f"the trust folder {self.where()} holds no Ed25519 public key (*.pem); "
+                "copy the signer's public key (.pub.pem) there")
+
     def writable_by_others(self) -> list[str]:
         """Paths in the trust folder that group or others can write (a takeover risk)."""
-        bad: list[str] = []
-        if self.folder is None or not self.folder.exists():
-            return bad
-        for p in [self.folder, *self.folder.glob("*.pem")]:
-            st = p.stat()
-            if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-                bad.append(str(p))
-        return bad
+        return [p for p, _ in self.writable_paths()]
+
+    def writable_paths(self) -> list[tuple[str, str]]:
+        """(path, ``group-writable`` or ``world-writable``) for each path of the trust folder that
+        someone other than its owner can write."""
+        return writable_paths(self.folder) if self.folder is not None else []
 
     def apply(self, add: list[Ed25519PublicKey], remove: list[str]) -> list[str]:
         """Add and remove keys, persisting to the folder; returns the key ids now trusted."""
@@ -180,7 +221,7 @@ class TrustStore:
         if self.folder is not None:
             self.folder.mkdir(parents=True, exist_ok=True)
             for kid, pub in new.items():
-                path = self.folder / f"{kid[:16]}.pem"
+                path = self.folder / f"{kid[:KEY_ID_SHOWN]}.pem"
                 if not path.exists():
                     atomic_write(path, public_pem(pub), mode=0o644)
             for p in self.folder.glob("*.pem"):
@@ -192,3 +233,35 @@ class TrustStore:
                     os.unlink(p)
         self._keys = {kid: pub for kid, pub in new.items()}
         return sorted(new)
+
+
+def describe_writable(bad: list[tuple[str, str]]) -> str:
+    """``/x is group-writable, /x/k.pem is world-writable; fix: chmod go-w /x /x/k.pem``."""
+    what = ", ".join(f"{p} is {kind}" for p, kind in bad)
+    return f"{what}; fix: chmod go-w {' '.join(p for p, _ in bad)}"
+
+
+def writable_paths(folder: Path) -> list[tuple[str, str]]:
+    """(path, ``group-writable`` or ``world-writable``) for ``folder`` and each ``*.pem`` in it
+    that someone other than its owner can write (a takeover risk)."""
+    bad: list[tuple[str, str]] = []
+    if not folder.exists():
+        return bad
+    for p in [folder, *folder.glob("*.pem")]:
+        kind = writable_kind(p.stat().st_mode)
+        if kind:
+            bad.append((str(p), kind))
+    return bad
+
+
+def folder_problem(folder: Path) -> str | None:
+    """Why the daemon cannot use ``folder`` as its trust folder, with the fix; None when it can."""
+    if not folder.exists():
+        return (f"trust folder {folder} does not exist (trust.keys_dir); create it with "
+                f"`install -d -m 0755 {folder}` and copy the fleet's public key (.pub.pem) into it")
+    if not folder.is_dir():
+        return f"trust folder {folder} is not a folder (trust.keys_dir); point trust.keys_dir at a folder of *.pem keys"
+    bad = writable_paths(folder)
+    if bad:
+        return f"trust folder {folder} is writable by others than its owner: {describe_writable(bad)}"
+    return None

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -23,23 +24,44 @@ class Unreachable(Exception):
     pass
 
 
-def _client(args: argparse.Namespace) -> Any:
-    from agent.serving.control import ControlClient
+def socket_source(args: argparse.Namespace) -> tuple[str, str]:
+    """The control socket to use and how it was found (for the message when nothing answers there)."""
+    if args.socket:
+        return args.socket, "given with --socket"
+    if args.config:
+        how = "--config"
+    elif os.environ.get(config.ENV_CONFIG):
+        how = f"${config.ENV_CONFIG}"
+    elif config.DEFAULT_CONFIG_PATH.exists():
+        how = "the default config path"
+    else:
+        return config.load(None).api.control_socket, (
+            f"the built-in default: no --config, no ${config.ENV_CONFIG} and no {config.DEFAULT_CONFIG_PATH}")
+    cfg = config.load(args.config)
+    return cfg.api.control_socket, f"api.control_socket of {cfg.source} (config found via {how})"
 
-    path = args.socket
-    if not path:
-        cfg = config.load(args.config)
-        path = cfg.api.control_socket
-    return ControlClient(path)
+
+def unreachable_message(path: str, how: str, reason: str) -> str:
+    """Where agentctl looked, how that path was chosen, and what to try next."""
+    return (f"daemon not reachable at {path}: {reason}\n"
+            f"  socket path: {how}\n"
+            f"  config search order: --config FILE, then ${config.ENV_CONFIG}, then {config.DEFAULT_CONFIG_PATH}; "
+            "--socket PATH bypasses it\n"
+            "  is the daemon running? `systemctl status edge-agent`; start it with `systemctl start edge-agent`, "
+            "or by hand with `edge-agent run --config FILE`")
 
 
 def _call(args: argparse.Namespace, op: str, progress: Any = None, **params: Any) -> Any:
     """One control call; ``progress`` (e.g. a progress.Progress) receives the daemon's progress lines."""
-    client = _client(args)
+    from agent.serving.control import ControlClient
+
+    path, how = socket_source(args)
+    client = ControlClient(path)
     try:
         return client.call(op, on_progress=progress, **params)
     except (FileNotFoundError, ConnectionRefusedError, ConnectionError) as e:
-        raise Unreachable(f"daemon not reachable at {client.path}: {e.strerror if isinstance(e, OSError) and e.strerror else e}") from e
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise Unreachable(unreachable_message(str(client.path), how, reason)) from e
     except PermissionError as e:
         raise Unreachable(f"no permission to use {client.path} (join its group, or use sudo)") from e
 

@@ -467,13 +467,13 @@ def check_trust(cfg: config.Config) -> list[Check]:
 
     folder = Path(cfg.trust.keys_dir)
     if not folder.is_dir():
-        return [Check("trust", FAIL, f"{folder} does not exist",
-                      f"install -d -m 0755 {folder}, then copy the fleet's public key (*.pem) into it")]
+        return [Check("trust", FAIL, f"{folder} does not exist" if not folder.exists() else f"{folder} is not a folder",
+                      f"install -d -m 0755 {folder}, then copy the fleet's public key (.pub.pem) into it")]
     store = TrustStore.load(folder)
-    bad = store.writable_by_others()
+    bad = store.writable_paths()
     if bad:
-        return [Check("trust", FAIL, f"writable by group or others: {', '.join(bad)} — the daemon refuses to start",
-                      f"chmod go-w {' '.join(bad)}")]
+        return [Check("trust", FAIL, ", ".join(f"{p} is {kind}" for p, kind in bad) + " — the daemon refuses to start",
+                      f"chmod go-w {' '.join(p for p, _ in bad)}")]
     pems = sorted(folder.glob("*.pem"))
     skipped = len(pems) - len(store)
     n, k = len(store), cfg.trust.threshold

@@ -44,6 +44,7 @@ READ_ONLY_TYPES = ("ping", "status", "bench")  # allowed while the clock is behi
 LOG_INTERVAL_S = 10.0  # per-message log lines: at most one per interval and kind
 EVENT_INTERVAL_S = 60.0  # at most one commands_refused event per interval
 REFUSED_EVENT = "commands_refused"
+LAST_MESSAGE_MAX = 300  # the event carries the refusal's message (e.g. which key signed) up to this long
 ROOM_CODES = (errors.DISK_FULL, errors.RESOURCE_EXHAUSTED)  # waiting for room: keep unacknowledged
 DELAYED_TOLD_MAX = 1024  # ids already told they wait (bounded; forgotten oldest first)
 REPLAY_ANSWER_S = 60.0  # a replayed id is answered at most once per this (a captured command resent in a loop)
@@ -96,12 +97,13 @@ class CommandIntake:
             self._refused[e.code] = self._refused.get(e.code, 0) + 1
         self._refused_log.log(log, logging.WARNING, "message on %s refused before any id was believed: %s", topic, e)
         if self._refused_event.allow() is not None:
+            last = {"code": e.code, "message": e.message[:LAST_MESSAGE_MAX]}
             with self._lock:
                 total = dict(self._refused)
                 since = {k: n - self._reported.get(k, 0) for k, n in total.items() if n != self._reported.get(k, 0)}
                 self._reported = total
             try:
-                self.reporter.event(REFUSED_EVENT, since_last=since, total=total, interval_s=EVENT_INTERVAL_S)
+                self.reporter.event(REFUSED_EVENT, since_last=since, total=total, interval_s=EVENT_INTERVAL_S, last=last)
             except Exception as ex:  # a full disk must not turn a refusal into a crash
                 self._failed_log.log(log, logging.WARNING, "event %s not queued: %s", REFUSED_EVENT, ex)
 

@@ -21,6 +21,15 @@ Invariants:
   paces a backlog with a token bucket (``drain_rate_per_s``, bursts of ``DRAIN_BURST``) so a
   drain after an outage cannot flood a cellular link; the live status bypasses the queue. A row
   leaves the outbox only on its PUBACK; a new connection re-sends every unacknowledged row.
+- Every connect attempt waits at most ``CONNACK_TIMEOUT_S`` for its CONNACK. Under
+  ``protocol = "auto"`` an MQTT 5 attempt that ends without any CONNACK (a 3.1.1-only broker may
+  close or ignore an MQTT 5 CONNECT) or with "unsupported protocol version" switches to 3.1.1, logged
+  once; the process keeps 3.1.1 for every later reconnect and only a restart tries MQTT 5 again.
+- Each connect attempt takes a new ``session`` number (persisted, monotonic: the outbox's
+  ``session`` sequence). Its Last Will and every status document published on that connection
+  carry it, so a consumer can order status across connects (docs/protocol.md).
+- A message on a topic outside the command subscriptions is dropped (some brokers deliver retained
+  messages of other clients' subscriptions on connect).
 """
 
 from __future__ import annotations
@@ -54,7 +63,7 @@ log = logging.getLogger(__name__)
 BACKOFF_MIN_S = 0.5  # first retry soon: most outages are a broker restart
 BACKOFF_MAX_S = 60.0  # cap: a fleet of thousands must not hammer a recovering broker
 REFUSED_BACKOFF_S = 300.0  # bad credentials will not fix themselves quickly
-CONNECT_TIMEOUT_S = 10.0
+CONNACK_TIMEOUT_S = 10.0  # CONNECT sent → CONNACK, else the attempt failed (and "auto" tries 3.1.1)
 LOOP_TIMEOUT_S = 1.0
 INFLIGHT_WINDOW = 32  # outbox rows published and not yet acknowledged
 RESEND_AFTER_S = 30.0  # an unacknowledged row is published again after this long
@@ -86,6 +95,7 @@ class MqttState:
     reconnects: int = 0
     last_error: str = ""
     protocol: str = ""
+    session: int = 0  # the current connection's session number (status ordering)
     connected_since: float = 0.0
     subscribed: bool = False  # the broker acknowledged every command subscription of this connection
     pending_subs: set[int] = field(default_factory=set)
@@ -94,7 +104,7 @@ class MqttState:
     def to_dict(self) -> dict[str, Any]:
         return {"connected": self.connected, "subscribed": self.subscribed and self.connected,
                 "state": self.state, "reconnects": self.reconnects,
-                "last_error": self.last_error, "protocol": self.protocol}
+                "last_error": self.last_error, "protocol": self.protocol, "session": self.session}
 
 
 def backoff_delay(attempt: int, rng: random.Random | None = None) -> float:
@@ -124,6 +134,7 @@ class Connection:
         self._client: mqtt.Client | None = None
         self._generation = 0
         self._connected_gen = 0  # the last generation whose CONNACK was a success
+        self._answered_gen = 0  # the last generation that received any CONNACK (success or refusal)
         self._inflight: dict[tuple[int, int], tuple[int, float]] = {}  # (gen, mid) -> (row id, sent)
         self._acks: queue.SimpleQueue[tuple[int, int]] = queue.SimpleQueue()
         self._lock = threading.Lock()
@@ -171,7 +182,7 @@ class Connection:
         client = self._client
         if client is not None and self.state.connected and final_status is not None:
             try:
-                payload = dumps(final_status)
+                payload = dumps(self._stamped(final_status))
                 info = client.publish(self.status_topic, payload, qos=1, retain=True)
                 self._note_sent("status", self.status_topic, len(payload))
                 info.wait_for_publish(timeout_s)
@@ -227,7 +238,7 @@ class Connection:
         client = self._client
         if client is None or not self.state.connected:
             return False
-        payload = dumps(doc)
+        payload = dumps(self._stamped(doc))
         client.publish(self.status_topic, payload, qos=1, retain=True)
         self._note_sent("status", self.status_topic, len(payload))
         return True
@@ -245,8 +256,12 @@ class Connection:
         self._note_sent(kind, topic, len(payload))
         return True
 
+    def _stamped(self, doc: dict[str, Any]) -> dict[str, Any]:
+        """``doc`` with this connection's session number (every status document carries it)."""
+        return {**doc, "session": self.state.session}
+
     # -- network thread ----------------------------------------------------------------------
-    def _new_client(self) -> mqtt.Client:
+    def _new_client(self, session: int) -> mqtt.Client:
         proto = mqtt.MQTTv5 if self._proto5 else mqtt.MQTTv311
         kwargs: dict[str, Any] = {"callback_api_version": CallbackAPIVersion.VERSION2,
                                   "client_id": self.client_id, "protocol": proto}
@@ -265,9 +280,8 @@ class Connection:
                 with open(self.cfg.password_file, encoding="utf-8") as f:
                     password = f.read().strip()
             c.username_pw_set(self.cfg.username, password)
-        will = self._will()
-        wprops = None
-        c.will_set(self.status_topic, dumps(will), qos=1, retain=True, properties=wprops)
+        will = {**self._will(), "session": session}  # stamped now: ordered by session, not seq/ts
+        c.will_set(self.status_topic, dumps(will), qos=1, retain=True)
         c.on_socket_open = self._on_socket_open
         c.on_connect = self._on_connect
         c.on_disconnect = self._on_disconnect
@@ -285,11 +299,13 @@ class Connection:
     def _network_loop(self) -> None:
         attempt = 0
         while not self._stop.is_set():
-            client = self._new_client()
+            session = self.outbox.next_seq("session")
+            client = self._new_client(session)
             with self._lock:  # the pump reads (client, generation) as one pair
                 self._generation += 1
                 gen = self._generation
                 self._client = client
+                self.state.session = session
             try:
                 self.state.state = "connecting"
                 props = None
@@ -309,6 +325,7 @@ class Connection:
                 self._stop.wait(backoff_delay(attempt))
                 continue
             refused = False
+            connack_deadline = time.monotonic() + CONNACK_TIMEOUT_S
             while not self._stop.is_set():
                 rc = self._loop_once(client)
                 if rc != mqtt.MQTT_ERR_SUCCESS:
@@ -316,6 +333,11 @@ class Connection:
                 if self.state.extra.pop("refused", None):
                     refused = True
                     break
+                if self._answered_gen != gen and time.monotonic() > connack_deadline:
+                    self.state.last_error = f"no CONNACK from {self.host}:{self.port} within {CONNACK_TIMEOUT_S:.0f} s"
+                    break
+            if self._answered_gen != gen and not self._stop.is_set():
+                self._fall_back_to_311(self.state.last_error or "connection closed")
             with self._lock:
                 # Not state.connected: _on_disconnect has already cleared it by now, which left
                 # the back-off growing across outages (a week-old link waited up to 60 s).
@@ -347,15 +369,14 @@ class Connection:
 
     def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any,
                     properties: Any) -> None:
+        self._answered_gen = self._generation
         code = getattr(reason, "value", reason)
         if reason.is_failure if hasattr(reason, "is_failure") else code != 0:
             self.state.last_error = f"broker refused the connection: {reason}"
-            log.error("mqtt: %s", self.state.last_error)
-            if self.cfg.protocol == "auto" and self._proto5 and code in UNSUPPORTED_PROTOCOL_CODES:
-                log.warning("mqtt: broker does not speak MQTT 5; falling back to 3.1.1")
-                self._proto5 = False
-            elif code in NOT_AUTHORIZED_CODES:
-                self.state.extra["refused"] = True
+            if not (code in UNSUPPORTED_PROTOCOL_CODES and self._fall_back_to_311(self.state.last_error)):
+                log.error("mqtt: %s", self.state.last_error)
+                if code in NOT_AUTHORIZED_CODES:
+                    self.state.extra["refused"] = True
             client.disconnect()
             return
         self.state.subscribed = False
@@ -365,7 +386,7 @@ class Connection:
             if rc == mqtt.MQTT_ERR_SUCCESS and mid is not None:
                 self.state.pending_subs.add(mid)
         self.state.subscribed = not self.state.pending_subs
-        birth = dumps(self._birth())
+        birth = dumps(self._stamped(self._birth()))
         client.publish(self.status_topic, birth, qos=1, retain=True)
         self._note_sent("status", self.status_topic, len(birth))
         with self._lock:
@@ -380,6 +401,16 @@ class Connection:
             self._connected_cv.notify_all()
         log.info("mqtt: connected to %s:%d (MQTT %s, session present: %s)", self.host, self.port,
                  self.state.protocol, getattr(flags, "session_present", "?"))
+
+    def _fall_back_to_311(self, why: str) -> bool:
+        """Under ``auto``, switch an MQTT 5 connection to 3.1.1 for the rest of the process (logged
+        once: it happens once). True if it switched."""
+        if self.cfg.protocol != "auto" or not self._proto5:
+            return False
+        self._proto5 = False
+        log.warning("mqtt: %s:%d answered no MQTT 5 CONNECT (%s); mqtt.protocol = \"auto\" falls back "
+                    "to MQTT 3.1.1 for every reconnect (a restart tries MQTT 5 again)", self.host, self.port, why)
+        return True
 
     def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reasons: Any,
                       properties: Any) -> None:
@@ -401,6 +432,13 @@ class Connection:
             self._connected_cv.notify_all()
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        if not any(mqtt.topic_matches_sub(sub, msg.topic) for sub in self.subscriptions):
+            # amqtt, for one, sends a connecting client the retained messages of every subscription
+            # on the broker: not a command, and acknowledged so that it is not delivered again.
+            log.debug("mqtt: ignored a message on %s (not a command topic)", msg.topic)
+            if msg.qos > 0:
+                client.ack(msg.mid, msg.qos)
+            return
         if msg.qos == 0 and self._commands.qsize() >= QOS0_QUEUE_MAX:  # commands are QoS 1; room kept for them
             self._queue_full_log.log(log, logging.WARNING, "mqtt: QoS 0 message on %s dropped: %d already queued",
                                      msg.topic, QOS0_QUEUE_MAX)

@@ -2,11 +2,18 @@
 
 A build writes, into one folder: the model (variant ``onnx-fp32``), golden samples
 (``samples/input.npz`` and ``samples/expected.npz``, computed with onnxruntime on CPU), any extra
-common files, and last ``manifest.json``, the signed DSSE envelope of the manifest document.
+common files, the variants that passed, and last ``manifest.json``, the signed DSSE envelope of
+the manifest document.
 
 Invariants:
-- ``manifest.json`` is written last and atomically, so a folder with a manifest is a complete
-  bundle; every size and sha256 in it is measured from the bytes written to the folder.
+- A build happens in a staging folder beside the output (``.OUT.partial-PID-XXXX``), fsynced and
+  swapped into place in one step when complete (``renameat2(RENAME_EXCHANGE)``; two renames where
+  the kernel lacks it). A failed or interrupted build leaves the previous output as it was; a
+  published folder holds exactly the files its manifest lists. A build only replaces a bundle
+  (with ``overwrite``), an empty folder or nothing.
+- Each variant succeeds or fails on its own (fleetctl/variants.py); by default one failure fails
+  the build listing every outcome, with ``keep_going`` the bundle holds the ones that passed.
+- Every size and sha256 in the manifest is measured from the bytes written to the folder.
 - The document passes ``agent.bundles.manifest.parse_document`` (the device's own schema check)
   before it is signed; a bundle the agent would reject as ``invalid_manifest`` is never produced.
 - ``.npz`` files hold plain numeric arrays only (no pickle, no object arrays).
@@ -20,13 +27,20 @@ Invariants:
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import errno
+import glob
 import hashlib
 import io
 import json
+import logging
 import os
+import re
 import shutil
+import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,9 +63,21 @@ from agent.bundles.manifest import (
     verify_manifest,
 )
 from agent.bundles.trust import TrustStore
-from agent.fsutil import atomic_write
+from agent.fsutil import atomic_write, fsync_dir
 from agent.timeutil import now_rfc3339
-from fleetctl.variants import VariantError, make_variants, parse_prebuilt, parse_variants
+from fleetctl.variants import (
+    BUILT,
+    FAILED,
+    BuiltVariant,
+    Outcome,
+    VariantError,
+    make_variant,
+    parse_prebuilt,
+    parse_variants,
+    plan_variants,
+)
+
+log = logging.getLogger(__name__)
 
 MANIFEST_NAME = "manifest.json"
 MODEL_NAME = "model.onnx"
@@ -64,6 +90,11 @@ DEFAULT_EXPIRES_IN_S = 90 * 24 * 3600.0
 REQUIRES_AGENT = ">=0.1"
 HASH_CHUNK_BYTES = 1024 * 1024
 RANDOM_INT_HIGH = 10  # random integer inputs stay small: they are often indices or token ids
+STAGING_TAG = "partial"  # .OUT.partial-PID-XXXX: a build in progress beside its output folder
+RETIRED_TAG = "old"  # .OUT.old-PID-XXXX: a replaced bundle being removed (no atomic swap here)
+BUNDLE_DIR_MODE = 0o755
+AT_FDCWD = -100  # <fcntl.h>
+RENAME_EXCHANGE = 2  # <linux/fs.h>: renameat2 swaps the two paths
 
 
 class BuildError(ValueError):
@@ -227,35 +258,132 @@ def npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
     return buf.getvalue()
 
 
-def build_bundle(model_path: Path | str, out_dir: Path | str, name: str, version: int,
-                 keys: Sequence[Ed25519PrivateKey], *, inputs: Path | str | None = None,
-                 samples: int = DEFAULT_SAMPLES, seed: int = DEFAULT_SEED,
-                 expires_in_s: float = DEFAULT_EXPIRES_IN_S, rtol: float = DEFAULT_RTOL,
-                 atol: float = DEFAULT_ATOL, max_p95_ms: float | None = None,
-                 extra_files: Sequence[Path | str] = (), description: str = "",
-                 overwrite: bool = False, now: float | None = None, variants: Sequence[str] = (),
-                 tflite: Path | str | None = None, prebuilt: Sequence[str] = (),
-                 unchecked: Sequence[str] = (), checks: list[dict[str, Any]] | None = None) -> Path:
-    """Write a signed bundle for an ONNX model into ``out_dir``; return the manifest's path.
+class VariantsFailed(BuildError):
+    """At least one variant failed and ``keep_going`` was off: nothing was written.
 
-    ``variants`` / ``tflite`` / ``prebuilt`` (``ID:FORMAT:PRECISION:PATH``) add variants beside
-    ``onnx-fp32``, each checked against the golden outputs (fleetctl/variants.py) unless its id is
-    in ``unchecked``; ``checks`` receives one dict of figures per added variant.
-
-    ``extra_files`` are copied into the bundle root under their base names and listed as common
-    files. ``overwrite`` allows rebuilding a folder that already holds a manifest (devices refuse
-    a version they already have, so re-signing the same version is usually a mistake).
+    ``outcomes`` holds every variant's outcome; the message lists them, one per line.
     """
-    model_path = Path(model_path)
-    out = Path(out_dir)
-    if not keys:
-        raise BuildError("at least one signing key is required")
-    if not model_path.is_file():
-        raise BuildError(f"{model_path}: no such model file")
-    if (out / MANIFEST_NAME).exists() and not overwrite:
-        raise BuildError(f"{out / MANIFEST_NAME} already exists (bump --version, or --force to rebuild)")
-    if expires_in_s <= 0:
-        raise BuildError(f"the expiry must be in the future, got {expires_in_s} s")
+
+    def __init__(self, outcomes: Sequence[Outcome]) -> None:
+        self.outcomes = tuple(outcomes)
+        failed = sum(o.status == FAILED for o in self.outcomes)
+        super().__init__(f"{failed} of {len(self.outcomes)} variants failed; nothing written "
+                         "(--keep-going builds the bundle with the variants that passed):\n  "
+                         + "\n  ".join(o.line() for o in self.outcomes))
+
+
+# ---------------------------------------------------------------- the output folder
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _sweep_stale(out: Path) -> None:
+    """Remove staging and retired folders beside ``out`` left by builds that were killed."""
+    pattern = re.compile(rf"\.{re.escape(out.name)}\.(?:{STAGING_TAG}|{RETIRED_TAG})-(\d+)-[0-9a-z_]+")
+    for p in out.parent.glob(f".{glob.escape(out.name)}.*-*"):
+        m = pattern.fullmatch(p.name)
+        if m and p.is_dir() and not p.is_symlink() and not _pid_alive(int(m.group(1))):
+            log.info("removing %s, left by an interrupted build", p)
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _check_output(out: Path, overwrite: bool) -> None:
+    """A build replaces the whole output folder: only a bundle (with ``overwrite``), an empty
+    folder or a new path may be replaced."""
+    if not out.name:
+        raise BuildError(f"{out}: a bundle cannot replace the filesystem root; give --out a folder name")
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise BuildError(f"{out}: exists and is not a folder")
+    if not out.exists():
+        return
+    if (out / MANIFEST_NAME).exists():
+        if not overwrite:
+            raise BuildError(f"{out / MANIFEST_NAME} already exists (bump --version, or --force to rebuild)")
+    elif any(out.iterdir()):
+        raise BuildError(f"{out}: not empty and not a bundle (no {MANIFEST_NAME}); a build replaces its whole "
+                         "output folder, so give a new or empty --out")
+
+
+def _fsync_tree(root: Path) -> None:
+    for dirpath, _dirs, files in os.walk(root):
+        for f in files:
+            fd = os.open(os.path.join(dirpath, f), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(Path(dirpath))
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one step (Linux ``renameat2(RENAME_EXCHANGE)``); False where unsupported."""
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    if fn(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def _publish(staged: Path, out: Path) -> None:
+    """Move a complete staged folder into place: ``out`` is the old bundle or the new one, never a mix."""
+    _fsync_tree(staged)
+    if not out.exists():
+        os.rename(staged, out)
+    elif _exchange(staged, out):
+        fsync_dir(out.parent)
+        shutil.rmtree(staged)  # it now holds the previous output
+    else:  # no atomic swap here: the old folder steps aside for the moment of two renames
+        retired = Path(tempfile.mkdtemp(prefix=f".{out.name}.{RETIRED_TAG}-{os.getpid()}-", dir=out.parent))
+        os.rename(out, retired / "bundle")
+        os.rename(staged, out)
+        fsync_dir(out.parent)
+        shutil.rmtree(retired)
+    fsync_dir(out.parent)
+
+
+@contextlib.contextmanager
+def _staging(out: Path) -> Iterator[Path]:
+    """A fresh folder beside ``out``, removed unless it was published."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _sweep_stale(out)
+    staged = Path(tempfile.mkdtemp(prefix=f".{out.name}.{STAGING_TAG}-{os.getpid()}-", dir=out.parent))
+    os.chmod(staged, BUNDLE_DIR_MODE)
+    try:
+        yield staged
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)
+
+
+def _drop_unlisted(root: Path, listed: set[str]) -> None:
+    """Remove anything a converter left in the staged folder that the manifest does not list."""
+    for p in sorted(root.rglob("*"), key=lambda q: len(q.parts), reverse=True):
+        if p.is_dir() and not p.is_symlink():
+            if not any(p.iterdir()):
+                p.rmdir()
+        elif p.relative_to(root).as_posix() not in listed:
+            log.debug("dropping %s: not listed in the manifest", p)
+            p.unlink()
+
+
+# ---------------------------------------------------------------- build
+
+
+def _extra_files(extra_files: Sequence[Path | str]) -> dict[str, Path]:
     extras: dict[str, Path] = {}
     for src in map(Path, extra_files):
         rel = src.name
@@ -268,10 +396,48 @@ def build_bundle(model_path: Path | str, out_dir: Path | str, name: str, version
         except errors.RejectError as e:
             raise BuildError(f"--file {src}: {e.message}") from e
         extras[rel] = src
+    return extras
 
+
+def build_bundle(model_path: Path | str, out_dir: Path | str, name: str, version: int,
+                 keys: Sequence[Ed25519PrivateKey], *, inputs: Path | str | None = None,
+                 samples: int = DEFAULT_SAMPLES, seed: int = DEFAULT_SEED,
+                 expires_in_s: float = DEFAULT_EXPIRES_IN_S, rtol: float = DEFAULT_RTOL,
+                 atol: float = DEFAULT_ATOL, max_p95_ms: float | None = None,
+                 extra_files: Sequence[Path | str] = (), description: str = "",
+                 overwrite: bool = False, now: float | None = None, variants: Sequence[str] = (),
+                 tflite: Path | str | None = None, prebuilt: Sequence[str] = (),
+                 unchecked: Sequence[str] = (), checks: list[dict[str, Any]] | None = None,
+                 keep_going: bool = False, outcomes: list[Outcome] | None = None) -> Path:
+    """Write a signed bundle for an ONNX model into ``out_dir``; return the manifest's path.
+
+    ``variants`` / ``tflite`` / ``prebuilt`` (``ID:FORMAT:PRECISION:PATH``) add variants beside
+    ``onnx-fp32``, each made and checked on its own against the golden outputs
+    (fleetctl/variants.py) unless its id is in ``unchecked``. ``outcomes`` receives every
+    variant's outcome; ``checks`` one dict of figures per variant built. When a variant fails the
+    build raises VariantsFailed and writes nothing, unless ``keep_going``: then the bundle holds
+    the variants that passed.
+
+    The bundle is made in a folder beside ``out_dir`` and replaces it in one step when complete,
+    so ``out_dir`` is the previous bundle or the new one, never a mix; it holds exactly the files
+    of its manifest. ``extra_files`` are copied under their base names and listed as common files.
+    ``overwrite`` allows replacing a bundle (devices refuse a version they already have, so
+    re-signing the same version is usually a mistake).
+    """
+    model_path, out = Path(model_path), Path(os.path.abspath(out_dir))  # "." and ".." resolved, links not
+    if not keys:
+        raise BuildError("at least one signing key is required")
+    if not model_path.is_file():
+        raise BuildError(f"{model_path}: no such model file")
+    _check_output(out, overwrite)
+    if expires_in_s <= 0:
+        raise BuildError(f"the expiry must be in the future, got {expires_in_s} s")
+    extras = _extra_files(extra_files)
     try:
-        wanted_variants = parse_variants(variants)
-        prebuilt_variants = [parse_prebuilt(p) for p in prebuilt]
+        plan, skipped = plan_variants(
+            variants=parse_variants(variants), tflite=Path(tflite) if tflite is not None else None,
+            prebuilt=[parse_prebuilt(p) for p in prebuilt], unchecked=unchecked,
+            taken=(MODEL_NAME, INPUTS_NAME, EXPECTED_NAME, *extras))
     except VariantError as e:
         raise BuildError(str(e)) from e
 
@@ -279,25 +445,37 @@ def build_bundle(model_path: Path | str, out_dir: Path | str, name: str, version
     feeds = load_inputs(Path(inputs), ins) if inputs is not None else random_inputs(ins, samples, seed)
     expected = reference_outputs(model_path, feeds, outs)
 
-    out.mkdir(parents=True, exist_ok=True)
-    (out / MANIFEST_NAME).unlink(missing_ok=True)  # a half-rebuilt folder must not look complete
-    if model_path.resolve() != (out / MODEL_NAME).resolve():
-        shutil.copyfile(model_path, out / MODEL_NAME)
-    atomic_write(out / INPUTS_NAME, npz_bytes(feeds))
-    atomic_write(out / EXPECTED_NAME, npz_bytes(expected))
-    for rel, src in extras.items():
-        if src.resolve() != (out / rel).resolve():
-            shutil.copyfile(src, out / rel)
-    try:
-        built = make_variants(out, out / MODEL_NAME, feeds, expected, variants=wanted_variants,
-                              tflite=Path(tflite) if tflite is not None else None, prebuilt=prebuilt_variants,
-                              unchecked=unchecked, rtol=rtol, atol=atol,
-                              taken=(MODEL_NAME, INPUTS_NAME, EXPECTED_NAME, *extras))
-    except VariantError as e:
-        raise BuildError(str(e)) from e
-    if checks is not None:
-        checks.extend({"variant": b.id, "format": b.format, "precision": b.precision, **b.check} for b in built)
+    with _staging(out) as tmp:
+        shutil.copyfile(model_path, tmp / MODEL_NAME)
+        atomic_write(tmp / INPUTS_NAME, npz_bytes(feeds))
+        atomic_write(tmp / EXPECTED_NAME, npz_bytes(expected))
+        for rel, src in extras.items():
+            shutil.copyfile(src, tmp / rel)
+        results = [Outcome("onnx-fp32", "onnx", "fp32", BUILT, "the given model, the reference for the checks"),
+                   *(make_variant(tmp, tmp / MODEL_NAME, p, feeds, expected, check=p.id not in unchecked,
+                                  rtol=rtol, atol=atol) for p in plan),
+                   *skipped]
+        if outcomes is not None:
+            outcomes.extend(results)
+        if any(o.status == FAILED for o in results) and not keep_going:
+            raise VariantsFailed(results)
+        built = [o.variant for o in results if o.variant is not None]
+        if checks is not None:
+            checks.extend({"variant": b.id, "format": b.format, "precision": b.precision, **b.check} for b in built)
+        doc = _manifest_doc(tmp, name, version, description, ins, outs, built, extras, now=now,
+                            expires_in_s=expires_in_s, rtol=rtol, atol=atol, max_p95_ms=max_p95_ms)
+        _drop_unlisted(tmp, {MANIFEST_NAME, *(f["path"] for v in doc["variants"] for f in v["files"]),
+                             *(f["path"] for f in doc["files"])})
+        atomic_write(tmp / MANIFEST_NAME, sign_manifest(doc, list(keys)))
+        _publish(tmp, out)
+    return out / MANIFEST_NAME
 
+
+def _manifest_doc(root: Path, name: str, version: int, description: str, ins: Sequence[TensorInfo],
+                  outs: Sequence[TensorInfo], built: Sequence[BuiltVariant], extras: Mapping[str, Path], *,
+                  now: float | None, expires_in_s: float, rtol: float, atol: float,
+                  max_p95_ms: float | None) -> dict[str, Any]:
+    """The manifest document for the files in ``root``, checked with the device's own schema."""
     t = time.time() if now is None else now
     validation: dict[str, Any] = {"inputs": INPUTS_NAME, "expected": EXPECTED_NAME,
                                   "rtol": rtol, "atol": atol}
@@ -312,9 +490,9 @@ def build_bundle(model_path: Path | str, out_dir: Path | str, name: str, version
         "description": description,
         "io": {"inputs": [i.to_dict() for i in ins], "outputs": [o.to_dict() for o in outs]},
         "variants": [{"id": "onnx-fp32", "format": "onnx", "precision": "fp32",
-                      "files": [file_entry(out, MODEL_NAME).to_dict()]},
-                     *(b.document(lambda rel: file_entry(out, rel).to_dict()) for b in built)],
-        "files": [file_entry(out, rel).to_dict() for rel in (*extras, INPUTS_NAME, EXPECTED_NAME)],
+                      "files": [file_entry(root, MODEL_NAME).to_dict()]},
+                     *(b.document(lambda rel: file_entry(root, rel).to_dict()) for b in built)],
+        "files": [file_entry(root, rel).to_dict() for rel in (*extras, INPUTS_NAME, EXPECTED_NAME)],
         "validation": validation,
         "requires": {"agent": REQUIRES_AGENT},
     }
@@ -322,9 +500,7 @@ def build_bundle(model_path: Path | str, out_dir: Path | str, name: str, version
         parse_document(doc)
     except errors.AgentError as e:
         raise BuildError(f"the manifest would be rejected by devices: {e}") from e
-    manifest_path = out / MANIFEST_NAME
-    atomic_write(manifest_path, sign_manifest(doc, list(keys)))
-    return manifest_path
+    return doc
 
 
 def _check_file(root: Path, root_resolved: Path, entry: FileEntry) -> None:
@@ -368,7 +544,7 @@ def verify_bundle(bundle_dir: Path | str, trust: TrustStore, threshold: int = 1,
     if threshold < 1:
         raise ValueError(f"threshold must be at least 1, got {threshold}")
     if len(trust) == 0:
-        raise errors.RejectError(errors.UNTRUSTED_KEY, "the trust folder holds no Ed25519 public key (*.pem)")
+        raise errors.RejectError(errors.UNTRUSTED_KEY, trust.no_keys_message())
     manifest = verify_manifest(raw, trust, threshold)
     if manifest.is_expired(now):
         raise errors.RejectError(errors.EXPIRED, f"{manifest.name} v{manifest.version}: expired at {manifest.expires_at}")

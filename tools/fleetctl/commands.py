@@ -40,6 +40,7 @@ ID_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 TYPE_RE = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
 TERMINAL_STATES = frozenset({"SUCCEEDED", "FAILED", "REJECTED", "CANCELED", "TIMED_OUT"})
+WAIT_TICK_S = 1.0  # how often a wait wakes without updates, for progress lines (on_tick)
 MANIFEST_URL_SCHEMES = ("http", "https", "file")
 
 Target = dict[str, str]
@@ -78,6 +79,10 @@ def command_topic(prefix: str, target: Mapping[str, str]) -> str:
     if "device" in target:
         return f"{prefix}/{target['device']}/cmd"
     return f"{prefix}/groups/{target['group']}/cmd"
+
+
+def status_topic(prefix: str, device: str) -> str:
+    return f"{prefix}/{device}/status"
 
 
 def job_topic(prefix: str, device: str, command_id: str) -> str:
@@ -177,6 +182,7 @@ class JobOutcome:
 
     command_id: str
     last: dict[str, dict[str, Any] | None] = field(default_factory=dict)
+    status: dict[str, dict[str, Any]] | None = None  # latest status seen per device; None: not watched
 
     @property
     def pending(self) -> list[str]:
@@ -192,7 +198,8 @@ class JobOutcome:
 class JobWatcher:
     """Subscribes to one command's job topics on some devices and queues their updates."""
 
-    def __init__(self, client: mqtt.Client, prefix: str, devices: Sequence[str], command_id: str) -> None:
+    def __init__(self, client: mqtt.Client, prefix: str, devices: Sequence[str], command_id: str,
+                 watch_status: bool = False) -> None:
         check_prefix(prefix)
         self.client = client
         self.prefix = prefix
@@ -200,8 +207,24 @@ class JobWatcher:
         self.devices = [check_name(d, "device") for d in devices]
         self.topics = [job_topic(prefix, d, command_id) for d in self.devices]
         self._by_topic = dict(zip(self.topics, self.devices, strict=True))
+        # With watch_status, also the devices' retained status: why a device that never answers
+        # is silent (offline since when, or never seen under this id). Needs a client of its own:
+        # a callback on the same status topic elsewhere would be replaced.
+        self.status_topics = [status_topic(prefix, d) for d in self.devices] if watch_status else []
+        self._status_of = dict(zip(self.status_topics, self.devices, strict=False))
+        self.status: dict[str, dict[str, Any]] = {}
+        self.status_watched = False  # the broker granted the status subscription
         self._queue: queue.Queue[tuple[str, dict[str, Any]]] = queue.Queue()
         self._started = False
+
+    def _on_status(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        device = self._status_of.get(msg.topic)
+        try:
+            doc = json.loads(msg.payload) if msg.payload else None
+        except (ValueError, UnicodeDecodeError):
+            doc = None
+        if device is not None and isinstance(doc, dict):
+            self.status[device] = doc
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         device = self._by_topic.get(msg.topic)
@@ -223,15 +246,22 @@ class JobWatcher:
             self.client.message_callback_add(t, self._on_message)
         self._started = True
         mqttc.subscribe(self.client, self.topics, qos=1, timeout_s=timeout_s)
+        for t in self.status_topics:
+            self.client.message_callback_add(t, self._on_status)
+        try:  # only to explain silence: a broker that refuses it (an ACL) costs the explanation, not the command
+            mqttc.subscribe(self.client, self.status_topics, qos=1, timeout_s=timeout_s)
+            self.status_watched = bool(self.status_topics)
+        except (ConnectionError, TimeoutError) as e:
+            log.debug("device status not available: %s", e)
         return self
 
     def close(self) -> None:
         if not self._started:
             return
         self._started = False
-        for t in self.topics:
+        for t in [*self.topics, *self.status_topics]:
             self.client.message_callback_remove(t)
-        mqttc.unsubscribe(self.client, self.topics)
+        mqttc.unsubscribe(self.client, [*self.topics, *self.status_topics])
 
     def __enter__(self) -> JobWatcher:
         return self.start()
@@ -251,21 +281,28 @@ UpdateCallback = Callable[[str, dict[str, Any]], None]
 
 
 def wait_jobs(watcher: JobWatcher, timeout_s: float = DEFAULT_WAIT_TIMEOUT_S,
-              on_update: UpdateCallback | None = None) -> JobOutcome:
+              on_update: UpdateCallback | None = None,
+              on_tick: Callable[[], None] | None = None) -> JobOutcome:
     """Collect updates until every device reached a terminal state or ``timeout_s`` passed.
 
     Each new update is passed to ``on_update(device, update)``; a repeated ``seq`` (a QoS 1
-    duplicate) and anything after a device's terminal state are skipped.
+    duplicate) and anything after a device's terminal state are skipped. ``on_tick()`` runs at
+    least every WAIT_TICK_S while waiting (progress lines).
     """
-    outcome = JobOutcome(watcher.command_id, {d: None for d in watcher.devices})
+    outcome = JobOutcome(watcher.command_id, {d: None for d in watcher.devices},
+                         watcher.status if watcher.status_watched else None)
     seen: set[tuple[str, Any]] = set()
     deadline = time.monotonic() + timeout_s
     while outcome.pending:
         left = deadline - time.monotonic()
         if left <= 0:
             break
-        got = watcher.next_update(left)
+        got = watcher.next_update(min(left, WAIT_TICK_S) if on_tick is not None else left)
+        if on_tick is not None:
+            on_tick()
         if got is None:
+            if on_tick is not None:
+                continue
             break
         device, update = got
         prev = outcome.last.get(device)
@@ -285,8 +322,10 @@ def wait_jobs(watcher: JobWatcher, timeout_s: float = DEFAULT_WAIT_TIMEOUT_S,
 def run_command(client: mqtt.Client, prefix: str, targets: Sequence[Target], doc: CommandRequest,
                 keys: Sequence[Ed25519PrivateKey], *, wait: bool = False,
                 timeout_s: float = DEFAULT_WAIT_TIMEOUT_S, on_update: UpdateCallback | None = None,
-                on_sent: Callable[[list[str]], None] | None = None) -> JobOutcome | None:
-    """Send a command and, with ``wait``, follow its job updates (device targets only)."""
+                on_sent: Callable[[list[str]], None] | None = None, on_tick: Callable[[], None] | None = None,
+                watch_status: bool = False) -> JobOutcome | None:
+    """Send a command and, with ``wait``, follow its job updates (device targets only); with
+    ``watch_status`` the outcome also holds each device's latest status (a client of its own)."""
     if not wait:
         topics = send_command(client, prefix, targets, doc, keys)
         if on_sent is not None:
@@ -295,8 +334,8 @@ def run_command(client: mqtt.Client, prefix: str, targets: Sequence[Target], doc
     devices = [t["device"] for t in targets if "device" in t]
     if len(devices) != len(targets):
         raise ValueError("waiting for job updates needs device targets (group members are not known here)")
-    with JobWatcher(client, prefix, devices, doc.id) as watcher:
+    with JobWatcher(client, prefix, devices, doc.id, watch_status) as watcher:
         topics = send_command(client, prefix, targets, doc, keys)
         if on_sent is not None:
             on_sent(topics)
-        return wait_jobs(watcher, timeout_s, on_update)
+        return wait_jobs(watcher, timeout_s, on_update, on_tick)

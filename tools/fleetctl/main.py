@@ -20,7 +20,8 @@ from typing import Any
 
 from agent import errors
 from agent.bundles.trust import TrustStore, load_public_pem, public_pem
-from fleetctl import bundle, commands, keys, mqttc, rollout, sim, watch
+from fleetctl import bundle, collect, commands, keys, mqttc, rollout, sim, watch
+from fleetctl.follow import ProbationCountdown, silent_device_message
 from fleetctl.serve import DEFAULT_HOST, DEFAULT_PORT, ArtifactServer
 
 log = logging.getLogger("fleetctl")
@@ -122,23 +123,39 @@ def _signing_key_paths(a: argparse.Namespace) -> list[str]:
 def cmd_bundle_build(a: argparse.Namespace) -> int:
     signing = keys.load_signing_keys(_signing_key_paths(a))
     out = Path(a.out) if a.out else Path("bundles") / a.name / str(a.version)
-    checks: list[dict[str, Any]] = []
+    outcomes: list[bundle.Outcome] = []
     mpath = bundle.build_bundle(
         a.model, out, a.name, a.version, signing, inputs=a.inputs, samples=a.samples, seed=a.seed,
         expires_in_s=a.expires_in, rtol=a.rtol, atol=a.atol, max_p95_ms=a.max_p95_ms,
         extra_files=a.file or (), description=a.description, overwrite=a.force,
         variants=a.variants or (), tflite=a.tflite, prebuilt=a.add_variant or (), unchecked=a.no_check or (),
-        checks=checks)
-    for c in checks:  # one line per added variant: where it was checked and how close it came
-        _out(f"variant {c['variant']} ({c['format']}/{c['precision']}): " + (
-            f"checked on {c['backend']} computing in {c['compute_precision']}, max abs error {c['max_abs_error']:.3g} "
-            f"(rtol {c['rtol']:g}, atol {c['atol']:g})" if "backend" in c else "NOT checked (--no-check)"))
+        keep_going=a.keep_going, outcomes=outcomes)
+    if len(outcomes) > 1:  # one line per variant: built (where checked, how close), failed or skipped, and why
+        for o in outcomes:
+            _out(o.line())
+    failed = [o.id for o in outcomes if o.status == bundle.FAILED]
+    if failed:
+        _err(f"warning: {len(failed)} of {len(outcomes)} variants failed and are not in the bundle "
+             f"(--keep-going): {', '.join(failed)}")
     doc = bundle.manifest_document(mpath)
     sha = bundle.file_entry(mpath.parent, mpath.name).sha256
     n_files = sum(len(v["files"]) for v in doc["variants"]) + len(doc["files"])
     _out(f"built {doc['name']} v{doc['version']} in {mpath.parent}: {n_files} files, "
          f"signed by {len(signing)} key(s), expires {doc['expires_at']}")
     _out(f"manifest {mpath} sha256 {sha}")
+    return EXIT_OK
+
+
+def cmd_sample_model(a: argparse.Namespace) -> int:
+    from fleetctl import samples
+
+    out = Path(a.out)
+    request = Path(a.request) if a.request else out.with_suffix(".request.json")
+    samples.make_classifier(out, seed=a.seed)
+    samples.write_request(request, seed=a.seed)
+    _out(f"wrote {out}: a small CNN, input {samples.INPUT_NAME!r} FP32 [batch, {', '.join(map(str, samples.INPUT_SHAPE[1:]))}], "
+         f"output {samples.OUTPUT_NAME!r} FP32 [batch, {samples.CLASSES}] (random weights)")
+    _out(f"wrote {request}: one KServe v2 request for it (curl ... -d @{request})")
     return EXIT_OK
 
 
@@ -199,15 +216,29 @@ def _targets(a: argparse.Namespace) -> list[commands.Target]:
     return [commands.device_target(d) for d in devices]
 
 
-def _print_update(prefix: str, command_id: str) -> Callable[[str, dict[str, Any]], None]:
+def _print_update(prefix: str, command_id: str,
+                  countdown: ProbationCountdown | None = None) -> Callable[[str, dict[str, Any]], None]:
     def show(device: str, update: dict[str, Any]) -> None:
+        line = countdown.update(device, update) if countdown is not None else None
+        if line is not None and "probation" in update:  # the step's window: shown as the countdown's first line
+            _out(line)
+            return
         _out(watch.format_message(commands.job_topic(prefix, device, command_id), update))
     return show
 
 
+def _print_due(countdown: ProbationCountdown) -> Callable[[], None]:
+    def tick() -> None:
+        for line in countdown.tick():
+            _out(line)
+    return tick
+
+
 def _send(a: argparse.Namespace, ctype: str, params: dict[str, Any], *, wait: bool,
-          timeout_s: float, quiet_updates: bool = False) -> commands.JobOutcome | None:
-    """Sign and send one command to the targets; with ``wait`` follow it to the end."""
+          timeout_s: float, quiet_updates: bool = False,
+          countdown: ProbationCountdown | None = None) -> commands.JobOutcome | None:
+    """Sign and send one command to the targets; with ``wait`` follow it to the end (printing a
+    probation countdown to ``countdown``) and note each device's latest status."""
     targets = _targets(a)
     if wait and ctype not in ("status", "ping") and any("group" in t for t in targets):
         raise UsageError("--wait needs --device targets (a group's members are not known in advance); "
@@ -220,23 +251,28 @@ def _send(a: argparse.Namespace, ctype: str, params: dict[str, Any], *, wait: bo
             for t in topics:
                 print(f"sent {req.id} ({ctype}) to {t}", file=sys.stderr if quiet_updates else sys.stdout,
                       flush=True)
-        on_update = None if quiet_updates else _print_update(a.prefix, req.id)
+        on_update = None if quiet_updates else _print_update(a.prefix, req.id, countdown)
         if wait and "group" in targets[0]:  # status/ping: members are whoever answers (rollout.collect_group)
             sent([commands.command_topic(a.prefix, targets[0])])
             return rollout.collect_group(client, a.prefix, targets[0]["group"], req, signing, timeout_s, on_update)
         return commands.run_command(client, a.prefix, targets, req, signing, wait=wait,
-                                    timeout_s=timeout_s, on_update=on_update, on_sent=sent)
+                                    timeout_s=timeout_s, on_update=on_update, on_sent=sent,
+                                    on_tick=_print_due(countdown) if countdown is not None else None,
+                                    watch_status=True)
     finally:
         mqttc.disconnect(client)
 
 
-def _report(outcome: commands.JobOutcome, timeout_s: float) -> int:
+def _report(outcome: commands.JobOutcome, timeout_s: float, prefix: str,
+            countdown: ProbationCountdown | None = None) -> int:
     """Exit status for a followed command, with one stderr line per device that did not succeed."""
     for device, last in outcome.last.items():
         if last is None:
-            _err(f"{device}: no job update for {outcome.command_id} within {timeout_s:g} s")
+            _err(silent_device_message(device, outcome.command_id, timeout_s, outcome.status, prefix))
         elif last.get("state") not in commands.TERMINAL_STATES:
-            _err(f"{device}: still {last.get('state')} {last.get('step') or ''} after {timeout_s:g} s".rstrip())
+            left = countdown.left_s(device) if countdown is not None else None
+            more = f" ({left:.0f} s of probation left; a longer --timeout waits for the end)" if left is not None else ""
+            _err(f"{device}: still {last.get('state')} {last.get('step') or ''}".rstrip() + f" after {timeout_s:g} s{more}")
         elif last.get("state") != "SUCCEEDED":
             raw_err = last.get("error")
             err: dict[str, Any] = raw_err if isinstance(raw_err, dict) else {}
@@ -247,8 +283,9 @@ def _report(outcome: commands.JobOutcome, timeout_s: float) -> int:
 def _generic(ctype: str, params_of: Callable[[argparse.Namespace], dict[str, Any]]
              ) -> Callable[[argparse.Namespace], int]:
     def run(a: argparse.Namespace) -> int:
-        outcome = _send(a, ctype, params_of(a), wait=a.wait, timeout_s=a.timeout)
-        return EXIT_OK if outcome is None else _report(outcome, a.timeout)
+        countdown = ProbationCountdown()
+        outcome = _send(a, ctype, params_of(a), wait=a.wait, timeout_s=a.timeout, countdown=countdown)
+        return EXIT_OK if outcome is None else _report(outcome, a.timeout, a.prefix, countdown)
     return run
 
 
@@ -261,7 +298,8 @@ def _query(ctype: str) -> Callable[[argparse.Namespace], int]:
             return EXIT_FAILED
         rtt_ms = (time.monotonic() - t0) * 1000.0
         if a.group and not outcome.last:
-            _err(f"no device of group {a.group} answered within {a.timeout:g} s")
+            _err(f"no device of group {a.group} answered within {a.timeout:g} s; is any device of it online, "
+                 "with the group in its config (groups = [...])? `fleetctl watch` lists the devices seen")
         for device, last in outcome.last.items():
             if last is None or last.get("state") != "SUCCEEDED":
                 continue
@@ -277,7 +315,7 @@ def _query(ctype: str) -> Callable[[argparse.Namespace], int]:
             else:
                 _out(f"{device}:")
                 _out(json.dumps(result, indent=2, sort_keys=True))
-        return _report(outcome, a.timeout)
+        return _report(outcome, a.timeout, a.prefix)
     return run
 
 
@@ -421,6 +459,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a prebuilt variant file (an OpenVINO .xml brings its .bin); repeatable")
     p.add_argument("--no-check", action="append", metavar="VARIANT_ID",
                    help="add this variant without the build-time check (e.g. an Edge TPU model); repeatable")
+    p.add_argument("--keep-going", action="store_true",
+                   help="when a variant fails, sign the bundle with those that passed and list the rest "
+                        "(default: fail listing every variant's outcome, writing nothing)")
     p.set_defaults(func=cmd_bundle_build)
     p = bsub.add_parser("verify", help="check a bundle's signature and files as a device would")
     p.add_argument("dir", metavar="DIR|ARCHIVE", help="a bundle folder or a .tar, .tar.gz or .zip from `bundle pack`")
@@ -431,6 +472,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir", metavar="DIR")
     p.add_argument("--out", required=True, metavar="FILE", help="ends in .tar, .tar.gz, .tgz or .zip")
     p.set_defaults(func=cmd_bundle_pack)
+
+    p = sub.add_parser("sample-model", help="write a small ONNX image classifier and a request for it, to try a deploy")
+    p.add_argument("--out", required=True, metavar="MODEL.onnx")
+    p.add_argument("--request", metavar="FILE.json", help="KServe v2 request to write (default MODEL.request.json)")
+    p.add_argument("--seed", type=int, default=7, help="weights and request seed (default %(default)s)")
+    p.set_defaults(func=cmd_sample_model)
 
     p = sub.add_parser("serve", help="static artifact server for development (HTTP, Range)")
     p.add_argument("dir", metavar="DIR")
@@ -507,6 +554,11 @@ def build_parser() -> argparse.ArgumentParser:
     rollout.add_arguments(p, parse_duration)
     _add_broker_args(p)
     p.set_defaults(func=lambda a: rollout.run_cli(a, _connect, keys.load_signing_keys, lambda: _signing_key_paths(a)))
+
+    p = sub.add_parser("collect", help="device streams → Prometheus /metrics (scale out with --share)")
+    collect.add_arguments(p, parse_duration)
+    _add_broker_args(p)
+    p.set_defaults(func=lambda a: collect.run_cli(a, _connect, lambda c, t: mqttc.subscribe(c, t), mqttc.disconnect))
 
     p = sub.add_parser("sim", help="simulated devices (real MQTT clients) for tests and benchmarks")
     sim.add_arguments(p, parse_duration)

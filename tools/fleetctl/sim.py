@@ -83,6 +83,7 @@ SIM_VARIANT = "onnx-fp32"
 FAKE_DOWNLOAD_BYTES = 4 * 1024 * 1024
 CHILD_READY_TIMEOUT_S = 60.0
 CHILD_STOP_TIMEOUT_S = 10.0
+STOP_POLL_S = 0.05  # at a stop: how often the loop checks every device's messages went out
 
 
 @dataclass
@@ -102,6 +103,7 @@ class SimOptions:
     latency_ms: float = DEFAULT_LATENCY_MS
     fetch: bool = True
     log_path: Path | None = None
+    samples_path: Path | None = None  # every simulated latency, one JSON line per telemetry message
     max_clock_skew_s: float = 300.0
 
 
@@ -236,6 +238,7 @@ class SimDevice:
         self.latency_ms = o.latency_ms * random.uniform(0.8, 1.25)
         self._backoff = RECONNECT_MIN_S
         self._misc_at = 0.0
+        self.session = 0  # status ordering (docs/protocol.md): a new number per connect
         self.client = self._make_client()
 
     @property
@@ -252,13 +255,19 @@ class SimDevice:
         c.on_disconnect = self._on_disconnect
         c.on_subscribe = self._on_subscribe
         c.on_message = self._on_message
-        c.will_set(f"{self.topic}/status", json.dumps(self.status_doc(False, "connection lost")), qos=1, retain=True)
+        self._new_session(c)
         addr = mqttc.parse_broker_url(self.sim.opts.broker)
         if addr.tls:
             c.tls_set()
         if addr.username:
             c.username_pw_set(addr.username, addr.password)
         return c
+
+    def _new_session(self, c: mqtt.Client) -> None:
+        """A new status ``session`` for the next connect, and the Will that carries it. Simulated
+        devices keep no state: milliseconds of the wall clock keep it increasing across restarts."""
+        self.session = max(self.session + 1, time.time_ns() // 1_000_000)
+        c.will_set(f"{self.topic}/status", json.dumps(self.status_doc(False, "connection lost")), qos=1, retain=True)
 
     # -- paho external loop ------------------------------------------------------------------
     def _on_socket_open(self, c: mqtt.Client, u: Any, sock: Any) -> None:
@@ -310,6 +319,7 @@ class SimDevice:
             return
         self.reconnects += 1
         try:
+            self._new_session(self.client)
             self.client.reconnect()
         except OSError as e:
             log.debug("%s: reconnect failed: %s", self.id, e)
@@ -349,7 +359,8 @@ class SimDevice:
 
     def status_doc(self, online: bool, reason: str = "") -> dict[str, Any]:
         doc: dict[str, Any] = {"v": 1, "device": self.id, "online": online, "ts": now_rfc3339(), "agent": AGENT_VERSION,
-                               "boot_id": self.boot_id, "profile": "simulated",
+                               "boot_id": self.boot_id, "profile": "simulated", "session": self.session,
+                               "groups": list(self.groups),
                                "models": [dict(m) for m in self.models.values()]}
         if reason:
             doc["reason"] = reason
@@ -457,6 +468,8 @@ class SimDevice:
         self.sim.loop.call_later(self.sim.opts.step_s, lambda: self._rolled_back(cid, m, frm))
 
     def _rolled_back(self, cid: str, m: dict[str, Any], frm: int) -> None:
+        self.publish("events", {"event": "rollback", "model": m["name"], "frm": frm, "to": m["version"],
+                                "reason": "rollback command"})  # as the agent reports it
         self.job(cid, "rollback", "SUCCEEDED", result={"name": m["name"], "version": m["version"], "backend": SIM_BACKEND,
                                                        "previous": frm})
         self.publish_status()
@@ -517,7 +530,7 @@ class SimDevice:
 
     # -- telemetry ---------------------------------------------------------------------------
     def heartbeat(self) -> None:
-        if self.connected:
+        if self.connected and not self.sim.stopping:
             self.publish("heartbeat", {"uptime_s": round(time.time() - self.started, 1),
                                        "system": {"cpu_pct": round(random.uniform(5, 40), 1),
                                                   "mem_used_pct": round(random.uniform(30, 60), 1),
@@ -528,15 +541,30 @@ class SimDevice:
         self.sim.loop.call_later(self.sim.opts.heartbeat_s, self.heartbeat)
 
     def telemetry(self) -> None:
-        if self.connected and self.models:
-            models = {}
+        if self.connected and self.models and not self.sim.stopping:  # nothing after the goodbye
+            models, raw = {}, {}
             for name, m in self.models.items():
                 w = Window(m["version"], SIM_BACKEND)
-                for _ in range(SAMPLES_PER_WINDOW):
-                    w.add(random.lognormvariate(0, 0.25) * self.latency_ms / 1000.0, True)
+                raw[name] = [random.lognormvariate(0, 0.25) * self.latency_ms / 1000.0 for _ in range(SAMPLES_PER_WINDOW)]
+                for latency_s in raw[name]:
+                    w.add(latency_s, True)
                 models[name] = w.summary()
             self.publish("telemetry", {"window_s": self.sim.opts.window_s, "models": models})
+            self.sim.record_samples({"device": self.id, "seq": self.seq["telemetry"], "latency_s": raw})
         self.sim.loop.call_later(self.sim.opts.window_s, self.telemetry)
+
+
+def load_trust(folder: Path) -> TrustStore:
+    """The simulated devices' trust folder; ValueError naming the path and the fix when it is
+    missing or holds no key (one clean line from fleetctl, before any process starts)."""
+    if not folder.is_dir():
+        what = "does not exist" if not folder.exists() else "is not a folder"
+        raise ValueError(f"--trust {folder}: {what} (resolved: {folder.resolve()}); give the folder holding the "
+                         "fleet's public key(s) (.pub.pem), e.g. the --out folder of `fleetctl keygen`")
+    trust = TrustStore.load(folder)
+    if not len(trust):
+        raise ValueError(f"--trust {folder}: {trust.no_keys_message()}")
+    return trust
 
 
 class Simulator:
@@ -544,9 +572,7 @@ class Simulator:
 
     def __init__(self, opts: SimOptions, device_ids: Sequence[str]) -> None:
         self.opts = opts
-        self.trust = TrustStore.load(opts.trust_dir)
-        if not len(self.trust):
-            raise ValueError(f"{opts.trust_dir}: no trusted public keys (*.pem)")
+        self.trust = load_trust(opts.trust_dir)
         self.loop = _Loop()
         self.manifests = _ManifestCache(self.loop, self.trust, opts.threshold)
         self.stopping = False
@@ -554,6 +580,7 @@ class Simulator:
         self._ready_cv = threading.Condition()
         self._log_lock = threading.Lock()
         self._log = open(opts.log_path, "a", encoding="utf-8") if opts.log_path else None  # noqa: SIM115 - closed in stop()
+        self._samples = open(opts.samples_path, "a", encoding="utf-8") if opts.samples_path else None  # noqa: SIM115 - closed in stop()
         self.devices = [SimDevice(self, d) for d in device_ids]
 
     def record(self, entry: dict[str, Any]) -> None:
@@ -564,6 +591,12 @@ class Simulator:
         with self._log_lock:
             self._log.write(line)
             self._log.flush()
+
+    def record_samples(self, entry: dict[str, Any]) -> None:
+        """One line in the samples log (JSONL): the raw latencies behind one telemetry message."""
+        if self._samples is not None:
+            self._samples.write(json.dumps(entry, separators=(",", ":")) + "\n")
+            self._samples.flush()  # one write per line: lines from several processes never interleave
 
     def device_ready(self) -> None:
         with self._ready_cv:
@@ -599,13 +632,22 @@ class Simulator:
         """Publish offline status and disconnect every device (bounded)."""
         done = threading.Event()
 
+        deadline = time.monotonic() + timeout_s
+
+        def flushed() -> None:
+            # paho closes a socket once its DISCONNECT is written, i.e. after every queued message
+            if all(d.client.socket() is None for d in self.devices) or time.monotonic() >= deadline:
+                done.set()
+            else:
+                self.loop.call_later(STOP_POLL_S, flushed)
+
         def bye() -> None:
             self.stopping = True
             for d in self.devices:
                 if d.connected:
                     d.publish_status(False, "shutdown")
                     d.client.disconnect()
-            self.loop.call_later(0.2, done.set)
+            self.loop.call_later(STOP_POLL_S, flushed)
 
         if self.loop.thread is not None and self.loop.thread.is_alive():
             self.loop.call_soon_threadsafe(bye)
@@ -616,6 +658,8 @@ class Simulator:
         self.loop.close()
         if self._log is not None:
             self._log.close()
+        if self._samples is not None:
+            self._samples.close()
 
 
 def device_ids(count: int, fmt: str = "sim-{:03d}", first: int = 0) -> list[str]:
@@ -678,10 +722,11 @@ def run_children(argv: list[str], processes: int, out: Callable[[str], None],
                 i, line = lines.get(timeout=max(0.0, min(LOOP_TICK_S, deadline - time.monotonic())))
             except queue.Empty:
                 if time.monotonic() >= deadline:
-                    raise RuntimeError(f"simulator processes not ready within {CHILD_READY_TIMEOUT_S:g} s") from None
+                    raise ChildProcessError(f"simulator processes not ready within {CHILD_READY_TIMEOUT_S:g} s") from None
                 continue
             if not line:
-                raise RuntimeError(f"simulator process {children[i].pid} ended before it was ready (exit {children[i].wait()})")
+                raise ChildProcessError(f"simulator process {children[i].pid} ended before it was ready "
+                                        f"(exit {children[i].wait()}; its error is printed above)")
             if line.startswith("ready "):
                 ready.add(i)
                 total += int(line.split()[1])
@@ -742,6 +787,8 @@ def add_arguments(p: argparse.ArgumentParser, duration: Callable[[str], float]) 
     p.add_argument("--latency-ms", type=float, default=DEFAULT_LATENCY_MS, help="typical simulated inference latency")
     p.add_argument("--no-fetch", action="store_true", help="do not fetch manifests (the version is the next one)")
     p.add_argument("--log", metavar="FILE", help="append one JSON line per executed command, result and refused replay")
+    p.add_argument("--samples-log", metavar="FILE",
+                   help="append the raw latencies behind each telemetry message (JSON lines; for checking fleet percentiles)")
     p.add_argument("--processes", type=int, default=1, metavar="K", help="spread the devices over K processes")
     p.add_argument("--duration", type=duration, metavar="DURATION", help="stop after this long (default: until Ctrl-C)")
     p.add_argument("--shard", help=argparse.SUPPRESS)  # I/K: this process runs share I of K (run_children)
@@ -757,7 +804,8 @@ def options_from(a: argparse.Namespace) -> SimOptions:
     return SimOptions(broker=a.broker, trust_dir=Path(a.trust), prefix=a.prefix, threshold=a.threshold,
                       groups=tuple(a.group), fail=tuple(a.fail), fail_code=a.fail_code, fail_step=a.fail_step,
                       models=models, step_s=a.step_time, heartbeat_s=a.heartbeat, window_s=a.window,
-                      latency_ms=a.latency_ms, fetch=not a.no_fetch, log_path=Path(a.log) if a.log else None)
+                      latency_ms=a.latency_ms, fetch=not a.no_fetch, log_path=Path(a.log) if a.log else None,
+                      samples_path=Path(a.samples_log) if a.samples_log else None)
 
 
 def run_cli(a: argparse.Namespace) -> int:
@@ -771,6 +819,7 @@ def run_cli(a: argparse.Namespace) -> int:
     if len(set(ids)) != len(ids):
         raise ValueError(f"--id-format {a.id_format!r} gives duplicate ids")
     opts = options_from(a)
+    load_trust(opts.trust_dir)  # a bad folder is one line here, not an error in each child process
     if a.shard:
         index, _, total = a.shard.partition("/")
         return run_here(opts, shard(ids, int(index), int(total)), out, a.duration)
@@ -792,6 +841,8 @@ def _child_argv(a: argparse.Namespace) -> list[str]:
         argv.append("--no-fetch")
     if a.log:
         argv += ["--log", a.log]
+    if a.samples_log:
+        argv += ["--samples-log", a.samples_log]
     for flag, value in (("--ca-file", a.ca_file), ("--cert-file", a.cert_file), ("--cert-key-file", a.cert_key_file),
                         ("--username", a.username), ("--password-file", a.password_file)):
         if value:

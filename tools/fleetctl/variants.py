@@ -6,19 +6,25 @@
 - ``onnx-int8``: dynamic quantisation of the weights (onnxruntime.quantization.quantize_dynamic);
 - ``openvino-fp32`` / ``openvino-fp16``: OpenVINO IR (xml + bin) through ``openvino.convert_model``,
   fp16 compressing the weights;
-- ``tflite`` (id ``tflite-fp32``): a .tflite written by the built-in converter below, which maps
-  dense graphs (MatMul/Gemm, Add/Sub/Mul/Div, Relu/LeakyRelu/Sigmoid/Tanh/Softmax, Flatten/
-  Reshape) onto TFLite builtin ops through the flatbuffer schema that ships with ai-edge-litert.
-  Other graphs (convolutions: ONNX is NCHW, TFLite NHWC) need a real converter: convert with
-  onnx2tf / the TensorFlow converter and pass the file with ``--tflite FILE``.
+- ``tflite`` (id ``tflite-fp32``): a .tflite written by the built-in flatbuffer writer below,
+  which maps dense float32 graphs (MatMul/Gemm, Add/Sub/Mul/Div, Relu/LeakyRelu/Sigmoid/Tanh/
+  Softmax, Flatten/Reshape) onto TFLite builtin ops through the schema that ships with
+  ai-edge-litert. Other graphs (convolutions: ONNX is NCHW, TFLite NHWC) need a real converter:
+  convert with onnx2tf / the TensorFlow converter and pass the file with ``--tflite FILE``. A
+  refusal names the operator (op type and node name).
 Prebuilt files join as they are: ``--tflite FILE`` and ``--add-variant ID:FORMAT:PRECISION:PATH``
 (an OpenVINO ``.xml`` brings the ``.bin`` beside it).
 
 Invariants:
+- Each variant succeeds or fails on its own: ``plan_variants`` lists what to try (and what is
+  skipped, with the reason), ``make_variant`` makes and checks one and returns its ``Outcome``
+  (built, or failed with the reason); a failed variant leaves none of its files behind. Only
+  options that cannot work for any model (a missing file, an id or path used twice) stop the
+  build before anything is made.
 - Every variant is checked at build time against the golden outputs (computed with onnxruntime on
-  the fp32 model) on this machine's CPU, through the agent's own backend for its format, and the
-  build fails with the reason when one is out of tolerance or cannot run here; ``--no-check ID``
-  skips that for a variant this machine cannot run (an Edge-TPU-compiled model), and says so.
+  the fp32 model) on this machine's CPU, through the agent's own backend for its format; one out
+  of tolerance or that cannot run here fails with the reason; ``--no-check ID`` skips that for a
+  variant this machine cannot run (an Edge-TPU-compiled model), and says so.
 - A reduced-precision variant carries its own ``tolerance`` (rtol, atol) in the signed manifest:
   ``REDUCED_TOLERANCE`` scaled by the largest golden output, never looser than the bundle's;
   fp32 variants use the bundle's. Devices validate each variant with its tolerance.
@@ -29,6 +35,7 @@ Invariants:
 from __future__ import annotations
 
 import logging
+import re
 import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -52,6 +59,7 @@ FORMAT_PRECISION = {"onnx-fp16": ("onnx", "fp16"), "onnx-int8": ("onnx", "int8")
                     "openvino-fp32": ("openvino", "fp32"), "openvino-fp16": ("openvino", "fp16"),
                     "tflite": ("tflite", "fp32")}
 PREBUILT_DIR = "variants"
+BUILT, FAILED, SKIPPED = "built", "failed", "skipped"  # a variant's outcome in a build
 # (rtol, atol as a fraction of the largest |golden output|) for reduced precisions: fp16 keeps
 # ~3 significant digits; dynamic int8 quantisation moves outputs by up to a few % of their range.
 REDUCED_TOLERANCE = {"fp16": (1e-2, 1e-2), "int8": (5e-2, 5e-2)}
@@ -129,8 +137,11 @@ def convert_onnx_fp16(src: Path, dst: Path) -> None:
         import onnx
         from onnxconverter_common import float16
     except ImportError as e:
-        raise VariantError("onnx-fp16 needs onnxconverter-common (pip install 'edge-agent[build]')") from e
-    model = float16.convert_float_to_float16(onnx.load(str(src)), keep_io_types=True)
+        raise VariantError("needs onnxconverter-common (pip install 'edge-agent[build]')") from e
+    try:
+        model = float16.convert_float_to_float16(onnx.load(str(src)), keep_io_types=True)
+    except Exception as e:  # the converter raises assorted errors for graphs it cannot handle
+        raise VariantError(f"onnxconverter-common could not convert the model: {e}") from e
     dst.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(model, str(dst))
 
@@ -139,7 +150,7 @@ def convert_onnx_int8(src: Path, dst: Path) -> None:
     try:
         from onnxruntime.quantization import QuantType, quantize_dynamic
     except ImportError as e:
-        raise VariantError("onnx-int8 needs onnxruntime's quantization tools (pip install 'edge-agent[build]')") from e
+        raise VariantError("needs onnxruntime's quantization tools (pip install 'edge-agent[build]')") from e
     dst.parent.mkdir(parents=True, exist_ok=True)
     root = logging.getLogger()
     level = root.level
@@ -147,7 +158,7 @@ def convert_onnx_int8(src: Path, dst: Path) -> None:
     try:
         quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8)
     except Exception as e:  # onnxruntime's quantiser raises assorted errors for unsupported graphs
-        raise VariantError(f"onnx-int8: dynamic quantisation failed: {e}") from e
+        raise VariantError(f"dynamic quantisation failed: {e}") from e
     finally:
         root.setLevel(level)
 
@@ -159,13 +170,35 @@ def convert_openvino_ir(src: Path, xml: Path, fp16: bool) -> None:
     try:
         import openvino as ov
     except ImportError as e:
-        raise VariantError("OpenVINO IR variants need openvino (pip install 'edge-agent[openvino]')") from e
+        raise VariantError("needs openvino (pip install 'edge-agent[openvino]')") from e
     try:
         model = ov.convert_model(str(src))
+        _stable_names(model, src)
         xml.parent.mkdir(parents=True, exist_ok=True)
         ov.save_model(model, str(xml), compress_to_fp16=fp16)
     except Exception as e:  # OpenVINO's conversion errors share no public base class
-        raise VariantError(f"openvino-{'fp16' if fp16 else 'fp32'}: OpenVINO could not convert the model: {e}") from e
+        raise VariantError(f"OpenVINO could not convert the model: {e}") from e
+
+
+_GENERATED_NAME = re.compile(r"([A-Za-z][A-Za-z0-9]*)_\d+")
+
+
+def _stable_names(model: Any, src: Path) -> None:
+    """Renumber the names OpenVINO made up (``Constant_2360``: a counter global to the process)
+    in graph order, so the same model converts to the same IR bytes whatever ran before it in
+    this process (the agent's autotune cache matches bundles by file sizes). Names from the ONNX
+    graph are kept."""
+    import onnx
+
+    g = onnx.load(str(src), load_external_data=False).graph
+    given = {n for node in g.node for n in (node.name, *node.output)} | {i.name for i in (*g.initializer, *g.input)}
+    k = 0
+    for op in model.get_ordered_ops():
+        name = op.get_friendly_name()
+        m = _GENERATED_NAME.fullmatch(name)
+        if m and name not in given and op.get_type_name() not in ("Parameter", "Result"):
+            op.set_friendly_name(f"{m.group(1)}_fleetctl{k}")
+            k += 1
 
 
 # ---- ONNX → TFLite for dense graphs (see the module docstring for the subset)
@@ -204,11 +237,6 @@ class _TfliteWriter:
         self.tensors.append(t)
         self.index[name] = len(self.tensors) - 1
         return self.index[name]
-
-    def const(self, name: str, value: np.ndarray) -> int:
-        if value.dtype != np.float32:
-            raise VariantError(f"tflite: constant {name!r} is {value.dtype}; the built-in converter handles float32 only")
-        return self.tensor(name, value.shape, value)
 
     def op(self, code: str, inputs: Sequence[int], outputs: Sequence[int], options: str | None = None,
            **fields: Any) -> None:
@@ -260,104 +288,181 @@ class _TfliteWriter:
         return tm
 
 
+TFLITE_HINT = "pass --tflite FILE with a converted model (onnx2tf or the TensorFlow converter)"
+_TFLITE_OPS = frozenset({"Constant", "Identity", "MatMul", "Gemm", *_BINARY, *_UNARY, "LeakyRelu", "Softmax",
+                         "Flatten", "Reshape"})
+
+
+class _NodeRefusal(Exception):
+    """One node the writer cannot map; the caller names the operator."""
+
+
+def _operator(node: Any) -> str:
+    """``operator Resize (node 'upsample_1')``: how refusals name a node."""
+    where = f"node {node.name!r}" if node.name else f"unnamed node, output {node.output[0]!r}"
+    return f"operator {node.op_type} ({where})"
+
+
+def _elem_name(elem_type: int) -> str:
+    import onnx
+
+    return str(onnx.TensorProto.DataType.Name(elem_type)).lower()
+
+
+class _OnnxToTflite:
+    """Maps the nodes of one dense float32 ONNX graph onto a ``_TfliteWriter``."""
+
+    def __init__(self, model: Any, schema: Any) -> None:
+        from onnx import numpy_helper
+
+        g = model.graph
+        self.schema = schema
+        self.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
+        self.consts: dict[str, np.ndarray] = {i.name: numpy_helper.to_array(i) for i in g.initializer}
+        self.shapes: dict[str, tuple[int | None, ...]] = {}
+        self.types: dict[str, int] = {}
+        for vi in [*g.input, *g.value_info, *g.output]:
+            tt = vi.type.tensor_type
+            self.types[vi.name] = tt.elem_type
+            if tt.HasField("shape"):
+                self.shapes[vi.name] = tuple(int(d.dim_value) if d.HasField("dim_value") and d.dim_value > 0 else None
+                                             for d in tt.shape.dim)
+        self.inputs = [i.name for i in g.input if i.name not in self.consts]
+        self.outputs = [o.name for o in g.output]
+        self.alias: dict[str, str] = {}
+        self.w = _TfliteWriter(schema)
+
+    def ref(self, name: str) -> int:
+        name = self.alias.get(name, name)
+        if name in self.w.index:
+            return self.w.index[name]
+        if name in self.consts:
+            value = self.consts[name]
+            if value.dtype == np.float64:
+                value = value.astype(np.float32)
+            if value.dtype != np.float32:
+                raise _NodeRefusal(f"has a {value.dtype} constant input {name!r} (float32 only)")
+            return self.w.tensor(name, value.shape, value)
+        raise _NodeRefusal(f"reads {name!r}, which no supported operator produces")
+
+    def out(self, node: Any) -> int:
+        name = node.output[0]
+        if name not in self.shapes:
+            raise _NodeRefusal(f"has no inferred shape for its output {name!r}")
+        return self.w.tensor(name, self.shapes[name])
+
+    def node(self, node: Any) -> None:
+        """Add one node; _NodeRefusal says what about it the writer cannot map."""
+        import onnx
+        from onnx import numpy_helper
+
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        op, w = node.op_type, self.w
+        if op == "Constant":
+            self.consts[node.output[0]] = numpy_helper.to_array(attrs["value"])
+            return
+        for name in node.output:
+            if self.types.get(name, onnx.TensorProto.FLOAT) != onnx.TensorProto.FLOAT:
+                raise _NodeRefusal(f"produces a {_elem_name(self.types[name])} tensor {name!r} (float32 graphs only)")
+        if op == "Identity":
+            self._identity(node)
+        elif op in ("MatMul", "Gemm"):
+            self._dense(node, attrs)
+        elif op in _BINARY:
+            code, options = _BINARY[op]
+            w.op(code, [self.ref(node.input[0]), self.ref(node.input[1])], [self.out(node)], options)
+        elif op in _UNARY:
+            w.op(_UNARY[op], [self.ref(node.input[0])], [self.out(node)])
+        elif op == "LeakyRelu":
+            w.op("LEAKY_RELU", [self.ref(node.input[0])], [self.out(node)], "LeakyReluOptions",
+                 alpha=float(attrs.get("alpha", 0.01)))
+        elif op == "Softmax":
+            rank = len(self.shapes.get(node.input[0], ()))
+            axis = int(attrs.get("axis", -1 if self.opset >= 13 else 1))
+            if axis not in (-1, rank - 1):
+                raise _NodeRefusal(f"works over axis {axis} of a rank-{rank} tensor (TFLite: the last axis only)")
+            w.op("SOFTMAX", [self.ref(node.input[0])], [self.out(node)], "SoftmaxOptions", beta=1.0)
+        elif op in ("Flatten", "Reshape"):
+            target = self.shapes.get(node.output[0])
+            if target is None or sum(d is None for d in target) > 1:
+                raise _NodeRefusal("needs an output shape with at most one dynamic dimension")
+            new_shape = np.array([-1 if d is None else d for d in target], dtype=np.int32)
+            shape_t = w.tensor(node.output[0] + "/shape", (len(new_shape),), new_shape, self.schema.TensorType.INT32)
+            w.op("RESHAPE", [self.ref(node.input[0]), shape_t], [self.out(node)], "ReshapeOptions",
+                 newShape=new_shape.tolist())
+        else:  # convert_onnx_to_tflite refuses these before any node is mapped
+            raise _NodeRefusal("is not supported by the built-in flatbuffer writer")
+
+    def _identity(self, node: Any) -> None:
+        w = self.w
+        src_name = self.alias.get(node.input[0], node.input[0])
+        if node.output[0] in self.outputs and src_name in w.index and src_name not in self.inputs:
+            idx = w.index.pop(src_name)  # the graph output keeps its ONNX name
+            w.tensors[idx].name = node.output[0]
+            w.index[node.output[0]] = idx
+            self.alias[src_name] = node.output[0]
+        else:
+            self.alias[node.output[0]] = src_name
+
+    def _dense(self, node: Any, attrs: dict[str, Any]) -> None:
+        op = node.op_type
+        if node.input[1] not in self.consts or attrs.get("transA", 0):
+            raise _NodeRefusal("needs constant weights and no transA")
+        b = self.consts[node.input[1]].astype(np.float32)
+        if b.ndim != 2:
+            raise _NodeRefusal(f"has {b.ndim}-D weights (2-D only)")
+        weights = (b if attrs.get("transB", 0) else b.T) * np.float32(attrs.get("alpha", 1.0))
+        ins = [self.ref(node.input[0]), self.w.tensor(node.input[1] + "/fc_weights", weights.shape,
+                                                      np.ascontiguousarray(weights))]
+        if op == "Gemm" and len(node.input) > 2 and node.input[2]:
+            if node.input[2] not in self.consts:
+                raise _NodeRefusal("needs a constant bias")
+            bias = np.broadcast_to(self.consts[node.input[2]].astype(np.float32).reshape(-1), (weights.shape[0],))
+            bias = np.ascontiguousarray(bias * np.float32(attrs.get("beta", 1.0)))
+            ins.append(self.w.tensor(node.input[2] + "/fc_bias", bias.shape, bias))
+        else:
+            ins.append(-1)
+        self.w.op("FULLY_CONNECTED", ins, [self.out(node)], "FullyConnectedOptions", keepNumDims=True)
+
+
 def convert_onnx_to_tflite(src: Path, dst: Path) -> None:
-    """Write ``dst`` from a dense float32 ONNX graph; VariantError names the first unsupported node."""
+    """Write ``dst`` from a dense float32 ONNX graph.
+
+    A refusal names the operator (op type and node name), never only a tensor: the first operator
+    the writer does not support, listing the other unsupported op types, or the first node whose
+    tensors it cannot map.
+    """
     try:
         from ai_edge_litert import schema_py_generated as schema
     except ImportError as e:
-        raise VariantError("tflite: the built-in converter needs ai-edge-litert (pip install 'edge-agent[tflite]'), "
-                           "or give a converted file with --tflite FILE") from e
+        raise VariantError("TFLite variant: the built-in flatbuffer writer needs ai-edge-litert "
+                           f"(pip install 'edge-agent[tflite]'), or {TFLITE_HINT}") from e
     import onnx
-    from onnx import numpy_helper, shape_inference
+    from onnx import shape_inference
 
     model = shape_inference.infer_shapes(onnx.load(str(src)))
     g = model.graph
-    consts: dict[str, np.ndarray] = {i.name: numpy_helper.to_array(i) for i in g.initializer}
-    shapes: dict[str, tuple[int | None, ...]] = {}
-    for vi in [*g.input, *g.value_info, *g.output]:
-        tt = vi.type.tensor_type
-        if tt.elem_type != onnx.TensorProto.FLOAT and vi.name not in consts:
-            raise VariantError(f"tflite: tensor {vi.name!r} is not float32; the built-in converter handles float32 graphs")
-        if tt.HasField("shape"):
-            shapes[vi.name] = tuple(int(d.dim_value) if d.HasField("dim_value") and d.dim_value > 0 else None
-                                    for d in tt.shape.dim)
-    w = _TfliteWriter(schema)
-    alias: dict[str, str] = {}
-    graph_inputs = [i.name for i in g.input if i.name not in consts]
-    graph_outputs = [o.name for o in g.output]
-    for name in graph_inputs:
-        w.tensor(name, shapes[name])
-
-    def ref(name: str) -> int:
-        name = alias.get(name, name)
-        if name in w.index:
-            return w.index[name]
-        if name in consts:
-            return w.const(name, consts[name].astype(np.float32) if consts[name].dtype == np.float64 else consts[name])
-        raise VariantError(f"tflite: tensor {name!r} is produced by nothing the converter understood")
-
-    def out(node: Any) -> int:
-        name = node.output[0]
-        if name not in shapes:
-            raise VariantError(f"tflite: no inferred shape for {name!r} (node {node.op_type})")
-        return w.tensor(name, shapes[name])
-
+    unsupported = [n for n in g.node if n.op_type not in _TFLITE_OPS]
+    if unsupported:
+        others = sorted({n.op_type for n in unsupported} - {unsupported[0].op_type})
+        also = f" (nor are {', '.join(others)} in this graph)" if others else ""
+        raise VariantError(f"TFLite variant: {_operator(unsupported[0])} is not supported by the built-in "
+                           f"flatbuffer writer{also}; {TFLITE_HINT}")
+    conv = _OnnxToTflite(model, schema)
+    for name in conv.inputs:
+        if conv.types.get(name) != onnx.TensorProto.FLOAT:
+            raise VariantError(f"TFLite variant: graph input {name!r} is {_elem_name(conv.types.get(name, 0))}; "
+                               f"the built-in flatbuffer writer handles float32 graphs only; {TFLITE_HINT}")
+        conv.w.tensor(name, conv.shapes[name])
     for node in g.node:
-        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-        op = node.op_type
-        if op == "Constant":
-            consts[node.output[0]] = numpy_helper.to_array(attrs["value"])
-        elif op == "Identity":
-            src_name = alias.get(node.input[0], node.input[0])
-            if node.output[0] in graph_outputs and src_name in w.index and src_name not in graph_inputs:
-                idx = w.index.pop(src_name)  # the graph output keeps its ONNX name
-                w.tensors[idx].name = node.output[0]
-                w.index[node.output[0]] = idx
-                alias[src_name] = node.output[0]
-            else:
-                alias[node.output[0]] = src_name
-        elif op in ("MatMul", "Gemm"):
-            if node.input[1] not in consts or attrs.get("transA", 0):
-                raise VariantError(f"tflite: {op} {node.name or node.output[0]!r} needs constant weights and no transA")
-            b = consts[node.input[1]].astype(np.float32)
-            if b.ndim != 2:
-                raise VariantError(f"tflite: {op} weights must be 2-D, got {b.shape}")
-            weights = (b if attrs.get("transB", 0) else b.T) * np.float32(attrs.get("alpha", 1.0))
-            ins = [ref(node.input[0]), w.const(node.input[1] + "/fc_weights", np.ascontiguousarray(weights))]
-            if op == "Gemm" and len(node.input) > 2 and node.input[2]:
-                if node.input[2] not in consts:
-                    raise VariantError("tflite: Gemm bias must be constant")
-                bias = np.broadcast_to(consts[node.input[2]].astype(np.float32).reshape(-1), (weights.shape[0],))
-                ins.append(w.const(node.input[2] + "/fc_bias", np.ascontiguousarray(bias * np.float32(attrs.get("beta", 1.0)))))
-            else:
-                ins.append(-1)
-            w.op("FULLY_CONNECTED", ins, [out(node)], "FullyConnectedOptions", keepNumDims=True)
-        elif op in _BINARY:
-            code, options = _BINARY[op]
-            w.op(code, [ref(node.input[0]), ref(node.input[1])], [out(node)], options)
-        elif op in _UNARY:
-            w.op(_UNARY[op], [ref(node.input[0])], [out(node)])
-        elif op == "LeakyRelu":
-            w.op("LEAKY_RELU", [ref(node.input[0])], [out(node)], "LeakyReluOptions", alpha=float(attrs.get("alpha", 0.01)))
-        elif op == "Softmax":
-            rank = len(shapes.get(node.input[0], ()))
-            axis = int(attrs.get("axis", -1 if model.opset_import[0].version >= 13 else 1))
-            if axis not in (-1, rank - 1):
-                raise VariantError(f"tflite: Softmax over axis {axis} of a rank-{rank} tensor (TFLite: last axis only)")
-            w.op("SOFTMAX", [ref(node.input[0])], [out(node)], "SoftmaxOptions", beta=1.0)
-        elif op in ("Flatten", "Reshape"):
-            target = shapes.get(node.output[0])
-            if target is None or sum(d is None for d in target) > 1:
-                raise VariantError(f"tflite: {op} {node.output[0]!r} needs a shape with at most one dynamic dimension")
-            new_shape = np.array([-1 if d is None else d for d in target], dtype=np.int32)
-            shape_t = w.tensor(node.output[0] + "/shape", (len(new_shape),), new_shape, schema.TensorType.INT32)
-            w.op("RESHAPE", [ref(node.input[0]), shape_t], [out(node)], "ReshapeOptions", newShape=new_shape.tolist())
-        else:
-            raise VariantError(f"tflite: ONNX op {op} (node {node.name or node.output[0]!r}) is not supported by the "
-                               "built-in converter (dense graphs only); convert with onnx2tf / TensorFlow and pass --tflite FILE")
-    if any(o not in w.index for o in graph_outputs):
-        raise VariantError("tflite: a graph output is a constant, an input or an alias of one; nothing to convert")
-    data = w.finish(graph_inputs, graph_outputs, f"converted from {src.name} by fleetctl")
+        try:
+            conv.node(node)
+        except _NodeRefusal as e:
+            raise VariantError(f"TFLite variant: {_operator(node)} {e}; {TFLITE_HINT}") from e
+    if any(o not in conv.w.index for o in conv.outputs):
+        raise VariantError("TFLite variant: a graph output is a constant, an input or an alias of one; "
+                           "nothing to convert")
+    data = conv.w.finish(conv.inputs, conv.outputs, f"converted from {src.name} by fleetctl")
     dst.parent.mkdir(parents=True, exist_ok=True)
     dst.write_bytes(data)
 
@@ -403,7 +508,7 @@ def check_variant(bundle: Path, v: BuiltVariant, feeds: Mapping[str, np.ndarray]
     tgt = next((t for t in backend.targets() if t.target == target), None) if backend else None
     if backend is None or tgt is None or not tgt.availability.usable:
         why = tgt.availability.reason if tgt else f"{runtime} backend unavailable"
-        raise VariantError(f"{v.id}: cannot be checked here ({why}; {INSTALL_HINTS[v.format]}), "
+        raise VariantError(f"cannot be checked on this machine ({why}; {INSTALL_HINTS[v.format]}), "
                            f"or add --no-check {v.id} to ship it unchecked")
     r, a = v.tolerance or (rtol, atol)
     try:
@@ -414,7 +519,7 @@ def check_variant(bundle: Path, v: BuiltVariant, feeds: Mapping[str, np.ndarray]
         finally:
             model.close()
     except errors.AgentError as e:
-        raise VariantError(f"{v.id}: failed its build-time check on {runtime}:{target}: {e.message}") from e
+        raise VariantError(f"did not pass its build-time check on {runtime}:{target}: {e.message}") from e
     return {"backend": f"{runtime}:{target}", "max_abs_error": err, "rtol": r, "atol": a,
             "compute_precision": details.get("compute_precision", v.precision)}
 
@@ -422,42 +527,69 @@ def check_variant(bundle: Path, v: BuiltVariant, feeds: Mapping[str, np.ndarray]
 # ----------------------------------------------------------------------------- entry point
 
 
-def make_variants(bundle: Path, model: Path, feeds: Mapping[str, np.ndarray], expected: Mapping[str, np.ndarray],
-                  *, variants: Sequence[str] = (), tflite: Path | None = None, prebuilt: Sequence[Prebuilt] = (),
-                  unchecked: Sequence[str] = (), rtol: float, atol: float, taken: Sequence[str] = ()) -> list[BuiltVariant]:
-    """Write the requested variants into ``bundle`` and check each; ``taken`` are paths already used."""
-    out: list[BuiltVariant] = []
+@dataclass(frozen=True)
+class Planned:
+    """One variant the build will try: converted from the model (``convert``) or copied (``sources``)."""
+
+    id: str
+    format: str
+    precision: str
+    files: tuple[str, ...]
+    convert: str | None = None  # a CONVERTED name
+    sources: tuple[Path, ...] = ()
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What became of one variant: ``built`` (with ``variant``), ``failed`` or ``skipped`` (with ``reason``)."""
+
+    id: str
+    format: str
+    precision: str
+    status: str
+    reason: str = ""
+    variant: BuiltVariant | None = None
+
+    def line(self) -> str:
+        """One line for the build's report."""
+        head = f"variant {self.id} ({self.format}/{self.precision}): "
+        if self.status != BUILT:
+            return head + f"{self.status}: {self.reason}"
+        c = self.variant.check if self.variant else {}
+        if "backend" in c:
+            return head + (f"built, checked on {c['backend']} computing in {c['compute_precision']}, "
+                           f"max abs error {c['max_abs_error']:.3g} (rtol {c['rtol']:g}, atol {c['atol']:g})")
+        return head + ("built, NOT checked (--no-check)" if c else f"built ({self.reason})")
+
+
+def plan_variants(*, variants: Sequence[str] = (), tflite: Path | None = None, prebuilt: Sequence[Prebuilt] = (),
+                  unchecked: Sequence[str] = (), taken: Sequence[str] = ()) -> tuple[list[Planned], list[Outcome]]:
+    """The variants to try, and those skipped with their reason; VariantError for options that
+    cannot work whatever the model (a missing file, an id or a path used twice, a stray --no-check)."""
+    plan: list[Planned] = []
+    skipped: list[Outcome] = []
     used = set(taken)
 
-    def claim(vid: str, rels: Sequence[str]) -> None:
-        if vid in {b.id for b in out} or vid == "onnx-fp32":
-            raise VariantError(f"variant id {vid!r} is used twice")
-        for rel in rels:
+    def claim(p: Planned) -> None:
+        if p.id in {q.id for q in plan} or p.id == "onnx-fp32":
+            raise VariantError(f"variant id {p.id!r} is used twice")
+        for rel in p.files:
             try:
-                check_path(rel, f"variant {vid}")
+                check_path(rel, f"variant {p.id}")
             except errors.RejectError as e:
                 raise VariantError(e.message) from e
             if rel in used:
-                raise VariantError(f"variant {vid}: path {rel!r} is already used in the bundle")
+                raise VariantError(f"variant {p.id}: path {rel!r} is already used in the bundle")
             used.add(rel)
+        plan.append(p)
 
     for name in variants:
-        rels = PATHS[name]
-        if name == "tflite" and tflite is not None:
-            continue  # the given file is the tflite variant
-        vid = "tflite-fp32" if name == "tflite" else name
-        claim(vid, rels)
-        dst = bundle / rels[0]
-        if name == "onnx-fp16":
-            convert_onnx_fp16(model, dst)
-        elif name == "onnx-int8":
-            convert_onnx_int8(model, dst)
-        elif name.startswith("openvino-"):
-            convert_openvino_ir(model, dst, fp16=name.endswith("fp16"))
-        else:
-            convert_onnx_to_tflite(model, dst)
         fmt, prec = FORMAT_PRECISION[name]
-        out.append(BuiltVariant(vid, fmt, prec, rels, tolerance_for(prec, expected, rtol, atol)))
+        vid = "tflite-fp32" if name == "tflite" else name
+        if name == "tflite" and tflite is not None:
+            skipped.append(Outcome(vid, fmt, prec, SKIPPED, f"--tflite {tflite} is the TFLite variant of this build"))
+            continue
+        claim(Planned(vid, fmt, prec, PATHS[name], convert=name))
     extra = list(prebuilt)
     if tflite is not None:
         tflite = Path(tflite)
@@ -470,22 +602,61 @@ def make_variants(bundle: Path, model: Path, feeds: Mapping[str, np.ndarray], ex
         suffix = {"onnx": ".onnx", "tflite": ".tflite", "openvino": ".xml"}[p.format]
         if not src.is_file() or src.suffix != suffix:
             raise VariantError(f"variant {p.id}: {src} is not a {suffix} file")
-        srcs = [src] + ([src.with_suffix(".bin")] if p.format == "openvino" else [])
+        srcs = (src, *([src.with_suffix(".bin")] if p.format == "openvino" else []))
         if not all(s.is_file() for s in srcs):
             raise VariantError(f"variant {p.id}: {srcs[-1]} (the IR weights) is missing")
-        rels = tuple(f"{PREBUILT_DIR}/{p.id}/{s.name}" for s in srcs)
-        claim(p.id, rels)
-        for s, rel in zip(srcs, rels, strict=True):
-            (bundle / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(s, bundle / rel)
-        out.append(BuiltVariant(p.id, p.format, p.precision, rels, tolerance_for(p.precision, expected, rtol, atol)))
-    for v in out:
-        if v.id in unchecked:
-            v.check = {"skipped": "--no-check"}
-            log.warning("variant %s added without a build-time check (--no-check)", v.id)
-        else:
-            v.check = check_variant(bundle, v, feeds, expected, rtol, atol)
-    unknown = set(unchecked) - {v.id for v in out}
+        claim(Planned(p.id, p.format, p.precision, tuple(f"{PREBUILT_DIR}/{p.id}/{s.name}" for s in srcs),
+                      sources=srcs))
+    unknown = set(unchecked) - {p.id for p in plan}
     if unknown:
         raise VariantError(f"--no-check names no variant of this build: {sorted(unknown)}")
-    return out
+    return plan, skipped
+
+
+def _produce(bundle: Path, model: Path, p: Planned) -> None:
+    """Write ``p``'s files into ``bundle``."""
+    dst = bundle / p.files[0]
+    if p.convert == "onnx-fp16":
+        convert_onnx_fp16(model, dst)
+    elif p.convert == "onnx-int8":
+        convert_onnx_int8(model, dst)
+    elif p.convert in ("openvino-fp32", "openvino-fp16"):
+        convert_openvino_ir(model, dst, fp16=p.convert.endswith("fp16"))
+    elif p.convert == "tflite":
+        convert_onnx_to_tflite(model, dst)
+    else:
+        for s, rel in zip(p.sources, p.files, strict=True):
+            (bundle / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(s, bundle / rel)
+
+
+def _discard(bundle: Path, rels: Sequence[str]) -> None:
+    """Remove a failed variant's files and the folders they leave empty."""
+    for rel in rels:
+        (bundle / rel).unlink(missing_ok=True)
+        parent = (bundle / rel).parent
+        while parent != bundle and parent.is_dir() and not any(parent.iterdir()):
+            parent.rmdir()
+            parent = parent.parent
+
+
+def make_variant(bundle: Path, model: Path, p: Planned, feeds: Mapping[str, np.ndarray],
+                 expected: Mapping[str, np.ndarray], *, check: bool, rtol: float, atol: float) -> Outcome:
+    """Make and check one variant; a failure is an Outcome with its reason and leaves none of its files."""
+    v = BuiltVariant(p.id, p.format, p.precision, p.files, tolerance_for(p.precision, expected, rtol, atol))
+    try:
+        _produce(bundle, model, p)
+        if check:
+            v.check = check_variant(bundle, v, feeds, expected, rtol, atol)
+        else:
+            v.check = {"skipped": "--no-check"}
+            log.warning("variant %s added without a build-time check (--no-check)", v.id)
+    except VariantError as e:
+        reason = str(e)
+    except Exception as e:  # converters and runtimes raise assorted errors: one variant's failure, not the build's
+        log.debug("variant %s failed", p.id, exc_info=True)
+        reason = f"{type(e).__name__}: {e}"
+    else:
+        return Outcome(p.id, p.format, p.precision, BUILT, variant=v)
+    _discard(bundle, p.files)
+    return Outcome(p.id, p.format, p.precision, FAILED, reason)

@@ -7,6 +7,8 @@ Invariants:
   unexpected type is shown as it is, and a payload it cannot read falls back to compact JSON.
 - Watching subscribes before reading, so retained status messages arrive first; it stops after a
   message count, a duration, or Ctrl-C, whichever comes first, and every wait is bounded.
+- The live view keeps, per device, the status document that ``status_order`` puts last (docs/protocol.md,
+  "Ordering status documents"): a late or redelivered older status never replaces a newer one.
 """
 
 from __future__ import annotations
@@ -74,6 +76,27 @@ def _bytes(n: Any) -> str:
     if isinstance(n, bool) or not isinstance(n, (int, float)):
         return "?"
     return f"{n / MIB:.1f} MiB" if n >= MIB else f"{int(n)} B"
+
+
+def _int(v: Any) -> int:
+    return v if isinstance(v, int) and not isinstance(v, bool) and v >= 0 else 0
+
+
+def status_order(doc: dict[str, Any]) -> tuple[int, int, int]:
+    """Where a status document stands in its device's history (docs/protocol.md): by the
+    connection's ``session``; within one session an offline document (the Last Will, or the final
+    status of a clean stop) after every online one, whatever its ``seq`` and ``ts`` (the Will is
+    stamped when the connection opens); then by ``seq``."""
+    return (_int(doc.get("session")), 1 if doc.get("online") is False else 0, _int(doc.get("seq")))
+
+
+def supersedes(new: dict[str, Any], held: dict[str, Any] | None) -> bool:
+    """True if status ``new`` replaces ``held`` (the one a consumer keeps); equal keys replace, so a
+    redelivered document is idempotent. Without a ``session`` on both (an agent before that field)
+    there is nothing to order by: the later arrival wins."""
+    if held is None or "session" not in new or "session" not in held:
+        return True
+    return status_order(new) >= status_order(held)
 
 
 def _status(p: dict[str, Any]) -> str:
@@ -289,6 +312,7 @@ class DeviceView:
     def __init__(self, device: str) -> None:
         self.device = device
         self.online: bool | None = None
+        self.status: dict[str, Any] | None = None  # the newest status document (status_order)
         self.agent = ""
         self.models: list[dict[str, Any]] = []
         self.job: dict[str, Any] | None = None
@@ -314,6 +338,9 @@ class FleetView:
             d = self.devices[device] = DeviceView(device)
         d.seen = time.monotonic() if now is None else now
         if kind == "status":
+            if not supersedes(payload, d.status):
+                return
+            d.status = payload
             d.online = payload.get("online") if isinstance(payload.get("online"), bool) else None
             d.agent = str(payload.get("agent") or "")
             models = payload.get("models")
