@@ -23,7 +23,9 @@ MAX_FILE_BYTES = 64 * 1024**3
 MAX_FILES = 256
 FORMATS = ("onnx", "tflite", "openvino")
 PRECISIONS = ("fp32", "fp16", "int8")
-DTYPES = ("float32", "float16", "float64", "int8", "uint8", "int16", "int32", "int64", "bool")
+DTYPES = ("float32", "float16", "float64", "int8", "uint8", "int16", "int32", "int64", "bool", "string")
+MAX_SOURCE_KEYS = 16  # the optional ``source`` object: provenance, a few short strings
+MAX_SOURCE_VALUE_CHARS = 256
 NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 PATH_RE = re.compile(r"^[A-Za-z0-9_.+@=-][A-Za-z0-9_.+@=/-]{0,254}$")
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
@@ -91,6 +93,7 @@ class Manifest:
     validation: Validation | None
     description: str = ""
     requires: dict[str, Any] = field(default_factory=dict)
+    source: dict[str, str] = field(default_factory=dict)  # provenance: framework and converter versions
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def variant(self, vid: str) -> Variant:
@@ -258,7 +261,19 @@ def parse_document(doc: Any) -> Manifest:
     return Manifest(name=name, version=version, created_at=created_at, expires_at=expires_at,
                     inputs=inputs, outputs=outputs, variants=tuple(variants), files=common,
                     validation=validation, description=str(doc.get("description", ""))[:1024],
-                    requires=requires, raw=doc)
+                    requires=requires, source=_source(doc.get("source")), raw=doc)
+
+
+def _source(d: Any) -> dict[str, str]:
+    """The optional provenance object: at most MAX_SOURCE_KEYS short strings."""
+    if d is None:
+        return {}
+    if (not isinstance(d, dict) or len(d) > MAX_SOURCE_KEYS
+            or not all(isinstance(k, str) and isinstance(v, str) and len(k) <= 64 and len(v) <= MAX_SOURCE_VALUE_CHARS
+                       for k, v in d.items())):
+        raise _bad(f"source: not an object of at most {MAX_SOURCE_KEYS} strings of at most "
+                   f"{MAX_SOURCE_VALUE_CHARS} characters")
+    return dict(d)
 
 
 def verify_manifest(raw: bytes, trust: TrustStore, threshold: int) -> Manifest:
