@@ -109,6 +109,14 @@ class Backend(Protocol):
     def load(self, model_path: Path, target: str, options: LoadOptions) -> LoadedModel: ...
 
 
+ONNX_ML_DOMAIN = "ai.onnx.ml"  # ONNX's classical-ML operators: TreeEnsemble*, LinearClassifier, Scaler, ...
+
+
+def onnx_ml_operators(operators: Any) -> list[str]:
+    """The ONNX-ML operators (``ai.onnx.ml.TreeEnsembleClassifier``) among a variant's ``operators``."""
+    return [op for op in operators if op.startswith(ONNX_ML_DOMAIN + ".")]
+
+
 STRING = "string"  # the manifest's dtype for string tensors (KServe BYTES): str, bytes or object arrays
 _NP_DTYPES = {"float32", "float16", "float64", "int8", "uint8", "int16", "int32", "int64", "bool"}
 

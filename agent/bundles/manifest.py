@@ -26,6 +26,8 @@ PRECISIONS = ("fp32", "fp16", "int8")
 DTYPES = ("float32", "float16", "float64", "int8", "uint8", "int16", "int32", "int64", "bool", "string")
 MAX_SOURCE_KEYS = 16  # the optional ``source`` object: provenance, a few short strings
 MAX_SOURCE_VALUE_CHARS = 256
+MAX_OPERATORS = 64  # a variant's non-standard operators the manifest lists, for backend selection
+OPERATOR_RE = re.compile(r"^[A-Za-z0-9_.]{1,128}$")  # ai.onnx.ml.TreeEnsembleClassifier
 NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 PATH_RE = re.compile(r"^[A-Za-z0-9_.+@=-][A-Za-z0-9_.+@=/-]{0,254}$")
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
@@ -60,6 +62,7 @@ class Variant:
     format: str
     precision: str
     files: tuple[FileEntry, ...]
+    operators: tuple[str, ...] = ()  # an ONNX variant's operators outside the standard domain (ai.onnx.ml.*)
 
     @property
     def main_file(self) -> FileEntry:
@@ -224,7 +227,7 @@ def parse_document(doc: Any) -> Manifest:
         vfiles = tuple(_file(f, f"{where}.files[{j}]") for j, f in enumerate(_req(vd, "files", list, where)))
         if not vfiles:
             raise _bad(f"{where}: no files")
-        variants.append(Variant(vid, fmt, prec, vfiles))
+        variants.append(Variant(vid, fmt, prec, vfiles, _operators(vd.get("operators"), where)))
     if not variants:
         raise _bad("manifest: no variants")
     common = tuple(_file(f, f"files[{j}]") for j, f in enumerate(doc.get("files", []) or []))
@@ -262,6 +265,16 @@ def parse_document(doc: Any) -> Manifest:
                     inputs=inputs, outputs=outputs, variants=tuple(variants), files=common,
                     validation=validation, description=str(doc.get("description", ""))[:1024],
                     requires=requires, source=_source(doc.get("source")), raw=doc)
+
+
+def _operators(ops: Any, where: str) -> tuple[str, ...]:
+    """A variant's optional ``operators``: at most MAX_OPERATORS domain-qualified operator names."""
+    if ops is None:
+        return ()
+    if not isinstance(ops, list) or len(ops) > MAX_OPERATORS or not all(
+            isinstance(o, str) and OPERATOR_RE.match(o) for o in ops):
+        raise _bad(f"{where}.operators: not a list of at most {MAX_OPERATORS} operator names")
+    return tuple(ops)
 
 
 def _source(d: Any) -> dict[str, str]:

@@ -55,6 +55,7 @@ from agent.bundles.manifest import (
     DEFAULT_RTOL,
     DTYPES,
     MAX_MANIFEST_BYTES,
+    MAX_OPERATORS,
     MAX_SOURCE_VALUE_CHARS,
     FileEntry,
     Manifest,
@@ -175,6 +176,19 @@ def model_io(model_path: Path) -> tuple[list[TensorInfo], list[TensorInfo]]:
     if not inputs or not outputs:
         raise BuildError(f"{model_path}: the graph needs at least one input and one output")
     return inputs, outputs
+
+
+def model_operators(model_path: Path) -> list[str]:
+    """The graph's operators outside the standard ONNX domain, domain-qualified and sorted
+    (``ai.onnx.ml.TreeEnsembleClassifier``): devices choose backends by them (the manifest's
+    variant ``operators``), builds skip variants that cannot hold them."""
+    import onnx
+
+    graph = onnx.load(str(model_path), load_external_data=False).graph
+    ops = sorted({f"{n.domain}.{n.op_type}" for n in graph.node if n.domain not in ("", "ai.onnx")})
+    if len(ops) > MAX_OPERATORS:
+        raise BuildError(f"{model_path}: {len(ops)} non-standard operators, a manifest lists at most {MAX_OPERATORS}")
+    return ops
 
 
 def random_inputs(inputs: Sequence[TensorInfo], samples: int, seed: int) -> dict[str, np.ndarray]:
@@ -448,15 +462,15 @@ def build_bundle(model_path: Path | str, out_dir: Path | str, name: str, version
     if expires_in_s <= 0:
         raise BuildError(f"the expiry must be in the future, got {expires_in_s} s")
     extras = _extra_files(extra_files)
+    ins, outs = model_io(model_path)
     try:
         plan, skipped = plan_variants(
             variants=parse_variants(variants), tflite=Path(tflite) if tflite is not None else None,
             prebuilt=[parse_prebuilt(p) for p in prebuilt], unchecked=unchecked,
-            taken=(MODEL_NAME, INPUTS_NAME, EXPECTED_NAME, *extras))
+            taken=(MODEL_NAME, INPUTS_NAME, EXPECTED_NAME, *extras), operators=model_operators(model_path))
     except VariantError as e:
         raise BuildError(str(e)) from e
 
-    ins, outs = model_io(model_path)
     if golden is not None:
         feeds, expected = golden
     else:
@@ -517,6 +531,9 @@ def _manifest_doc(root: Path, name: str, version: int, description: str, ins: Se
     }
     if provenance:
         doc["source"] = {k: str(v)[:MAX_SOURCE_VALUE_CHARS] for k, v in provenance.items()}
+    for vd in doc["variants"]:
+        if vd["format"] == "onnx" and (ops := model_operators(root / vd["files"][0]["path"])):
+            vd["operators"] = ops
     try:
         parse_document(doc)
     except errors.AgentError as e:

@@ -23,6 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from fleetctl.bundle import BuildError
+
 ONNX_SUFFIXES = (".onnx",)
 SKLEARN_SUFFIXES = (".joblib", ".pkl", ".pickle")
 XGBOOST_SUFFIXES = (".json", ".ubj")
@@ -36,7 +38,7 @@ PICKLE_WARNING = ("loading a .joblib/.pkl file (or an MLflow sklearn model) runs
                   "build only from files you trust")
 
 
-class SourceError(ValueError):
+class SourceError(BuildError):
     """The source cannot be read or converted; the message says why and, for a missing
     package, the install line."""
 

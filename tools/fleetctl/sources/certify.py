@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from fleetctl import bundle
-from fleetctl.sources import Source, SourceError, kind_of, open_source
+from fleetctl.sources import Source, kind_of, open_source
 
 MAX_SHOWN_VALUES = 8  # values of a sample's input or output printed in a refusal
 SAMPLE_LIMIT = 4096  # sample inputs a build keeps (the golden files travel to every device)
@@ -185,10 +185,7 @@ def build_from_source(spec: str, out_dir: Path | str, name: str, version: int, k
             return bundle.build_bundle(spec, out_dir, name, version, keys, inputs=inputs, samples=samples,
                                        seed=seed, rtol=rtol, atol=atol, **kw)
     example = given if isinstance(given, np.ndarray) else None
-    try:
-        src = open_source(spec, tracking_uri=tracking_uri, example=example)
-    except SourceError as e:
-        raise bundle.BuildError(str(e)) from e
+    src = open_source(spec, tracking_uri=tracking_uri, example=example)
     with tempfile.TemporaryDirectory(prefix="fleetctl-convert-") as d:
         model_path = Path(d) / bundle.MODEL_NAME
         model_path.write_bytes(src.onnx)

@@ -34,6 +34,10 @@ FLAVOURS = ("sklearn", "xgboost", "lightgbm", "onnx")
 def _mlflow(tracking_uri: str | None) -> Any:
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # no usage reports from a build
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "")
+    if uri.startswith("file:") or (uri and "://" not in uri and ":" not in uri.split("/")[0]):
+        # MLflow 3 refuses its file store unless asked; reading an existing one is what a build does
+        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
     mlflow = need("mlflow", "mlflow")
     if tracking_uri:
         mlflow.set_tracking_uri(tracking_uri)
