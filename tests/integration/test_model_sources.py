@@ -29,6 +29,7 @@ from agent.bundles.trust import load_private_key
 from fleetctl import commands, keys, mqttc
 from fleetctl.bundle import BuildError, manifest_document
 from fleetctl.sources.certify import CertificationError, build_from_source
+from fleetctl.variants import BUILT, SKIPPED, Outcome
 
 for _mod in ("sklearn", "skl2onnx", "onnxmltools", "xgboost", "lightgbm", "mlflow", "joblib"):
     pytest.importorskip(_mod, reason="pip install 'edge-agent[test]' brings the model-source extras")
@@ -122,8 +123,8 @@ class Kit:
     registry: str  # sqlite: tracking and registry store
     versions: int = 0
 
-    def deploy(self, manifest: Path) -> None:
-        """A signed deploy of the bundle at ``manifest`` as model ``src``, followed to the end."""
+    def deploy(self, manifest: Path) -> dict[str, Any]:
+        """A signed deploy of the bundle at ``manifest`` as model ``src``, followed to the end; its result."""
         client = mqttc.connect(self.broker.url)
         try:
             req = commands.CommandRequest("deploy", commands.deploy_params("src", manifest.as_uri()))
@@ -132,6 +133,10 @@ class Kit:
         finally:
             mqttc.disconnect(client)
         assert out is not None and out.succeeded, f"{out}\n{self.agent.log.read_text()[-3000:]}"
+        last = out.last["dev1"]
+        assert last is not None
+        result: dict[str, Any] = last["result"]
+        return result
 
     def build(self, source: str, **kw: Any) -> Path:
         self.versions += 1
@@ -204,7 +209,11 @@ def test_saved_file_and_mlflow_model_answer_as_the_source_framework(kit: Kit, ca
         assert doc["source"]["converter"] in ("skl2onnx", "onnxmltools") and doc["source"]["converter_version"]
         outputs = [o["name"] for o in doc["io"]["outputs"]]
         assert outputs == (["variable"] if case == "regressor" else ["label", "probabilities"]), source
-        kit.deploy(manifest)
+        result = kit.deploy(manifest)
+        assert result["backend"] == "onnxruntime:CPUExecutionProvider"
+        if case != "pipeline":  # tree ensembles: OpenVINO names the operators it cannot convert
+            why = {r["backend"]: r["reason"] for r in result["selection"]["unusable"]}
+            assert "cannot run operators ai.onnx.ml.TreeEnsemble" in why["openvino:CPU"], why
         assert_same_predictions(infer(kit, t.x), want)
 
 
@@ -249,6 +258,19 @@ def test_a_conversion_that_flips_labels_is_refused_with_the_worst_sample(kit: Ki
                  "--key", str(kit.key), "--sample-input", str(tmp_path / "x.npy"), "--out", str(tmp_path / "cli"))
     assert r.returncode == 1 and "worst sample #1" in r.stderr, r.stderr
     assert not (tmp_path / "cli").exists()
+
+
+def test_variants_that_cannot_hold_onnx_ml_operators_are_skipped_with_the_reason(kit: Kit, tmp_path: Path) -> None:
+    outcomes: list[Outcome] = []
+    manifest = build_from_source(str(kit.trained["xgboost"].file), tmp_path / "b", "x", 1, [load_private_key(kit.key)],
+                                 variants=["onnx-fp16", "onnx-int8", "openvino-fp32", "tflite"], outcomes=outcomes)
+    status = {o.id: (o.status, o.reason) for o in outcomes}
+    assert status["onnx-fp32"][0] == BUILT
+    for vid in ("onnx-fp16", "onnx-int8", "openvino-fp32", "tflite-fp32"):
+        assert status[vid][0] == SKIPPED and "ai.onnx.ml.TreeEnsembleClassifier" in status[vid][1], status[vid]
+    doc = manifest_document(manifest)
+    assert [v["id"] for v in doc["variants"]] == ["onnx-fp32"]
+    assert "ai.onnx.ml.TreeEnsembleClassifier" in doc["variants"][0]["operators"]
 
 
 def test_a_missing_converter_names_the_install_line(kit: Kit, tmp_path: Path) -> None:
