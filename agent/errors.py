@@ -48,6 +48,13 @@ WORKER_HUNG = "worker_hung"
 PROBATION_FAILED = "probation_failed"
 INTERRUPTED = "interrupted"
 INTERNAL = "internal"
+# The local inference API's refusals (docs/security.md, "Local threat model").
+TOO_LARGE = "too_large"
+BUSY = "busy"
+UNAUTHORIZED = "unauthorized"
+HOST_NOT_ALLOWED = "host_not_allowed"
+ORIGIN_NOT_ALLOWED = "origin_not_allowed"
+UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"
 
 
 class AgentError(Exception):
