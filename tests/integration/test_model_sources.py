@@ -159,7 +159,8 @@ def kit(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Kit]:
     import mlflow
 
     mlflow.set_tracking_uri(registry)
-    with mlflow.start_run():
+    experiment = mlflow.create_experiment("sources", artifact_location=(root / "artifacts").as_uri())  # not ./mlruns
+    with mlflow.start_run(experiment_id=experiment):
         for t in trained.values():
             t.log(mlflow, t.name)
     mlflow.MlflowClient(registry, registry).set_registered_model_alias("xgboost", "champion", 1)
