@@ -118,6 +118,15 @@ user + system time of the simulator processes over the window divided by the dev
 broker's apart). Messages/s counts every device message the broker delivered to the fleet-side
 subscriber during the wave."""
 
+SOURCES = """\
+The figure users compare: what one prediction costs when a model trained with XGBoost is served by
+the agent instead of being called in the training framework. The model is built with `fleetctl
+bundle build model.json` (converted by onnxmltools, certified against XGBoost's own predictions:
+docs/model-sources.md) and deployed with a signed command; the agent serves it with onnxruntime
+(selection names the ONNX-ML operators OpenVINO cannot run). The agent rows include the HTTP request,
+JSON or binary tensors and the hand-off to the model's worker process; the in-process rows include
+none of that."""
+
 FIXES = """\
 ## What was fixed for these figures
 
