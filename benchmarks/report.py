@@ -376,7 +376,8 @@ def _sources(d: Doc, sr: dict[str, Any], images: dict[str, str]) -> None:
     from benchmarks import notes
 
     d.add("## 7. A tree ensemble: the training framework, onnxruntime and the agent", "", notes.SOURCES, "",
-          f"Model: {sr.get('model', '?')}; one sample per call, {sr.get('requests', '?')} calls each.", "")
+          f"Model: {sr.get('model', '?')}; one sample per call, {sr.get('requests', '?')} calls each."
+          + (f" {sr['note']}" if sr.get("note") else ""), "")
     fw = _med(sr, "framework", "ms")
     rows = []
     for key, label in (("framework", "the framework's own `predict_proba` (in process)"),

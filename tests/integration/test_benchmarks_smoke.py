@@ -55,3 +55,12 @@ def test_swap_telemetry_fleet(tmp_path: Path) -> None:
     size = res["fleet"]["sizes"][0]
     assert size["reached"] == size["devices"]
     assert "## 6. Fleet scale" in doc
+
+
+def test_sources(tmp_path: Path) -> None:
+    pytest.importorskip("xgboost", reason="the sources section trains an XGBoost model ('edge-agent[test]')")
+    res, doc = smoke(tmp_path, "sources")
+    sr = res["sources"]
+    assert sr["agent_json"]["errors"] == 0 and sr["agent_binary"]["errors"] == 0
+    assert sr["framework"]["ms"]["median"] > 0 and sr["onnxruntime"]["ms"]["median"] > 0
+    assert "## 7. A tree ensemble" in doc
