@@ -72,11 +72,12 @@ def _check_exact(name: str, got: Any, exp: Any, backend_id: str) -> None:
         same = g == exp
     if not bool(np.all(same)):
         i = int(np.argmin(np.asarray(same).reshape(-1)))
+        g_i, e_i = (x.item() if hasattr(x, "item") else x for x in (g.reshape(-1)[i], exp.reshape(-1)[i]))
         raise errors.RejectError(
             errors.VALIDATION_FAILED,
             f"output {name!r} on {backend_id}: {int(np.size(same) - np.count_nonzero(same))} value(s) differ "
             f"from the golden ones, which must match exactly (at flat index {i}: "
-            f"{g.reshape(-1)[i]!r}, expected {exp.reshape(-1)[i]!r})")
+            f"{g_i!r}, expected {e_i!r})")
 
 
 def max_error(out: Mapping[str, Any], expected: Mapping[str, Any], rtol: float, atol: float, backend_id: str) -> float:
