@@ -216,6 +216,11 @@ def test_saved_file_and_mlflow_model_answer_as_the_source_framework(kit: Kit, ca
             why = {r["backend"]: r["reason"] for r in result["selection"]["unusable"]}
             assert "cannot run operators ai.onnx.ml.TreeEnsemble" in why["openvino:CPU"], why
         assert_same_predictions(infer(kit, t.x), want)
+    if case == "forest":  # string labels through the control socket too
+        np.save(kit.root / "forest32.npy", t.x.astype(np.float32))
+        r = kit.agent.agentctl("infer", "src", "--input", str(kit.root / "forest32.npy"), "--json")
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout)["outputs"]["label"] == want["label"].tolist()
 
 
 def test_mlflow_run_uri_in_a_file_store_with_its_input_example(kit: Kit, tmp_path: Path,
