@@ -245,6 +245,24 @@ def test_mlflow_run_uri_in_a_file_store_with_its_input_example(kit: Kit, tmp_pat
         np.testing.assert_allclose(z["probabilities"], t.predict(t.x[:5])["probabilities"], rtol=1e-12)
 
 
+def test_mlflow_onnx_flavour_is_bundled_as_it_is_with_its_input_example(kit: Kit, tmp_path: Path) -> None:
+    import mlflow
+    import onnx
+
+    first = kit.build(str(kit.trained["pipeline"].file), sample_input=None)  # any converted model will do
+    mlflow.set_tracking_uri(kit.registry)
+    with mlflow.start_run(experiment_id=mlflow.get_experiment_by_name("sources").experiment_id):
+        mlflow.onnx.log_model(onnx.load(first.parent / "model.onnx"), name="onnx", registered_model_name="as-onnx",
+                              input_example=kit.trained["pipeline"].x[:3].astype(np.float32))
+    manifest = build_from_source("models:/as-onnx/1", tmp_path / "b", "as-onnx", 1, [load_private_key(kit.key)],
+                                 tracking_uri=kit.registry)
+    doc = manifest_document(manifest)
+    assert doc["source"]["framework"] == "onnx" and doc["source"]["mlflow_uri"] == "models:/as-onnx/1"
+    assert (manifest.parent / "model.onnx").read_bytes() == (first.parent / "model.onnx").read_bytes()
+    with np.load(manifest.parent / doc["validation"]["inputs"]) as z:
+        np.testing.assert_array_equal(z["input"], kit.trained["pipeline"].x[:3].astype(np.float32))
+
+
 def test_a_conversion_that_flips_labels_is_refused_with_the_worst_sample(kit: Kit, tmp_path: Path) -> None:
     """A float64 model whose decision boundary lies between two neighbouring float32 values: the
     float32 conversion answers differently for a sample between them, and the build says which."""

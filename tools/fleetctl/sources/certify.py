@@ -129,6 +129,16 @@ def _native_samples(src: Source, given: np.ndarray | dict[str, np.ndarray] | Non
     return x
 
 
+def _one_input_npz(model_path: Path, x: np.ndarray, out: Path) -> Path:
+    """``x`` as golden inputs of an ONNX model with one input (an .npy, or an input example)."""
+    ins, _ = bundle.model_io(model_path)
+    if len(ins) != 1:
+        raise bundle.BuildError(f"{model_path.name} has {len(ins)} inputs; give --sample-input as an .npz "
+                                "keyed by input name")
+    out.write_bytes(bundle.npz_bytes({ins[0].name: x}))
+    return out
+
+
 def _onnx_input(x: np.ndarray, dtype: str) -> np.ndarray:
     if dtype == "string":
         return x.astype(str)
@@ -173,16 +183,10 @@ def build_from_source(spec: str, out_dir: Path | str, name: str, version: int, k
     """
     given = read_samples(Path(sample_input)) if sample_input is not None else None
     if kind_of(spec) == "onnx":
-        inputs: Path | str | None = sample_input
         with tempfile.TemporaryDirectory(prefix="fleetctl-samples-") as d:
-            if isinstance(given, np.ndarray):  # .npy: the model's one input
-                ins, _ = bundle.model_io(Path(spec))
-                if len(ins) != 1:
-                    raise bundle.BuildError(f"--sample-input {sample_input}: the model has {len(ins)} inputs; "
-                                            "give an .npz keyed by input name")
-                inputs = Path(d) / "inputs.npz"
-                inputs.write_bytes(bundle.npz_bytes({ins[0].name: given}))
-            return bundle.build_bundle(spec, out_dir, name, version, keys, inputs=inputs, samples=samples,
+            onnx_inputs = (_one_input_npz(Path(spec), given, Path(d) / "inputs.npz") if isinstance(given, np.ndarray)
+                           else sample_input)
+            return bundle.build_bundle(spec, out_dir, name, version, keys, inputs=onnx_inputs, samples=samples,
                                        seed=seed, rtol=rtol, atol=atol, **kw)
     example = given if isinstance(given, np.ndarray) else None
     src = open_source(spec, tracking_uri=tracking_uri, example=example)
@@ -190,8 +194,12 @@ def build_from_source(spec: str, out_dir: Path | str, name: str, version: int, k
         model_path = Path(d) / bundle.MODEL_NAME
         model_path.write_bytes(src.onnx)
         if src.predict is None:  # an MLflow onnx flavour: onnxruntime's outputs are the golden ones
-            return bundle.build_bundle(model_path, out_dir, name, version, keys, samples=samples, seed=seed,
-                                       rtol=rtol, atol=atol, provenance=src.provenance, **kw)
+            inputs: Path | str | None = sample_input if isinstance(given, dict) else None
+            x = given if isinstance(given, np.ndarray) else src.example
+            if x is not None:  # one array: the model's one input (the .npy or the input example)
+                inputs = _one_input_npz(model_path, x, Path(d) / "inputs.npz")
+            return bundle.build_bundle(model_path, out_dir, name, version, keys, inputs=inputs, samples=samples,
+                                       seed=seed, rtol=rtol, atol=atol, provenance=src.provenance, **kw)
         x = _native_samples(src, given, samples, seed)
         feeds, expected, agreed = certify(src, model_path, x, rtol, atol)
         if agreement is not None:
