@@ -223,6 +223,30 @@ def test_saved_file_and_mlflow_model_answer_as_the_source_framework(kit: Kit, ca
         assert json.loads(r.stdout)["outputs"]["label"] == want["label"].tolist()
 
 
+def test_string_features_travel_as_bytes_tensors(kit: Kit, tmp_path: Path) -> None:
+    """A pipeline that one-hot encodes string features: built, deployed, asked with a KServe BYTES tensor."""
+    from sklearn.preprocessing import OneHotEncoder
+
+    rng = np.random.default_rng(0)
+    x = rng.choice(["red", "green", "blue"], size=(60, 2))
+    y = (x[:, 0] == "red") | (x[:, 1] == "blue")
+    m = make_pipeline(OneHotEncoder(handle_unknown="ignore"), LogisticRegression()).fit(x, y.astype(int))
+    joblib.dump(m, tmp_path / "colors.joblib")
+    np.save(tmp_path / "colors.npy", x[:8])
+    manifest = kit.build(str(tmp_path / "colors.joblib"), sample_input=tmp_path / "colors.npy")
+    assert manifest_document(manifest)["io"]["inputs"] == [{"name": "input", "dtype": "string", "shape": [-1, 2]}]
+    kit.deploy(manifest)
+    ask = x[20:30]
+    body = {"inputs": [{"name": "input", "shape": list(ask.shape), "datatype": "BYTES", "data": ask.tolist()}]}
+    req = urllib.request.Request(f"{kit.agent.api}/v2/models/src/infer", json.dumps(body).encode(),
+                                 {"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=HTTP_TIMEOUT_S) as r:
+        out = {o["name"]: o for o in json.loads(r.read())["outputs"]}
+    assert out["label"]["data"] == m.predict(ask).tolist()
+    np.testing.assert_allclose(np.reshape(out["probabilities"]["data"], (10, 2)), m.predict_proba(ask),
+                               rtol=RTOL, atol=ATOL)
+
+
 def test_mlflow_run_uri_in_a_file_store_with_its_input_example(kit: Kit, tmp_path: Path,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     """``runs:/RUN_ID/PATH`` from a ``file:`` store; no --sample-input: the input example is the sample."""
