@@ -149,26 +149,27 @@ class Kit:
 def kit(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Kit]:
     root = tmp_path_factory.mktemp("sources")
     (root / "broker").mkdir()
-    broker = start_mosquitto(root / "broker")
-    kp = keys.generate_keypair(root / "keys", "fleet")
-    agent = AgentProcess(root / "device", broker.url, extra_toml="\n[deploy]\nprobation_s = 0.2\n")
-    agent.write_config()
-    agent.trust_key(kp.public_path.read_bytes())
-    trained = {t.name: t for t in _train(root / "models")}
-    registry = f"sqlite:///{root / 'mlflow.db'}"
     import mlflow
 
+    kp = keys.generate_keypair(root / "keys", "fleet")
+    trained = {t.name: t for t in _train(root / "models")}
+    registry = f"sqlite:///{root / 'mlflow.db'}"
     mlflow.set_tracking_uri(registry)
     experiment = mlflow.create_experiment("sources", artifact_location=(root / "artifacts").as_uri())  # not ./mlruns
     with mlflow.start_run(experiment_id=experiment):
         for t in trained.values():
             t.log(mlflow, t.name)
     mlflow.MlflowClient(registry, registry).set_registered_model_alias("xgboost", "champion", 1)
-    agent.start()
+    broker = start_mosquitto(root / "broker")
+    agent = AgentProcess(root / "device", broker.url, extra_toml="\n[deploy]\nprobation_s = 0.2\n")
     try:
+        agent.write_config()
+        agent.trust_key(kp.public_path.read_bytes())
+        agent.start()
         yield Kit(root, broker, agent, kp.private_path, trained, registry)
     finally:
-        agent.stop()
+        if agent.proc is not None:
+            agent.stop()
         broker.stop()
 
 
