@@ -1,7 +1,8 @@
 """MLflow model URIs as bundle sources: ``models:/NAME/VERSION``, ``models:/NAME@ALIAS``, ``runs:/RUN_ID/PATH``.
 
 The model's artifacts are downloaded into a temporary folder from the tracking/registry store
-(``--mlflow-tracking-uri``: a local ``file:`` or ``sqlite:`` store, or a server), its ``MLmodel``
+(``--mlflow-tracking-uri``, also the registry URI: a local ``file:`` or ``sqlite:`` store, or a
+server; set for the build and put back), its ``MLmodel``
 names the flavour, and the flavour's own loader gives the trained model, which goes through the
 same converters as a model file (fleetctl/sources/convert.py). Flavours: sklearn, xgboost,
 lightgbm (converted and certified), onnx (bundled as it is).
@@ -13,10 +14,12 @@ MLflow version. MLflow's usage telemetry is switched off before MLflow is import
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +32,7 @@ log = logging.getLogger(__name__)
 EXAMPLE_SAMPLES = 4  # random samples drawn from a signature when the model has no input example
 EXAMPLE_SEED = 0
 FLAVOURS = ("sklearn", "xgboost", "lightgbm", "onnx")
+URI_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")  # MLflow exports what it is set to
 
 
 def _mlflow(tracking_uri: str | None) -> Any:
@@ -38,25 +42,53 @@ def _mlflow(tracking_uri: str | None) -> Any:
     if uri.startswith("file:") or (uri and "://" not in uri and ":" not in uri.split("/")[0]):
         # MLflow 3 refuses its file store unless asked; reading an existing one is what a build does
         os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
-    mlflow = need("mlflow", "mlflow")
-    if tracking_uri:
-        mlflow.set_tracking_uri(tracking_uri)
-        mlflow.set_registry_uri(tracking_uri)
-    return mlflow
+    return need("mlflow", "mlflow")
+
+
+@contextlib.contextmanager
+def _store(mlflow: Any, uri: str | None) -> Iterator[None]:
+    """MLflow's tracking and registry URI set to ``uri`` for the block, then put back."""
+    if not uri:
+        yield
+        return
+    from mlflow.tracking._model_registry import utils as registry_utils
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    # What was set, not what resolves from it (the default store, or the tracking URI for the registry)
+    before = (getattr(tracking_utils, "_tracking_uri", None), getattr(registry_utils, "_registry_uri", None))
+    env = {k: os.environ.get(k) for k in URI_ENV}
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(before[0])
+        mlflow.set_registry_uri(before[1])
+        for k, v in env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def open_mlflow(uri: str, *, tracking_uri: str | None = None, example: np.ndarray | None = None) -> Source:
     """The Source for an MLflow model URI (see the module docstring)."""
     mlflow = _mlflow(tracking_uri)
+    with _store(mlflow, tracking_uri):
+        return _open(mlflow, uri, tracking_uri, example)
+
+
+def _open(mlflow: Any, uri: str, tracking_uri: str | None, example: np.ndarray | None) -> Source:
     from fleetctl.sources import convert
 
     with tempfile.TemporaryDirectory(prefix="fleetctl-mlflow-") as d:
         try:
-            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=d))
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=d, tracking_uri=tracking_uri,
+                                                             registry_uri=tracking_uri))
             meta = mlflow.models.Model.load(str(local))
         except Exception as e:  # MlflowException, OSError: a missing model, version, alias or store
             raise SourceError(f"{uri}: cannot fetch the model from MLflow "
-                              f"({mlflow.get_tracking_uri()}): {e}") from e
+                              f"({tracking_uri or mlflow.get_tracking_uri()}): {e}") from e
         flavours = meta.flavors or {}
         prov = {"mlflow_uri": uri, "mlflow_run_id": str(meta.run_id or ""), "mlflow_version": mlflow.__version__}
         ex = example if example is not None else input_example(local, meta)
