@@ -491,7 +491,7 @@ def tolerance_for(precision: str, expected: Mapping[str, np.ndarray], rtol: floa
     if precision not in REDUCED_TOLERANCE:
         return None
     r, frac = REDUCED_TOLERANCE[precision]
-    scale = max((float(np.max(np.abs(v))) for v in expected.values() if v.size), default=1.0)
+    scale = max((float(np.max(np.abs(v))) for v in expected.values() if v.size and v.dtype.kind == "f"), default=1.0)
     return max(rtol, r), max(atol, float(f"{frac * scale:.3g}"))
 
 
