@@ -48,7 +48,9 @@ WORKER_HUNG = "worker_hung"
 PROBATION_FAILED = "probation_failed"
 INTERRUPTED = "interrupted"
 INTERNAL = "internal"
-# The local inference API's refusals (docs/security.md, "Local threat model").
+INFERENCE_FAILED = "inference_failed"  # the runtime failed on a request (see agent/serving/admission.py)
+# The local inference API's refusals (docs/security.md, "Local threat model"); a request's own
+# fault is the caller's error, never held against a model version.
 TOO_LARGE = "too_large"
 BUSY = "busy"
 UNAUTHORIZED = "unauthorized"

@@ -57,10 +57,19 @@ def test_swap_telemetry_fleet(tmp_path: Path) -> None:
     assert "## 6. Fleet scale" in doc
 
 
+def test_collect(tmp_path: Path) -> None:
+    res, doc = smoke(tmp_path, "collect")
+    c = res["collect"]
+    assert c["messages_per_s"] > 0 and c["telemetry_published"] > 0
+    assert c["telemetry_held"] == c["telemetry_published"]  # nothing lost between the sims and the two collectors
+    assert c["lost_counted"] == 0 and c["for_100k"] is not None
+    assert "## 7. Fleet collector" in doc
+
+
 def test_sources(tmp_path: Path) -> None:
     pytest.importorskip("xgboost", reason="the sources section trains an XGBoost model ('edge-agent[test]')")
     res, doc = smoke(tmp_path, "sources")
     sr = res["sources"]
     assert sr["agent_json"]["errors"] == 0 and sr["agent_binary"]["errors"] == 0
     assert sr["framework"]["ms"]["median"] > 0 and sr["onnxruntime"]["ms"]["median"] > 0
-    assert "## 7. A tree ensemble" in doc
+    assert "## 8. A tree ensemble" in doc

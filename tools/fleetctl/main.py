@@ -20,7 +20,7 @@ from typing import Any
 
 from agent import errors
 from agent.bundles.trust import TrustStore, load_public_pem, public_pem
-from fleetctl import bundle, commands, keys, mqttc, rollout, sim, watch
+from fleetctl import bundle, collect, commands, keys, mqttc, rollout, sim, watch
 from fleetctl.follow import ProbationCountdown, silent_device_message
 from fleetctl.serve import DEFAULT_HOST, DEFAULT_PORT, ArtifactServer
 from fleetctl.sources import certify
@@ -156,6 +156,19 @@ def cmd_bundle_build(a: argparse.Namespace) -> int:
     _out(f"built {doc['name']} v{doc['version']} in {mpath.parent}: {n_files} files, "
          f"signed by {len(signing)} key(s), expires {doc['expires_at']}")
     _out(f"manifest {mpath} sha256 {sha}")
+    return EXIT_OK
+
+
+def cmd_sample_model(a: argparse.Namespace) -> int:
+    from fleetctl import samples
+
+    out = Path(a.out)
+    request = Path(a.request) if a.request else out.with_suffix(".request.json")
+    samples.make_classifier(out, seed=a.seed)
+    samples.write_request(request, seed=a.seed)
+    _out(f"wrote {out}: a small CNN, input {samples.INPUT_NAME!r} FP32 [batch, {', '.join(map(str, samples.INPUT_SHAPE[1:]))}], "
+         f"output {samples.OUTPUT_NAME!r} FP32 [batch, {samples.CLASSES}] (random weights)")
+    _out(f"wrote {request}: one KServe v2 request for it (curl ... -d @{request})")
     return EXIT_OK
 
 
@@ -489,6 +502,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="FILE", help="ends in .tar, .tar.gz, .tgz or .zip")
     p.set_defaults(func=cmd_bundle_pack)
 
+    p = sub.add_parser("sample-model", help="write a small ONNX image classifier and a request for it, to try a deploy")
+    p.add_argument("--out", required=True, metavar="MODEL.onnx")
+    p.add_argument("--request", metavar="FILE.json", help="KServe v2 request to write (default MODEL.request.json)")
+    p.add_argument("--seed", type=int, default=7, help="weights and request seed (default %(default)s)")
+    p.set_defaults(func=cmd_sample_model)
+
     p = sub.add_parser("serve", help="static artifact server for development (HTTP, Range)")
     p.add_argument("dir", metavar="DIR")
     p.add_argument("--host", default=DEFAULT_HOST)
@@ -564,6 +583,11 @@ def build_parser() -> argparse.ArgumentParser:
     rollout.add_arguments(p, parse_duration)
     _add_broker_args(p)
     p.set_defaults(func=lambda a: rollout.run_cli(a, _connect, keys.load_signing_keys, lambda: _signing_key_paths(a)))
+
+    p = sub.add_parser("collect", help="device streams → Prometheus /metrics (scale out with --share)")
+    collect.add_arguments(p, parse_duration)
+    _add_broker_args(p)
+    p.set_defaults(func=lambda a: collect.run_cli(a, _connect, lambda c, t: mqttc.subscribe(c, t), mqttc.disconnect))
 
     p = sub.add_parser("sim", help="simulated devices (real MQTT clients) for tests and benchmarks")
     sim.add_arguments(p, parse_duration)
