@@ -382,6 +382,22 @@ def test_bad_bytes_binary_400(env: Env, blob: bytes, needle: str) -> None:
     assert status == 400 and err["code"] == "invalid_input" and needle in err["error"], err
 
 
+def test_long_strings_fit_the_models_body_bound(env: Env) -> None:
+    """A full batch of 550-character strings: more body than a model of numbers with that shape
+    may send, within the bound of a model of strings (each element allowed
+    admission.STRING_ELEMENT_BYTES, not the 32 bytes of a number written in JSON)."""
+    from agent.serving.admission import BODY_SLACK_BYTES, DEFAULT_MAX_BATCH, STRING_ELEMENT_BYTES
+
+    rows = [["c" * 550, "d" * 550] for _ in range(DEFAULT_MAX_BATCH)]
+    n = 2 * DEFAULT_MAX_BATCH
+    body = json.dumps({"inputs": [{"name": "w", "shape": [DEFAULT_MAX_BATCH, 2], "datatype": "BYTES", "data": rows}]})
+    assert BODY_SLACK_BYTES + n * 32 < len(body) < BODY_SLACK_BYTES + n * STRING_ELEMENT_BYTES
+    r = env.http.post(f"{env.url}/v2/models/words/infer", data=body, timeout=CLIENT_TIMEOUT_S,
+                      headers={"Content-Type": "application/json"})
+    assert r.status_code == 200, r.text
+    assert r.json()["outputs"][0]["data"][0] == rows[0][0]
+
+
 def test_bytes_element_count_is_bounded(env: Env) -> None:
     from agent.serving.tensors import MAX_BYTES_ELEMENTS
 
