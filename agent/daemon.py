@@ -157,7 +157,8 @@ class Agent:
                               max_disk_bytes=int(c.storage.max_disk_mb * 2**20),
                               isolation=c.backends.isolation, infer_timeout_s=c.backends.infer_timeout_s,
                               autotune=c.backends.autotune, policy=self.policy, hw_facts=self.hw_facts,
-                              cache_dir=str(self.state_dir / "cache"))
+                              cache_dir=str(self.state_dir / "cache"),
+                              decryption_keys=tuple(c.trust.decryption_keys))
 
     def probation_settings(self) -> ProbationSettings:
         d = self.cfg.deploy
@@ -542,6 +543,10 @@ class Agent:
                                                     f"its owner: {describe_writable(bad)}")
         if not len(self.trust):
             log.warning("%s: every signed command and bundle will be refused", self.trust.no_keys_message())
+        if self.cfg.trust.decryption_keys:  # refused now, with the fix, rather than at the first encrypted deploy
+            from agent.bundles.sealed import load_identities
+
+            load_identities(self.cfg.trust.decryption_keys)
         clock = check_clock(self.db, self.cfg.trust.max_clock_skew_s)
         if clock:
             log.warning("installs are refused until the clock is fixed: %s", clock)

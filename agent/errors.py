@@ -47,6 +47,10 @@ WORKER_CRASHED = "worker_crashed"
 WORKER_HUNG = "worker_hung"
 PROBATION_FAILED = "probation_failed"
 INTERRUPTED = "interrupted"
+NOT_A_RECIPIENT = "not_a_recipient"  # encrypted bundle: not encrypted to this device (docs/security.md)
+DECRYPT_MISMATCH = "decrypt_mismatch"  # plaintext size or sha256 not the manifest's, or the age file does not open
+UNSUPPORTED_ENCRYPTION = "unsupported_encryption"
+NO_DECRYPTION_KEY = "no_decryption_key"  # trust.decryption_keys: missing, unsafe or not an identity
 INTERNAL = "internal"
 
 

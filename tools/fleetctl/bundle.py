@@ -408,7 +408,8 @@ def build_bundle(model_path: Path | str, out_dir: Path | str, name: str, version
                  overwrite: bool = False, now: float | None = None, variants: Sequence[str] = (),
                  tflite: Path | str | None = None, prebuilt: Sequence[str] = (),
                  unchecked: Sequence[str] = (), checks: list[dict[str, Any]] | None = None,
-                 keep_going: bool = False, outcomes: list[Outcome] | None = None) -> Path:
+                 keep_going: bool = False, outcomes: list[Outcome] | None = None,
+                 encrypt_to: Sequence[str] = ()) -> Path:
     """Write a signed bundle for an ONNX model into ``out_dir``; return the manifest's path.
 
     ``variants`` / ``tflite`` / ``prebuilt`` (``ID:FORMAT:PRECISION:PATH``) add variants beside
@@ -422,7 +423,8 @@ def build_bundle(model_path: Path | str, out_dir: Path | str, name: str, version
     so ``out_dir`` is the previous bundle or the new one, never a mix; it holds exactly the files
     of its manifest. ``extra_files`` are copied under their base names and listed as common files.
     ``overwrite`` allows replacing a bundle (devices refuse a version they already have, so
-    re-signing the same version is usually a mistake).
+    re-signing the same version is usually a mistake). ``encrypt_to`` (age ``age1…`` recipients,
+    fleetctl/sealing.py): every variant file is encrypted to them before the manifest is signed.
     """
     model_path, out = Path(model_path), Path(os.path.abspath(out_dir))  # "." and ".." resolved, links not
     if not keys:
@@ -464,6 +466,10 @@ def build_bundle(model_path: Path | str, out_dir: Path | str, name: str, version
             checks.extend({"variant": b.id, "format": b.format, "precision": b.precision, **b.check} for b in built)
         doc = _manifest_doc(tmp, name, version, description, ins, outs, built, extras, now=now,
                             expires_in_s=expires_in_s, rtol=rtol, atol=atol, max_p95_ms=max_p95_ms)
+        if encrypt_to:
+            from fleetctl.sealing import seal_document
+
+            doc = check_document(seal_document(tmp, doc, encrypt_to))
         _drop_unlisted(tmp, {MANIFEST_NAME, *(f["path"] for v in doc["variants"] for f in v["files"]),
                              *(f["path"] for f in doc["files"])})
         atomic_write(tmp / MANIFEST_NAME, sign_manifest(doc, list(keys)))
@@ -498,6 +504,19 @@ def _manifest_doc(root: Path, name: str, version: int, description: str, ins: Se
     }
     try:
         parse_document(doc)
+    except errors.AgentError as e:
+        raise BuildError(f"the manifest would be rejected by devices: {e}") from e
+    return doc
+
+
+def check_document(doc: dict[str, Any]) -> dict[str, Any]:
+    """``doc`` as devices will check it (schema, encryption, recipients), or BuildError."""
+    from agent.bundles import sealed
+
+    try:
+        parse_document(doc)
+        sealed.encrypted_files(doc)
+        sealed.recipients(doc)
     except errors.AgentError as e:
         raise BuildError(f"the manifest would be rejected by devices: {e}") from e
     return doc
