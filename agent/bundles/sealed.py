@@ -129,13 +129,20 @@ def identity_problem(path: str | Path) -> str | None:
         return f"decryption identity {p}: cannot stat: {e.strerror or e}"
     if not stat.S_ISREG(st.st_mode):
         return f"decryption identity {p} is not a regular file (trust.decryption_keys)"
-    if st.st_mode & 0o177:
+    if st.st_mode & 0o177 and not _systemd_credential(p):
         return (f"decryption identity {p} has mode {stat.S_IMODE(st.st_mode):04o}; "
                 f"fix: chmod 0600 {p} (only its owner may read it)")
     if st.st_uid not in (0, os.geteuid()):
         return (f"decryption identity {p} is owned by uid {st.st_uid}, not root or the agent's user "
                 f"(uid {os.geteuid()}); fix: chown root {p}")
     return None
+
+
+def _systemd_credential(p: Path) -> bool:
+    """A file in this unit's ``$CREDENTIALS_DIRECTORY``: systemd made it readable to the agent's
+    user alone (through an ACL, which shows as group bits in the mode), on non-swappable memory."""
+    d = os.environ.get("CREDENTIALS_DIRECTORY")
+    return bool(d) and p.resolve().is_relative_to(Path(d).resolve())
 
 
 def load_identities(paths: list[str] | tuple[str, ...]) -> list[Any]:
