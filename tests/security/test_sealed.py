@@ -9,8 +9,12 @@ model's plaintext. Bundles are sealed with the fleet's own code (fleetctl/sealin
 
 from __future__ import annotations
 
+import hashlib
 import itertools
+import json
 import os
+import shutil
+import stat
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -23,10 +27,12 @@ import psutil
 import pytest
 from agentproc import AgentProcess
 from conftest import make_linear_onnx, start_mosquitto
+from integration.opskit import agentctl, fleetctl
 from security.attacklib import X_IN, Bundles, Device, Fleet, HostileServer, assert_refused, npz
 
 from agent.bundles.manifest import sign_manifest
-from fleetctl.bundle import manifest_document
+from agent.bundles.offline import installed
+from fleetctl.bundle import manifest_document, pack_bundle
 from fleetctl.sealing import generate_identity, reencrypt_bundle, seal_document
 
 SERVING = 2
@@ -259,3 +265,54 @@ def _scan(roots: list[Path], needle: bytes) -> list[str]:
                 except OSError:  # gone meanwhile, or another user's private file in /dev/shm
                     continue
     return hits
+
+
+def test_offline_install_of_an_encrypted_bundle(env: Env) -> None:
+    """``agentctl verify`` checks the recipient; ``agentctl install`` deploys the archive (last:
+    the new version serves from here on)."""
+    version = env.version()
+    rel = env.sealed(version)
+    archive = env.tmp / f"lin-{version}.tar.gz"
+    pack_bundle(env.bundles.folder(rel), archive)
+    r = env.dev.agentctl("verify", str(archive), "--trust", str(env.dev.trust_dir), "--threshold", "2",
+                         "--identity", str(env.device_key), "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["encryption"]["recipients"] == [env.mine]
+    code, job = env.dev.install(archive)
+    assert code == 0 and installed(job), job  # serving (on probation, or done)
+    env.still_serving(version)
+
+
+def test_fleetctl_and_agentctl_with_the_age_cli(tmp_path: Path) -> None:
+    """keygen --age, build --encrypt-to (a recipient file), then: the `age` CLI opens a model file
+    to the manifest's plaintext hash; agentctl verify accepts the bundle for its recipient and
+    refuses it (not_a_recipient) for another identity."""
+    age = shutil.which("age")
+    if age is None:
+        pytest.skip("the age command-line tool is not installed (Debian: apt-get install age)")
+    model = make_linear_onnx(tmp_path / "m.onnx", seed=3)
+    for args in (("keygen", "--out", str(tmp_path / "k"), "--name", "fleet"),
+                 ("keygen", "--age", "--out", str(tmp_path / "k"), "--name", "dev1"),
+                 ("keygen", "--age", "--out", str(tmp_path / "k"), "--name", "dev2"),
+                 ("bundle", "build", str(model), "--name", "lin", "--version", "1", "--key", str(tmp_path / "k" / "fleet.key"),
+                  "--out", str(tmp_path / "b"), "--encrypt-to", str(tmp_path / "k" / "dev1.agekey.pub"))):
+        r = fleetctl(*args)
+        assert r.returncode == 0, r.stderr
+    assert stat.S_IMODE((tmp_path / "k" / "dev1.agekey").stat().st_mode) == 0o600
+    doc = manifest_document(tmp_path / "b" / "manifest.json")
+    entry = doc["variants"][0]["files"][0]
+    assert entry["encryption"]["format"] == "age-v1" and doc["recipients"] == [
+        (tmp_path / "k" / "dev1.agekey.pub").read_text().strip()]
+    ciphertext = (tmp_path / "b" / entry["path"]).read_bytes()
+    assert hashlib.sha256(ciphertext).hexdigest() == entry["sha256"] and model.read_bytes() not in ciphertext
+    plain = subprocess.run([age, "-d", "-i", str(tmp_path / "k" / "dev1.agekey"), str(tmp_path / "b" / entry["path"])],
+                           capture_output=True, timeout=30, check=True).stdout
+    assert hashlib.sha256(plain).hexdigest() == entry["encryption"]["plaintext_sha256"] == hashlib.sha256(
+        model.read_bytes()).hexdigest()
+    trust = tmp_path / "trust"
+    trust.mkdir()
+    shutil.copy(tmp_path / "k" / "fleet.pub.pem", trust)
+    ok = agentctl("verify", str(tmp_path / "b"), "--trust", str(trust), "--identity", str(tmp_path / "k" / "dev1.agekey"))
+    assert ok.returncode == 0 and "encrypted (age-v1) to 1 recipient(s), this device is one of them" in ok.stdout, ok
+    no = agentctl("verify", str(tmp_path / "b"), "--trust", str(trust), "--identity", str(tmp_path / "k" / "dev2.agekey"))
+    assert no.returncode != 0 and "not_a_recipient" in no.stderr, no
