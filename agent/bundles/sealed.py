@@ -142,7 +142,7 @@ def _systemd_credential(p: Path) -> bool:
     """A file in this unit's ``$CREDENTIALS_DIRECTORY``: systemd made it readable to the agent's
     user alone (through an ACL, which shows as group bits in the mode), on non-swappable memory."""
     d = os.environ.get("CREDENTIALS_DIRECTORY")
-    return bool(d) and p.resolve().is_relative_to(Path(d).resolve())
+    return d is not None and d != "" and p.resolve().is_relative_to(Path(d).resolve())
 
 
 def load_identities(paths: list[str] | tuple[str, ...]) -> list[Any]:
