@@ -37,7 +37,6 @@ def run(ctx: Context) -> dict[str, Any]:
     ident = generate_identity(ctx.work / "age", "bench", overwrite=True)
     name = f"sealed{size:g}mb"
     pairs = []  # (plain manifest, encrypted manifest) per repeat
-    floors: dict[str, list[dict[str, float]]] = {"plain": [], "sealed": []}
     for r in range(sc.deploy_repeats):
         ctx.log(f"sealed: building {size:g} MB bundles, plain and encrypted ({r + 1}/{sc.deploy_repeats})")
         plain_model = h.make_sized(ctx.work / "src" / f"{name}-p{r}.onnx", int(size * 2**20), seed=200 + r)
@@ -49,11 +48,9 @@ def run(ctx: Context) -> dict[str, Any]:
         plain_model.unlink()
         sealed_model.unlink()
         pairs.append((p, s))
-        floors["plain"].append(floor("deploy", ctx.url(p), str(ctx.work / "floor" / f"{name}-p{r}")))
-        floors["sealed"].append(floor("sealed-deploy", ctx.url(s), str(ctx.work / "floor" / f"{name}-s{r}"),
-                                      str(ident.identity_path)))
     obs = ctx.observer()
     rows: dict[str, list[dict[str, Any]]] = {"plain": [], "sealed": []}
+    floors: dict[str, list[dict[str, float]]] = {"plain": [], "sealed": []}
     try:
         d = ctx.daemon("process", extra={"deploy": {"probation_s": 0},
                                          "trust": {"decryption_keys": [str(ident.identity_path)]}})
@@ -61,9 +58,12 @@ def run(ctx: Context) -> dict[str, Any]:
         try:
             time.sleep(sc.settle_s)
             d.deploy(obs, ctx.fleet, "tiny", ctx.url(ctx.tiny_bundle()), backend=PINNED)  # imports done
-            for r, pair in enumerate(pairs):
+            for r, pair in enumerate(pairs):  # each floor right before its deploy: the same machine load
                 for kind, manifest in zip(("plain", "sealed"), pair, strict=True):
-                    ctx.log(f"sealed: deploy {kind} {size:g} MB ({r + 1}/{sc.deploy_repeats})")
+                    ctx.log(f"sealed: floor and deploy, {kind} {size:g} MB ({r + 1}/{sc.deploy_repeats})")
+                    dest = str(ctx.work / "floor" / f"{name}-{kind}{r}")
+                    floors[kind].append(floor("deploy", ctx.url(manifest), dest) if kind == "plain" else
+                                        floor("sealed-deploy", ctx.url(manifest), dest, str(ident.identity_path)))
                     elapsed, final = d.deploy(obs, ctx.fleet, name, ctx.url(manifest), backend=PINNED)
                     rows[kind].append({"total_s": elapsed,
                                        "steps_s": final.get("result", {}).get("figures", {}).get("steps_s", {})})

@@ -117,8 +117,9 @@ def recipients(doc: dict[str, Any]) -> list[str]:
 
 
 # -- identities ---------------------------------------------------------------------------------
-def identity_problem(path: str | Path) -> str | None:
-    """Why the agent must not use ``path`` as an identity file, with the fix; None when it may."""
+def identity_problem(path: str | Path, agent_uid: int | None = None) -> str | None:
+    """Why the agent must not use ``path`` as an identity file, with the fix; None when it may.
+    ``agent_uid``: the agent's user when another user (``agentctl doctor`` as root) asks."""
     p = Path(path)
     try:
         st = p.stat()
@@ -132,9 +133,10 @@ def identity_problem(path: str | Path) -> str | None:
     if st.st_mode & 0o177 and not _systemd_credential(p):
         return (f"decryption identity {p} has mode {stat.S_IMODE(st.st_mode):04o}; "
                 f"fix: chmod 0600 {p} (only its owner may read it)")
-    if st.st_uid not in (0, os.geteuid()):
+    agent = os.geteuid() if agent_uid is None else agent_uid
+    if st.st_uid not in (0, agent):
         return (f"decryption identity {p} is owned by uid {st.st_uid}, not root or the agent's user "
-                f"(uid {os.geteuid()}); fix: chown root {p}")
+                f"(uid {agent}); fix: chown root {p}")
     return None
 
 
@@ -145,7 +147,7 @@ def _systemd_credential(p: Path) -> bool:
     return d is not None and d != "" and p.resolve().is_relative_to(Path(d).resolve())
 
 
-def load_identities(paths: list[str] | tuple[str, ...]) -> list[Any]:
+def load_identities(paths: list[str] | tuple[str, ...], agent_uid: int | None = None) -> list[Any]:
     """The age identities in ``paths`` (pyrage x25519 Identities); ``no_decryption_key`` for none,
     a missing or unsafe file, or one that holds no identity."""
     if not paths:
@@ -154,7 +156,7 @@ def load_identities(paths: list[str] | tuple[str, ...]) -> list[Any]:
     x25519 = _pyrage().x25519
     out = []
     for path in paths:
-        problem = identity_problem(path)
+        problem = identity_problem(path, agent_uid)
         if problem:
             raise errors.RejectError(errors.NO_DECRYPTION_KEY, problem)
         try:

@@ -499,8 +499,10 @@ def check_decryption(cfg: config.Config) -> list[Check]:
         return [Check("decryption keys", PASS, "none configured (encrypted bundles are refused: no_decryption_key)")]
     from agent.bundles import sealed
 
+    state = _existing(Path(cfg.state_dir))  # its owner is the agent's user (as check_trust reads it)
+    agent_uid = state.stat().st_uid if state != Path(state.anchor) else None
     try:
-        mine = sealed.device_recipients(sealed.load_identities(cfg.trust.decryption_keys))
+        mine = sealed.device_recipients(sealed.load_identities(cfg.trust.decryption_keys, agent_uid))
     except errors.AgentError as e:
         return [Check("decryption keys", FAIL, f"{e.code}: {e.message} — the daemon refuses to start",
                       "fix the identity file named (fleetctl keygen --age makes one; mode 0600, owned by root "
