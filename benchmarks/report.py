@@ -331,6 +331,9 @@ def _sealed(d: Doc, se: dict[str, Any], images: dict[str, str]) -> None:
                      ", ".join(f"{k} {v:.2f}" for k, v in top)])
     d.table(["bundle", "kind", "command → SUCCEEDED", "floor", "of which decryption", "× floor",
              "slowest steps (s, median)"], rows)
+    if "load_avg_1m" in se:
+        d.add(f"Load average at the end of this section: {se['load_avg_1m']:g} on {se['cores']} cores (a shared "
+              "machine: single deploys vary 2–3× under such load, so the medians of the pairs are compared).", "")
 
 
 def _swap(d: Doc, sw: dict[str, Any], images: dict[str, str]) -> None:
