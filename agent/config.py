@@ -81,6 +81,12 @@ class ApiConfig:
     control_socket: str = "/run/edge-agent/control.sock"
     control_group: str = "edge-agent"
     admin_group: str = "edge-agent-admin"  # may use the mutating control calls (install, rollback, config, remove)
+    # The local inference API's callers (docs/security.md, "Local threat model").
+    max_connections: int = 256  # served at once; fewer where RLIMIT_NOFILE is tight
+    allowed_hosts: list[str] = field(default_factory=list)  # Host names beside loopback names and IP literals
+    allowed_origins: list[str] = field(default_factory=list)  # browser Origins allowed ("*": any); none by default
+    token_file: str = ""  # a bearer token every request but the health checks must carry; empty: none
+    unix_socket: str = ""  # also listen on this Unix socket (mode 0660, the agent's group); empty: no
 
 
 @dataclass
@@ -300,6 +306,8 @@ def validate(cfg: Config) -> None:
         host, _, port = cfg.api.listen.rpartition(":")
         if not host or not port.isdigit() or int(port) > 65535:
             raise ConfigError(f"api.listen: {cfg.api.listen!r} must be host:port (or empty to disable)")
+    if not 1 <= cfg.api.max_connections <= 65536:
+        raise ConfigError(f"api.max_connections: {cfg.api.max_connections} not in 1..65536")
     if cfg.hardware.profile != "auto" and not NAME_RE.match(cfg.hardware.profile):
         raise ConfigError(f"hardware.profile: {cfg.hardware.profile!r} is not a profile name")
     for p in cfg.backends.prefer:
@@ -361,7 +369,8 @@ def load(explicit: str | None = None) -> Config:
     # Relative paths in the file are relative to the file, so a config folder can be moved whole.
     for obj, attr in ((cfg, "state_dir"), (cfg.trust, "keys_dir"), (cfg.mqtt, "password_file"),
                       (cfg.mqtt, "ca_file"), (cfg.mqtt, "cert_file"), (cfg.mqtt, "key_file"),
-                      (cfg.api, "control_socket"), (cfg.downloads, "ca_file")):
+                      (cfg.api, "control_socket"), (cfg.api, "token_file"), (cfg.api, "unix_socket"),
+                      (cfg.downloads, "ca_file")):
         val = os.path.expandvars(getattr(obj, attr))  # ${CREDENTIALS_DIRECTORY}, ${RUNTIME_DIRECTORY}
         setattr(obj, attr, val)
         if val and not os.path.isabs(val):

@@ -51,6 +51,7 @@ log = logging.getLogger("agent.daemon")
 
 STOP_TIMEOUT_S = 5.0  # SIGTERM to exit, in-flight work included
 STOP_FLUSH_S = 1.0  # at most this long of the stop sends what is still queued (the last window)
+REGISTRY_CLOSE_S = 2.0  # at most this long of the stop waits for in-flight calls before models close
 LOCAL_OP_TIMEOUT_S = 120.0  # an agentctl rollback/remove/config waits this long for the ops worker
 BENCH_OP_TIMEOUT_S = 280.0  # agentctl bench: under the control client's 300 s; the handler bounds each run
 LOCAL_JOB_KEEP_S = 7 * 86400  # local jobs are kept (for `agentctl jobs`) like fleet jobs
@@ -562,11 +563,11 @@ class Agent:
             self.submit_deploy(ctx)
         self.supervisor.start()
         if self.cfg.api.listen:
-            from agent.serving.kserve import KServeServer, parse_listen
+            from agent.serving.kserve import KServeServer, api_options, parse_listen
 
             host, port = parse_listen(self.cfg.api.listen)
             self.kserve = KServeServer(self.registry, host, port, ready_fn=lambda: not self.stopping.is_set(),
-                                       metrics_fn=self.metrics.render)
+                                       metrics_fn=self.metrics.render, **api_options(self.cfg.api))
             self.kserve.start()
         self.telemetry.report_recoveries()  # a corrupt outbox replaced at open: say so
         self.mqtt.start()
@@ -602,12 +603,14 @@ class Agent:
             self.control.stop()
         for t in self._threads:
             t.join(max(0.0, min(1.0, deadline - time.monotonic() - 1.5)))
+        final_status = self.status_doc(False, "shutdown")  # the models it served, before they close
+        # Models close before the last window: a worker's latest calls reach the windows as it stops.
+        self.registry.close(timeout_s=max(0.1, min(REGISTRY_CLOSE_S, deadline - time.monotonic() - 2.0)))
         self._flush_window(final=True)
         self.telemetry.save_budget()
         self.mqtt.flush(timeout_s=max(0.0, min(STOP_FLUSH_S, deadline - time.monotonic() - 1.0)))
-        self.mqtt.stop(final_status=self.status_doc(False, "shutdown"), timeout_s=max(0.5, deadline - time.monotonic() - 0.5))
+        self.mqtt.stop(final_status=final_status, timeout_s=max(0.5, deadline - time.monotonic() - 0.5))
         self._ops.shutdown(wait=False, cancel_futures=True)
-        self.registry.close(timeout_s=max(0.1, deadline - time.monotonic()))
         self.outbox.close()
         self.db.put("clean_shutdown", True)
         self.db.close()

@@ -52,6 +52,13 @@ DECRYPT_MISMATCH = "decrypt_mismatch"  # plaintext size or sha256 not the manife
 UNSUPPORTED_ENCRYPTION = "unsupported_encryption"
 NO_DECRYPTION_KEY = "no_decryption_key"  # trust.decryption_keys: missing, unsafe or not an identity
 INTERNAL = "internal"
+# The local inference API's refusals (docs/security.md, "Local threat model").
+TOO_LARGE = "too_large"
+BUSY = "busy"
+UNAUTHORIZED = "unauthorized"
+HOST_NOT_ALLOWED = "host_not_allowed"
+ORIGIN_NOT_ALLOWED = "origin_not_allowed"
+UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"
 
 
 class AgentError(Exception):

@@ -32,6 +32,7 @@ class AgentProcess:
     groups: tuple[str, ...] = ("cams",)
     extra_toml: str = ""
     env: dict[str, str] = field(default_factory=dict)
+    wrap: tuple[str, ...] = ()  # a launcher before the interpreter, e.g. ("prlimit", "--nofile=1024", "--")
     proc: subprocess.Popen[bytes] | None = None
     api_port: int = 0
 
@@ -72,7 +73,7 @@ class AgentProcess:
             self.write_config()
         env = {**os.environ, **self.env}
         self._logf = open(self.log, "ab")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen([sys.executable, "-m", "agent", "run", "--config", str(self.config)],
+        self.proc = subprocess.Popen([*self.wrap, sys.executable, "-m", "agent", "run", "--config", str(self.config)],
                                      stdout=self._logf, stderr=subprocess.STDOUT, env=env)
         if wait:
             self.wait_ready()

@@ -15,7 +15,7 @@ import pytest
 
 BROKER_START_TIMEOUT_S = 10.0
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
+HW_CAPTURES = REPO / "tests" / "data" / "hw-captures"  # real devices' files; see its README.md
 
 
 def free_port(host: str = "127.0.0.1") -> int:

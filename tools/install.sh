@@ -23,7 +23,8 @@ UNIT=edge-agent.service
 HERE="$(cd "$(dirname "$0")/.." && pwd)"
 
 usage() {
-  sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,/^[^#]/s/^# \{0,1\}//p' "$0"   # the comment block at the top, however long
+  echo
   cat <<EOF
 options:
   --prefix DIR            install folder (default $PREFIX; the venv is DIR/venv)
@@ -74,6 +75,12 @@ SRC="${SRC:-$HERE}"
 VENV="$R$PREFIX/venv"
 if [ ! -x "$VENV/bin/python" ]; then
   say "creating venv $VENV"
+  # A venv is always built on the base interpreter: --system-site-packages then shows the base's
+  # packages, never those of a venv whose python was given with --python. Say so, not a later ImportError.
+  BASE="$("$PYTHON" -c 'import sys; print(sys.base_prefix if sys.prefix != sys.base_prefix else "")')"
+  if [ -n "$BASE" ] && [ "${#VENV_ARGS[@]}" -gt 0 ]; then
+    say "note: $PYTHON is a venv's interpreter; --system-site-packages shows the packages of its base $BASE, not that venv's"
+  fi
   "$PYTHON" -m venv "${VENV_ARGS[@]}" "$VENV"
 fi
 SPEC="$SRC"

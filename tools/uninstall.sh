@@ -4,6 +4,8 @@
 #   sudo tools/uninstall.sh            # stop and remove the program; keep config, keys, state, user
 #   sudo tools/uninstall.sh --purge    # also delete /etc/edge-agent, /var/lib/edge-agent and the users
 #   tools/uninstall.sh --root /tmp/stage --no-systemctl
+#
+# --prefix DIR names the install folder when tools/install.sh was given one (default /opt/edge-agent).
 set -euo pipefail
 
 PREFIX=/opt/edge-agent
@@ -20,7 +22,7 @@ while [ $# -gt 0 ]; do
     --root=*) ROOT="${1#*=}"; shift ;;
     --purge) PURGE=1; shift ;;
     --no-systemctl) SYSTEMCTL=0; shift ;;
-    -h|--help) sed -n '2,7p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,/^[^#]/s/^# \{0,1\}//p' "$0"; exit 0 ;;
     *) echo "uninstall.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
 done

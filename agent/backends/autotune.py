@@ -18,7 +18,8 @@ Invariants:
 - The verdict is cached in the state database under (sha256 of every variant file of the bundle,
   hardware fingerprint); a re-deploy of the same model files on the same hardware and runtimes
   reuses it instead of measuring. It is also cached under the bundle's *layout* (model name,
-  tensor specs, variant ids, formats, precisions, file paths and sizes; see ``layout_hash``): a
+  tensor specs, variant ids, formats, precisions, file paths and sizes, but not the size of an
+  OpenVINO IR's .xml, which varies with generated node names; see ``layout_hash``): a
   new version that only changes the weights runs at the speed of the one measured, so it reuses
   that verdict too (``"basis": "layout"`` in the explanation). A cached winner is still validated
   before it serves, and a failed one falls back in rank order. Entries older than
@@ -100,6 +101,13 @@ def cache_key(manifest: Manifest, hw_fingerprint: str) -> str:
     return f"{CACHE_PREFIX}{model_hash(manifest)}/{hw_fingerprint}"
 
 
+def _layout_size(fmt: str, path: str, size: int) -> int | None:
+    """A file's size as part of the layout; None for an OpenVINO IR's .xml, whose size follows the
+    node names the converter generates from a process-wide counter (the same model converted twice
+    gets ``Constant_2360`` or ``Constant_17890``): the .bin beside it carries the weights' sizes."""
+    return None if fmt == "openvino" and path.endswith(".xml") else size
+
+
 def layout_hash(manifest: Manifest) -> str:
     """sha256 over what decides a model's speed but not its weights' values: name, tensor specs,
     and each variant's id, format, precision, file paths and sizes (plus the bundle's own files,
@@ -108,7 +116,8 @@ def layout_hash(manifest: Manifest) -> str:
         "name": manifest.name,
         "inputs": [[t.name, t.dtype, list(t.shape)] for t in manifest.inputs],
         "outputs": [[t.name, t.dtype, list(t.shape)] for t in manifest.outputs],
-        "variants": sorted([v.id, v.format, v.precision, sorted([f.path, f.size] for f in v.files)]
+        "variants": sorted([v.id, v.format, v.precision,
+                            sorted([f.path, _layout_size(v.format, f.path, f.size)] for f in v.files)]
                            for v in manifest.variants),
         "files": sorted([f.path, f.size] for f in manifest.files),
     }

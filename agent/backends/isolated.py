@@ -412,7 +412,7 @@ class IsolatedModel:
                 if not self._serving_sent:
                     name, version, _ = self._bound
                     send_ctl(self._ctl, ("serve", name, version, MAX_ADOPTED, host.max_body_bytes,
-                                         host.server_name, host.server_version), self._slots_fd)
+                                         host.server_name, host.server_version, host.policy), self._slots_fd)
                     self._serving_sent = True
                 send_ctl(self._ctl, ("adopt", slot, prefix), sock.fileno())
         except OSError as e:

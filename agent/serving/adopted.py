@@ -16,7 +16,8 @@ Invariants:
   says whether a request is in flight and since when: if the worker dies or hangs, the daemon
   takes idle connections over untouched and answers in-flight ones with an error.
 - Calls, errors and latencies reach the daemon's probation and telemetry every
-  ``STATS_INTERVAL_S``; the sample buffer is bounded.
+  ``STATS_INTERVAL_S``, before the worker acknowledges a retire, and once more when it exits, so a
+  stop or swap right after a call still counts it; the sample buffer is bounded.
 """
 
 from __future__ import annotations
@@ -43,7 +44,10 @@ from agent.backends.isolated import (
     recv_ctl,
     send_ctl,
 )
-from agent.serving.kserve import IDLE_TIMEOUT_S, KServeServer, _Handler, _Response, infer_target
+from agent.serving.guard import ApiPolicy
+from agent.serving.handler import IDLE_TIMEOUT_S, Handler
+from agent.serving.httpconn import HEAD_TIMEOUT_S, Request
+from agent.serving.kserve import KServeServer, infer_target
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +55,7 @@ STATS_INTERVAL_S = 0.25  # how often calls/errors/latencies go to the daemon
 MAX_STATS_SAMPLES = 16384  # latency samples kept per interval; more are counted, not timed
 
 
-class _AdoptedHandler(_Handler):
+class _AdoptedHandler(Handler):
     """The daemon's request handler, serving one adopted connection inside the worker."""
 
     _idle = False  # the slot already says IDLE (set after the last response went out in full)
@@ -63,12 +67,12 @@ class _AdoptedHandler(_Handler):
         slots = owner.slots
         assert slots is not None
         self.close_connection = True
-        waiter = owner.waiter(self.connection)
+        waiter = owner.waiter(self.conn.sock)
         while True:
             if owner.retiring:
-                self._give_back(self.rfile.unread())  # type: ignore[attr-defined]
+                self._give_back(self.conn.unread())
                 return
-            if not self.rfile.unread():  # type: ignore[attr-defined]
+            if not self.conn.buf:
                 if not self._idle:
                     slots.set(slot, IDLE)
                 if not waiter.poll(IDLE_TIMEOUT_S * 1000):
@@ -78,35 +82,35 @@ class _AdoptedHandler(_Handler):
                     return
             slots.set(slot, READING)
             self._idle = False
-            self.handle_one_request()
-            if self.close_connection or self._handed:
+            if not self.handle_one_request(time.monotonic() + HEAD_TIMEOUT_S):
                 return
 
-    def _dispatch(self) -> None:
+    def _dispatch(self, req: Request) -> None:
         ctx: Any = self.server
         owner: Adopted = ctx.owner
-        t = infer_target(self.path) if self.command == "POST" else None
-        if t is None or owner.retiring or not owner.serves(*t):
-            self._give_back(b"".join(self._head) + self.rfile.unread())  # type: ignore[attr-defined]
+        t = infer_target(req.target) if req.method == "POST" else None
+        if t is None or owner.retiring or not owner.serves(*t) or "expect" in req.headers:
+            self._give_back(req.raw_head + self.conn.unread())
             return
         slots = owner.slots
         assert slots is not None
-        got = self._read_body()
-        slots.set(ctx.slot, INFER)
-        resp = got if isinstance(got, _Response) else self._app._respond(self.command, self.path, self.hdrs, got)
+        resp = self.serve(req)
         slots.set(ctx.slot, WRITING)
-        self._write(resp)
-        if self._unread_body:
-            self._linger()
-        elif not self.rfile.unread():  # type: ignore[attr-defined]
+        self.send_reply(req, resp)
+        if not self._unread_body and not self.conn.buf:
             slots.set(ctx.slot, IDLE)  # answered in full: a crash from here on loses nothing
             self._idle = True
+
+    def computing(self) -> None:
+        ctx: Any = self.server
+        assert ctx.owner.slots is not None
+        ctx.owner.slots.set(ctx.slot, INFER)
 
     def _give_back(self, unread: bytes) -> None:
         ctx: Any = self.server
         owner: Adopted = ctx.owner
         self.close_connection = True
-        if owner.give_back(ctx.slot, self.connection, unread):
+        if owner.give_back(ctx.slot, self.conn.sock, unread):
             self._handed = True
 
 
@@ -128,6 +132,7 @@ class Adopted:
         self._bad = array("d")
         self._untimed = 0
         self._sent = (0, 0)
+        self._flush_lock = threading.Lock()  # the periodic flush, a retire and the exit send in turn
 
     # -- control channel (one thread) ------------------------------------------------------------
     def run(self) -> None:
@@ -153,6 +158,7 @@ class Adopted:
         elif kind == "retire":
             self.retiring = True
             os.write(self._wake_w, b"r")  # never drained: every idle connection wakes
+            self.flush_stats()  # before the acknowledgement: the daemon has every call answered so far
             send_ctl(self.ctl, ("retired",))
         for fd in fds:
             os.close(fd)
@@ -160,14 +166,15 @@ class Adopted:
     def _start_serving(self, msg: tuple[Any, ...], slots_fd: int) -> None:
         from agent.serving.registry import Registry, ServingVersion
 
-        _, name, version, n_slots, max_body, server_name, server_version = msg
+        _, name, version, n_slots, max_body, server_name, server_version, *rest = msg
+        policy = rest[0] if rest and isinstance(rest[0], ApiPolicy) else ApiPolicy()
         self.slots = SlotTable(slots_fd, n_slots)
         os.close(slots_fd)
         reg = Registry(observer=self._observe)
         self._sv = ServingVersion(name, int(version), "", self.model)
         reg.activate(self._sv)
         self.app = KServeServer(reg, max_body_bytes=max_body, server_name=server_name,
-                                server_version=server_version)
+                                server_version=server_version, policy=policy)
         self.name, self.version = name, str(version)
         threading.Thread(target=self._flush_loop, name="stats", daemon=True).start()
 
@@ -180,13 +187,14 @@ class Adopted:
         try:
             assert self.app is not None
             self.app._prefixes[sock] = prefix
-            ctx = SimpleNamespace(app=self.app, owner=self, slot=slot)
+            ctx = SimpleNamespace(app=self.app, owner=self, slot=slot)  # what Handler reads of a server
             h = _AdoptedHandler(sock, ("", 0), ctx)  # type: ignore[arg-type]
             handed = h._handed
         except OSError:
             pass  # the client went away
         except Exception:
-            log.exception("worker: connection %d failed", slot)
+            if self.app is not None:
+                self.app.gate.log(log, logging.ERROR, "conn", "worker: connection %d failed", slot, exc_info=True)
         finally:
             if not handed:
                 with contextlib.suppress(OSError):
@@ -225,25 +233,33 @@ class Adopted:
     def _flush_loop(self) -> None:
         while True:
             time.sleep(STATS_INTERVAL_S)
-            sv = self._sv
-            if sv is None:
-                continue
+            try:
+                self.flush_stats()
+            except OSError:
+                return
+
+    def flush_stats(self) -> None:
+        """Send the calls, errors and latencies since the last flush to the daemon (if any)."""
+        sv = self._sv
+        if sv is None:
+            return
+        with self._flush_lock:
             with self._lock:
                 ok, bad, self._ok, self._bad = self._ok, self._bad, array("d"), array("d")
                 self._untimed = 0
             calls, errs = sv.calls, sv.errors
             dc, de = calls - self._sent[0], errs - self._sent[1]
             if not (dc or de or ok or bad):
-                continue
-            self._sent = (calls, errs)
-            try:
-                send_ctl(self.ctl, ("stats", dc, de, ok.tobytes(), bad.tobytes()))
-            except OSError:
                 return
+            self._sent = (calls, errs)
+            send_ctl(self.ctl, ("stats", dc, de, ok.tobytes(), bad.tobytes()))
 
 
-def serve_adopted(model: Any, ctl: socket.socket, first: tuple[Any, ...], fds: list[int]) -> None:
-    """Take over a worker's control socket at its first message (agent/serving/worker.py)."""
+def serve_adopted(model: Any, ctl: socket.socket, first: tuple[Any, ...], fds: list[int],
+                  owners: list[Adopted]) -> None:
+    """Take over a worker's control socket at its first message (agent/serving/worker.py); the
+    owner goes into ``owners`` so that the worker can flush its statistics when it exits."""
     owner = Adopted(model, ctl)
+    owners.append(owner)
     owner.handle(first, fds)
     owner.run()

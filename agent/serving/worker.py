@@ -18,6 +18,7 @@ hands over HTTP connections (agent/serving/adopted.py).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -89,7 +90,7 @@ def _preload(runtime: str) -> None:
         pass
 
 
-def _control(ctl: socket.socket, model: Any) -> None:
+def _control(ctl: socket.socket, model: Any, owners: list[Any]) -> None:
     """The HTTP machinery loads only once the daemon hands a first connection over."""
     from agent.backends.isolated import recv_ctl
 
@@ -101,7 +102,7 @@ def _control(ctl: socket.socket, model: Any) -> None:
         return
     from agent.serving.adopted import serve_adopted
 
-    serve_adopted(model, ctl, msg, fds)
+    serve_adopted(model, ctl, msg, fds, owners)
 
 
 def main(fds_arg: str) -> None:
@@ -137,12 +138,16 @@ def main(fds_arg: str) -> None:
     except Exception as e:
         conns[0].send(("err", errors.LOAD_FAILED, f"{type(e).__name__}: {e}"))
         return
-    threading.Thread(target=_control, args=(ctl, model), name="control", daemon=True).start()
+    owners: list[Any] = []  # the direct path's owner, once the daemon hands a connection over
+    threading.Thread(target=_control, args=(ctl, model, owners), name="control", daemon=True).start()
     conns[0].send(("ready", model.backend_id, model.inputs, model.outputs, os.getpid()))
     workers = [threading.Thread(target=_serve, args=(c, model), daemon=True) for c in conns]
     for w in workers:
         w.start()
     for w in workers:
         w.join()
+    for owner in owners:  # the calls answered since the last flush: the daemon reads them after we exit
+        with contextlib.suppress(OSError):
+            owner.flush_stats()
     model.close()
     sys.exit(0)

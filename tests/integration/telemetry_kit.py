@@ -371,6 +371,7 @@ class InferenceLoad:
         self.url = f"{api}/v2/models/lin/infer"
         self.rate_per_s = rate_per_s
         self.flip_s = flip_s  # alternate good and bad phases of this length (error-rate events)
+        self.bad = False  # without flip_s: the caller sets this to switch between good and bad calls
         self.sent = 0
         self.ok = 0
         self.failed = 0
@@ -386,7 +387,7 @@ class InferenceLoad:
         t0 = time.monotonic()
         gap = 1.0 / self.rate_per_s
         while not self._stop.wait(gap):
-            bad = self.flip_s is not None and int((time.monotonic() - t0) / self.flip_s) % 2 == 1
+            bad = self.bad if self.flip_s is None else int((time.monotonic() - t0) / self.flip_s) % 2 == 1
             try:
                 r = http.post(self.url, json=self.BAD if bad else self.GOOD, timeout=5)
             except requests.RequestException:

@@ -2,7 +2,7 @@
 
 Bundles are built by fleetctl (real conversions, real signatures) and fetched over file://; the
 state database, store, outbox and runtimes are real. The hardware policy is the generic-x86_64
-profile matched on the captured AMD EPYC server (../shared/hw-captures), so the ranking does not
+profile matched on the captured AMD EPYC server (tests/data/hw-captures), so the ranking does not
 depend on the machine running the tests; the backends that then run are this machine's.
 """
 
@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import SHARED
+from conftest import HW_CAPTURES
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from test_backends import IN, make_mlp, reference
 
@@ -39,7 +39,7 @@ from agent.telemetry.outbox import Outbox
 from fleetctl.bundle import build_bundle, manifest_document
 
 OV_CPU, ORT_CPU, TFL = "openvino:CPU", "onnxruntime:CPUExecutionProvider", "tflite:xnnpack"
-POLICY = policy_from_report(hw_report(SHARED / "hw-captures" / "amd-epyc-7451-server",
+POLICY = policy_from_report(hw_report(HW_CAPTURES / "amd-epyc-7451-server",
                                       profiles_dirs=[shipped_profiles_dir()]))
 
 
@@ -206,7 +206,7 @@ def test_autotune_measures_keeps_fastest_and_caches(env: Env, mlp: Path) -> None
     final4 = env.deploy("j4", build(env, retrained, "b4", 4, variants=["openvino-fp32", "tflite"]))
     assert final4["state"] == "SUCCEEDED", final4
     tune4 = final4["result"]["selection"]["autotune"]
-    assert (tune4["state"], tune4["basis"], tune4["measured_version"]) == ("cached", "layout", 3), tune4
+    assert (tune4["state"], tune4.get("basis"), tune4.get("measured_version")) == ("cached", "layout", 3), tune4
     assert tune4["winner"] == final3["result"]["selection"]["autotune"]["winner"]
     assert final4["result"]["figures"]["validation"]["runs"] >= 3
 

@@ -23,7 +23,7 @@ from conftest import make_linear_onnx
 from agent.backends.base import LoadOptions
 from agent.backends.onnxruntime import CPU, OnnxRuntimeBackend
 from agent.bundles.manifest import TensorSpec
-from agent.serving import kserve
+from agent.serving import handler, kserve
 from agent.serving.kserve import KServeServer, ListenAddressError, parse_listen
 from agent.serving.registry import Registry, ServingVersion
 
@@ -425,7 +425,7 @@ def test_oversized_body_413_keeps_connection(small_cap_server: KServeServer) -> 
     big: dict[str, Any] = {"inputs": [{"name": "x", "shape": [1000, 4], "datatype": "FP32", "data": [0.0] * 4000}]}
     with requests.Session() as s:
         r = s.post(f"{url}/v2/models/linear/infer", json=big, timeout=CLIENT_TIMEOUT_S)
-        assert r.status_code == 413 and r.json()["code"] == "size_exceeded"
+        assert r.status_code == 413 and r.json()["code"] == "too_large"
         assert str(SMALL_BODY_CAP) in r.json()["error"]
         small: dict[str, Any] = {"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 4]}]}
         assert s.post(f"{url}/v2/models/linear/infer", json=small,
@@ -434,7 +434,7 @@ def test_oversized_body_413_keeps_connection(small_cap_server: KServeServer) -> 
 
 def test_oversized_body_413_closes_past_discard_limit(small_cap_server: KServeServer,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(kserve, "DISCARD_MAX_BYTES", 0)
+    monkeypatch.setattr(handler, "DISCARD_MAX_BYTES", 0)
     host, port = small_cap_server.address
     conn = http.client.HTTPConnection(host, port, timeout=CLIENT_TIMEOUT_S)
     try:
@@ -443,7 +443,7 @@ def test_oversized_body_413_closes_past_discard_limit(small_cap_server: KServeSe
         r = conn.getresponse()
         assert r.status == 413
         assert r.getheader("Connection") == "close"
-        assert json.loads(r.read())["code"] == "size_exceeded"
+        assert json.loads(r.read())["code"] == "too_large"
     finally:
         conn.close()
 
@@ -540,7 +540,7 @@ def test_raw_http_edge_cases(env: Env) -> None:
                 chunks.append(chunk)
             return b"".join(chunks)
 
-    assert exchange(b"OPTIONS * HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").startswith(b"HTTP/1.1 404 ")
+    assert exchange(b"OPTIONS * HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").startswith(b"HTTP/1.1 404 ")
     assert exchange(b"GET /v2 HTTP/3.0\r\n\r\n").startswith(b"HTTP/1.1 505 ")
     assert exchange(b"GET /v2\r\n\r\n").startswith(b"HTTP/1.1 400 ")
     assert exchange(b"POST /v2/models/linear/infer HTTP/1.1\r\nContent-Length: 2\r\n"

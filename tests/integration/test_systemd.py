@@ -6,6 +6,12 @@ There is no systemd as PID 1 here, so the unit is checked offline with the real 
 are applied to a staging root with ``systemd-sysusers --root`` / ``systemd-tmpfiles --root``; and
 tools/install.sh installs into a staging root (``--root DIR --no-systemctl``), then
 tools/uninstall.sh removes it keeping data, and again with ``--purge``.
+
+Tests use no network, so the staged install runs pip with ``--no-deps`` and the staged venv finds the
+package's dependencies (paho-mqtt, cryptography, ...) on PYTHONPATH: a folder of links to exactly
+those distributions in the test environment, without edge-agent itself, so the ``agent`` that runs
+is the one install.sh put in the staged venv (asserted). ``--system-site-packages`` cannot stand in
+for this: a venv is built on the base interpreter, whose packages are not the test environment's.
 """
 
 from __future__ import annotations
@@ -16,10 +22,12 @@ import shutil
 import stat
 import subprocess
 import sys
+from importlib import metadata
 from pathlib import Path
 
 import pytest
 from conftest import REPO
+from packaging.requirements import Requirement
 
 UNIT = REPO / "systemd" / "edge-agent.service"
 MAX_EXPOSURE = 2.0
@@ -65,6 +73,15 @@ def test_unit_has_what_the_agent_needs() -> None:
     assert d["DevicePolicy"] == ["closed"]
     # The trust folder must stay writable for the signed `trust` command under ProtectSystem=strict.
     assert d["ProtectSystem"] == ["strict"] and "-/etc/edge-agent/trust" in d["ReadWritePaths"]
+    # Bounds: the descriptor limit leaves the API's connection cap with room for the rest of the
+    # daemon (agent/serving/kserve.py connection_cap), and memory is limited for daemon and workers.
+    from agent.serving.kserve import FD_RESERVE, MAX_CONNECTIONS
+
+    nofile = int(d["LimitNOFILE"][0])
+    assert (nofile - FD_RESERVE) // 2 >= MAX_CONNECTIONS
+    assert d["MemoryHigh"] and d["MemoryMax"]
+    high, top = (int(d[k][0].rstrip("%")) for k in ("MemoryHigh", "MemoryMax"))
+    assert 0 < high < top <= 100
     # The control socket folder is the RuntimeDirectory the config points at by default.
     from agent.config import ApiConfig
 
@@ -110,16 +127,57 @@ def test_sysusers_and_tmpfiles_apply_to_a_root(tmp_path: Path) -> None:
     assert stat.S_IMODE((root / "var/lib/edge-agent").stat().st_mode) == 0o750
 
 
+@pytest.mark.parametrize("script", ["install.sh", "uninstall.sh"])
+def test_help_prints_the_usage_and_every_option_only(script: str) -> None:
+    path = REPO / "tools" / script
+    r = subprocess.run(["bash", str(path), "--help"], capture_output=True, text=True, timeout=TOOL_TIMEOUT_S)
+    assert r.returncode == 0 and not r.stderr, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0].startswith("Install edge-agent" if script == "install.sh" else "Remove edge-agent"), lines[0]
+    code = [line for line in lines if re.match(r"\s*(set|if|case|while|sed|cat|echo)\b", line)]
+    assert not code and not any(line.startswith("#") for line in lines), r.stdout
+    for option in set(re.findall(r"^\s+(--[a-z-]+)[)=|]", path.read_text(), re.M)) - {"--help"}:
+        assert option in r.stdout, f"{script} --help does not mention {option}"
+
+
+def _dependency_dir(dest: Path) -> Path:
+    """Links to the installed distributions edge-agent depends on (transitively), and nothing else."""
+    dest.mkdir()
+    todo, seen = ["edge-agent"], set()
+    while todo:
+        dist = metadata.distribution(todo.pop())
+        for spec in dist.requires or []:
+            req = Requirement(spec)
+            name = req.name.lower().replace("_", "-")
+            if name not in seen and (req.marker is None or req.marker.evaluate({"extra": ""})):
+                seen.add(name)
+                todo.append(name)
+        if dist.metadata["Name"] == "edge-agent":
+            continue
+        for f in dist.files or []:
+            top = f.parts[0]
+            if top != ".." and not (dest / top).exists():
+                (dest / top).symlink_to(Path(str(dist.locate_file(top))))
+    return dest
+
+
 @pytest.mark.skipif(os.geteuid() != 0 or shutil.which("systemd-sysusers") is None,
                     reason="needs root and systemd-sysusers to stage users")
 def test_install_and_uninstall_into_a_staging_root(tmp_path: Path) -> None:
     root = tmp_path / "stage"
+    env = {**os.environ, "PYTHONPATH": str(_dependency_dir(tmp_path / "deps"))}
     r = subprocess.run(["bash", str(REPO / "tools" / "install.sh"), "--root", str(root), "--no-systemctl",
                         "--python", sys.executable, "--system-site-packages", "--pip-arg=--no-deps", "--extras", ""],
-                       capture_output=True, text=True, timeout=INSTALL_TIMEOUT_S)
+                       capture_output=True, text=True, timeout=INSTALL_TIMEOUT_S, env=env)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "not starting the service" in r.stdout
+    assert "--system-site-packages shows the packages of its base" in r.stdout  # sys.executable is a venv's
     venv = root / "opt/edge-agent/venv"
+    assert "include-system-site-packages = true" in (venv / "pyvenv.cfg").read_text()
+    # The package runs from the staged venv, not from this checkout or the test environment.
+    r = subprocess.run([str(venv / "bin/python"), "-c", "import agent; print(agent.__file__)"], capture_output=True,
+                       text=True, timeout=TOOL_TIMEOUT_S, env=env, cwd=tmp_path)
+    assert r.returncode == 0 and Path(r.stdout.strip()).is_relative_to(venv), r.stdout + r.stderr
     unit = (root / "etc/systemd/system/edge-agent.service").read_text()
     assert "ExecStart=/opt/edge-agent/venv/bin/edge-agent run --config /etc/edge-agent/agent.toml" in unit
     assert (root / "usr/lib/sysusers.d/edge-agent.conf").exists() and (root / "usr/lib/tmpfiles.d/edge-agent.conf").exists()
@@ -130,15 +188,16 @@ def test_install_and_uninstall_into_a_staging_root(tmp_path: Path) -> None:
     assert "edge-agent:" in (root / "etc/passwd").read_text()
     # The installed programs run, and the starter config is valid.
     r = subprocess.run([str(venv / "bin/edge-agent"), "check-config", "--config", str(conf)], capture_output=True,
-                       text=True, timeout=TOOL_TIMEOUT_S)
+                       text=True, timeout=TOOL_TIMEOUT_S, env=env)
     assert r.returncode == 0, r.stderr
-    r = subprocess.run([str(venv / "bin/agentctl"), "--help"], capture_output=True, text=True, timeout=TOOL_TIMEOUT_S)
+    r = subprocess.run([str(venv / "bin/agentctl"), "--help"], capture_output=True, text=True, timeout=TOOL_TIMEOUT_S,
+                       env=env)
     assert r.returncode == 0 and "doctor" in r.stdout
     # Running it again upgrades in place and keeps the edited config.
     conf.write_text(conf.read_text().replace("groups = []", 'groups = ["kept"]'))
     r = subprocess.run(["bash", str(REPO / "tools" / "install.sh"), "--root", str(root), "--no-systemctl",
                         "--python", sys.executable, "--system-site-packages", "--pip-arg=--no-deps", "--extras", ""],
-                       capture_output=True, text=True, timeout=INSTALL_TIMEOUT_S)
+                       capture_output=True, text=True, timeout=INSTALL_TIMEOUT_S, env=env)
     assert r.returncode == 0, r.stderr
     assert 'groups = ["kept"]' in conf.read_text()
 

@@ -136,9 +136,9 @@ def test_bad_request_in_the_worker_is_a_400_and_not_a_model_error(env: Env) -> N
 def test_pipelined_requests_cross_between_worker_and_daemon_in_order(env: Env) -> None:
     env.serve("lin", 1, seed=1)
     body = _body()
-    infer = (b"POST /v2/models/lin/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    infer = (b"POST /v2/models/lin/infer HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
              b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
-    meta = b"GET /v2/models/lin HTTP/1.1\r\nHost: x\r\n\r\n"
+    meta = b"GET /v2/models/lin HTTP/1.1\r\nHost: localhost\r\n\r\n"
     with socket.create_connection(("127.0.0.1", env.server.port), timeout=TIMEOUT_S) as s:
         s.sendall(infer + meta + infer + meta)  # four requests in one write
         f = s.makefile("rb")

@@ -143,6 +143,22 @@ def test_layout_hash_ignores_weights_but_not_sizes_or_variants() -> None:
     assert autotune.layout_hash(samples_bundle("onnx-fp32")) != autotune.layout_hash(m)
 
 
+def test_layout_hash_ignores_the_openvino_xml_size_but_not_its_weights() -> None:
+    """OpenVINO names generated nodes from a process-wide counter, so converting the same ONNX
+    model twice gives .xml files of different sizes (``Constant_2360`` vs ``Constant_17890``)."""
+    base = samples_bundle("onnx-fp32", "openvino-fp32").raw
+
+    def layout(xml_size: int, bin_size: int) -> str:
+        raw = dict(base)
+        ir = [{"path": "ir/model.xml", "size": xml_size, "sha256": "c" * 64},
+              {"path": "ir/model.bin", "size": bin_size, "sha256": "d" * 64}]
+        raw["variants"] = [dict(v, files=ir) if v["format"] == "openvino" else v for v in raw["variants"]]
+        return autotune.layout_hash(parse_document(raw))
+
+    assert layout(4947, 2836) == layout(4950, 2836)  # the same graph, converted in another process
+    assert layout(4947, 2836) != layout(4947, 2840)  # other weight shapes
+
+
 def test_plan_reuses_a_verdict_of_the_same_layout_and_says_so() -> None:
     m = samples_bundle("onnx-fp32", "openvino-fp32")
     kv = DictKV()

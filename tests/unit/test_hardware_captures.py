@@ -1,6 +1,6 @@
 """Hardware detection and profile matching against real captured device trees.
 
-The captures live in ../shared/hw-captures beside the repository (one folder per published device,
+The captures live in tests/data/hw-captures (one folder per published device,
 laid out like a filesystem root; see its README.md and each SOURCE.md).  Every folder there must have an
 entry in EXPECTED, so a new capture cannot slip in untested.  Expectations follow what each capture can
 honestly show: where a capture cannot tell something, the fact is asserted unknown with a reason.
@@ -9,18 +9,14 @@ honestly show: where a capture cannot tell something, the fact is asserted unkno
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import HW_CAPTURES
 
 from agent.hardware import detect, hw_report, load_profiles, match_profile, shipped_profiles_dir
 
-CAPTURES = Path(__file__).resolve().parents[3] / "shared" / "hw-captures"
-
-if not CAPTURES.is_dir():
-    pytest.skip(f"hardware captures not found at {CAPTURES} (they live in ../shared beside the repo)",
-                allow_module_level=True)
+CAPTURES = HW_CAPTURES
 
 UNSET: Any = object()
 

@@ -1,6 +1,6 @@
 """Profile loading/matching, backend evaluation, runtime probes and detection robustness.
 
-These tests build small synthetic roots under tmp_path and do not need ../shared/hw-captures.
+These tests build small synthetic roots under tmp_path and do not need tests/data/hw-captures.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Selection tables: real hardware captures × bundle variants → the choice and its explanation.
 
-Each row runs the real detection on a capture from ../shared/hw-captures, the real profile match
+Each row runs the real detection on a capture from tests/data/hw-captures, the real profile match
 and ``policy_from_report``, then ``select``. What cannot exist on this machine — CUDA/TensorRT
 providers, an NPU or MYRIAD device in OpenVINO, libedgetpu and an attached Coral — is faked at the
 narrowest boundary only: the provider/device/delegate lists handed to the backends' pure verdict
@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import SHARED
+from conftest import HW_CAPTURES
 
 from agent import errors
 from agent.backends import onnxruntime as ortb
@@ -29,7 +29,7 @@ from agent.backends.selection import Policy, policy_from_report, select
 from agent.bundles.manifest import Manifest, parse_document
 from agent.hardware import hw_report, shipped_profiles_dir
 
-CAPTURES = SHARED / "hw-captures"
+CAPTURES = HW_CAPTURES
 ORT_CPU_ONLY = ["CPUExecutionProvider"]
 ORT_GPU = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
 
