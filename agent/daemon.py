@@ -698,7 +698,10 @@ def check_config(path: str | None) -> int:
         return EXIT_CONFIG
     print(json.dumps(cfg.to_dict(), indent=2))
     where = cfg.source if cfg.source != "defaults" else "no config file, built-in defaults"
-    problem = folder_problem(Path(cfg.trust.keys_dir))
+    from agent.bundles.sealed import identity_problem
+
+    problem = folder_problem(Path(cfg.trust.keys_dir)) or next(
+        filter(None, map(identity_problem, cfg.trust.decryption_keys)), None)  # no_decryption_key at start
     if problem:  # the daemon would refuse every signed command, or not start at all
         print(f"edge-agent: {where}: {problem}", file=sys.stderr)
         return EXIT_CONFIG

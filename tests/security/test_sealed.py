@@ -77,6 +77,7 @@ class Env:
     tmp: Path
     versions: Iterator[int]
     serving_rel: str = ""  # the folder of the bundle that serves SERVING
+    first: dict[str, Any] | None = None  # the final update of its deploy
 
     def version(self) -> int:
         return next(self.versions)
@@ -123,7 +124,11 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
         dev.start()
         dev.obs.wait(lambda t, d: t == "edge/dev1/status" and d.get("online") is True, what="online status")
         dev.expected_serving = bundles.expected_serving
-        yield Env(dev, fleet, bundles, http, mine.recipient, other.recipient, mine.identity_path, device_tmp, tmp, itertools.count(10))
+        e = Env(dev, fleet, bundles, http, mine.recipient, other.recipient, mine.identity_path,
+                device_tmp, tmp, itertools.count(10))
+        e.serving_rel = e.sealed(SERVING)
+        e.first = dev.deploy(e.url(e.serving_rel))  # every scenario starts from an encrypted v2 serving
+        yield e
     finally:
         dev.close()
         http.close()
@@ -131,9 +136,8 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
 
 
 def test_encrypted_bundle_deploys_validates_and_serves(env: Env) -> None:
-    env.serving_rel = env.sealed(SERVING)
-    done = env.dev.deploy(env.url(env.serving_rel))
-    assert done["state"] == "SUCCEEDED", (done, env.dev.log_tail())
+    done = env.first
+    assert done is not None and done["state"] == "SUCCEEDED", (done, env.dev.log_tail())
     assert "max_abs_error" in done["result"]["figures"]["validation"], done["result"]["figures"]  # golden check ran
     env.still_serving()
     # The store keeps the ciphertext: the model file's object is named by the ciphertext's hash.
@@ -218,6 +222,9 @@ def test_unsafe_identity_is_refused_at_deploy_and_at_start(env: Env) -> None:
         said = r.stdout + r.stderr
         assert r.returncode == 3, said[-2000:]
         assert "no_decryption_key" in said and f"chmod 0600 {key}" in said, said[-2000:]
+        check = subprocess.run([sys.executable, "-m", "agent", "check-config", "--config", str(other.config)],
+                               capture_output=True, text=True, timeout=30)
+        assert check.returncode == 2 and f"chmod 0600 {key}" in check.stderr, check.stderr[-2000:]
     finally:
         os.chmod(key, 0o600)
 
