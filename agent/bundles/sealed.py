@@ -259,6 +259,8 @@ def load(backend: Backend, path: Path, target: str, options: LoadOptions) -> Loa
     harden()
     identities = load_identities(spec["identities"])
     contents = {p: decrypt_file(Path(p), Encryption(**e), identities) for p, e in spec["files"].items()}
+    log.info("%s: %d encrypted file(s) opened in memory (%d bytes)", path.name, len(contents),
+             sum(len(b) for b in contents.values()))
     extra = {k: v for k, v in options.extra.items() if k != SPEC_KEY}
     try:
         return backend.load(path, target, dataclasses.replace(options, extra=extra, contents=contents))
