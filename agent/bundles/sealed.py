@@ -11,6 +11,8 @@ Invariants:
   model (the worker, with the default ``backends.isolation = "process"``), never in a file: the
   runtimes load from bytes (``LoadOptions.contents``).
 - A process that decrypts is made non-dumpable (no core file, no ptrace by other users) first.
+- Encrypted models load without compiled-model caches (OpenVINO blobs, TensorRT engines hold
+  the weights and would be written to disk).
 - Identity files are refused unless 0400/0600 and owned by root or the agent's user
   (``no_decryption_key``, with the fix).
 - Refusals: ``unsupported_encryption`` (unknown format), ``no_decryption_key`` (no usable
@@ -261,9 +263,10 @@ def load(backend: Backend, path: Path, target: str, options: LoadOptions) -> Loa
     contents = {p: decrypt_file(Path(p), Encryption(**e), identities) for p, e in spec["files"].items()}
     log.info("%s: %d encrypted file(s) opened in memory (%d bytes)", path.name, len(contents),
              sum(len(b) for b in contents.values()))
-    extra = {k: v for k, v in options.extra.items() if k != SPEC_KEY}
+    # No compiled-model cache: an OpenVINO blob or a TensorRT engine holds the weights, on disk.
+    extra = {k: v for k, v in options.extra.items() if k != SPEC_KEY} | {"cache_dir": ""}
     try:
-        return backend.load(path, target, dataclasses.replace(options, extra=extra, contents=contents))
+        return backend.load(path, target, dataclasses.replace(options, extra=extra, contents=contents, cache_dir=None))
     finally:
         contents.clear()  # the runtime holds its own copy (TFLite: a reference) from here on
 

@@ -13,6 +13,7 @@ import hashlib
 import itertools
 import json
 import os
+import resource
 import shutil
 import stat
 import subprocess
@@ -150,7 +151,8 @@ def test_encrypted_bundle_deploys_validates_and_serves(env: Env) -> None:
     # The worker holding the plaintext writes no core file; the daemon itself is untouched.
     workers = [p for p in psutil.Process(env.dev.proc.proc.pid).children() if "agent.serving.worker" in " ".join(p.cmdline())]
     assert workers, "no worker process"
-    assert all(w.rlimit(psutil.RLIMIT_CORE) == (0, 0) for w in workers)
+    assert all(w.rlimit(psutil.RLIMIT_CORE) == (0, 0) for w in workers)  # hard limit 0: set by the worker
+    assert psutil.Process(env.dev.proc.proc.pid).rlimit(psutil.RLIMIT_CORE) == resource.getrlimit(resource.RLIMIT_CORE)
 
 
 def test_not_a_recipient_is_refused_before_download(env: Env) -> None:

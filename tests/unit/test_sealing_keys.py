@@ -110,3 +110,33 @@ def test_recipient_arguments_and_the_config_key(tmp_path: Path, monkeypatch: pyt
     cfg = config.load(str(toml))
     assert cfg.trust.decryption_keys == ["/run/credentials/edge-agent.service/device.agekey",
                                          str(tmp_path / "keys" / "spare.agekey")]
+
+
+def test_load_decrypts_into_memory_without_a_compiled_model_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The seam hands the runtime the plaintext and no cache folder (a compiled blob holds the
+    weights); a recording backend stands in for the runtime here, the daemon tests use real ones
+    (and check the worker's hardening, left out here so the test process keeps its core limit)."""
+    import pyrage
+
+    hardened: list[bool] = []
+    monkeypatch.setattr(sealed, "harden", lambda: hardened.append(True))
+    from agent.backends.base import LoadOptions
+
+    mine = generate_identity(tmp_path, "dev")
+    f = tmp_path / "model.onnx"
+    f.write_bytes(pyrage.encrypt(PLAIN, [pyrage.x25519.Recipient.from_str(mine.recipient)]))
+    seen: dict[str, Any] = {}
+
+    class Recorder:
+        runtime = "recorder"
+
+        def load(self, model_path: Path, target: str, options: LoadOptions) -> Any:
+            seen.update(plain=options.content(model_path), cache=options.cache_path, extra=dict(options.extra))
+            return object()
+
+    spec = sealed.load_spec(_doc(_enc(), [mine.recipient]) | {"variants": [{"files": [
+        {"path": "model.onnx", "encryption": _enc()}]}]}, tmp_path, ["model.onnx"], [str(mine.identity_path)])
+    opts = LoadOptions(cache_dir=tmp_path / "cache", extra={"cache_dir": str(tmp_path / "cache"), sealed.SPEC_KEY: spec})
+    sealed.load(Recorder(), f, "cpu", opts)  # type: ignore[arg-type]
+    assert seen["plain"] == PLAIN and seen["cache"] is None and sealed.SPEC_KEY not in seen["extra"]
+    assert hardened == [True]
