@@ -231,7 +231,7 @@ def test_unsafe_identity_is_refused_at_deploy_and_at_start(env: Env) -> None:
         os.chmod(key, 0o600)
 
 
-def test_rotation_swap_rollback_leave_no_plaintext(env: Env) -> None:
+def test_rotation_swap_rollback_restart_leave_no_plaintext(env: Env) -> None:
     src = env.bundles.folder(env.serving_rel)  # the serving v2, encrypted to this device
     out_dir = env.bundles.root
     # Rotation away from this device: a new version it cannot open; it keeps serving.
@@ -252,6 +252,8 @@ def test_rotation_swap_rollback_leave_no_plaintext(env: Env) -> None:
     cid, cmd = env.fleet.command("rollback", {"model": "lin", "to_version": SERVING})
     done = env.dev.run(cid, cmd)
     assert done["state"] == "SUCCEEDED", (done, env.dev.log_tail())
+    env.still_serving()
+    env.dev.restart()  # the restore after a restart decrypts through the same step
     env.still_serving()
     # The model's weights appear in no file the device wrote: state, store, cache, logs, its
     # temporary folder, and /dev/shm.
