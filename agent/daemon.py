@@ -655,6 +655,9 @@ def _parser() -> Any:
     r.add_argument("--log-level", default=os.environ.get("EDGE_AGENT_LOG_LEVEL", "info"))
     c = sub.add_parser("check-config", help="validate the config and print the effective values")
     c.add_argument("--config")
+    from agent import devinit
+
+    devinit.add_parser(sub)
     return ap
 
 
@@ -724,6 +727,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd is None:
             ap.print_help(sys.stderr)
             return 2
+    if args.cmd == "init":
+        from agent import devinit
+
+        return devinit.run(args)
     if args.cmd == "check-config":
         return check_config(args.config)
     logs.setup(args.log_level, args.log_format)

@@ -9,6 +9,7 @@ telemetry printed as they arrive. Everything listens on loopback only.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -33,6 +34,9 @@ TELEMETRY_TIMEOUT_S = 30.0
 INFER_REQUESTS = 200
 BROKER_START_TIMEOUT_S = 10.0
 BROKER_ENV = "FLEETCTL_DEMO_BROKER"  # "amqtt": use the fallback broker even where Mosquitto is installed
+CHILD_STOP_TIMEOUT_S = 10.0  # the agent's own shutdown (flush, final status, workers) fits well inside this
+ORPHAN_STOP_TIMEOUT_S = 5.0  # a process the agent started that outlived it: SIGTERM, then SIGKILL after this
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 def _free_port() -> int:
@@ -96,6 +100,47 @@ def _say(out: TextIO, text: str) -> None:
     out.flush()
 
 
+def _interrupt(signum: int, _frame: Any) -> None:
+    """SIGTERM and SIGHUP end the demo the way Ctrl-C does: through the cleanup in ``run_demo``."""
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+def _stop_process_tree(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM ``proc``, wait for it, then make sure nothing it started (the model's worker
+    processes) outlives it; every wait has a deadline and ends in SIGKILL."""
+    import psutil
+
+    try:
+        descendants = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.Error:
+        descendants = []
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(CHILD_STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(CHILD_STOP_TIMEOUT_S)
+    _, alive = psutil.wait_procs(descendants, timeout=ORPHAN_STOP_TIMEOUT_S)
+    for p in alive:
+        with contextlib.suppress(psutil.Error):
+            p.terminate()
+    _, alive = psutil.wait_procs(alive, timeout=ORPHAN_STOP_TIMEOUT_S)
+    for p in alive:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+
+
+def _tool(name: str) -> str:
+    """How to call one of this installation's commands from the current folder: the bare name when
+    it is the one on PATH, else its path (``.venv/bin/agentctl`` after ``bash tools/demo.sh``)."""
+    path = Path(sys.executable).parent / name
+    if not path.exists() or shutil.which(name) == str(path):
+        return name
+    rel = os.path.relpath(path)
+    return rel if not rel.startswith("..") else str(path)
+
+
 def run_demo(workdir: Path, keep_running: bool = False, out: TextIO | None = None) -> int:
     """Run the demo in ``workdir`` (made anew); returns 0 when every stage worked."""
     import numpy as np
@@ -112,6 +157,8 @@ def run_demo(workdir: Path, keep_running: bool = False, out: TextIO | None = Non
     stops: list[Any] = []
     seen: dict[str, list[dict[str, Any]]] = {}
     seen_cv = threading.Condition()
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = {sig: signal.signal(sig, _interrupt) for sig in STOP_SIGNALS} if in_main else {}
     try:
         _say(out, "== 1. broker")
         broker = DemoBroker(workdir)
@@ -157,16 +204,20 @@ def run_demo(workdir: Path, keep_running: bool = False, out: TextIO | None = Non
         client = mqttc.connect(broker.url, client_id=f"demo-fleet-{os.getpid()}")
         stops.append(lambda: mqttc.disconnect(client))
 
+        quiet = threading.Event()  # set once the demo is done: `fleetctl watch` is the live view then
+
         def on_message(c: Any, u: Any, msg: Any) -> None:
             try:
                 doc = json.loads(msg.payload)
             except ValueError:
                 return
             kind = msg.topic.split("/")[-2] if "/jobs/" in msg.topic else msg.topic.rsplit("/", 1)[-1]
-            with seen_cv:
+            with seen_cv:  # checked and printed under the lock: nothing is printed after quiet.set()
+                if quiet.is_set():
+                    return
                 seen.setdefault(kind, []).append(doc)
                 seen_cv.notify_all()
-            _say(out, "   << " + format_message(msg.topic, doc))
+                _say(out, "   << " + format_message(msg.topic, doc))
 
         prefix = "edge"
         topics = [f"{prefix}/{DEVICE_ID}/{k}" for k in ("status", "heartbeat", "telemetry", "events")]
@@ -226,21 +277,45 @@ def run_demo(workdir: Path, keep_running: bool = False, out: TextIO | None = Non
                  TELEMETRY_TIMEOUT_S, "heartbeat and telemetry")
         tele = next(t for t in seen["telemetry"] if MODEL in t.get("models", {}))["models"][MODEL]
         _say(out, f"   window: {tele['count']} requests, p50 {tele['latency_ms']['p50']} ms, p99 {tele['latency_ms']['p99']} ms")
-        _say(out, f"\nDemo OK. Try: agentctl status --socket {sock}   |   fleetctl watch --broker {broker.url}")
+        with seen_cv:
+            quiet.set()  # nothing more is recorded or printed, so the hint stays the last thing on screen
+        _closing_hint(out, keep_running, sock, broker.url, base)
         if keep_running:
-            _say(out, "Running until Ctrl-C …")
-            signal.sigwait({signal.SIGINT, signal.SIGTERM})
+            try:
+                while True:
+                    time.sleep(3600)
+            except KeyboardInterrupt:
+                _say(out, "\nstopping everything the demo started …")
         return 0
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-                try:
-                    p.wait(10)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-        for stop in reversed(stops):
-            try:
-                stop()
-            except Exception as e:
-                _say(out, f"   (cleanup: {e})")
+        if in_main:  # a second Ctrl-C must not cut the cleanup short; each of its waits has a deadline
+            for sig in STOP_SIGNALS:
+                signal.signal(sig, signal.SIG_IGN)
+        _cleanup(procs, stops, out)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _closing_hint(out: TextIO, keep_running: bool, sock: Path, broker_url: str, model_url: str) -> None:
+    """What to try next, only where it works: the commands need the demo's processes running."""
+    agentctl, fleetctl = _tool("agentctl"), _tool("fleetctl")
+    if not keep_running:
+        _say(out, "\nDemo OK. Everything it started stops now. To try the device and fleet commands "
+                  "against it, run it with --keep-running (bash tools/demo.sh --keep-running).")
+        return
+    _say(out, f"\nDemo OK. Everything keeps running (--keep-running) until Ctrl-C or SIGTERM to pid {os.getpid()}, "
+              "which stop all of it. In another terminal:")
+    _say(out, f"   $ {agentctl} status --socket {sock}")
+    _say(out, f"   $ {fleetctl} watch --broker {broker_url}")
+    _say(out, f"   $ curl -s {model_url}")
+
+
+def _cleanup(procs: list[subprocess.Popen[bytes]], stops: list[Any], out: TextIO) -> None:
+    """Stop the agent (and any worker it left), then the broker, server and client, newest first."""
+    for p in procs:
+        _stop_process_tree(p)
+    for stop in reversed(stops):
+        try:
+            stop()
+        except Exception as e:
+            _say(out, f"   (cleanup: {e})")

@@ -167,6 +167,19 @@ def cmd_bundle_reencrypt(a: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_sample_model(a: argparse.Namespace) -> int:
+    from fleetctl import samples
+
+    out = Path(a.out)
+    request = Path(a.request) if a.request else out.with_suffix(".request.json")
+    samples.make_classifier(out, seed=a.seed)
+    samples.write_request(request, seed=a.seed)
+    _out(f"wrote {out}: a small CNN, input {samples.INPUT_NAME!r} FP32 [batch, {', '.join(map(str, samples.INPUT_SHAPE[1:]))}], "
+         f"output {samples.OUTPUT_NAME!r} FP32 [batch, {samples.CLASSES}] (random weights)")
+    _out(f"wrote {request}: one KServe v2 request for it (curl ... -d @{request})")
+    return EXIT_OK
+
+
 def cmd_bundle_verify(a: argparse.Namespace) -> int:
     trust_dir = Path(a.trust)
     if not trust_dir.is_dir():
@@ -498,6 +511,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir", metavar="DIR")
     p.add_argument("--out", required=True, metavar="FILE", help="ends in .tar, .tar.gz, .tgz or .zip")
     p.set_defaults(func=cmd_bundle_pack)
+
+    p = sub.add_parser("sample-model", help="write a small ONNX image classifier and a request for it, to try a deploy")
+    p.add_argument("--out", required=True, metavar="MODEL.onnx")
+    p.add_argument("--request", metavar="FILE.json", help="KServe v2 request to write (default MODEL.request.json)")
+    p.add_argument("--seed", type=int, default=7, help="weights and request seed (default %(default)s)")
+    p.set_defaults(func=cmd_sample_model)
 
     p = sub.add_parser("serve", help="static artifact server for development (HTTP, Range)")
     p.add_argument("dir", metavar="DIR")

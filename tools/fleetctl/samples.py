@@ -1,4 +1,5 @@
-"""A small real image classifier built with onnx.helper, for the demo and the tests.
+"""A small real image classifier built with onnx.helper, for the demo, the tests and
+``fleetctl sample-model``, and a KServe v2 request that fits it.
 
 Conv(3→8, 3x3) → Relu → Conv(8→16, 3x3, stride 2) → Relu → GlobalAveragePool → Flatten →
 Gemm(16→10) → Softmax. Weights are seeded random: the point is a real CNN graph on a real
@@ -7,7 +8,11 @@ runtime, not accuracy.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
+
+from agent.fsutil import atomic_write
 
 INPUT_NAME = "image"
 OUTPUT_NAME = "scores"
@@ -50,4 +55,19 @@ def make_classifier(path: Path, seed: int = 7, size: int = 32) -> Path:
     onnx.checker.check_model(model)
     path.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(model, str(path))
+    return path
+
+
+def request_body(seed: int = 0) -> dict[str, Any]:
+    """One KServe v2 inference request for the classifier: a seeded random image in [0, 1)."""
+    import numpy as np
+
+    image = np.random.default_rng(seed).random(INPUT_SHAPE, dtype=np.float32)
+    return {"inputs": [{"name": INPUT_NAME, "shape": list(INPUT_SHAPE), "datatype": "FP32",
+                        "data": image.reshape(-1).tolist()}]}
+
+
+def write_request(path: Path, seed: int = 0) -> Path:
+    """Write ``request_body(seed)`` as one line of JSON (``curl -d @PATH`` sends it as is)."""
+    atomic_write(path, json.dumps(request_body(seed), separators=(",", ":")).encode() + b"\n")
     return path
