@@ -24,7 +24,6 @@ pyrage is imported where it is used: a device without encrypted bundles never lo
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import hashlib
 import logging
@@ -217,6 +216,8 @@ def load_spec(doc: dict[str, Any], vdir: Path, paths: list[str],
 
 def harden() -> None:
     """No core dumps and no ptrace by other users for this process (it holds plaintext)."""
+    import ctypes  # here: an idle daemon does without it
+
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     try:
         libc = ctypes.CDLL(None, use_errno=True)
