@@ -323,6 +323,8 @@ def test_fleetctl_and_agentctl_with_the_age_cli(tmp_path: Path) -> None:
     trust = tmp_path / "trust"
     trust.mkdir()
     shutil.copy(tmp_path / "k" / "fleet.pub.pem", trust)
+    audit = fleetctl("bundle", "verify", str(tmp_path / "b"), "--trust", str(trust))
+    assert audit.returncode == 0 and doc["recipients"][0] in audit.stdout, audit  # who can open it
     ok = agentctl("verify", str(tmp_path / "b"), "--trust", str(trust), "--identity", str(tmp_path / "k" / "dev1.agekey"))
     assert ok.returncode == 0 and "encrypted (age-v1) to 1 recipient(s), this device is one of them" in ok.stdout, ok
     no = agentctl("verify", str(tmp_path / "b"), "--trust", str(trust), "--identity", str(tmp_path / "k" / "dev2.agekey"))

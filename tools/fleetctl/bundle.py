@@ -581,8 +581,10 @@ def describe(report: VerifyReport) -> str:
     m = report.manifest
     total = sum(f.size for f in report.files)
     variants = ", ".join(f"{v.id} ({v.format}/{v.precision})" for v in m.variants)
+    rs = m.raw.get("recipients") or []
+    sealed = f"; model files encrypted (age-v1) to {', '.join(rs)}" if rs else ""
     return (f"OK {m.name} v{m.version}: variants {variants}; {len(report.files)} files OK "
-            f"({total} bytes, sizes and sha256 match); expires {m.expires_at}")
+            f"({total} bytes, sizes and sha256 match){sealed}; expires {m.expires_at}")
 
 
 def manifest_document(manifest_path: Path) -> dict[str, Any]:
