@@ -104,6 +104,11 @@ class BackendsConfig:
     allow_spinning: bool = False  # onnxruntime busy-wait pools burn a core; off by default
     isolation: str = "process"  # "process": a runtime crash or hang cannot take the daemon down; "none": in-process
     infer_timeout_s: float = 30.0  # a call slower than this counts as a hung worker (killed; rollback in probation)
+    # Per-model admission (agent/serving/admission.py): what callers may push into a model.
+    max_batch: int = 64  # rows on a dynamic batch dimension; sets the largest request (413 too_large)
+    max_inflight: int = 4  # runtime calls of one model at once ...
+    max_queue: int = 64  # ... and calls waiting for one (beyond, or waiting past infer_timeout_s: 503 busy)
+    worker_memory_max_mb: float = 2048.0  # a worker above this RSS is replaced between requests; 0: off
 
 
 @dataclass
@@ -135,6 +140,7 @@ class Config:
     device_id: str = ""
     groups: list[str] = field(default_factory=list)
     state_dir: str = "/var/lib/edge-agent"
+    log_format: str = "text"  # "json": one JSON object per line for log shippers (agent/logs.py)
     mqtt: MqttConfig = field(default_factory=MqttConfig)
     trust: TrustConfig = field(default_factory=TrustConfig)
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
@@ -170,7 +176,7 @@ _SECTIONS: dict[str, type] = {
 }
 
 
-TOP_LEVEL_KEYS = ("device_id", "groups", "state_dir")
+TOP_LEVEL_KEYS = ("device_id", "groups", "state_dir", "log_format")
 
 
 def _closest(word: str, choices: list[str], fmt: str = "{}") -> str:
@@ -317,6 +323,13 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"backends.isolation: {cfg.backends.isolation!r} not one of process, none")
     if not 0.1 <= cfg.backends.infer_timeout_s <= 3600:
         raise ConfigError(f"backends.infer_timeout_s: {cfg.backends.infer_timeout_s} not in 0.1..3600")
+    b = cfg.backends
+    for key, ival, lo, hi in (("max_batch", b.max_batch, 1, 1 << 20), ("max_inflight", b.max_inflight, 1, 1024),
+                              ("max_queue", b.max_queue, 0, 65536)):
+        if not lo <= ival <= hi:
+            raise ConfigError(f"backends.{key}: {ival} not in {lo}..{hi}")
+    if not 0 <= b.worker_memory_max_mb <= 1 << 30:
+        raise ConfigError(f"backends.worker_memory_max_mb: {b.worker_memory_max_mb} must be 0 (off) or positive")
     if not 0 <= cfg.backends.threads <= 256:
         raise ConfigError(f"backends.threads: {cfg.backends.threads} not in 0..256")
     if not 1 <= cfg.storage.keep_versions <= 32:
@@ -338,6 +351,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"deploy.max_resumes: {cfg.deploy.max_resumes} not in 1..100")
     if not cfg.state_dir:
         raise ConfigError("state_dir: must not be empty")
+    if cfg.log_format not in ("text", "json"):
+        raise ConfigError(f"log_format: {cfg.log_format!r}: expected \"text\" or \"json\"")
 
 
 def config_path(explicit: str | None = None) -> Path | None:

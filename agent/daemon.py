@@ -32,10 +32,11 @@ from agent.commands.handlers import REMOTE_CONFIG_FILE, Handlers, apply_remote_o
 from agent.commands.verify import Command, CommandVerifier, peek_id
 from agent.deploy.jobs import JobReporter
 from agent.deploy.probation import ProbationSettings, Supervisor
-from agent.deploy.runner import DeployContext, DeployRunner, DeploySettings, check_clock
+from agent.deploy.runner import DeployContext, DeployRunner, DeploySettings, check_clock, recheck
 from agent.mqtt.connection import Connection
 from agent.mqtt.topics import Topics
 from agent.sdnotify import Notifier
+from agent.serving.admission import Limits
 from agent.serving.control import ControlServer
 from agent.serving.registry import Registry
 from agent.state import StateDB
@@ -79,7 +80,9 @@ class Agent:
         self.trust = TrustStore.load(Path(cfg.trust.keys_dir))
         self.windows = LatencyWindows()
         # Each call recorded once, by the windows: /metrics reads its totals from them at scrape time.
-        self.registry = Registry(observer=self.windows.observe)
+        bc = cfg.backends
+        self.registry = Registry(observer=self.windows.observe,
+                                 limits=Limits(bc.max_batch, bc.max_inflight, bc.max_queue, bc.infer_timeout_s))
         self.reporter = JobReporter(self.db, self.outbox, self.topics)
         # Targets listed by a child process (cached under state_dir): no runtime import in an idle daemon.
         self.backends = probed_backends(self._backends(), self.state_dir / "cache" / "backend-targets.json")
@@ -102,7 +105,9 @@ class Agent:
         self.handlers = Handlers(self)
         self.supervisor = Supervisor(self.registry, self.db, self.reporter,
                                      lambda name, v: self.handlers.load_version(name, v, validate_samples=False),
-                                     self.runner.activation_lock, self.probation_settings, self.publish_status)
+                                     self.runner.activation_lock, self.probation_settings, self.publish_status,
+                                     recheck=lambda name, v: recheck(self.handlers.load_version(name, v, validate_samples=False),
+                                                                     self.store.version_dir(name, v)))
         self._ops = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ops")  # rollback, remove, bench: in order
         self._threads: list[threading.Thread] = []
         self.kserve: Any = None
@@ -163,7 +168,8 @@ class Agent:
 
     def probation_settings(self) -> ProbationSettings:
         d = self.cfg.deploy
-        return ProbationSettings(d.probation_s, d.probation_max_errors, d.probation_max_error_ratio)
+        return ProbationSettings(d.probation_s, d.probation_max_errors, d.probation_max_error_ratio,
+                                 self.cfg.backends.worker_memory_max_mb)
 
     def _begin_probation(self, ctx: DeployContext, result: dict[str, Any]) -> bool:
         if self.cfg.deploy.probation_s <= 0 or ctx.previous is None or ctx.manifest is None:
@@ -190,7 +196,8 @@ class Agent:
     def status_doc(self, online: bool, reason: str = "") -> dict[str, Any]:
         doc: dict[str, Any] = {"v": 1, "device": self.cfg.device_id, "online": online, "ts": now_rfc3339(),
                                "seq": self.outbox.next_seq("status"), "agent": __version__, "boot_id": self.boot_id,
-                               "profile": self.profile, "models": self.models_status()}
+                               "profile": self.profile, "groups": list(self.cfg.groups),
+                               "models": self.models_status()}
         if reason:
             doc["reason"] = reason
         clock = self.db.get("clock_untrusted")
@@ -739,6 +746,8 @@ def main(argv: list[str] | None = None) -> int:
     except errors.ConfigError as e:
         log.error("config: %s", e.message)
         return EXIT_CONFIG
+    if "json" in (args.log_format, cfg.log_format):  # either asks for JSON lines; they carry the device id
+        logs.setup(args.log_level, "json", device=cfg.device_id)
     return run(cfg)
 
 

@@ -52,7 +52,9 @@ DECRYPT_MISMATCH = "decrypt_mismatch"  # plaintext size or sha256 not the manife
 UNSUPPORTED_ENCRYPTION = "unsupported_encryption"
 NO_DECRYPTION_KEY = "no_decryption_key"  # trust.decryption_keys: missing, unsafe or not an identity
 INTERNAL = "internal"
-# The local inference API's refusals (docs/security.md, "Local threat model").
+INFERENCE_FAILED = "inference_failed"  # the runtime failed on a request (see agent/serving/admission.py)
+# The local inference API's refusals (docs/security.md, "Local threat model"); a request's own
+# fault is the caller's error, never held against a model version.
 TOO_LARGE = "too_large"
 BUSY = "busy"
 UNAUTHORIZED = "unauthorized"

@@ -1,4 +1,10 @@
-"""Logging to stderr, one line per event; ``--log-format json`` for machines."""
+"""Logging to stderr, one line per event; ``log_format = "json"`` (or ``--log-format json``) for
+log shippers (journald → Fluent Bit / Promtail, docs/fleet-observability.md).
+
+A JSON line holds ``time`` (RFC 3339, UTC, ms), ``level``, ``logger``, ``message``, ``exc`` when
+an exception is logged, and ``device``, ``job`` and ``model`` when known: ``device`` from
+``setup(device=...)``, any of the three from a call's ``extra={"job": ..., "model": ...}``.
+"""
 
 from __future__ import annotations
 
@@ -7,20 +13,34 @@ import logging
 import sys
 import time
 
+FORMATS = ("text", "json")
+CONTEXT_FIELDS = ("device", "job", "model")
+
 
 class JsonFormatter(logging.Formatter):
+    """One JSON object per record; ``context`` (e.g. the device id) is added to every line."""
+
+    def __init__(self, context: dict[str, str] | None = None) -> None:
+        super().__init__()
+        self.context = dict(context or {})
+
     def format(self, record: logging.LogRecord) -> str:
-        doc = {"ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
-               "level": record.levelname.lower(), "logger": record.name, "msg": record.getMessage()}
+        doc: dict[str, object] = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(), "logger": record.name, "message": record.getMessage()}
+        for key in CONTEXT_FIELDS:
+            value = getattr(record, key, None) or self.context.get(key)
+            if value:
+                doc[key] = str(value)
         if record.exc_info:
             doc["exc"] = self.formatException(record.exc_info)
         return json.dumps(doc, ensure_ascii=False)
 
 
-def setup(level: str = "info", fmt: str = "text") -> None:
+def setup(level: str = "info", fmt: str = "text", device: str | None = None) -> None:
     handler = logging.StreamHandler(sys.stderr)
     if fmt == "json":
-        handler.setFormatter(JsonFormatter())
+        handler.setFormatter(JsonFormatter({"device": device} if device else None))
     else:
         # journald adds its own timestamps; a terminal user still wants them.
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-5s %(name)s: %(message)s"))

@@ -20,7 +20,7 @@ from typing import Any
 from benchmarks import harness as h
 from benchmarks.context import SCALES, Context
 
-SECTIONS = ("footprint", "serving", "deploy", "swap", "telemetry", "fleet", "sealed")
+SECTIONS = ("footprint", "serving", "deploy", "swap", "telemetry", "fleet", "collect", "sealed")
 RESULTS_NAME = "results.json"
 
 

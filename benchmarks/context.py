@@ -38,6 +38,9 @@ class Scale:
     settle_s: float = 1.0  # after a start or deploy, before memory is read
     fleet_idle_s: float = 3.0  # idle CPU window per fleet size
     pin_swaps: bool = False  # swaps at defaults (autotune on) unless pinned
+    collect_devices: int = 10_000  # fleet collector: simulated devices
+    collect_compress: float = 10.0  # ... their 60 s periods divided by this
+    collect_s: float = 30.0  # ... measured window
 
 
 SCALES = {
@@ -48,12 +51,14 @@ SCALES = {
     "quick": Scale("quick", repeats=1, modes=("process", "none"), runtimes=("onnxruntime", "openvino", "tflite"),
                    tiny_requests=800, cnn_requests=20, throughput_s=0.6, concurrency=(1, 4, 16),
                    inproc_calls=5000, deploy_sizes_mb=(1, 50), deploy_repeats=1, swaps=3, steady_s=2.0,
-                   telemetry_s=4.0, outage_s=2.0, fleet_sizes=(1000,), settle_s=0.5, fleet_idle_s=2.0),
+                   telemetry_s=4.0, outage_s=2.0, fleet_sizes=(1000,), settle_s=0.5, fleet_idle_s=2.0,
+                   collect_devices=2000, collect_s=10.0),
     "smoke": Scale("smoke", repeats=1, modes=("process",), runtimes=("onnxruntime",),
                    tiny_requests=50, cnn_requests=0, throughput_s=0.3, concurrency=(1, 4),
                    inproc_calls=500, deploy_sizes_mb=(1,), deploy_repeats=1, swaps=1, steady_s=0.5,
                    telemetry_s=2.0, outage_s=1.0, fleet_sizes=(20,), fleet_processes=1, plots=False,
-                   settle_s=0.2, fleet_idle_s=0.5, pin_swaps=True),
+                   settle_s=0.2, fleet_idle_s=0.5, pin_swaps=True, collect_devices=100, collect_compress=60.0,
+                   collect_s=3.0),
 }
 
 BACKEND_OF = {"onnxruntime": "onnxruntime:CPUExecutionProvider", "openvino": "openvino:CPU", "tflite": "tflite:xnnpack"}

@@ -128,6 +128,22 @@ user + system time of the simulator processes over the window divided by the dev
 broker's apart). Messages/s counts every device message the broker delivered to the fleet-side
 subscriber during the wave."""
 
+COLLECT = """\
+`fleetctl sim` devices (two processes, one MQTT 5 client each, one model) publish heartbeats and
+latency windows (64 calls each, with the agent's own `Window` and `log2/8` histogram) at the
+agent's default 60 s periods divided by the compression factor, through one Mosquitto into two
+`fleetctl collect` processes sharing `$share/bench/…` (telemetry, events and jobs split between
+them; status and heartbeats reach both). Messages/s is what the collectors together took from the
+broker during the window (from their own `edge_fleet_messages_received_total`). The simulators
+may not keep up with the asked periods on a busy machine: the table gives the periods they
+achieved (from the telemetry rate), and CPU — the collectors' user + system time over the window,
+both together — is scaled back to the real 60 s periods per 1,000 devices by that achieved rate. RSS
+is each collector's growth over its idle size, per 1,000 devices (each holds every device's
+state). Lost: the collectors' own count (gaps in heartbeat `seq`, exact since both take every
+heartbeat) and a reference subscriber's count of every device's highest telemetry `seq` against
+the telemetry the two collectors hold together. The machine is shared with other work while this
+runs, so CPU figures are noisy (an upper bound)."""
+
 FIXES = """\
 ## What was fixed for these figures
 

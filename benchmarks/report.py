@@ -192,7 +192,7 @@ def render(res: dict[str, Any], images: dict[str, str]) -> str:
     d.table(["aim", "measured (median)", "floor / reference (same run)", "verdict"], aims(res))
     d.add(notes.AIMS, "")
     for name, fn in (("footprint", _footprint), ("serving", _serving), ("deploy", _deploy), ("swap", _swap),
-                     ("telemetry", _telemetry), ("fleet", _fleet), ("sealed", _sealed)):
+                     ("telemetry", _telemetry), ("fleet", _fleet), ("collect", _collect), ("sealed", _sealed)):
         sec = s.get(name)
         if sec is None:
             continue
@@ -320,7 +320,7 @@ def _deploy(d: Doc, dp: dict[str, Any], images: dict[str, str]) -> None:
 def _sealed(d: Doc, se: dict[str, Any], images: dict[str, str]) -> None:
     from benchmarks import notes
 
-    d.add("## 7. Encrypted bundles", "", notes.SEALED, "")
+    d.add("## 8. Encrypted bundles", "", notes.SEALED, "")
     rows = []
     for kind, label in (("plain", "plain"), ("sealed", "encrypted (age-v1)")):
         row, fl = se["agent"][kind], se["floor"][kind]
@@ -377,6 +377,34 @@ def _telemetry(d: Doc, tm: dict[str, Any], images: dict[str, str]) -> None:
         d.table(["telemetry.drain_rate_per_s", "outage s", "backlog messages", "drained in s", "messages/s"],
                 [[_f(r["rate_limit_per_s"], 0), _f(r["outage_s"], 1), str(r["backlog_messages"]),
                   _f(r["drain_s"], 2), _f(r["messages_per_s"], 0)] for r in dr])
+
+
+def _collect(d: Doc, c: dict[str, Any], images: dict[str, str]) -> None:
+    from benchmarks import notes
+
+    d.add("## 7. Fleet collector", "", notes.COLLECT, "")
+    streams = c.get("per_stream_per_s", {})
+    d.table(["devices", "periods asked → achieved (compression)", "collectors", "messages/s handled (heartbeat + telemetry)",
+             "CPU µs per message", "CPU % of a core per 1,000 devices at 60 s periods (all collectors)",
+             "RSS MiB per 1,000 devices (each collector)", "lost (counted / vs reference)", "duplicates"],
+            [[f"{c['devices']:,}", f"{_f(c['period_s'], 1)} → {_f(c.get('achieved_period_s'), 1)} s "
+              f"({_f(c.get('achieved_compress'), 1)}×)", str(c["collectors"]),
+              f"{_f(c['messages_per_s'], 0)} ({_f(streams.get('heartbeat'), 0)} + {_f(streams.get('telemetry'), 0)})",
+              _f(c.get("cpu_us_per_message"), 0), _f(c["cpu_pct_per_1000_devices_at_defaults"], 2),
+              _f(c["rss_mb_per_1000_devices"], 2), f"{_f(c['lost_counted'], 0)} / {_f(c['lost_vs_reference'], 0)}",
+              _f(c["duplicates_counted"], 0)]])
+    f = c.get("for_100k") or {}
+    if f.get("collectors"):
+        d.add(f"100,000 devices at the defaults send {_f(f['heartbeats_per_s'], 0)} heartbeats/s (every collector "
+              f"takes all of them) and {_f(f['telemetry_per_s'], 0)} telemetry messages/s (shared); at the measured "
+              f"{_f(c.get('cpu_us_per_message'), 0)} µs a message and at most {int(100 * 0.7)} % of a core each, that "
+              f"is **{f['collectors']} collector(s)** ({_f(f['load_each_per_s'], 0)} messages/s each, "
+              f"{_f(f['budget_per_s'], 0)} allowed); run two for redundancy.", "")
+    elif f:
+        d.add(f"100,000 devices: {f.get('note')} ({_f(f.get('heartbeats_per_s'), 0)} heartbeats/s against "
+              f"{_f(f.get('budget_per_s'), 0)} allowed per collector).", "")
+    d.add(f"Connecting the {c['devices']:,} simulated devices took {_f(c['connect_s'], 0)} s; telemetry published "
+          f"{c['telemetry_published']:,}, held by the collectors {int(c['telemetry_held']):,}.", "")
 
 
 def _fleet(d: Doc, fl: dict[str, Any], images: dict[str, str]) -> None:

@@ -1,4 +1,4 @@
-"""7. Encrypted bundles: deploy time of an age-encrypted bundle against the same bundle in plain
+"""8. Encrypted bundles: deploy time of an age-encrypted bundle against the same bundle in plain
 and against its floor (download + sha256 + fsync of the ciphertext, decryption and plaintext
 sha256 in memory, onnxruntime session from the bytes: benchmarks/floors.py sealed-deploy).
 

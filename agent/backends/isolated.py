@@ -19,15 +19,12 @@ Invariants:
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
-import mmap
 import os
 import pickle
 import queue
 import select
 import socket
-import struct
 import subprocess
 import sys
 import threading
@@ -39,6 +36,20 @@ from typing import TYPE_CHECKING, Any
 
 from agent import errors
 from agent.backends.base import LoadOptions, check_inputs
+from agent.backends.wire import (  # noqa: F401 (the worker side imports these from here)
+    BACK,
+    CTL_MAX_BYTES,
+    FREE,
+    IDLE,
+    INFER,
+    PENDING,
+    READING,
+    WRITING,
+    Channel,
+    SlotTable,
+    recv_ctl,
+    send_ctl,
+)
 
 if TYPE_CHECKING:
     import numpy as np
@@ -53,121 +64,13 @@ DEFAULT_CHANNELS = 2
 KILL_WAIT_S = 2.0
 MONITOR_TICK_S = 0.1  # how often adopted connections are checked for a hung request
 MAX_ADOPTED = 128  # connections one worker serves itself; beyond that the daemon relays by pipe
-CTL_MAX_BYTES = 256 * 1024  # largest control message: a request head and the bytes read ahead
 CTL_SNDBUF_BYTES = 1024 * 1024
 CTL_SEND_TIMEOUT_S = 1.0  # a worker that does not take a message within this is not handed more
 WORKER_CRASHED = errors.WORKER_CRASHED
 WORKER_HUNG = errors.WORKER_HUNG
 
-# Slot states of an adopted connection (SlotTable).
-FREE, PENDING, IDLE, READING, INFER, WRITING, BACK = range(7)
-_SLOT = struct.Struct("=iiq")
-_LEN = struct.Struct("!Q")
-SMALL_MESSAGE_BYTES = 64 * 1024  # messages up to this size go out in one send with their length
-MAX_MESSAGE_BYTES = 1 << 31  # a longer claimed length means a broken (or hostile) worker
-_SLOT_BYTES = 16  # state (int32), padding, since (int64 CLOCK_MONOTONIC ns)
 
-Sink = Callable[[int, int, "array[float]", "array[float]"], None]
-
-
-class SlotTable:
-    """Per-connection state shared by the daemon and a worker (a memfd mapped by both)."""
-
-    def __init__(self, fd: int, n: int) -> None:
-        self.n = n
-        self._mm = mmap.mmap(fd, n * _SLOT_BYTES)
-
-    @classmethod
-    def create(cls, n: int) -> tuple[SlotTable, int]:
-        fd = os.memfd_create("edge-agent-slots", os.MFD_CLOEXEC)
-        os.ftruncate(fd, n * _SLOT_BYTES)
-        return cls(fd, n), fd
-
-    def set(self, i: int, state: int) -> None:
-        # One write of state and time. A reader may see it torn (the new state with the old
-        # time): the daemon acts on a hung state only when it reads the same time twice.
-        _SLOT.pack_into(self._mm, i * _SLOT_BYTES, state, 0, time.monotonic_ns())
-
-    def get(self, i: int) -> tuple[int, int]:
-        state, _, since = _SLOT.unpack_from(self._mm, i * _SLOT_BYTES)
-        return state, since
-
-    def close(self) -> None:
-        with contextlib.suppress(BufferError, ValueError):
-            self._mm.close()
-
-
-def send_ctl(sock: socket.socket, msg: tuple[Any, ...], fd: int | None = None) -> None:
-    """One control message (SOCK_SEQPACKET keeps it whole), optionally with a descriptor."""
-    data = pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL)
-    if len(data) > CTL_MAX_BYTES:
-        raise OSError(errno.EMSGSIZE, f"control message of {len(data)} bytes")
-    anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array("i", [fd]).tobytes())] if fd is not None else []
-    sock.sendmsg([data], anc)
-
-
-def recv_ctl(sock: socket.socket) -> tuple[tuple[Any, ...] | None, list[int]]:
-    """The next control message and the descriptors it carries; (None, []) at EOF."""
-    data, anc, _flags, _ = sock.recvmsg(CTL_MAX_BYTES, socket.CMSG_SPACE(4 * array("i").itemsize))
-    fds: list[int] = []
-    for level, kind, payload in anc:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            a = array("i")
-            a.frombytes(payload[: len(payload) - len(payload) % a.itemsize])
-            fds.extend(a)
-    if not data:
-        for fd in fds:
-            os.close(fd)
-        return None, []
-    msg: tuple[Any, ...] = pickle.loads(data)  # from our own parent or child process
-    return msg, fds
-
-
-class Channel:
-    """Pickled messages over a stream socket, each after its length: what multiprocessing's
-    Connection does, without importing multiprocessing (≈ 1.7 MB of RSS in the daemon and in
-    every worker). EOFError at end of stream, OSError on a broken one."""
-
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
-
-    def fileno(self) -> int:
-        return self.sock.fileno()
-
-    def send(self, obj: Any) -> None:
-        data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
-        head = _LEN.pack(len(data))
-        if len(data) <= SMALL_MESSAGE_BYTES:
-            self.sock.sendall(head + data)
-        else:  # no copy of a large payload just to prepend eight bytes
-            self.sock.sendall(head)
-            self.sock.sendall(data)
-
-    def recv(self) -> Any:
-        n = _LEN.unpack(self._exact(_LEN.size))[0]
-        if n > MAX_MESSAGE_BYTES:
-            raise OSError(errno.EMSGSIZE, f"message of {n} bytes from the other process")
-        return pickle.loads(self._exact(n))  # from our own parent or child process
-
-    def _exact(self, n: int) -> bytearray:
-        buf = bytearray(n)
-        view = memoryview(buf)
-        got = 0
-        while got < n:
-            k = self.sock.recv_into(view[got:])
-            if k == 0:
-                raise EOFError("the other process closed the channel")
-            got += k
-        return buf
-
-    def poll(self, timeout_s: float) -> bool:
-        """Whether a message (or the end of the stream) is there within ``timeout_s``."""
-        po = select.poll()
-        po.register(self.sock, select.POLLIN | select.POLLHUP | select.POLLERR)
-        return bool(po.poll(timeout_s * 1000))
-
-    def close(self) -> None:
-        self.sock.close()
+Sink = Callable[[int, int, "array[float]", "array[float]", Any], None]
 
 
 def _unsent(sock: socket.socket) -> int:
@@ -325,7 +228,8 @@ class IsolatedModel:
         self._slots, self._slots_fd = SlotTable.create(MAX_ADOPTED)
         self._held: dict[int, tuple[socket.socket, bytes, Any]] = {}
         self._free_slots = list(range(MAX_ADOPTED - 1, -1, -1))
-        self._bound: tuple[str, int, Sink] | None = None
+        self._bound: tuple[str, int, Sink, dict[str, Any]] | None = None
+        self.known_shapes: list[Any] = []  # input shapes its golden samples ran with
         self._serving_sent = False
         self._closing = False  # no more adoptions
         self._retired = False
@@ -341,6 +245,14 @@ class IsolatedModel:
     @property
     def alive(self) -> bool:
         return not self.death and self._proc.poll() is None
+
+    def rss_bytes(self) -> int:
+        """The worker's resident memory (0 when unknown): its memory ceiling is checked on this."""
+        try:
+            with open(f"/proc/{self.pid}/statm", "rb") as f:
+                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError, IndexError):
+            return 0
 
     # -- calls through the pipe (validation, agentctl, requests the daemon answers itself) -------
     def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -360,6 +272,7 @@ class IsolatedModel:
                            plan.bound_s(self.infer_timeout_s))
         if reply[0] == "ok":
             result: dict[str, Any] = reply[1]
+            self.known_shapes = result.get("input_shapes", [])  # agent/serving/admission.py
             return result
         if reply[1] in (errors.VALIDATION_FAILED, errors.INVALID_INPUT):
             raise errors.RejectError(reply[1], reply[2])
@@ -391,9 +304,10 @@ class IsolatedModel:
         return reply
 
     # -- connections the worker serves itself ---------------------------------------------------
-    def bind(self, name: str, version: int, sink: Sink) -> None:
-        """Called when this version serves: what it is called, and where its statistics go."""
-        self._bound = (name, version, sink)
+    def bind(self, name: str, version: int, sink: Sink, serving: dict[str, Any] | None = None) -> None:
+        """Called when this version serves: what it is called, where its statistics go, and
+        ``serving``: its admission limits and known shapes (agent/serving/admission.py)."""
+        self._bound = (name, version, sink, serving or {})
 
     def adopt(self, sock: socket.socket, prefix: bytes, host: Any) -> bool:
         """Hand an HTTP connection whose next request (``prefix``: its head, read already) is an
@@ -410,9 +324,9 @@ class IsolatedModel:
         try:
             with self._send_lock:
                 if not self._serving_sent:
-                    name, version, _ = self._bound
+                    name, version, _, serving = self._bound
                     send_ctl(self._ctl, ("serve", name, version, MAX_ADOPTED, host.max_body_bytes,
-                                         host.server_name, host.server_version, host.policy), self._slots_fd)
+                                         host.server_name, host.server_version, host.policy, serving), self._slots_fd)
                     self._serving_sent = True
                 send_ctl(self._ctl, ("adopt", slot, prefix), sock.fileno())
         except OSError as e:
@@ -437,7 +351,7 @@ class IsolatedModel:
         po.register(self._ctl, select.POLLIN)
         if self._pidfd >= 0:
             po.register(self._pidfd, select.POLLIN)
-        suspect: dict[int, int] = {}
+        suspect: dict[int, tuple[socket.socket, int, int]] = {}
         while True:
             events = po.poll(MONITOR_TICK_S * 1000)
             if self._pidfd < 0 and self._proc.poll() is not None:
@@ -468,7 +382,7 @@ class IsolatedModel:
                 ok, bad = array("d"), array("d")
                 ok.frombytes(msg[3])
                 bad.frombytes(msg[4])
-                bound[2](msg[1], msg[2], ok, bad)
+                bound[2](msg[1], msg[2], ok, bad, msg[5] if len(msg) > 5 else ())
         elif kind == "retired":
             self._retire_ack.set()
         elif msg is not None and kind in ("back", "done"):
@@ -480,30 +394,39 @@ class IsolatedModel:
         for fd in fds:
             os.close(fd)
 
-    def _check_hung(self, suspect: dict[int, int]) -> None:
+    def _check_hung(self, suspect: dict[int, tuple[socket.socket, int, int]]) -> None:
         """A request pending, in the runtime, or waiting unread on an idle connection for longer
-        than ``infer_timeout_s`` means a hung worker (each seen twice, so no torn read counts)."""
+        than ``infer_timeout_s`` means a hung worker (each seen twice, so no torn read counts).
+
+        ``suspect`` holds, per slot, the connection, the slot's own time stamp when last seen and
+        since when it is suspect: key ``i`` for a request pending or in the runtime, ``-1 - i`` for
+        bytes waiting unread. An entry counts only for the very connection it was made for, and
+        only while the worker has not moved the slot on: slots are reused (last freed, first
+        taken), and a stamp left by an earlier connection or request would make a new one look
+        hung at once."""
         limit_ns = int(self.infer_timeout_s * 1e9)
         now = time.monotonic_ns()
         with self._lock:
             held = {slot: entry[0] for slot, entry in self._held.items()}
+        for k in [k for k, (sock, _, _) in suspect.items() if held.get(k if k >= 0 else -1 - k) is not sock]:
+            del suspect[k]  # released, or the slot serves another connection now
         idle: dict[int, int] = {}
         for slot, sock in held.items():
             state, since = self._slots.get(slot)
-            if state in (PENDING, INFER):
-                key = since
-            elif state == IDLE or (state == WRITING and _unsent(sock) == 0):
+            if state == IDLE or (state == WRITING and _unsent(sock) == 0):
                 with contextlib.suppress(OSError, ValueError):  # nothing for the worker to wait on
                     idle[sock.fileno()] = slot
-                continue
-            else:
                 suspect.pop(slot, None)
                 continue
-            if now - key > limit_ns and suspect.get(slot) == key:
+            suspect.pop(-1 - slot, None)  # the worker is at it: nothing waits unread
+            if state not in (PENDING, INFER):
+                suspect.pop(slot, None)
+                continue
+            if now - since > limit_ns and suspect.get(slot) == (sock, since, since):
                 what = "a handed-over request was not taken" if state == PENDING else "a request got no answer"
                 self._mark_dead(f"worker {self.pid} hung: {what} within {self.infer_timeout_s:.1f} s; killed")
                 return
-            suspect[slot] = key
+            suspect[slot] = (sock, since, since)
         if idle:  # bytes waiting on a connection the worker should be reading
             po = select.poll()
             for fd in idle:
@@ -511,11 +434,13 @@ class IsolatedModel:
             waiting = {idle[fd] for fd, _ in po.poll(0)}
             for slot in idle.values():
                 key = -1 - slot  # its own entry: since when bytes wait unread
+                since = self._slots.get(slot)[1]
+                seen = suspect.get(key)
                 if slot not in waiting:
                     suspect.pop(key, None)
-                elif key not in suspect:
-                    suspect[key] = now
-                elif now - suspect[key] > limit_ns:
+                elif seen is None or seen[1] != since:  # new, or the worker moved on in between
+                    suspect[key] = (held[slot], since, now)
+                elif now - seen[2] > limit_ns:
                     self._mark_dead(f"worker {self.pid} hung: a request waited unread for "
                                     f"{self.infer_timeout_s:.1f} s; killed")
                     return

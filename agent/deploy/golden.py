@@ -9,6 +9,7 @@ call it directly. Light imports only: a worker imports this module, not the daem
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
@@ -112,7 +113,10 @@ def run(model: Any, inputs: Path, expected: Path, rtol: float, atol: float,
     except errors.AgentError as e:
         raise errors.RejectError(errors.VALIDATION_FAILED, f"golden inputs rejected: {e.message}") from e
     worst = max_error(out, exp, rtol, atol, model.backend_id)
-    return {"max_abs_error": worst, "times_s": time_runs(model, ins, plan)}
+    shapes = [[(k, list(a.shape)) for k, a in sorted(ins.items())]]
+    with contextlib.suppress(AttributeError):  # shapes this version computes: agent/serving/admission.py
+        model.known_shapes = shapes
+    return {"max_abs_error": worst, "times_s": time_runs(model, ins, plan), "input_shapes": shapes}
 
 
 def check(model: Any, inputs: Path, expected: Path, rtol: float, atol: float, plan: TimingPlan) -> dict[str, Any]:

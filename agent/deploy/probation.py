@@ -1,12 +1,17 @@
 """After activation: probation, worker health, automatic rollback.
 
 Invariants:
+- Only the model's own faults count against a version; traffic does not decide rollbacks.
+  When a worker dies or hangs, the version is re-checked on a fresh worker with its golden
+  samples first (``recheck``). A version that passes keeps serving on the fresh worker
+  (``worker_restarted`` event, no strike, probation goes on). One that fails (its worker dies,
+  hangs or answers wrong again) is at fault.
 - A deploy that replaced a serving version is not SUCCEEDED until its probation window passed:
-  a crash or hang of its worker, or repeated inference errors inside the window, restore the
-  previous version, send a ``rollback`` event and end the job FAILED with the reason.
-- Outside probation a dead worker is restarted on the same version; a crash loop
-  (``CRASH_LOOP_MAX`` deaths within ``CRASH_LOOP_WINDOW_S``) rolls back to the previous
-  version when there is one, else the model is reported down.
+  a fault of its own (a failed re-check, or repeated inference errors inside the window) restores
+  the previous version, sends a ``rollback`` event and ends the job FAILED with the reason.
+- Outside probation a failed re-check rolls back to the previous version when there is one;
+  without one, ``CRASH_LOOP_MAX`` failed re-checks within ``CRASH_LOOP_WINDOW_S`` report the
+  model down.
 - Every job handed to probation ends in exactly one terminal state (SUCCEEDED or FAILED).
 """
 
@@ -32,6 +37,8 @@ TICK_S = 0.2
 CRASH_LOOP_MAX = 3  # worker deaths of one version within the window that count as a crash loop
 CRASH_LOOP_WINDOW_S = 600.0
 MIN_CALLS_FOR_ERROR_RATE = 5
+MEMORY_HOLD_S = 1.0  # a worker's RSS above the ceiling this long has it replaced ...
+RECYCLE_MIN_INTERVAL_S = 30.0  # ... at most this often per model (a ceiling below a fresh worker loops)
 
 
 @dataclass
@@ -39,6 +46,7 @@ class ProbationSettings:
     window_s: float = 60.0
     max_errors: int = 5  # errors in the window that end probation ...
     max_error_ratio: float = 0.5  # ... when they are also at least this share of the calls
+    worker_memory_max_mb: float = 0.0  # a worker above this RSS for MEMORY_HOLD_S is replaced; 0: off
 
 
 @dataclass
@@ -59,22 +67,26 @@ class _Health:
 
 
 Reload = Callable[[str, int], ServingVersion]
+Recheck = Callable[[str, int], ServingVersion]  # a fresh worker that passed the golden samples
 
 
 class Supervisor:
     def __init__(self, registry: Registry, db: StateDB, reporter: JobReporter, reload: Reload,
                  activation_lock: threading.Lock, settings: Callable[[], ProbationSettings],
-                 on_change: Callable[[], None]) -> None:
+                 on_change: Callable[[], None], recheck: Recheck | None = None) -> None:
         self.registry = registry
         self.db = db
         self.reporter = reporter
         self.reload = reload
+        self.recheck = recheck or reload
         self.activation_lock = activation_lock
         self.settings = settings
         self.on_change = on_change
         self._lock = threading.Lock()
         self._watches: dict[str, Watch] = {}
         self._health: dict[str, _Health] = collections.defaultdict(_Health)
+        self._over: dict[str, float] = {}  # model → since when its worker is above the memory ceiling
+        self._recycled: dict[str, float] = {}  # model → when its worker was last replaced for memory
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -126,15 +138,38 @@ class Supervisor:
                 w.result["probation"] = {"calls": sv.calls - w.calls0, "errors": sv.errors - w.errors0}
                 self._finish(w, "SUCCEEDED")
         self._check_health(now)
+        self._check_memory(now)
 
     def _verdict(self, w: Watch, sv: ServingVersion) -> tuple[str, str] | None:
         if not sv.alive:
             death = getattr(sv.model, "death", "") or "worker died"
-            return (errors.WORKER_HUNG if "hung" in death else errors.WORKER_CRASHED), death
+            failed = self._restart_checked(sv, death)
+            if failed is None:
+                return None  # traffic's doing: the fresh worker passed; probation goes on
+            return (errors.WORKER_HUNG if "hung" in death else errors.WORKER_CRASHED), f"{death}; {failed}"
         s = self.settings()
         calls, errs = sv.calls - w.calls0, sv.errors - w.errors0
         if errs >= s.max_errors and calls >= MIN_CALLS_FOR_ERROR_RATE and errs / max(1, calls) >= s.max_error_ratio:
             return errors.PROBATION_FAILED, f"failed {errs} of {calls} inference calls in probation"
+        return None
+
+    def _restart_checked(self, sv: ServingVersion, death: str) -> str | None:
+        """Re-check ``sv``'s version on a fresh worker with its golden samples and let that worker
+        serve: None when it passed (the death was the traffic's doing), else why it failed."""
+        log.warning("%s v%d: %s; re-checking on a fresh worker", sv.name, sv.version, death)
+        try:
+            fresh = self.recheck(sv.name, sv.version)
+        except errors.AgentError as e:
+            log.error("%s v%d: re-check on a fresh worker failed: %s", sv.name, sv.version, e)
+            return f"re-check on a fresh worker failed: {e.code}: {e.message}"
+        fresh.calls, fresh.errors = sv.calls, sv.errors  # probation counts on across the restart
+        with self.activation_lock:
+            if self.registry.get(sv.name) is sv:
+                self.registry.activate(fresh)
+            else:
+                fresh.model.close()
+        self.reporter.event("worker_restarted", model=sv.name, version=sv.version, reason=death, recheck="passed")
+        self.on_change()
         return None
 
     def _finish(self, w: Watch, state: str, error: errors.AgentError | None = None, note: str = "") -> None:
@@ -149,34 +184,60 @@ class Supervisor:
         for sv in self.registry.all():
             if sv.alive or self.in_probation(sv.name):
                 continue
+            death = getattr(sv.model, "death", "") or "worker died"
+            failed = self._restart_checked(sv, death)
+            if failed is None:
+                continue
             h = self._health[sv.name]
             h.deaths.append(now)
             while h.deaths and now - h.deaths[0] > CRASH_LOOP_WINDOW_S:
                 h.deaths.popleft()
             rec = self.db.model(sv.name) or {}
-            death = getattr(sv.model, "death", "") or "worker died"
-            if len(h.deaths) >= CRASH_LOOP_MAX:
-                prev = rec.get("previous")
-                if prev is not None:
-                    self._rollback(sv, prev, f"crash loop: {len(h.deaths)} worker deaths in {CRASH_LOOP_WINDOW_S:.0f} s; last: {death}")
-                    h.deaths.clear()
-                else:
-                    self.reporter.event("model_down", model=sv.name, version=sv.version, reason=death)
-                    self.registry.remove(sv.name)
-                    self.on_change()
+            prev = rec.get("previous")
+            if prev is not None:
+                self._rollback(sv, prev, f"{death}; {failed}")
+                h.deaths.clear()
+            elif len(h.deaths) >= CRASH_LOOP_MAX:
+                self.reporter.event("model_down", model=sv.name, version=sv.version, reason=f"{death}; {failed}")
+                self.registry.remove(sv.name)
+                self.on_change()
+            else:
+                self.reporter.event("worker_restart_failed", model=sv.name, version=sv.version, reason=failed)
+
+    def _check_memory(self, now: float) -> None:
+        """Replace a worker whose RSS stays above ``worker_memory_max_mb``: a fresh worker loads the
+        same version and takes the traffic over as in a swap (at request boundaries, no request
+        fails); the old one drains and ends."""
+        ceiling = self.settings().worker_memory_max_mb * 2**20
+        if ceiling <= 0:
+            return
+        for sv in self.registry.all():
+            rss = getattr(sv.model, "rss_bytes", lambda: 0)()
+            if not sv.alive or rss <= ceiling:
+                self._over.pop(sv.name, None)
                 continue
-            log.warning("%s v%d: %s; restarting its worker", sv.name, sv.version, death)
+            since = self._over.setdefault(sv.name, now)
+            if now - since < MEMORY_HOLD_S or now - self._recycled.get(sv.name, -RECYCLE_MIN_INTERVAL_S) < RECYCLE_MIN_INTERVAL_S:
+                continue
+            self._over.pop(sv.name, None)
+            self._recycled[sv.name] = now
             try:
                 fresh = self.reload(sv.name, sv.version)
             except errors.AgentError as e:
-                self.reporter.event("worker_restart_failed", model=sv.name, version=sv.version, error=e.to_dict())
+                self.reporter.event("worker_recycle_failed", model=sv.name, version=sv.version, error=e.to_dict())
                 continue
+            fresh.calls, fresh.errors = sv.calls, sv.errors
             with self.activation_lock:
                 if self.registry.get(sv.name) is sv:
                     self.registry.activate(fresh)
                 else:
                     fresh.model.close()
-            self.reporter.event("worker_restarted", model=sv.name, version=sv.version, reason=death)
+                    continue
+            log.warning("%s v%d: worker RSS %d MB above %d MB; replaced", sv.name, sv.version,
+                        rss >> 20, int(ceiling) >> 20)
+            self.reporter.event("worker_recycled", model=sv.name, version=sv.version, rss_mb=rss >> 20,
+                                limit_mb=int(ceiling) >> 20, pid=getattr(sv.model, "pid", None),
+                                new_pid=getattr(fresh.model, "pid", None))
 
     def _rollback(self, bad: ServingVersion, to: int, reason: str) -> None:
         try:

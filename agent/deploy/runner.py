@@ -547,3 +547,23 @@ def validate(model: LoadedModel, vdir: Path, m: Manifest, variant: Variant | Non
         raise errors.RejectError(errors.SLO_FAILED,
                                  f"p95 latency {p95:.2f} ms on {model.backend_id} exceeds max_p95_ms {v.max_p95_ms:g}")
     return {"max_abs_error": res["max_abs_error"], "p95_ms": round(p95, 3), "runs": len(times)}
+
+
+def recheck(sv: ServingVersion, vdir: Path) -> ServingVersion:
+    """``sv`` (just loaded on a fresh worker) run on its golden samples within their tolerance,
+    without the latency SLO (traffic may be heavy right now): the re-check after a worker died
+    or hung while serving (agent/deploy/probation.py). Closes the model and raises when it fails."""
+    from agent.bundles.manifest import parse_document
+    from agent.deploy import golden
+
+    try:
+        m = parse_document(sv.manifest)
+        if m.validation is not None:
+            variant = m.variant(sv.variant)
+            rtol, atol = variant_tolerance(m, variant)
+            plan = golden.TimingPlan(min_runs=1, max_runs=1, budget_s=0.0)
+            golden.check(sv.model, vdir / m.validation.inputs, vdir / m.validation.expected, rtol, atol, plan)
+    except errors.AgentError:
+        sv.model.close()
+        raise
+    return sv

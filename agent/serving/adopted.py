@@ -53,6 +53,31 @@ log = logging.getLogger(__name__)
 
 STATS_INTERVAL_S = 0.25  # how often calls/errors/latencies go to the daemon
 MAX_STATS_SAMPLES = 16384  # latency samples kept per interval; more are counted, not timed
+MAX_STATS_SHAPES = 64  # newly computable input shapes reported per interval (the rest are dropped)
+
+
+class _SlotMarking:
+    """The model, with each runtime call marked INFER in the connection's slot: the daemon's
+    hung-worker deadline covers the runtime call only, not reading or decoding the request."""
+
+    def __init__(self, model: Any, owner: Adopted) -> None:
+        self._model = model
+        self._owner = owner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._model, name)
+
+    def infer(self, inputs: Any) -> Any:
+        owner = self._owner
+        slot = getattr(owner.local, "slot", None)
+        slots = owner.slots
+        if slot is None or slots is None:
+            return self._model.infer(inputs)
+        slots.set(slot, INFER)
+        try:
+            return self._model.infer(inputs)
+        finally:
+            slots.set(slot, READING)
 
 
 class _AdoptedHandler(Handler):
@@ -94,17 +119,13 @@ class _AdoptedHandler(Handler):
             return
         slots = owner.slots
         assert slots is not None
+        owner.local.slot = ctx.slot  # the runtime call marks it INFER (_SlotMarking): decoding is not timed
         resp = self.serve(req)
         slots.set(ctx.slot, WRITING)
         self.send_reply(req, resp)
         if not self._unread_body and not self.conn.buf:
             slots.set(ctx.slot, IDLE)  # answered in full: a crash from here on loses nothing
             self._idle = True
-
-    def computing(self) -> None:
-        ctx: Any = self.server
-        assert ctx.owner.slots is not None
-        ctx.owner.slots.set(ctx.slot, INFER)
 
     def _give_back(self, unread: bytes) -> None:
         ctx: Any = self.server
@@ -126,6 +147,8 @@ class Adopted:
         self.version = ""
         self.retiring = False
         self._sv: Any = None
+        self._reg: Any = None
+        self.local = threading.local()  # the slot of the request this thread serves
         self._wake_r, self._wake_w = os.pipe()
         self._lock = threading.Lock()
         self._ok = array("d")
@@ -164,14 +187,18 @@ class Adopted:
             os.close(fd)
 
     def _start_serving(self, msg: tuple[Any, ...], slots_fd: int) -> None:
+        from agent.serving.admission import Limits
         from agent.serving.registry import Registry, ServingVersion
 
         _, name, version, n_slots, max_body, server_name, server_version, *rest = msg
         policy = rest[0] if rest and isinstance(rest[0], ApiPolicy) else ApiPolicy()
+        serving: dict[str, Any] = rest[1] if len(rest) > 1 else {}
         self.slots = SlotTable(slots_fd, n_slots)
         os.close(slots_fd)
-        reg = Registry(observer=self._observe)
-        self._sv = ServingVersion(name, int(version), "", self.model)
+        reg = Registry(observer=self._observe, limits=Limits(**serving.get("limits", {})))
+        reg.shapes.add(name, serving.get("shapes", ()))  # computable shapes the daemon knows of
+        self._sv = ServingVersion(name, int(version), "", _SlotMarking(self.model, self))
+        self._reg = reg
         reg.activate(self._sv)
         self.app = KServeServer(reg, max_body_bytes=max_body, server_name=server_name,
                                 server_version=server_version, policy=policy)
@@ -249,10 +276,11 @@ class Adopted:
                 self._untimed = 0
             calls, errs = sv.calls, sv.errors
             dc, de = calls - self._sent[0], errs - self._sent[1]
-            if not (dc or de or ok or bad):
+            shapes = [k for _, k in self._reg.shapes.fresh()][:MAX_STATS_SHAPES]
+            if not (dc or de or ok or bad or shapes):
                 return
             self._sent = (calls, errs)
-            send_ctl(self.ctl, ("stats", dc, de, ok.tobytes(), bad.tobytes()))
+            send_ctl(self.ctl, ("stats", dc, de, ok.tobytes(), bad.tobytes(), shapes))
 
 
 def serve_adopted(model: Any, ctl: socket.socket, first: tuple[Any, ...], fds: list[int],

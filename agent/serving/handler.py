@@ -142,26 +142,23 @@ class Handler(socketserver.BaseRequestHandler):
         path = req.target.split("?", 1)[0]
         try:
             guard.check(app.policy, req, path, self.local_socket)
+            limit = app.body_limit(req.method, req.target)  # a model's own bound, if it has one
             if req.version == "1.1" and req.headers.get("expect", "").lower() == "100-continue":
                 cl = req.headers.get("content-length")
-                if cl and int(cl) > app.max_body_bytes:
+                if cl and int(cl) > limit:
                     self.conn.body_left = int(cl)
                     self.close_connection = True  # the client may send it anyway: do not parse it
                     self._unread_body = True
-                    return app.too_large(int(cl))
+                    return app.too_large(int(cl), limit)
                 self.conn.send(b"HTTP/1.1 100 Continue\r\n\r\n")
-            body = self.conn.read_body(req)
+            body = self.conn.read_body(req, limit)
         except HttpFail as e:
             self._skip_body(req, e)
             return error_response(e.status, e.code, e.message, e.headers)
         except ReadTimeout:
             self.close_connection = True
             return error_response(408, errors.TIMEOUT, "request body did not arrive within its deadline")
-        self.computing()
         return app.respond(req, body)
-
-    def computing(self) -> None:
-        """Called once the body is read, before the model runs (the worker marks its slot)."""
 
     def _skip_body(self, req: Request, e: HttpFail) -> None:
         """After a refusal: drop the body so the connection can go on, or close it."""

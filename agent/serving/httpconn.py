@@ -257,19 +257,21 @@ class HttpConn:
             target = "/" + target.lstrip("/")
         return Request(method, target, version, ev.headers, raw[0] if len(raw) == 1 else b"".join(raw))
 
-    def read_body(self, req: Request) -> bytes:
-        """The body of ``req`` (after ``read_head``), bounded by ``max_body`` and its deadline."""
+    def read_body(self, req: Request, limit: int | None = None) -> bytes:
+        """The body of ``req`` (after ``read_head``), bounded by ``limit`` (default ``max_body``)
+        and its deadline."""
+        cap = self.max_body if limit is None else min(limit, self.max_body)
         h = req.headers
         te = h.get("transfer-encoding")
         if te is not None:
             if te.lower() != "chunked":
                 raise HttpFail(501, errors.INVALID_INPUT, f"Transfer-Encoding {te!r} is not supported; use chunked")
-            return self._read_chunked()
+            return self._read_chunked(cap)
         cl = h.get("content-length")
         n = int(cl) if cl else 0  # llhttp accepted it: digits only, never repeated
-        if n > self.max_body:
+        if n > cap:
             self.body_left = n
-            raise HttpFail(413, errors.TOO_LARGE, f"request body is {n} bytes; the limit is {self.max_body}")
+            raise HttpFail(413, errors.TOO_LARGE, f"request body is {n} bytes; the limit is {cap}")
         deadline = time.monotonic() + body_deadline_s(n)
         while len(self.buf) < n:
             if not self._recv(deadline):
@@ -278,9 +280,9 @@ class HttpConn:
         del self.buf[:n]
         return body
 
-    def _read_chunked(self) -> bytes:
+    def _read_chunked(self, cap: int) -> bytes:
         ev = self._ev
-        cap = self.max_body
+        ev.cap = cap
         deadline = time.monotonic() + body_deadline_s(cap)
         fed = 0
         while not ev.complete:

@@ -45,6 +45,7 @@ from urllib.parse import unquote
 import agent
 from agent import errors
 from agent.serving import guard
+from agent.serving.admission import RETRY_AFTER_S
 from agent.serving.guard import ApiPolicy, LogGate
 from agent.serving.handler import IDLE_TIMEOUT_S, Handler, Response, error_response
 from agent.serving.httpconn import (
@@ -82,7 +83,6 @@ ACCEPT_BACKOFF_S = 0.1  # pause after an accept that failed for want of descript
 REQUEST_QUEUE_SIZE = 128  # listen() backlog
 BUSY_SEND_TIMEOUT_S = 0.0  # the 503 to a connection over the cap is sent without waiting
 UNIX_SOCKET_MODE = 0o660
-RETRY_AFTER_S = 1  # what a 503 busy tells the client to wait
 MIN_TOKEN_BYTES = 16  # a shorter api.token_file token is a config error
 EXTENSIONS = ("binary_tensor_data",)
 _ACCEPT_SCARCE = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
@@ -465,9 +465,16 @@ class KServeServer:
             sock.shutdown(socket.SHUT_RDWR)
         sock.close()
 
-    def too_large(self, length: int) -> Response:
+    def too_large(self, length: int, limit: int | None = None) -> Response:
+        if limit is not None and limit < self.max_body_bytes:  # the model's own bound (admission.py)
+            return error_response(413, errors.TOO_LARGE, f"request body is {length} bytes; this model takes at most {limit}")
         return error_response(413, errors.TOO_LARGE,
                               f"request body is {length} bytes; the limit is {self.max_body_bytes}")
+
+    def body_limit(self, method: str, target: str) -> int:
+        """The largest body read for this request: an infer's model bound, else ``max_body_bytes``."""
+        t = infer_target(target) if method == "POST" else None
+        return self.max_body_bytes if t is None else self.registry.body_limit(t[0], self.max_body_bytes)
 
     # -- routing
 
@@ -528,7 +535,8 @@ class KServeServer:
                     return Response(200, to_json({"name": sv.name, "ready": True}))
                 if len(rest) == 1 and rest[0] == "infer":
                     self._allow(method == "POST", "POST")
-                    return self._infer(name, self._version(name, version), req, body)
+                    with self.registry.admit(name):  # decoding and answering count in the model's bound
+                        return self._infer(name, self._version(name, version), req, body)
         elif parts[0] == "metrics" and n == 1:
             self._allow(get, "GET")
             if self._metrics_fn is None:
@@ -587,7 +595,7 @@ class KServeServer:
 
     def _infer(self, name: str, version: int | None, req: Request, body: bytes) -> Response:
         guard.check_infer_type(req)
-        body = guard.decode_body(req, body, self.max_body_bytes)
+        body = guard.decode_body(req, body, self.body_limit(req.method, req.target))
         ir = decode_request(req.headers, body)
         sv, results = self.registry.infer(name, ir.feed, version)
         data, ctype, headers = encode_response(sv, results, ir)

@@ -6,19 +6,25 @@ Invariants:
 - A swap never fails an in-flight request: the old version is closed only after its in-flight
   calls finished (or a bounded drain timeout passed).
 - The registry holds loaded models only; what is installed and kept lives in the state database.
+- Each call passes the model's admission (agent/serving/admission.py): size bound, in-flight and
+  queue bounds. A failure the request caused is the caller's error and never counts in
+  ``ServingVersion.errors`` (what probation judges).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from agent import errors
 from agent.backends.base import InflightGate, LoadedModel
+from agent.serving import admission
+from agent.serving.admission import CALLER_CODES, Admission, Limits, ShapeBook
 
 if TYPE_CHECKING:
     import numpy as np
@@ -44,6 +50,7 @@ class ServingVersion:
     gate: InflightGate = field(default_factory=InflightGate)
     calls: int = 0
     errors: int = 0  # failures of the model itself (not bad requests): probation counts these
+    size_check: admission.SizeCheck | None = None  # its inputs' bound (made at the first call)
 
     @property
     def alive(self) -> bool:
@@ -64,11 +71,16 @@ class ServingVersion:
 class Registry:
     """name → serving version; thread-safe."""
 
-    def __init__(self, observer: LatencyObserver | None = None) -> None:
+    def __init__(self, observer: LatencyObserver | None = None, limits: Limits | None = None) -> None:
         self._lock = threading.Lock()
         self._serving: dict[str, ServingVersion] = {}
         self._observer = observer
         self._draining: list[threading.Thread] = []
+        self.limits = limits or Limits()
+        self.shapes = ShapeBook()  # input shapes known to be computable, per model
+        self._admission: dict[str, Admission] = {}
+        self._body_limits: dict[str, tuple[ServingVersion, int]] = {}
+        self._local = threading.local()  # the model whose slot this thread holds (admit())
 
     def set_observer(self, observer: LatencyObserver | None) -> None:
         self._observer = observer
@@ -115,11 +127,11 @@ class Registry:
         t0 = _perf()
         ok = False
         try:
-            out = sv.model.infer(inputs)
+            out = self._call(sv, inputs)
             ok = True
             return sv, out
-        except errors.RejectError as e:
-            if e.code != errors.INVALID_INPUT:
+        except errors.AgentError as e:
+            if e.code not in CALLER_CODES:
                 sv.errors += 1
             raise
         except Exception:
@@ -132,11 +144,66 @@ class Registry:
             if obs is not None:
                 obs(sv.name, sv.version, sv.model.backend_id, _perf() - t0, ok)
 
+    def _call(self, sv: ServingVersion, inputs: dict[str, Any]) -> dict[str, np.ndarray]:
+        """The runtime call behind the model's admission; a runtime failure on shapes not known
+        to be computable is the caller's ``invalid_input``."""
+        size = sv.size_check
+        if size is None:
+            size = sv.size_check = admission.SizeCheck(sv.model.inputs, self.limits.max_batch)
+        size(inputs)
+        key = admission.shape_key(inputs)
+        if getattr(self._local, "admitted", None) == sv.name:  # the HTTP layer holds the slot
+            out = self._run(sv, inputs, key)
+        else:
+            with self.admit(sv.name):
+                out = self._run(sv, inputs, key)
+        if not self.shapes.knows(sv.name, key):
+            self.shapes.add(sv.name, (key,), report=True)
+        return out
+
+    def _run(self, sv: ServingVersion, inputs: dict[str, Any], key: admission.ShapeKey) -> dict[str, np.ndarray]:
+        try:
+            return sv.model.infer(inputs)
+        except errors.AgentError as e:
+            if e.code == errors.INFERENCE_FAILED and not self.shapes.knows(sv.name, key):
+                raise admission.runtime_failure(sv.name, inputs, e) from e
+            raise
+
+    @contextlib.contextmanager
+    def admit(self, name: str) -> Iterator[None]:
+        """Hold one of ``name``'s in-flight slots (``busy`` when none frees up in time): the HTTP
+        layer holds it from decoding a request to encoding its answer, so that decoding, too, is
+        bounded per model (and cannot starve the runtime calls of the worker's interpreter)."""
+        gate = self._admission.get(name)
+        if gate is None:
+            if self.get(name) is None:  # not serving: the call is refused (no table entry per name asked)
+                yield
+                return
+            gate = self._admission.setdefault(name, Admission(name, self.limits))
+        with gate.slot():
+            self._local.admitted = name
+            try:
+                yield
+            finally:
+                self._local.admitted = None
+
+    def body_limit(self, name: str, cap: int) -> int:
+        """The largest request body worth reading for ``name`` (its admission bound), at most ``cap``."""
+        sv = self.get(name)
+        if sv is None:
+            return cap
+        hit = self._body_limits.get(name)
+        if hit is None or hit[0] is not sv:
+            hit = self._body_limits[name] = (sv, admission.body_bound(sv.model.inputs, self.limits.max_batch, 1 << 62))
+        return min(cap, hit[1])
+
     def activate(self, sv: ServingVersion) -> ServingVersion | None:
         """Make ``sv`` the serving version; the previous one drains and closes in the background."""
+        self.shapes.add(sv.name, getattr(sv.model, "known_shapes", ()))  # its golden samples
         bind = getattr(sv.model, "bind", None)
         if bind is not None:  # a worker that answers HTTP itself reports its calls back here
-            bind(sv.name, sv.version, lambda c, e, ok, bad: self._remote_calls(sv, c, e, ok, bad))
+            bind(sv.name, sv.version, lambda c, e, ok, bad, shapes=(): self._remote_calls(sv, c, e, ok, bad, shapes),
+                 {"limits": self.limits.to_dict(), "shapes": self.shapes.shapes(sv.name)})
         with self._lock:
             old = self._serving.get(sv.name)
             self._serving[sv.name] = sv
@@ -149,8 +216,10 @@ class Registry:
         return old
 
     def _remote_calls(self, sv: ServingVersion, calls: int, errs: int,
-                      ok: Iterable[float], bad: Iterable[float]) -> None:
-        """Calls a worker answered on its own (agent/serving/adopted.py): for probation and telemetry."""
+                      ok: Iterable[float], bad: Iterable[float], shapes: Iterable[Any] = ()) -> None:
+        """Calls a worker answered on its own (agent/serving/adopted.py): for probation and
+        telemetry, and the input shapes it learned are computable."""
+        self.shapes.add(sv.name, shapes)
         sv.calls += calls
         sv.errors += errs
         obs = self._observer

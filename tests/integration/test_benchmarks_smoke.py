@@ -55,3 +55,12 @@ def test_swap_telemetry_fleet(tmp_path: Path) -> None:
     size = res["fleet"]["sizes"][0]
     assert size["reached"] == size["devices"]
     assert "## 6. Fleet scale" in doc
+
+
+def test_collect(tmp_path: Path) -> None:
+    res, doc = smoke(tmp_path, "collect")
+    c = res["collect"]
+    assert c["messages_per_s"] > 0 and c["telemetry_published"] > 0
+    assert c["telemetry_held"] == c["telemetry_published"]  # nothing lost between the sims and the two collectors
+    assert c["lost_counted"] == 0 and c["for_100k"] is not None
+    assert "## 7. Fleet collector" in doc

@@ -20,7 +20,7 @@ from typing import Any
 
 from agent import errors
 from agent.bundles.trust import TrustStore, load_public_pem, public_pem
-from fleetctl import bundle, commands, keys, mqttc, rollout, sealing, sim, watch
+from fleetctl import bundle, collect, commands, keys, mqttc, rollout, sealing, sim, watch
 from fleetctl.follow import ProbationCountdown, silent_device_message
 from fleetctl.serve import DEFAULT_HOST, DEFAULT_PORT, ArtifactServer
 
@@ -593,6 +593,11 @@ def build_parser() -> argparse.ArgumentParser:
     rollout.add_arguments(p, parse_duration)
     _add_broker_args(p)
     p.set_defaults(func=lambda a: rollout.run_cli(a, _connect, keys.load_signing_keys, lambda: _signing_key_paths(a)))
+
+    p = sub.add_parser("collect", help="device streams → Prometheus /metrics (scale out with --share)")
+    collect.add_arguments(p, parse_duration)
+    _add_broker_args(p)
+    p.set_defaults(func=lambda a: collect.run_cli(a, _connect, lambda c, t: mqttc.subscribe(c, t), mqttc.disconnect))
 
     p = sub.add_parser("sim", help="simulated devices (real MQTT clients) for tests and benchmarks")
     sim.add_arguments(p, parse_duration)

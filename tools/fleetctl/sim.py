@@ -83,6 +83,7 @@ SIM_VARIANT = "onnx-fp32"
 FAKE_DOWNLOAD_BYTES = 4 * 1024 * 1024
 CHILD_READY_TIMEOUT_S = 60.0
 CHILD_STOP_TIMEOUT_S = 10.0
+STOP_POLL_S = 0.05  # at a stop: how often the loop checks every device's messages went out
 
 
 @dataclass
@@ -102,6 +103,7 @@ class SimOptions:
     latency_ms: float = DEFAULT_LATENCY_MS
     fetch: bool = True
     log_path: Path | None = None
+    samples_path: Path | None = None  # every simulated latency, one JSON line per telemetry message
     max_clock_skew_s: float = 300.0
 
 
@@ -358,6 +360,7 @@ class SimDevice:
     def status_doc(self, online: bool, reason: str = "") -> dict[str, Any]:
         doc: dict[str, Any] = {"v": 1, "device": self.id, "online": online, "ts": now_rfc3339(), "agent": AGENT_VERSION,
                                "boot_id": self.boot_id, "profile": "simulated", "session": self.session,
+                               "groups": list(self.groups),
                                "models": [dict(m) for m in self.models.values()]}
         if reason:
             doc["reason"] = reason
@@ -465,6 +468,8 @@ class SimDevice:
         self.sim.loop.call_later(self.sim.opts.step_s, lambda: self._rolled_back(cid, m, frm))
 
     def _rolled_back(self, cid: str, m: dict[str, Any], frm: int) -> None:
+        self.publish("events", {"event": "rollback", "model": m["name"], "frm": frm, "to": m["version"],
+                                "reason": "rollback command"})  # as the agent reports it
         self.job(cid, "rollback", "SUCCEEDED", result={"name": m["name"], "version": m["version"], "backend": SIM_BACKEND,
                                                        "previous": frm})
         self.publish_status()
@@ -525,7 +530,7 @@ class SimDevice:
 
     # -- telemetry ---------------------------------------------------------------------------
     def heartbeat(self) -> None:
-        if self.connected:
+        if self.connected and not self.sim.stopping:
             self.publish("heartbeat", {"uptime_s": round(time.time() - self.started, 1),
                                        "system": {"cpu_pct": round(random.uniform(5, 40), 1),
                                                   "mem_used_pct": round(random.uniform(30, 60), 1),
@@ -536,14 +541,16 @@ class SimDevice:
         self.sim.loop.call_later(self.sim.opts.heartbeat_s, self.heartbeat)
 
     def telemetry(self) -> None:
-        if self.connected and self.models:
-            models = {}
+        if self.connected and self.models and not self.sim.stopping:  # nothing after the goodbye
+            models, raw = {}, {}
             for name, m in self.models.items():
                 w = Window(m["version"], SIM_BACKEND)
-                for _ in range(SAMPLES_PER_WINDOW):
-                    w.add(random.lognormvariate(0, 0.25) * self.latency_ms / 1000.0, True)
+                raw[name] = [random.lognormvariate(0, 0.25) * self.latency_ms / 1000.0 for _ in range(SAMPLES_PER_WINDOW)]
+                for latency_s in raw[name]:
+                    w.add(latency_s, True)
                 models[name] = w.summary()
             self.publish("telemetry", {"window_s": self.sim.opts.window_s, "models": models})
+            self.sim.record_samples({"device": self.id, "seq": self.seq["telemetry"], "latency_s": raw})
         self.sim.loop.call_later(self.sim.opts.window_s, self.telemetry)
 
 
@@ -573,6 +580,7 @@ class Simulator:
         self._ready_cv = threading.Condition()
         self._log_lock = threading.Lock()
         self._log = open(opts.log_path, "a", encoding="utf-8") if opts.log_path else None  # noqa: SIM115 - closed in stop()
+        self._samples = open(opts.samples_path, "a", encoding="utf-8") if opts.samples_path else None  # noqa: SIM115 - closed in stop()
         self.devices = [SimDevice(self, d) for d in device_ids]
 
     def record(self, entry: dict[str, Any]) -> None:
@@ -583,6 +591,12 @@ class Simulator:
         with self._log_lock:
             self._log.write(line)
             self._log.flush()
+
+    def record_samples(self, entry: dict[str, Any]) -> None:
+        """One line in the samples log (JSONL): the raw latencies behind one telemetry message."""
+        if self._samples is not None:
+            self._samples.write(json.dumps(entry, separators=(",", ":")) + "\n")
+            self._samples.flush()  # one write per line: lines from several processes never interleave
 
     def device_ready(self) -> None:
         with self._ready_cv:
@@ -618,13 +632,22 @@ class Simulator:
         """Publish offline status and disconnect every device (bounded)."""
         done = threading.Event()
 
+        deadline = time.monotonic() + timeout_s
+
+        def flushed() -> None:
+            # paho closes a socket once its DISCONNECT is written, i.e. after every queued message
+            if all(d.client.socket() is None for d in self.devices) or time.monotonic() >= deadline:
+                done.set()
+            else:
+                self.loop.call_later(STOP_POLL_S, flushed)
+
         def bye() -> None:
             self.stopping = True
             for d in self.devices:
                 if d.connected:
                     d.publish_status(False, "shutdown")
                     d.client.disconnect()
-            self.loop.call_later(0.2, done.set)
+            self.loop.call_later(STOP_POLL_S, flushed)
 
         if self.loop.thread is not None and self.loop.thread.is_alive():
             self.loop.call_soon_threadsafe(bye)
@@ -635,6 +658,8 @@ class Simulator:
         self.loop.close()
         if self._log is not None:
             self._log.close()
+        if self._samples is not None:
+            self._samples.close()
 
 
 def device_ids(count: int, fmt: str = "sim-{:03d}", first: int = 0) -> list[str]:
@@ -762,6 +787,8 @@ def add_arguments(p: argparse.ArgumentParser, duration: Callable[[str], float]) 
     p.add_argument("--latency-ms", type=float, default=DEFAULT_LATENCY_MS, help="typical simulated inference latency")
     p.add_argument("--no-fetch", action="store_true", help="do not fetch manifests (the version is the next one)")
     p.add_argument("--log", metavar="FILE", help="append one JSON line per executed command, result and refused replay")
+    p.add_argument("--samples-log", metavar="FILE",
+                   help="append the raw latencies behind each telemetry message (JSON lines; for checking fleet percentiles)")
     p.add_argument("--processes", type=int, default=1, metavar="K", help="spread the devices over K processes")
     p.add_argument("--duration", type=duration, metavar="DURATION", help="stop after this long (default: until Ctrl-C)")
     p.add_argument("--shard", help=argparse.SUPPRESS)  # I/K: this process runs share I of K (run_children)
@@ -777,7 +804,8 @@ def options_from(a: argparse.Namespace) -> SimOptions:
     return SimOptions(broker=a.broker, trust_dir=Path(a.trust), prefix=a.prefix, threshold=a.threshold,
                       groups=tuple(a.group), fail=tuple(a.fail), fail_code=a.fail_code, fail_step=a.fail_step,
                       models=models, step_s=a.step_time, heartbeat_s=a.heartbeat, window_s=a.window,
-                      latency_ms=a.latency_ms, fetch=not a.no_fetch, log_path=Path(a.log) if a.log else None)
+                      latency_ms=a.latency_ms, fetch=not a.no_fetch, log_path=Path(a.log) if a.log else None,
+                      samples_path=Path(a.samples_log) if a.samples_log else None)
 
 
 def run_cli(a: argparse.Namespace) -> int:
@@ -813,6 +841,8 @@ def _child_argv(a: argparse.Namespace) -> list[str]:
         argv.append("--no-fetch")
     if a.log:
         argv += ["--log", a.log]
+    if a.samples_log:
+        argv += ["--samples-log", a.samples_log]
     for flag, value in (("--ca-file", a.ca_file), ("--cert-file", a.cert_file), ("--cert-key-file", a.cert_key_file),
                         ("--username", a.username), ("--password-file", a.password_file)):
         if value:

@@ -1,0 +1,200 @@
+"""Per-model admission: what a caller may push into a model, and whose fault a failure is.
+
+Why: requests are chosen by callers, and a caller must not be able to exhaust a worker's memory,
+keep it busy past the hung-worker deadline, or make a valid version look broken (docs/security.md,
+docs/deployments.md). Used by the registry in the daemon and in each worker alike.
+
+Invariants:
+- A request is at most ``request_bound`` bytes of tensors (``max_batch`` rows on a dynamic batch
+  dimension): beyond it ``too_large`` (413), before the runtime sees it.
+- At most ``max_inflight`` runtime calls per model run at once; at most ``max_queue`` more wait,
+  each at most ``queue_wait_s``: beyond that ``busy`` (503 with Retry-After).
+- A runtime failure counts against a version only on input shapes known to be computable: the
+  version's golden samples, or shapes a version of the model answered before (``ShapeBook``).
+  On any other shape it is the caller's ``invalid_input`` (the shape, and the runtime's words).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
+
+from agent import errors
+
+if TYPE_CHECKING:
+    from agent.bundles.manifest import TensorSpec
+
+DEFAULT_MAX_BATCH = 64
+DEFAULT_MAX_INFLIGHT = 4
+DEFAULT_MAX_QUEUE = 64
+DEFAULT_QUEUE_WAIT_S = 10.0
+RETRY_AFTER_S = 1  # what a ``busy`` answer asks the caller to wait
+MAX_SHAPES = 256  # known-computable input shapes kept per model (more are not learned)
+JSON_BYTES_PER_ELEMENT = 32  # worst case of one number written out in a JSON body ("-1.2345678e-05, ")
+BODY_SLACK_BYTES = 64 * 1024  # a request's JSON header, names and parameters
+CALLER_CODES = frozenset({errors.INVALID_INPUT, errors.TOO_LARGE, errors.BUSY})  # never a model error
+_ITEM_BYTES = {"bool": 1, "int8": 1, "uint8": 1, "int16": 2, "uint16": 2, "float16": 2, "bfloat16": 2,
+               "int32": 4, "uint32": 4, "float32": 4, "int64": 8, "uint64": 8, "float64": 8}
+
+ShapeKey = tuple[tuple[str, tuple[int, ...]], ...]
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per-model bounds (config ``backends.max_batch``, ``max_inflight``, ``max_queue``)."""
+
+    max_batch: int = DEFAULT_MAX_BATCH
+    max_inflight: int = DEFAULT_MAX_INFLIGHT
+    max_queue: int = DEFAULT_MAX_QUEUE
+    queue_wait_s: float = DEFAULT_QUEUE_WAIT_S
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def item_bytes(dtype: str) -> int:
+    return _ITEM_BYTES.get(dtype, 8)
+
+
+def request_bound(specs: Iterable[TensorSpec], max_batch: int) -> tuple[int, int] | None:
+    """(tensor bytes, elements) of the largest request the model takes, with ``max_batch`` rows
+    on a dynamic first dimension; None when another dimension is dynamic (no bound from shapes)."""
+    total_b = total_n = 0
+    for s in specs:
+        n = 1
+        for i, d in enumerate(s.shape):
+            if d is None or d < 0:
+                if i != 0:
+                    return None
+                d = max_batch
+            n *= d
+        total_n += n
+        total_b += n * item_bytes(s.dtype)
+    return total_b, total_n
+
+
+def body_bound(specs: Iterable[TensorSpec], max_batch: int, cap: int) -> int:
+    """The largest request body worth reading for this model (JSON or binary), at most ``cap``."""
+    b = request_bound(specs, max_batch)
+    if b is None:
+        return cap
+    return min(cap, BODY_SLACK_BYTES + max(b[0], b[1] * JSON_BYTES_PER_ELEMENT))
+
+
+class SizeCheck:
+    """``too_large`` for a request over the model's bound: more than ``max_batch`` rows on a
+    dynamic batch dimension, or more tensor bytes than the model's largest request. Made once
+    per model version (it runs on every call)."""
+
+    __slots__ = ("_batched", "_bound", "_max_batch")
+
+    def __init__(self, specs: Iterable[TensorSpec], max_batch: int) -> None:
+        specs = tuple(specs)
+        self._max_batch = max_batch
+        self._batched = tuple(s.name for s in specs if s.shape and (s.shape[0] is None or s.shape[0] < 0))
+        b = request_bound(specs, max_batch)
+        self._bound = None if b is None else b[0]
+
+    def __call__(self, feed: Mapping[str, Any]) -> None:
+        mb = self._max_batch
+        for name in self._batched:
+            shape = getattr(feed.get(name), "shape", None)
+            if shape and shape[0] > mb:
+                raise errors.RejectError(errors.TOO_LARGE, f"input {name!r}: a batch of {shape[0]} is more than "
+                                                           f"the {mb} allowed (backends.max_batch)")
+        if self._bound is not None:
+            size = sum(int(getattr(a, "nbytes", 0)) for a in feed.values())
+            if size > self._bound:
+                raise errors.RejectError(errors.TOO_LARGE, f"request tensors are {size} bytes; this model takes "
+                                                           f"at most {self._bound}")
+
+
+def check_size(specs: Iterable[TensorSpec], feed: Mapping[str, Any], max_batch: int) -> None:
+    """``SizeCheck(specs, max_batch)(feed)``, for one call."""
+    SizeCheck(specs, max_batch)(feed)
+
+
+def shape_key(feed: Mapping[str, Any]) -> ShapeKey:
+    if len(feed) == 1:
+        for k, a in feed.items():
+            return ((k, tuple(getattr(a, "shape", ()))),)
+    return tuple(sorted((k, tuple(getattr(a, "shape", ()))) for k, a in feed.items()))
+
+
+class ShapeBook:
+    """Input shapes known to be computable, per model name (bounded); ``fresh()`` hands out the
+    ones learned since the last call (a worker reports them to the daemon)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._known: dict[str, set[ShapeKey]] = {}
+        self._fresh: list[tuple[str, ShapeKey]] = []
+
+    def knows(self, name: str, key: ShapeKey) -> bool:
+        return key in self._known.get(name, ())
+
+    def add(self, name: str, keys: Iterable[Any], report: bool = False) -> None:
+        with self._lock:
+            known = self._known.setdefault(name, set())
+            for k in keys:
+                k = tuple((str(n), tuple(int(d) for d in s)) for n, s in k)
+                if k not in known and len(known) < MAX_SHAPES:
+                    known.add(k)
+                    if report:
+                        self._fresh.append((name, k))
+
+    def shapes(self, name: str) -> list[ShapeKey]:
+        with self._lock:
+            return sorted(self._known.get(name, ()))
+
+    def fresh(self) -> list[tuple[str, ShapeKey]]:
+        with self._lock:
+            out, self._fresh = self._fresh, []
+            return out
+
+
+def runtime_failure(name: str, feed: Mapping[str, Any], e: errors.AgentError) -> errors.RejectError:
+    """The caller's error for a runtime failure on shapes not known to be computable."""
+    shapes = ", ".join(f"{k} {list(getattr(a, 'shape', ()))}" for k, a in sorted(feed.items()))
+    return errors.RejectError(errors.INVALID_INPUT, f"{name}: the runtime cannot compute input(s) {shapes}: "
+                                                    f"{e.message}")
+
+
+class Admission:
+    """At most ``max_inflight`` calls at once, ``max_queue`` waiting (each ``queue_wait_s``)."""
+
+    def __init__(self, name: str, limits: Limits) -> None:
+        self.name = name
+        self.limits = limits
+        self._cv = threading.Condition()
+        self._running = 0
+        self._waiting = 0
+
+    def slot(self) -> Admission:
+        """``with gate.slot():`` holds one in-flight slot (``busy`` when none frees up in time)."""
+        return self
+
+    def __enter__(self) -> None:
+        lim = self.limits
+        with self._cv:
+            if self._running >= lim.max_inflight:
+                if self._waiting >= lim.max_queue:
+                    raise errors.RetryableError(errors.BUSY, f"{self.name}: {self._running} calls running and "
+                                                             f"{self._waiting} waiting; try again later")
+                self._waiting += 1
+                try:
+                    ok = self._cv.wait_for(lambda: self._running < lim.max_inflight, lim.queue_wait_s)
+                finally:
+                    self._waiting -= 1
+                if not ok:
+                    raise errors.RetryableError(errors.BUSY, f"{self.name}: no free slot within "
+                                                             f"{lim.queue_wait_s:g} s; try again later")
+            self._running += 1
+
+    def __exit__(self, *exc: object) -> None:
+        with self._cv:
+            self._running -= 1
+            if self._waiting:
+                self._cv.notify()
