@@ -29,7 +29,8 @@ from agent.bundles.fetch import fetcher_from_config
 from agent.bundles.store import Store
 from agent.bundles.trust import TrustStore, describe_writable, folder_problem
 from agent.commands.handlers import REMOTE_CONFIG_FILE, Handlers, apply_remote_overrides
-from agent.commands.verify import Command, CommandVerifier, peek_id
+from agent.commands.intake import CommandIntake
+from agent.commands.verify import Command, CommandVerifier
 from agent.deploy.jobs import JobReporter
 from agent.deploy.probation import ProbationSettings, Supervisor
 from agent.deploy.runner import DeployContext, DeployRunner, DeploySettings, check_clock, recheck
@@ -55,8 +56,10 @@ STOP_FLUSH_S = 1.0  # at most this long of the stop sends what is still queued (
 REGISTRY_CLOSE_S = 2.0  # at most this long of the stop waits for in-flight calls before models close
 LOCAL_OP_TIMEOUT_S = 120.0  # an agentctl rollback/remove/config waits this long for the ops worker
 BENCH_OP_TIMEOUT_S = 280.0  # agentctl bench: under the control client's 300 s; the handler bounds each run
+LOCAL_BENCH_MAX = 4  # agentctl bench calls running or waiting on their own worker; more are "busy"
 LOCAL_JOB_KEEP_S = 7 * 86400  # local jobs are kept (for `agentctl jobs`) like fleet jobs
 DEPLOY_QUEUE_MAX = 64
+TICK_LOG_INTERVAL_S = 60.0  # a failing heartbeat or window (a full disk) is logged once per this
 EXIT_CONFIG = 2
 EXIT_UNSAFE = 3
 
@@ -95,6 +98,9 @@ class Agent:
         self.mqtt = Connection(cfg.mqtt, cfg.mqtt.client_id or cfg.device_id, subs, self.topics.status,
                                birth=lambda: self.status_doc(True), will=lambda: self.status_doc(False, "connection lost"),
                                outbox=self.outbox, on_command=self.on_command)
+        self.intake = CommandIntake(self.verifier, self.db, self.reporter, self._route, self.mqtt.publish_now,
+                                    clock_flag_changed=lambda: self.publish_status())
+        self.reporter.publish_now = self.mqtt.publish_now
         self._telemetry_parts()
         self.notifier = Notifier()
         self.stopping = threading.Event()
@@ -108,8 +114,13 @@ class Agent:
                                      self.runner.activation_lock, self.probation_settings, self.publish_status,
                                      recheck=lambda name, v: recheck(self.handlers.load_version(name, v, validate_samples=False),
                                                                      self.store.version_dir(name, v)))
-        self._ops = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ops")  # rollback, remove, bench: in order
+        self._ops = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ops")  # fleet and admin changes, in order
+        # agentctl bench (any control-socket user): its own worker and bound, so local read-only
+        # work never delays a fleet rollback or remove on the ops worker.
+        self._bench = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bench")
+        self._bench_slots = threading.BoundedSemaphore(LOCAL_BENCH_MAX)
         self._threads: list[threading.Thread] = []
+        self._tick_log = logs.RateLimit(TICK_LOG_INTERVAL_S)  # heartbeat/window failures
         self.kserve: Any = None
         self.control: ControlServer | None = None
 
@@ -125,7 +136,7 @@ class Agent:
             lambda: self.mqtt.state.to_dict(), slo_for=self._model_p95_limit, started=self.started)
         self.metrics = Metrics(self.outbox.stats, lambda: self.mqtt.state.to_dict(),
                                budget=self.telemetry.budget_status, sent=lambda: dict(self.mqtt.sent),
-                               windows=self.windows)
+                               windows=self.windows, refused=lambda: self.intake.refused())
         self.outbox.on_add = self.metrics.on_outbox_add
 
     def _model_p95_limit(self, name: str) -> float | None:
@@ -216,42 +227,16 @@ class Agent:
                 "uptime_s": round(time.time() - self.started, 1), "profile": self.profile,
                 "groups": self.cfg.groups, "mqtt": self.mqtt.state.to_dict(), "outbox": self.outbox.stats(),
                 "budget": self.telemetry.budget_status(),
+                "commands": {"refused_unauthenticated": self.intake.refused()},
                 "models": self.models_status(), "config": self.cfg.source,
                 "api": self.kserve.address if self.kserve else None,
                 "deploying": self._current.job_id if self._current else None}
 
     # -- commands ----------------------------------------------------------------------------
-    def on_command(self, topic: str, raw: bytes, dup: bool = False) -> None:
-        """Verify and route one command (runs on the command worker, never the network thread).
-
-        Returns only once the command is recorded (the caller then acknowledges it to the
-        broker). ``dup``: the broker is redelivering it (we may have recorded it before a crash).
-        """
-        try:
-            cmd = self.verifier.verify(raw)
-        except errors.AgentError as e:
-            cid = peek_id(raw)
-            log.warning("command on %s refused: %s", topic, e)
-            if cid is not None and not self.db.job(cid):
-                self.reporter.update(cid, "unknown", "REJECTED", error=e, persist=False)
-            return
-        model = cmd.params.get("model") if isinstance(cmd.params.get("model"), str) else None
-        if not self.db.create_job(cmd.id, cmd.type, model, cmd.params, cmd.expires_at):
-            prior = self.db.job(cmd.id) or {}
-            if dup:  # the broker's redelivery of a command recorded before a crash: handled already
-                log.info("command %s redelivered by the broker; already recorded (%s)", cmd.id, prior.get("state"))
-                return
-            err = errors.RejectError(errors.REPLAYED, f"command {cmd.id} was already received (state {prior.get('state')}); not executed again")
-            self.reporter.update(cmd.id, cmd.type, "REJECTED", error=err, persist=False,
-                                 extra={"recorded": {"state": prior.get("state"), "error": prior.get("error"),
-                                                     "result": prior.get("result")}})
-            return
-        self.reporter.update(cmd.id, cmd.type, "QUEUED", persist=False)
-        try:
-            self._route(cmd)
-        except errors.AgentError as e:
-            state = "REJECTED" if isinstance(e, errors.RejectError) else "FAILED"
-            self.reporter.update(cmd.id, cmd.type, state, error=e)
+    def on_command(self, topic: str, raw: bytes, dup: bool = False) -> bool:
+        """Verify, record and route one command (on the command worker, never the network
+        thread). True once it may be acknowledged to the broker (agent/commands/intake.py)."""
+        return self.intake.handle(topic, raw, dup)
 
     def _route(self, cmd: Command) -> None:
         p = cmd.params
@@ -439,8 +424,9 @@ class Agent:
         while not self.stopping.wait(self.cfg.telemetry.heartbeat_s):
             try:
                 self.telemetry.heartbeat()
-            except Exception:
-                log.exception("heartbeat failed")
+            except Exception as e:  # e.g. a full disk: said once per interval, not every tick
+                if self._tick_log.allow() is not None:
+                    log.error("heartbeat failed: %s", e, exc_info=e)
 
     def _window_loop(self) -> None:
         while not self.stopping.wait(self.cfg.telemetry.window_s):
@@ -449,8 +435,9 @@ class Agent:
     def _flush_window(self, final: bool = False) -> None:
         try:
             self.telemetry.window(final=final)
-        except Exception:
-            log.exception("telemetry window failed")
+        except Exception as e:
+            if self._tick_log.allow() is not None:
+                log.error("telemetry window failed: %s", e, exc_info=e)
 
     def _watchdog_loop(self) -> None:
         interval = self.notifier.watchdog_s / 2
@@ -504,8 +491,8 @@ class Agent:
         control.register("explain", explain)
         control.register("infer", infer)
         control.register("hw", hw)
-        control.register("bench", lambda p: self._ops.submit(self.handlers.bench, {
-            k: v for k, v in p.items() if k in ("model", "iterations", "backends")}).result(BENCH_OP_TIMEOUT_S))
+        control.register("bench", lambda p: self._local_bench({
+            k: v for k, v in p.items() if k in ("model", "iterations", "backends")}))
         def local_op(type_: str) -> Any:
             """A mutating call from agentctl: a local job (visible in `jobs`, reported to the fleet),
             run on the ops worker so it is ordered with the fleet's rollback/remove/bench."""
@@ -543,6 +530,22 @@ class Agent:
 
         control.register("install", install, mutating=True, streaming=True)
 
+    def _local_bench(self, params: dict[str, Any]) -> Any:
+        """``agentctl bench`` on the bench worker; refused ``busy`` past ``LOCAL_BENCH_MAX``."""
+        if not self._bench_slots.acquire(blocking=False):
+            raise errors.RetryableError(errors.BUSY, f"{LOCAL_BENCH_MAX} bench calls are already running or waiting; "
+                                        "try again when they finish")
+        try:
+            fut = self._bench.submit(self.handlers.bench, params)
+        except BaseException:
+            self._bench_slots.release()
+            raise
+        fut.add_done_callback(lambda _: self._bench_slots.release())
+        try:
+            return fut.result(BENCH_OP_TIMEOUT_S)
+        except FutureTimeout as e:
+            raise errors.AgentError(errors.TIMEOUT, f"bench did not finish within {BENCH_OP_TIMEOUT_S:g} s") from e
+
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
         bad = self.trust.writable_paths()
@@ -557,7 +560,7 @@ class Agent:
             load_identities(self.cfg.trust.decryption_keys)
         clock = check_clock(self.db, self.cfg.trust.max_clock_skew_s)
         if clock:
-            log.warning("installs are refused until the clock is fixed: %s", clock)
+            log.warning("installs and other state-changing commands are refused until the clock is fixed: %s", clock)
         self.control = ControlServer(self.cfg.api.control_socket, self.cfg.api.control_group, self.cfg.api.admin_group)
         self._control_handlers(self.control)
         self.control.start()  # first: it also refuses a second daemon on the same socket
@@ -618,6 +621,7 @@ class Agent:
         self.mqtt.flush(timeout_s=max(0.0, min(STOP_FLUSH_S, deadline - time.monotonic() - 1.0)))
         self.mqtt.stop(final_status=final_status, timeout_s=max(0.5, deadline - time.monotonic() - 0.5))
         self._ops.shutdown(wait=False, cancel_futures=True)
+        self._bench.shutdown(wait=False, cancel_futures=True)
         self.outbox.close()
         self.db.put("clean_shutdown", True)
         self.db.close()

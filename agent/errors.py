@@ -52,6 +52,7 @@ DECRYPT_MISMATCH = "decrypt_mismatch"  # plaintext size or sha256 not the manife
 UNSUPPORTED_ENCRYPTION = "unsupported_encryption"
 NO_DECRYPTION_KEY = "no_decryption_key"  # trust.decryption_keys: missing, unsafe or not an identity
 INTERNAL = "internal"
+RESOURCE_EXHAUSTED = "resource_exhausted"  # out of descriptors, processes or memory: retry later
 INFERENCE_FAILED = "inference_failed"  # the runtime failed on a request (see agent/serving/admission.py)
 # The local inference API's refusals (docs/security.md, "Local threat model"); a request's own
 # fault is the caller's error, never held against a model version.
@@ -61,6 +62,9 @@ UNAUTHORIZED = "unauthorized"
 HOST_NOT_ALLOWED = "host_not_allowed"
 ORIGIN_NOT_ALLOWED = "origin_not_allowed"
 UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"
+
+_DISK_FULL_ERRNOS = {28, 122}  # ENOSPC, EDQUOT
+_EXHAUSTED_ERRNOS = {11, 12, 23, 24}  # EAGAIN, ENOMEM, ENFILE, EMFILE
 
 
 class AgentError(Exception):
@@ -98,3 +102,20 @@ class ConfigError(AgentError):
 
     def __init__(self, message: str) -> None:
         super().__init__("invalid_config", message)
+
+
+def classify(e: BaseException) -> AgentError:
+    """An unexpected exception as the error a job ends with: ``disk_full`` for a full disk or
+    database, ``resource_exhausted`` for descriptors or memory, else ``internal``; an AgentError
+    is returned as it is."""
+    if isinstance(e, AgentError):
+        return e
+    text = f"{type(e).__name__}: {e}"
+    errno = getattr(e, "errno", None)
+    msg = str(e).lower()
+    if errno in _DISK_FULL_ERRNOS or "disk is full" in msg or "no space left" in msg:
+        return RetryableError(DISK_FULL, text)
+    if (isinstance(e, MemoryError) or errno in _EXHAUSTED_ERRNOS or "too many open files" in msg
+            or "unable to open database file" in msg or "out of memory" in msg):
+        return RetryableError(RESOURCE_EXHAUSTED, text)
+    return AgentError(INTERNAL, text)

@@ -8,6 +8,7 @@ Every change is one transaction, so a crash leaves the old or the new state.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 import threading
@@ -17,6 +18,7 @@ from typing import Any
 
 BUSY_TIMEOUT_S = 5.0
 CACHE_KIB = 512  # SQLite's page cache (default 2 MiB): small tables, read through the OS's file cache
+TRUSTED_TIME_KEY = "last_trusted_time"  # kv: the latest verified signed time; the clock never goes back past it
 TERMINAL = ("SUCCEEDED", "FAILED", "REJECTED", "CANCELED", "TIMED_OUT")
 
 SCHEMA = """
@@ -77,6 +79,19 @@ class StateDB:
         with self._lock:
             self._db.execute("INSERT OR REPLACE INTO kv(key, value) VALUES (?, ?)", (key, json.dumps(value)))
 
+    def raise_trusted_time(self, t: float) -> float:
+        """Raise the last trusted time (kv ``last_trusted_time``) to ``t`` if later; returns it.
+        Fed by verified signed times only (a command's ``issued_at``, a manifest's ``created_at``)."""
+        with self._lock:
+            current = float(self.get(TRUSTED_TIME_KEY, 0.0))
+            if t > current:
+                self.put(TRUSTED_TIME_KEY, t)
+                return t
+            return current
+
+    def trusted_time(self) -> float:
+        return float(self.get(TRUSTED_TIME_KEY, 0.0))
+
     # -- jobs --------------------------------------------------------------------------------
     def job(self, job_id: str) -> dict[str, Any] | None:
         with self._lock:
@@ -92,20 +107,27 @@ class StateDB:
     def create_job(self, job_id: str, type_: str, model: str | None, params: dict[str, Any],
                    expires_at: float, state: str = "QUEUED") -> bool:
         """Record a new job; False when the id is already known (a replay)."""
+        return self._insert_job(job_id, type_, model, state, params, None, expires_at)
+
+    def record_refusal(self, job_id: str, type_: str, params: dict[str, Any], expires_at: float,
+                       error: dict[str, Any]) -> bool:
+        """Remember a signed command refused for good (e.g. ``expired``) under its id, so that no
+        clock change revives it; False when the id is already known."""
+        return self._insert_job(job_id, type_, None, "REJECTED", params, error, expires_at)
+
+    def _insert_job(self, job_id: str, type_: str, model: str | None, state: str, params: dict[str, Any],
+                    error: dict[str, Any] | None, expires_at: float) -> bool:
         now = time.time()
-        with self._lock:
-            try:
-                self._db.execute("BEGIN IMMEDIATE")
-                self._db.execute(
-                    "INSERT INTO jobs(id, type, model, state, step, params, expires_at, created, updated) "
-                    "VALUES (?, ?, ?, ?, NULL, ?, ?, ?, ?)",
-                    (job_id, type_, model, state, _j(params), expires_at, now, now))
-                self._db.execute("INSERT INTO job_events(job, ts, state, step, detail) VALUES (?, ?, ?, NULL, NULL)",
-                                 (job_id, now, state))
-                self._db.execute("COMMIT")
-            except sqlite3.IntegrityError:
-                self._db.execute("ROLLBACK")
-                return False
+        try:
+            with self.tx() as db:
+                db.execute(
+                    "INSERT INTO jobs(id, type, model, state, step, params, error, expires_at, created, updated) "
+                    "VALUES (?, ?, ?, ?, NULL, ?, ?, ?, ?, ?)",
+                    (job_id, type_, model, state, _j(params), _j(error), expires_at, now, now))
+                db.execute("INSERT INTO job_events(job, ts, state, step, detail) VALUES (?, ?, ?, NULL, ?)",
+                           (job_id, now, state, _j(error)))
+        except sqlite3.IntegrityError:
+            return False
         return True
 
     def update_job(self, job_id: str, state: str, step: str | None = None,
@@ -113,13 +135,11 @@ class StateDB:
                    detail: dict[str, Any] | None = None) -> None:
         """Persist a job's new state/step before the step runs (and its outcome after)."""
         now = time.time()
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
+        with self.tx():
             self._db.execute("UPDATE jobs SET state = ?, step = ?, error = ?, result = ?, updated = ? WHERE id = ?",
                              (state, step, _j(error), _j(result), now, job_id))
             self._db.execute("INSERT INTO job_events(job, ts, state, step, detail) VALUES (?, ?, ?, ?, ?)",
                              (job_id, now, state, step, _j(detail or error)))
-            self._db.execute("COMMIT")
 
     def jobs(self, limit: int = 50) -> list[dict[str, Any]]:
         with self._lock:
@@ -144,15 +164,13 @@ class StateDB:
         """Drop finished jobs whose command expired more than ``keep_s`` ago (replay ids
         only need remembering until expiry; the margin keeps `agentctl jobs` useful)."""
         cutoff = (time.time() if now is None else now) - keep_s
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
+        with self.tx():
             ids = [r[0] for r in self._db.execute(
                 f"SELECT id FROM jobs WHERE expires_at < ? AND state IN ({','.join('?' * len(TERMINAL))})",
                 (cutoff, *TERMINAL)).fetchall()]
             for i in ids:
                 self._db.execute("DELETE FROM job_events WHERE job = ?", (i,))
                 self._db.execute("DELETE FROM jobs WHERE id = ?", (i,))
-            self._db.execute("COMMIT")
         return len(ids)
 
     # -- models and versions -----------------------------------------------------------------
@@ -193,8 +211,7 @@ class StateDB:
         version serves (set_serving): a version that fails validation can be fixed and
         re-published under the same number."""
         now = time.time()
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
+        with self.tx():
             self._db.execute("INSERT OR REPLACE INTO versions(name, version, variant, backend, manifest, files, installed) "
                              "VALUES (?, ?, ?, ?, ?, ?, ?)",
                              (name, version, variant, backend, _j(manifest), _j(files), now))
@@ -202,18 +219,15 @@ class StateDB:
                              "VALUES (?, NULL, NULL, 0, 'installing', ?) ON CONFLICT(name) DO UPDATE SET "
                              "updated = excluded.updated",
                              (name, now))
-            self._db.execute("COMMIT")
 
     def set_serving(self, name: str, version: int, previous: int | None, backend: str | None = None) -> None:
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
+        with self.tx():
             self._db.execute("UPDATE models SET serving = ?, previous = ?, state = 'serving', "
                              "highwater = MAX(highwater, ?), updated = ? WHERE name = ?",
                              (version, previous, version, time.time(), name))
             if backend is not None:
                 self._db.execute("UPDATE versions SET backend = ? WHERE name = ? AND version = ?",
                                  (backend, name, version))
-            self._db.execute("COMMIT")
 
     def delete_version(self, name: str, version: int) -> None:
         with self._lock:
@@ -230,7 +244,21 @@ class _Tx:
         return self.db._db
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        """Commit, or roll back on any error (a full disk included, at the commit too): a failed
+        write never leaves the connection inside a transaction that blocks every later one."""
+        conn = self.db._db
         try:
-            self.db._db.execute("ROLLBACK" if exc_type else "COMMIT")
+            if exc_type is None:
+                try:
+                    conn.execute("COMMIT")
+                    return
+                except sqlite3.Error:
+                    if conn.in_transaction:
+                        with contextlib.suppress(sqlite3.Error):
+                            conn.execute("ROLLBACK")
+                    raise
+            if conn.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
         finally:
             self.db._lock.release()

@@ -174,6 +174,18 @@ def _tensor(d: Any, where: str) -> TensorSpec:
     return TensorSpec(name, dtype, tuple(dims))
 
 
+def _check_no_file_is_a_folder(paths: dict[str, FileEntry]) -> None:
+    """Refuse ``x`` listed beside ``x/y``: one path cannot be a file and a folder on disk."""
+    folders: dict[str, str] = {}  # folder -> a path inside it
+    for p in sorted(paths):
+        parts = p.split("/")
+        for i in range(1, len(parts)):
+            folders.setdefault("/".join(parts[:i]), p)
+    for p in sorted(paths):
+        if p in folders:
+            raise _bad(f"manifest: {p!r} is listed as a file and is also the folder of {folders[p]!r}")
+
+
 def parse_document(doc: Any) -> Manifest:
     """Validate a decoded manifest document against the schema."""
     if not isinstance(doc, dict):
@@ -233,6 +245,7 @@ def parse_document(doc: Any) -> Manifest:
         if f.path in by_path and by_path[f.path] != f:
             raise _bad(f"manifest: file {f.path!r} listed twice with different size or sha256")
         by_path[f.path] = f
+    _check_no_file_is_a_folder(by_path)
     validation = None
     vd = doc.get("validation")
     if vd is not None:

@@ -84,6 +84,10 @@ def cmd_status(args: argparse.Namespace) -> int:
              f"mqtt       {mq['state']}" + (f" — {mq['last_error']}" if mq.get("last_error") else "") + f"  (reconnects {mq['reconnects']})",
              f"outbox     {s['outbox']['depth']} queued, {s['outbox']['dropped']} dropped",
              f"api        {':'.join(map(str, s['api'])) if isinstance(s['api'], list) else s['api'] or 'off'}"]
+    refused = (s.get("commands") or {}).get("refused_unauthenticated") or {}
+    if refused:
+        lines.append(f"refused    {sum(refused.values())} unauthenticated message(s), not answered ("
+                     + ", ".join(f"{k} {n}" for k, n in sorted(refused.items())) + ")")
     if s.get("deploying"):
         lines.append(f"deploying  {s['deploying']}")
     if s["models"]:

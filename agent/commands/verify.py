@@ -1,9 +1,10 @@
 """Command checks (PROTOCOL.md "Commands"): envelope, signatures, version, target, time.
 
 Order of checks, each a RejectError with its stable code and nothing executed:
-JSON shape → payload type → signatures/threshold → document schema and ``v`` → target →
-``expires_at`` → ``issued_at`` not too far ahead. The replay check (a durable table) is the
-caller's, as it needs the state database.
+``authenticate`` (size, JSON shape, payload type, signatures/threshold) → ``check`` (document
+schema and ``v``, target, lifetime) → ``check_time`` (``expires_at``, ``issued_at`` not too far
+ahead). Nothing in a message that fails ``authenticate`` is believed, its id included. The
+replay and clock rules (durable state) are the caller's (agent/commands/intake.py).
 """
 
 from __future__ import annotations
@@ -62,7 +63,15 @@ class CommandVerifier:
         self.require_signed = require_signed
 
     def verify(self, raw: bytes, now: float | None = None) -> Command:
-        now = time.time() if now is None else now
+        """Every check in order (authenticate, then the document, then its times)."""
+        doc, signed = self.authenticate(raw)
+        cmd = self.check(doc, signed)
+        self.check_time(cmd, time.time() if now is None else now)
+        return cmd
+
+    def authenticate(self, raw: bytes) -> tuple[Any, bool]:
+        """Size, JSON, envelope and signatures: the checks before anything in the message can be
+        believed. Returns (the document, whether it was signed)."""
         if len(raw) > MAX_COMMAND_BYTES:
             raise errors.RejectError(errors.INVALID_COMMAND, f"command is {len(raw)} bytes, the cap is {MAX_COMMAND_BYTES}")
         try:
@@ -72,19 +81,18 @@ class CommandVerifier:
         if isinstance(top, dict) and "payloadType" in top:
             env = dsse.parse_envelope(top)
             payload = dsse.verify(env, dsse.COMMAND_TYPE, self.trust, self.threshold, what="command")
-            signed = True
             try:
-                doc = json.loads(payload)
+                return json.loads(payload), True
             except (ValueError, UnicodeDecodeError) as e:
                 raise errors.RejectError(errors.INVALID_COMMAND, f"command payload is not valid JSON: {e}") from e
-        elif self.require_signed:
+        if self.require_signed:
             raise errors.RejectError(errors.UNSIGNED_COMMAND,
                                      "unsigned command refused (trust.require_signed_commands = true)")
-        else:
-            doc, signed = top, False
-        return self._check(doc, signed, now)
+        return top, False
 
-    def _check(self, doc: Any, signed: bool, now: float) -> Command:
+    def check(self, doc: Any, signed: bool = True) -> Command:
+        """The document's schema, version, type, target and lifetime (its times are parsed here
+        and judged against the clock by ``check_time``)."""
         if not isinstance(doc, dict):
             raise errors.RejectError(errors.INVALID_COMMAND, "command document is not a JSON object")
         v = doc.get("v")
@@ -122,12 +130,15 @@ class CommandVerifier:
             raise errors.RejectError(errors.INVALID_COMMAND, f"command lacks {e.args[0]}") from e
         except ValueError as e:
             raise errors.RejectError(errors.INVALID_COMMAND, f"command time: {e}") from e
-        if expires + self.max_clock_skew_s <= now:
-            raise errors.RejectError(errors.EXPIRED, f"command {cid} expired at {doc['expires_at']}")
-        if issued - self.max_clock_skew_s > now:
-            raise errors.RejectError(errors.NOT_YET_VALID,
-                                     f"command {cid} issued_at {doc['issued_at']} is more than {self.max_clock_skew_s:.0f} s in the future")
         if expires - issued > MAX_LIFETIME_S:
             raise errors.RejectError(errors.INVALID_COMMAND,
                                      f"command {cid} is valid for more than {MAX_LIFETIME_S // 86400} days")
         return Command(cid, ctype, target, issued, expires, params, signed, doc)
+
+    def check_time(self, cmd: Command, now: float) -> None:
+        """``expires_at`` passed or ``issued_at`` too far ahead of ``now`` (both with the skew)."""
+        if cmd.expires_at + self.max_clock_skew_s <= now:
+            raise errors.RejectError(errors.EXPIRED, f"command {cmd.id} expired at {cmd.doc.get('expires_at')}")
+        if cmd.issued_at - self.max_clock_skew_s > now:
+            raise errors.RejectError(errors.NOT_YET_VALID, f"command {cmd.id} issued_at {cmd.doc.get('issued_at')} "
+                                     f"is more than {self.max_clock_skew_s:.0f} s in the future")

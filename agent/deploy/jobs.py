@@ -2,20 +2,26 @@
 
 Every state change of a job is written to state.db (the timeline `agentctl explain` shows) and
 to the outbox as one job update on ``{prefix}/{device}/jobs/{id}`` with the ``jobs`` seq stream.
+When the outbox cannot store it (a full disk) the update is published directly (no ``seq``, not
+re-sent after a reconnect) rather than lost silently.
 """
 
 from __future__ import annotations
 
 import logging
+import sqlite3
+from collections.abc import Callable
 from typing import Any
 
 from agent.errors import AgentError
+from agent.logs import RateLimit
 from agent.mqtt.topics import Topics
 from agent.state import TERMINAL, StateDB
 from agent.telemetry.outbox import KIND_EVENT, KIND_JOB, Outbox
 from agent.timeutil import now_rfc3339
 
 log = logging.getLogger(__name__)
+FALLBACK_LOG_INTERVAL_S = 10.0
 
 
 class JobReporter:
@@ -23,6 +29,10 @@ class JobReporter:
         self.db = db
         self.outbox = outbox
         self.topics = topics
+        # Publishes (topic, doc) now, outside the outbox: used when the outbox cannot store a job
+        # update (a full disk), so the fleet still hears how the job ended.
+        self.publish_now: Callable[[str, dict[str, Any]], bool] | None = None
+        self._fallback_log = RateLimit(FALLBACK_LOG_INTERVAL_S)
 
     def update(self, job_id: str, type_: str, state: str, step: str | None = None,
                error: AgentError | dict[str, Any] | None = None, result: dict[str, Any] | None = None,
@@ -48,10 +58,18 @@ class JobReporter:
         # Outbox first (with the job's end recorded in the same transaction), then the state
         # database: a crash in between leaves a reported end that restart reconciliation copies
         # into state.db, never a job reported twice or never.
-        self.outbox.add(self.topics.job(job_id), doc, KIND_JOB, stream="jobs",
-                        terminal_job=job_id if terminal else None)
+        topic = self.topics.job(job_id)
+        try:
+            self.outbox.add(topic, doc, KIND_JOB, stream="jobs", terminal_job=job_id if terminal else None)
+        except (sqlite3.Error, OSError) as e:
+            if self.publish_now is None or not self.publish_now(topic, doc):
+                raise
+            self._fallback_log.log(log, logging.WARNING, "job %s: outbox unavailable (%s); update sent directly", job_id, e)
         if persist:
-            self.db.update_job(job_id, state, step, err, result)
+            try:
+                self.db.update_job(job_id, state, step, err, result)
+            except (sqlite3.Error, OSError) as e:  # the fleet was told; a restart settles the record
+                self._fallback_log.log(log, logging.WARNING, "job %s: %s not recorded in state.db: %s", job_id, state, e)
         if err:
             log.warning("job %s (%s): %s%s: %s", job_id, type_, state, f" at {step}" if step else "",
                         err.get("message"))

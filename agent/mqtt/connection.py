@@ -3,6 +3,13 @@
 Invariants:
 - paho callbacks never block: incoming commands go to a bounded queue, acknowledgements to the
   outbox pump; nothing slow runs on the network thread.
+- A command is acknowledged (PUBACK) only once the handler says it is recorded; MQTT 5's Receive
+  Maximum (``RECEIVE_MAXIMUM``) keeps the broker from sending more unacknowledged commands than
+  the queue has room for, so a flood cannot push a command out (over MQTT 3.1.1 the broker's
+  own in-flight limit applies: Mosquitto's ``max_inflight_messages``, 20 by default). As not
+  every broker honours it (Mosquitto 2.0.11 does not once acknowledgements flow), reading from
+  the socket also pauses while the queue is nearly full (``READ_PAUSE_AT``): TCP holds the
+  broker back, and nothing is dropped.
 - Every (re)connect publishes the birth status and resubscribes (a broker may have lost the
   session). A refused login is surfaced (state ``refused``) and retried at the slowest rate.
 - Reconnect back-off doubles from ``BACKOFF_MIN_S`` to ``BACKOFF_MAX_S`` with full jitter, so a
@@ -32,6 +39,7 @@ import logging
 import queue
 import random
 import socket
+import sqlite3
 import ssl
 import threading
 import time
@@ -46,6 +54,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from agent.config import MqttConfig
+from agent.logs import RateLimit
 from agent.telemetry.budget import mqtt_publish_bytes
 from agent.telemetry.outbox import Outbox, dumps
 
@@ -61,6 +70,20 @@ RESEND_AFTER_S = 30.0  # an unacknowledged row is published again after this lon
 DRAIN_RATE_PER_S = 50.0  # outbox rows per second after an outage (telemetry.drain_rate_per_s)
 DRAIN_BURST = 16  # rows sent without pacing, so live messages never wait behind the rate limit
 COMMAND_QUEUE_MAX = 256
+# MQTT 5 Receive Maximum: the broker sends at most this many QoS 1 commands we have not yet
+# acknowledged (we acknowledge only once recorded), so a flood can never overflow the queue and
+# push a later command out; the rest of the queue is all QoS 0 messages may take.
+RECEIVE_MAXIMUM = COMMAND_QUEUE_MAX // 2
+QOS0_QUEUE_MAX = COMMAND_QUEUE_MAX - RECEIVE_MAXIMUM
+# Reading pauses while the queue holds this many (one read may bring up to INFLIGHT_WINDOW + 8
+# packets: paho reads as many as it has messages in flight).
+READ_PAUSE_AT = COMMAND_QUEUE_MAX - 2 * (INFLIGHT_WINDOW + 8)
+READ_PAUSE_POLL_S = 0.02
+HELD_MAX = 64  # commands kept unacknowledged (not recorded for want of room) and tried again
+HELD_RETRY_S = 2.0  # how often the oldest held command is tried again
+QUEUE_FULL_LOG_S = 10.0  # the "command queue full" line: at most once per this
+PUMP_RETRY_S = 1.0  # the outbox pump waits this long after the outbox failed (full disk), then resumes
+ACK_PENDING_MAX = 10_000  # acknowledged rows kept for removal while the outbox cannot delete them
 NOT_AUTHORIZED_CODES = {4, 5, 134, 135}  # v3 bad user/pass, not authorized; v5 0x86, 0x87
 UNSUPPORTED_PROTOCOL_CODES = {1, 132}  # v3 unacceptable protocol version; v5 0x84
 
@@ -97,7 +120,7 @@ class Connection:
     def __init__(self, cfg: MqttConfig, client_id: str, subscriptions: list[str],
                  status_topic: str, birth: Callable[[], dict[str, Any]],
                  will: Callable[[], dict[str, Any]], outbox: Outbox,
-                 on_command: Callable[[str, bytes, bool], None]) -> None:
+                 on_command: Callable[[str, bytes, bool], bool]) -> None:
         self.cfg = cfg
         self.client_id = client_id
         self.subscriptions = subscriptions
@@ -124,6 +147,10 @@ class Connection:
         self._threads: list[threading.Thread] = []
         # (topic, payload, dup, client, mid, qos): acknowledged only after the handler recorded it
         self._commands: queue.Queue[tuple[str, bytes, bool, mqtt.Client, int, int]] = queue.Queue(COMMAND_QUEUE_MAX)
+        self._held: list[tuple[str, bytes, bool, mqtt.Client, int, int]] = []  # oldest first
+        self._queue_full_log = RateLimit(QUEUE_FULL_LOG_S)
+        self._pump_log = RateLimit(QUEUE_FULL_LOG_S)
+        self._ack_pending: list[int] = []  # acknowledged rows the outbox could not delete yet
         self.drain_rate_per_s = DRAIN_RATE_PER_S
         self.on_sent: Callable[[str, int], None] | None = None  # (kind, MQTT bytes) per PUBLISH
         self.sent: dict[str, tuple[int, int]] = {}  # kind -> (messages, MQTT bytes) sent
@@ -216,6 +243,19 @@ class Connection:
         self._note_sent("status", self.status_topic, len(payload))
         return True
 
+    def publish_now(self, topic: str, doc: dict[str, Any], kind: str = "job") -> bool:
+        """Publish ``doc`` at QoS 1 now, outside the outbox, if connected; True if handed to the
+        client. For a job update the outbox cannot store (a full disk): not re-sent after a
+        reconnect, so it is a fallback, never the normal path."""
+        client = self._client
+        if client is None or not self.state.connected:
+            return False
+        payload = dumps(doc)
+        if client.publish(topic, payload, qos=1).rc != mqtt.MQTT_ERR_SUCCESS:
+            return False
+        self._note_sent(kind, topic, len(payload))
+        return True
+
     def _stamped(self, doc: dict[str, Any]) -> dict[str, Any]:
         """``doc`` with this connection's session number (every status document carries it)."""
         return {**doc, "session": self.state.session}
@@ -272,6 +312,7 @@ class Connection:
                 if self._proto5:
                     props = Properties(PacketTypes.CONNECT)
                     props.SessionExpiryInterval = self.cfg.session_expiry_s
+                    props.ReceiveMaximum = RECEIVE_MAXIMUM
                     client.connect(self.host, self.port, keepalive=self.cfg.keepalive_s,
                                    clean_start=False, properties=props)
                 else:
@@ -286,7 +327,7 @@ class Connection:
             refused = False
             connack_deadline = time.monotonic() + CONNACK_TIMEOUT_S
             while not self._stop.is_set():
-                rc = client.loop(timeout=LOOP_TIMEOUT_S)
+                rc = self._loop_once(client)
                 if rc != mqtt.MQTT_ERR_SUCCESS:
                     break
                 if self.state.extra.pop("refused", None):
@@ -313,6 +354,18 @@ class Connection:
             delay = REFUSED_BACKOFF_S * random.uniform(0.5, 1.0) if refused else backoff_delay(attempt)
             log.info("mqtt: connection ended (%s); retrying in %.1f s", self.state.last_error or "closed", delay)
             self._stop.wait(delay)
+
+    def _loop_once(self, client: mqtt.Client) -> int:
+        """One turn of the network loop. While the command queue is nearly full, nothing is read
+        (TCP holds the broker back; pings and writes go on), so no command is ever dropped for
+        want of room: some brokers do not honour Receive Maximum once acknowledgements flow."""
+        if self._commands.qsize() < READ_PAUSE_AT:
+            return int(client.loop(timeout=LOOP_TIMEOUT_S))
+        rc = client.loop_write()
+        if rc == mqtt.MQTT_ERR_SUCCESS:
+            rc = client.loop_misc()
+        self._stop.wait(READ_PAUSE_POLL_S)
+        return int(rc)
 
     def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any,
                     properties: Any) -> None:
@@ -386,10 +439,15 @@ class Connection:
             if msg.qos > 0:
                 client.ack(msg.mid, msg.qos)
             return
+        if msg.qos == 0 and self._commands.qsize() >= QOS0_QUEUE_MAX:  # commands are QoS 1; room kept for them
+            self._queue_full_log.log(log, logging.WARNING, "mqtt: QoS 0 message on %s dropped: %d already queued",
+                                     msg.topic, QOS0_QUEUE_MAX)
+            return
         try:
             self._commands.put_nowait((msg.topic, bytes(msg.payload), bool(msg.dup), client, msg.mid, msg.qos))
         except queue.Full:  # not acknowledged: the broker delivers it again after a reconnect
-            log.error("mqtt: command queue full (%d); a message on %s waits for redelivery", COMMAND_QUEUE_MAX, msg.topic)
+            self._queue_full_log.log(log, logging.ERROR, "mqtt: command queue full (%d); a message on %s waits for redelivery",
+                                     COMMAND_QUEUE_MAX, msg.topic)
 
     def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason: Any,
                     properties: Any) -> None:
@@ -398,17 +456,48 @@ class Connection:
 
     # -- command worker ----------------------------------------------------------------------
     def _command_loop(self) -> None:
+        """Hand each command to the handler; acknowledge it only when the handler says it is
+        recorded (True). One it could not record yet (False: no room on disk, no descriptors)
+        stays unacknowledged, is held (up to ``HELD_MAX``) and tried again, oldest first and
+        before newer ones, every ``HELD_RETRY_S``; past the bound it waits for the broker's
+        redelivery after a reconnect."""
+        next_retry = 0.0
         while not self._stop.is_set():
+            if self._held and time.monotonic() >= next_retry:
+                item = self._held.pop(0)
+            else:
+                wait = max(0.0, next_retry - time.monotonic()) if self._held else LOOP_TIMEOUT_S
+                try:
+                    item = self._commands.get(timeout=min(LOOP_TIMEOUT_S, wait) or 0.01)
+                except queue.Empty:
+                    continue
+                if self._held:  # newer commands wait behind the held ones, in order
+                    self._hold(item)
+                    continue
+            topic, payload, dup, client, mid, qos = item
             try:
-                topic, payload, dup, client, mid, qos = self._commands.get(timeout=LOOP_TIMEOUT_S)
-            except queue.Empty:
-                continue
-            try:
-                self._on_command(topic, payload, dup)
+                done = self._on_command(topic, payload, dup)
             except Exception:  # a bad command must never kill the worker
                 log.exception("mqtt: command handler failed for a message on %s", topic)
+                done = True
+            if done is False:  # not recorded for want of room: held, tried again
+                self._hold(item, first=True)
+                next_retry = time.monotonic() + HELD_RETRY_S
+                continue
             if qos > 0 and client is self._client and self.state.connected:
                 client.ack(mid, qos)
+
+    def _hold(self, item: tuple[str, bytes, bool, mqtt.Client, int, int], first: bool = False) -> None:
+        if item[3] is not self._client:
+            return  # from an older connection: the broker redelivers it on this one
+        if len(self._held) >= HELD_MAX:
+            self._queue_full_log.log(log, logging.WARNING, "mqtt: %d commands already wait for room; a message on %s "
+                                     "waits for the broker's redelivery", HELD_MAX, item[0])
+            return
+        if first:
+            self._held.insert(0, item)
+        else:
+            self._held.append(item)
 
     # -- outbox pump -------------------------------------------------------------------------
     def _drain_acks(self) -> None:
@@ -423,10 +512,28 @@ class Connection:
                 entry = self._inflight.pop(key, None)
             if entry is not None:
                 acked.append(entry[0])
-        if acked:
+        acked = self._ack_pending + acked
+        if not acked:
+            return
+        try:
             self.outbox.ack(acked)
+            self._ack_pending = []
+        except (sqlite3.Error, OSError) as e:  # a full disk: forget them later (until then a re-send is harmless)
+            self._ack_pending = acked[-ACK_PENDING_MAX:]
+            self._pump_log.log(log, logging.WARNING, "mqtt: %d acknowledged rows not removed from the outbox yet: %s",
+                               len(acked), e)
 
     def _pump_loop(self) -> None:
+        """Run the pump; a failure of the outbox (a full disk, no descriptors) pauses it for
+        ``PUMP_RETRY_S`` instead of ending it (it starts again from the oldest unacknowledged row)."""
+        while not self._stop.is_set():
+            try:
+                self._pump_run()
+            except (sqlite3.Error, OSError) as e:
+                self._pump_log.log(log, logging.ERROR, "mqtt: outbox pump paused: %s", e)
+                self._stop.wait(PUMP_RETRY_S)
+
+    def _pump_run(self) -> None:
         last_id = 0
         gen_seen = 0
         tokens = float(DRAIN_BURST)

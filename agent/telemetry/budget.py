@@ -4,8 +4,11 @@ Invariants:
 - Every PUBLISH the agent sends is counted (job updates, events, status, heartbeats, telemetry,
   re-sends included) at its MQTT packet size, per UTC day; the count is persisted so a restart
   does not hand out a fresh budget.
-- Only heartbeats and telemetry are thinned; job updates and events always go (and count).
-- Pacing, not a cliff: telemetry is thinned while the day's usage runs ahead of an even spread of
+- Only heartbeats and telemetry are thinned; job updates, events and status always go (and count).
+- Telemetry has its own share: thinning is judged on the bytes of heartbeats and telemetry alone
+  (``THINNED_KINDS``), so job updates, events and status (however many a flood of commands or
+  a busy day causes) never thin heartbeats. ``used`` still counts every byte.
+- Pacing, not a cliff: telemetry is thinned while its usage runs ahead of an even spread of
   the budget plus ``PACE_SLACK`` of it, and always once the budget is spent. A device whose
   demand is a little over budget thins a little all day instead of going dark every evening.
 - A limit of 0 means no budget.
@@ -20,6 +23,7 @@ from collections.abc import Callable
 
 DAY_S = 86400
 PACE_SLACK = 0.1  # share of the daily budget that may run ahead of an even spread (bursts)
+THINNED_KINDS = ("heartbeat", "telemetry")  # the kinds thinning judges (and thins)
 MQTT_PACKET_ID_BYTES = 2  # QoS 1 packets carry a packet identifier
 MQTT5_EMPTY_PROPERTIES_BYTES = 1  # the property length byte of a PUBLISH without properties
 
@@ -71,6 +75,12 @@ class DailyBudget:
             self._roll_locked(self._clock())
             return self._used
 
+    def telemetry_used(self) -> int:
+        """Today's bytes of the kinds thinning judges (heartbeats and telemetry)."""
+        with self._lock:
+            self._roll_locked(self._clock())
+            return sum(self._by_kind.get(k, 0) for k in THINNED_KINDS)
+
     def allowance(self) -> float:
         """Bytes that may have been used by now under even pacing (with the slack)."""
         now = self._clock()
@@ -81,12 +91,13 @@ class DailyBudget:
         """True while heartbeats and telemetry should be thinned."""
         if self.limit_bytes <= 0:
             return False
-        return self.used() >= self.allowance()
+        return self.telemetry_used() >= self.allowance()
 
     def snapshot(self) -> dict[str, object]:
         with self._lock:
             self._roll_locked(self._clock())
             return {"day": self._day, "used": self._used, "limit": self.limit_bytes,
+                    "telemetry_used": sum(self._by_kind.get(k, 0) for k in THINNED_KINDS),
                     "by_kind": dict(self._by_kind)}
 
     # -- persistence (a small JSON string kept by the caller, e.g. in the outbox database) ----

@@ -116,8 +116,10 @@ class Metrics:
                  mqtt_state: Callable[[], Mapping[str, Any]],
                  budget: Callable[[], Mapping[str, Any]] | None = None,
                  sent: Callable[[], Mapping[str, tuple[int, int]]] | None = None,
-                 windows: LatencyWindows | None = None) -> None:
+                 windows: LatencyWindows | None = None,
+                 refused: Callable[[], Mapping[str, int]] | None = None) -> None:
         self._outbox_stats = outbox_stats
+        self._refused = refused
         self._mqtt_state = mqtt_state
         self._budget = budget
         self._sent = sent
@@ -196,6 +198,10 @@ class Metrics:
                       [({"kind": kind}, count, None) for kind, (count, _) in sent])
             t.counter(f"{PREFIX}_mqtt_sent_bytes", "PUBLISH bytes sent, by kind",
                       [({"kind": kind}, size, None) for kind, (_, size) in sent])
+        if self._refused is not None:
+            t.counter(f"{PREFIX}_commands_refused_unauthenticated",
+                      "MQTT messages refused before their signatures checked (no job update), by code",
+                      [({"code": code}, n, None) for code, n in sorted(self._refused().items())])
         if self._budget is not None:
             bud = self._budget()
             t.gauge(f"{PREFIX}_budget_used_bytes", "Bytes sent today (UTC)", bud.get("used", 0))

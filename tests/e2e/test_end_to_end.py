@@ -150,19 +150,19 @@ def test_bad_commands_are_answered_and_change_nothing(tmp_path: Path, mosquitto:
         obs.wait(lambda t, d: t == "edge/dev1/status" and d.get("online") is True, what="online status")
         # Not JSON at all: logged, nothing to answer, the daemon survives.
         obs.publish("edge/dev1/cmd", b"\x00not json{")
-        # A signed command from an unknown key, with an id: answered REJECTED untrusted_key.
+        # A signed command from an unknown key: its id is not believed, so nothing is published
+        # under it (counted instead; checked after the real ping below, handled after it).
         other = tmp_path / "other"
         assert fleetctl("keygen", "--out", str(other), "--name", "rogue").returncode == 0
         r = fleetctl("ping", "--device", "dev1", "--key", str(other / "rogue.key"), "--broker", mosquitto.url,
-                     "--id", "rogue-ping-1", "--timeout", "10")
+                     "--id", "rogue-ping-1", "--timeout", "1")
         assert r.returncode == 1
-        rej = obs.wait(lambda t, d: t == "edge/dev1/jobs/rogue-ping-1", what="rejection")
-        assert rej["state"] == "REJECTED" and rej["error"]["code"] == "untrusted_key"
         # A real ping works, then its replay is refused with `replayed` and not executed again.
         r = fleetctl("ping", "--device", "dev1", "--key", str(keys / "fleet.key"), "--broker", mosquitto.url,
                      "--id", "ping-1", "--json")
         assert r.returncode == 0, r.stderr
         assert "pong" in r.stdout
+        assert not obs.find(lambda t, d: t == "edge/dev1/jobs/rogue-ping-1")
         ok = [d for d in obs.find(lambda t, d: t == "edge/dev1/jobs/ping-1") if d["state"] == "SUCCEEDED"]
         assert len(ok) == 1
         # Replay the exact same envelope that was sent: capture it from the command topic.

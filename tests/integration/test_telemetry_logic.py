@@ -48,12 +48,15 @@ def test_budget_paces_over_the_day_and_resets_at_midnight() -> None:
     assert not b.thinned()
     b.record("heartbeat", int(1000 * (0.5 + PACE_SLACK)) - 1)
     assert not b.thinned()
-    b.record("job", 1)
+    b.record("job", 5000)  # job updates, events and status have their own share: never thin telemetry
+    b.record("status", 5000)
+    assert not b.thinned() and b.used() == int(1000 * (0.5 + PACE_SLACK)) - 1 + 10_000
+    b.record("telemetry", 1)
     assert b.thinned(), "ahead of the even spread plus slack"
     clock.t += DAY_S / 4  # 18:00: the pace caught up
     assert not b.thinned()
-    b.record("event", 400)
-    assert b.thinned() and b.used() == 1000  # the whole budget: thinned until midnight
+    b.record("telemetry", 400)
+    assert b.thinned() and b.telemetry_used() == 1000  # the whole budget: thinned until midnight
     clock.t = day0 + DAY_S + 1  # the next UTC day starts from zero
     assert b.used() == 0 and not b.thinned()
     assert not DailyBudget(0, clock).thinned(), "0 means no budget"

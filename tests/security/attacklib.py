@@ -517,6 +517,22 @@ class Device:
         return self.obs.wait(lambda t, d: t == f"edge/{DEVICE}/jobs/{cid}" and d.get("state") in TERMINAL
                              and id(d) not in seen, timeout_s=timeout_s, what=f"final update of {cid}")
 
+    def refused_counts(self) -> dict[str, int]:
+        """Messages refused before their signatures checked, by code (`agentctl status --json`)."""
+        r = self.agentctl("status", "--json")
+        assert r.returncode == 0, r.stderr
+        return dict(json.loads(r.stdout)["commands"]["refused_unauthenticated"])
+
+    def send_unanswered(self, cid: str, envelope: bytes | str, topic: str | None = None) -> None:
+        """Send a message that must be refused before its signatures check: no job update goes
+        out under ``cid``. A signed ping sent right after (same worker, handled in order) proves
+        the message was handled, and it succeeds."""
+        before = len(self.updates(cid))
+        self.send(envelope, topic)
+        pid, ping = self.fleet.command("ping", {})
+        assert self.run(pid, ping)["state"] == "SUCCEEDED", self.log_tail()
+        assert len(self.updates(cid)) == before, self.updates(cid)
+
     def deploy(self, manifest_url: str, model: str = MODEL, keys: list[Ed25519PrivateKey] | None = None,
                timeout_s: float = JOB_TIMEOUT_S, **params: Any) -> dict[str, Any]:
         cid, env = self.fleet.command("deploy", {"model": model, "manifest_url": manifest_url, **params}, keys)

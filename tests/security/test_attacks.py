@@ -124,6 +124,14 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
         broker.stop()
 
 
+def refused_unanswered(env: Env, cid: str, envelope: bytes | str, code: str) -> None:
+    """Refused before its signatures checked: no job update under its (unbelieved) id, one more
+    in the ``code`` counter, and a signed command right after still works."""
+    before = env.dev.refused_counts().get(code, 0)
+    env.dev.send_unanswered(cid, envelope)
+    assert env.dev.refused_counts().get(code, 0) == before + 1
+
+
 def only_rejected(env: Env, cid: str, code: str) -> None:
     """The command was answered REJECTED with ``code`` and nothing else happened for it."""
     ups = env.dev.updates(cid)
@@ -138,39 +146,33 @@ def test_C01_unsigned_command(env: Env) -> None:
     doc = json.dumps({"v": 1, "id": "c01-unsigned", "type": "deploy", "target": {"device": "dev1"},
                       "issued_at": "2020-01-01T00:00:00Z", "expires_at": "2099-01-01T00:00:00Z",
                       "params": {"model": "lin", "manifest_url": env.bait_url}})
-    up = env.dev.run("c01-unsigned", doc)
-    assert_refused(up, "REJECTED", "unsigned_command")
-    only_rejected(env, "c01-unsigned", "unsigned_command")
+    refused_unanswered(env, "c01-unsigned", doc, "unsigned_command")
     env.still_serving()
 
 
 def test_C02_signed_by_unknown_keys(env: Env) -> None:
     cid, e = env.fleet.command("deploy", {"model": "lin", "manifest_url": env.bait_url}, keys=[env.fleet.x, env.fleet.y])
-    assert_refused(env.dev.run(cid, e), "REJECTED", "untrusted_key")
-    only_rejected(env, cid, "untrusted_key")
+    refused_unanswered(env, cid, e, "untrusted_key")
     env.still_serving()
 
 
 def test_C03_payload_altered_after_signing(env: Env) -> None:
     cid, e = env.fleet.command("ping", {})
     e = alter_payload(e, lambda d: d.update(type="deploy", params={"model": "lin", "manifest_url": env.bait_url}))
-    assert_refused(env.dev.run(cid, e), "REJECTED", "bad_signature")
-    only_rejected(env, cid, "bad_signature")
+    refused_unanswered(env, cid, e, "bad_signature")
     env.still_serving()
 
 
 def test_C04_threshold_not_met(env: Env) -> None:
     cid, e = env.fleet.command("deploy", {"model": "lin", "manifest_url": env.bait_url}, keys=[env.fleet.a])
-    assert_refused(env.dev.run(cid, e), "REJECTED", "threshold_not_met")
-    only_rejected(env, cid, "threshold_not_met")
+    refused_unanswered(env, cid, e, "threshold_not_met")
     env.still_serving()
 
 
 def test_C05_one_key_counted_twice(env: Env) -> None:
     cid, e = env.fleet.command("deploy", {"model": "lin", "manifest_url": env.bait_url}, keys=[env.fleet.a, env.fleet.a])
     assert len(json.loads(e)["signatures"]) == 2
-    assert_refused(env.dev.run(cid, e), "REJECTED", "threshold_not_met")
-    only_rejected(env, cid, "threshold_not_met")
+    refused_unanswered(env, cid, e, "threshold_not_met")
     env.still_serving()
 
 
@@ -228,8 +230,7 @@ def test_C12_wrong_payload_type(env: Env) -> None:
     doc = json.loads(base64.b64decode(json.loads(env.fleet.command("ping", {})[1])["payload"]))
     payload = json.dumps(doc).encode()
     e = json.dumps(dsse.sign(dsse.MANIFEST_TYPE, payload, env.fleet.ok)).encode()
-    assert_refused(env.dev.run(doc["id"], e), "REJECTED", "invalid_command", "payloadType")
-    only_rejected(env, doc["id"], "invalid_command")
+    refused_unanswered(env, doc["id"], e, "invalid_command")
     env.still_serving()
 
 
@@ -238,7 +239,7 @@ def test_C13_signature_for_another_payload_type(env: Env) -> None:
     payload = json.dumps(doc).encode()
     env_doc = dsse.sign(dsse.MANIFEST_TYPE, payload, env.fleet.ok)
     env_doc["payloadType"] = dsse.COMMAND_TYPE  # claims to be a command; signed as something else
-    assert_refused(env.dev.run(doc["id"], json.dumps(env_doc)), "REJECTED", "bad_signature")
+    refused_unanswered(env, doc["id"], json.dumps(env_doc), "bad_signature")
     env.still_serving()
 
 
@@ -263,7 +264,7 @@ def test_C16_valid_for_too_long(env: Env) -> None:
 
 def test_C17_oversized_command(env: Env) -> None:
     cid, e = env.fleet.command("deploy", {"model": "lin", "manifest_url": env.bait_url, "pad": "x" * 300_000})
-    assert_refused(env.dev.run(cid, e), "REJECTED", "invalid_command", "cap")
+    refused_unanswered(env, cid, e, "invalid_command")
     env.still_serving()
 
 
@@ -294,10 +295,10 @@ def test_K01_key_rotation_signed_by_unknown_keys(env: Env) -> None:
     f = env.fleet
     before = trust_files(env)
     cid, e = f.command("trust", {"add": [public_pem(f.x.public_key()).decode()]}, keys=[f.x, f.y])
-    assert_refused(env.dev.run(cid, e), "REJECTED", "untrusted_key")
+    refused_unanswered(env, cid, e, "untrusted_key")
     assert trust_files(env) == before
     cid, e = f.command("ping", {}, keys=[f.x, f.y])
-    assert_refused(env.dev.run(cid, e), "REJECTED", "untrusted_key")
+    refused_unanswered(env, cid, e, "untrusted_key")
     env.still_serving()
 
 
@@ -305,7 +306,7 @@ def test_K02_key_rotation_under_the_threshold(env: Env) -> None:
     f = env.fleet
     before = trust_files(env)
     cid, e = f.command("trust", {"add": [public_pem(f.x.public_key()).decode()]}, keys=[f.a, f.x])
-    assert_refused(env.dev.run(cid, e), "REJECTED", "threshold_not_met")
+    refused_unanswered(env, cid, e, "threshold_not_met")
     assert trust_files(env) == before
     env.still_serving()
 
@@ -333,7 +334,7 @@ def test_K04_revoked_key_no_longer_counts(env: Env) -> None:
     assert env.dev.run(cid, e)["state"] == "SUCCEEDED"
     assert trust_files(env) == before
     cid, e = f.command("deploy", {"model": "lin", "manifest_url": env.bait_url}, keys=[d, f.c])
-    assert_refused(env.dev.run(cid, e), "REJECTED", "threshold_not_met")
+    refused_unanswered(env, cid, e, "threshold_not_met")
     env.still_serving()
 
 
@@ -544,6 +545,17 @@ def test_M27_junk_signatures_beside_a_valid_threshold_do_not_fail_the_manifest(e
     cid = up["job"]
     steps = [u.get("step") for u in env.dev.updates(cid) if u["state"] == "IN_PROGRESS"]
     assert "selecting_backend" in steps and "downloading" in steps
+    env.still_serving()
+
+
+def test_M28_a_path_listed_as_a_file_and_as_a_folder(env: Env) -> None:
+    """``x`` and ``x/y`` cannot both exist on disk: refused at manifest validation, naming both
+    (it once failed ``internal: FileExistsError`` while downloading)."""
+    rel = env.bundles.write(env.version(), extra={"x": b"a file", "x/y": b"inside it"}, serve={"x/y": None})
+    up = deploy(env, rel)
+    assert_refused(up, "REJECTED", "invalid_manifest", "'x'")
+    assert "'x/y'" in up["error"]["message"], up
+    assert "downloading" not in [u.get("step") for u in env.dev.updates(up["job"])]
     env.still_serving()
 
 

@@ -189,15 +189,22 @@ def test_C19_require_signed_commands_governs_unsigned_ones(life: Life) -> None:
         cfg.write_text(original.replace("[trust]\n", "[trust]\nrequire_signed_commands = false\n", 1))
         dev.start()
         assert unsigned_ping(f"unsigned-{time.time_ns()}")["state"] == "SUCCEEDED"
-        # Signed commands are still checked in full: an unknown signer is refused.
+        # Signed commands are still checked in full: an unknown signer is refused (and, its id
+        # not believed, answered by no job update: counted).
         cid, env = life.fleet.command("ping", {}, keys=[life.fleet.x])
-        assert_refused(dev.run(cid, env), "REJECTED", "untrusted_key")
+        dev.send_unanswered(cid, env)
+        assert dev.refused_counts() == {"untrusted_key": 1}
     finally:
         if dev.proc.proc is not None and dev.proc.proc.poll() is None:
             dev.stop()
         cfg.write_text(original)
     dev.start()
-    assert_refused(unsigned_ping(f"unsigned-{time.time_ns()}"), "REJECTED", "unsigned_command")
+    cid = f"unsigned-{time.time_ns()}"
+    now = time.time()
+    dev.send_unanswered(cid, json.dumps({"v": 1, "id": cid, "type": "ping", "target": {"device": "dev1"},
+                                         "issued_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now)),
+                                         "expires_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now + 600))}))
+    assert dev.refused_counts() == {"unsigned_command": 1}
     life.still_serving()
 
 

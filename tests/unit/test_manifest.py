@@ -290,3 +290,27 @@ def test_verify_manifest_schema_error_after_signature(key: Ed25519PrivateKey) ->
     with pytest.raises(errors.RejectError) as ei:
         verify_manifest(sign_manifest(d, [key]), _trust(key), 1)
     assert ei.value.code == errors.INVALID_MANIFEST
+
+
+@pytest.mark.parametrize(("file_path", "inner"), [("labels", "labels/en.txt"), ("a/b", "a/b/c/d.bin")])
+def test_a_path_listed_as_a_file_and_as_a_folder_is_invalid_manifest(file_path: str, inner: str) -> None:
+    doc = valid_doc()
+    doc["files"] += [{"path": file_path, "size": 1, "sha256": SHA_D}, {"path": inner, "size": 1, "sha256": SHA_E}]
+    with pytest.raises(errors.RejectError) as ei:
+        parse_document(doc)
+    assert ei.value.code == errors.INVALID_MANIFEST
+    assert repr(file_path) in ei.value.message and repr(inner) in ei.value.message
+
+
+def test_a_variant_file_inside_a_common_files_path_is_invalid_manifest() -> None:
+    doc = valid_doc()
+    doc["files"] += [{"path": "model.onnx/extra", "size": 1, "sha256": SHA_E}]
+    with pytest.raises(errors.RejectError) as ei:
+        parse_document(doc)
+    assert ei.value.code == errors.INVALID_MANIFEST and "'model.onnx/extra'" in ei.value.message
+
+
+def test_sibling_paths_with_a_common_prefix_are_valid() -> None:
+    doc = valid_doc()
+    doc["files"] += [{"path": "labels", "size": 1, "sha256": SHA_D}, {"path": "labels2/en.txt", "size": 1, "sha256": SHA_E}]
+    parse_document(doc)
