@@ -51,6 +51,9 @@ class TrustConfig:
     threshold: int = 1
     require_signed_commands: bool = True
     max_clock_skew_s: int = 300
+    # age identity files (AGE-SECRET-KEY-1…) that open encrypted bundles; each 0400/0600, owned by
+    # root or the agent's user (docs/security.md). With systemd: ${CREDENTIALS_DIRECTORY}/NAME.
+    decryption_keys: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -387,6 +390,8 @@ def load(explicit: str | None = None) -> Config:
         setattr(obj, attr, val)
         if val and not os.path.isabs(val):
             setattr(obj, attr, str((base / val).resolve()))
+    cfg.trust.decryption_keys = [str((base / v).resolve()) if v and not os.path.isabs(v) else v
+                                 for v in (os.path.expandvars(k) for k in cfg.trust.decryption_keys)]
     cfg.hardware.profiles_dirs = [d if os.path.isabs(d) else str((base / d).resolve())
                                   for d in cfg.hardware.profiles_dirs]
     return cfg

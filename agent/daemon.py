@@ -174,7 +174,8 @@ class Agent:
                               max_disk_bytes=int(c.storage.max_disk_mb * 2**20),
                               isolation=c.backends.isolation, infer_timeout_s=c.backends.infer_timeout_s,
                               autotune=c.backends.autotune, policy=self.policy, hw_facts=self.hw_facts,
-                              cache_dir=str(self.state_dir / "cache"))
+                              cache_dir=str(self.state_dir / "cache"),
+                              decryption_keys=tuple(c.trust.decryption_keys))
 
     def probation_settings(self) -> ProbationSettings:
         d = self.cfg.deploy
@@ -553,6 +554,10 @@ class Agent:
                                                     f"its owner: {describe_writable(bad)}")
         if not len(self.trust):
             log.warning("%s: every signed command and bundle will be refused", self.trust.no_keys_message())
+        if self.cfg.trust.decryption_keys:  # refused now, with the fix, rather than at the first encrypted deploy
+            from agent.bundles.sealed import load_identities
+
+            load_identities(self.cfg.trust.decryption_keys)
         clock = check_clock(self.db, self.cfg.trust.max_clock_skew_s)
         if clock:
             log.warning("installs and other state-changing commands are refused until the clock is fixed: %s", clock)
@@ -707,7 +712,10 @@ def check_config(path: str | None) -> int:
         return EXIT_CONFIG
     print(json.dumps(cfg.to_dict(), indent=2))
     where = cfg.source if cfg.source != "defaults" else "no config file, built-in defaults"
-    problem = folder_problem(Path(cfg.trust.keys_dir))
+    from agent.bundles.sealed import identity_problem
+
+    problem = folder_problem(Path(cfg.trust.keys_dir)) or next(
+        filter(None, map(identity_problem, cfg.trust.decryption_keys)), None)  # no_decryption_key at start
     if problem:  # the daemon would refuse every signed command, or not start at all
         print(f"edge-agent: {where}: {problem}", file=sys.stderr)
         return EXIT_CONFIG

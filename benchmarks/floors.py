@@ -186,6 +186,58 @@ def deploy(manifest_url: str, dest: str) -> None:
                       "bytes": sum(int(f["size"]) for f in files)}))
 
 
+def sealed_deploy(manifest_url: str, dest: str, identity: str) -> None:
+    """The floor of an encrypted bundle: download + sha256 + fsync of the ciphertext, decryption
+    with pyrage into memory + plaintext sha256, then the onnxruntime session from those bytes."""
+    import base64
+    import hashlib
+    from urllib.parse import urljoin
+
+    import pyrage
+    import requests
+
+    _quiet_runtimes()
+    import onnxruntime as ort
+
+    with open(identity) as fh:
+        ident = pyrage.x25519.Identity.from_str(next(ln for ln in fh.read().splitlines()
+                                                     if ln.startswith("AGE-SECRET-KEY-1")))
+    os.makedirs(dest, exist_ok=True)
+    t0 = time.perf_counter()
+    s = requests.Session()
+    env = s.get(manifest_url, timeout=30).json()
+    doc = json.loads(base64.b64decode(env["payload"]))
+    files = list(doc.get("files", [])) + [f for v in doc["variants"][:1] for f in v["files"]]
+    sealed: tuple[str, dict[str, Any]] | None = None
+    for f in files:
+        path = os.path.join(dest, f["path"].replace("/", "_"))
+        h = hashlib.sha256()
+        with s.get(urljoin(manifest_url, f["path"]), stream=True, timeout=30) as r, open(path, "wb") as out:
+            r.raise_for_status()
+            for chunk in r.iter_content(CHUNK_BYTES):
+                h.update(chunk)
+                out.write(chunk)
+            out.flush()
+            os.fsync(out.fileno())
+        if h.hexdigest() != f["sha256"]:
+            raise SystemExit(f"{f['path']}: sha256 mismatch")
+        if "encryption" in f:
+            sealed = (path, f["encryption"])
+    t_dl = time.perf_counter() - t0
+    assert sealed is not None, "the bundle has no encrypted file"
+    with open(sealed[0], "rb") as fh:
+        plain = pyrage.decrypt(fh.read(), [ident])
+    if hashlib.sha256(plain).hexdigest() != sealed[1]["plaintext_sha256"]:
+        raise SystemExit("plaintext sha256 mismatch")
+    t_dec = time.perf_counter() - t0 - t_dl
+    so = ort.SessionOptions()
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    ort.InferenceSession(plain, sess_options=so, providers=["CPUExecutionProvider"])
+    total = time.perf_counter() - t0
+    print(json.dumps({"total_s": total, "download_s": t_dl, "decrypt_s": t_dec, "load_s": total - t_dl - t_dec,
+                      "bytes": sum(int(f["size"]) for f in files)}))
+
+
 def main(argv: list[str]) -> int:
     kind, args = argv[0], argv[1:]
     if kind == "bare":
@@ -199,6 +251,8 @@ def main(argv: list[str]) -> int:
         echo(int(args[0]))
     elif kind == "deploy":
         deploy(args[0], args[1])
+    elif kind == "sealed-deploy":
+        sealed_deploy(args[0], args[1], args[2])
     else:
         raise SystemExit(f"unknown floor {kind!r}")
     return 0

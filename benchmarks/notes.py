@@ -88,6 +88,16 @@ signed command's publish to the SUCCEEDED job update, both seen by the fleet-sid
 1 MiB chunks, hashes while streaming, fsyncs, then creates the onnxruntime session: with its
 imports done before the clock starts, as in a running daemon."""
 
+SEALED = """\
+Deploy time of an age-encrypted bundle (`fleetctl bundle build --encrypt-to`, docs/security.md)
+beside the same-sized plain bundle, to one daemon (`backends.isolation = "process"`, pinned to
+onnxruntime, `deploy.probation_s = 0`), plain and encrypted deploys alternating, new bytes each
+time. The encrypted floor (`benchmarks/floors.py sealed-deploy`) downloads the ciphertext with
+requests in 1 MiB chunks, hashes while streaming, fsyncs, decrypts it with pyrage into memory,
+hashes the plaintext, then creates the onnxruntime session from the bytes: everything a device
+must do, alone in one warm process. The agent additionally starts the worker, checks the device
+is a recipient, and validates on the golden samples."""
+
 SWAP = """\
 Four keep-alive clients send tiny-model JSON requests back to back. The steady window has nothing
 else running; the swap window runs that many signed deploys of new versions one after the other

@@ -119,6 +119,11 @@ def aims(res: dict[str, Any]) -> list[list[str]]:
                 continue
             rows.append([f"deploy {size} MB ≤ 1.2× floor + 0.5 s ({label})", f"{v:.2f} s",
                          f"{fl:.2f} s (limit {1.2 * fl + 0.5:.2f})", _ok(v <= 1.2 * fl + 0.5)])
+    se = s.get("sealed", {})
+    if se and "error" not in se and "sealed" in se.get("agent", {}):
+        v, fl = se["agent"]["sealed"]["total_s"]["median"], se["floor"]["sealed"]["total_s"]["median"]
+        rows.append([f"encrypted deploy {se['size_mb']:g} MB ≤ 1.2× floor + 0.5 s (process, pinned)", f"{v:.2f} s",
+                     f"{fl:.2f} s (download+sha256+decrypt+load; limit {1.2 * fl + 0.5:.2f})", _ok(v <= 1.2 * fl + 0.5)])
     sw = s.get("swap", {})
     if sw and "error" not in sw:
         for mode, row in sw.items():
@@ -188,7 +193,7 @@ def render(res: dict[str, Any], images: dict[str, str]) -> str:
     d.add(notes.AIMS, "")
     for name, fn in (("footprint", _footprint), ("serving", _serving), ("deploy", _deploy), ("swap", _swap),
                      ("telemetry", _telemetry), ("fleet", _fleet), ("collect", _collect),
-                     ("sources", _sources)):
+                     ("sources", _sources), ("sealed", _sealed)):
         sec = s.get(name)
         if sec is None:
             continue
@@ -311,6 +316,25 @@ def _deploy(d: Doc, dp: dict[str, Any], images: dict[str, str]) -> None:
         d.add("First deploy after a start (tiny bundle; it also imports the download stack, and the runtime "
               "in-process): " + "; ".join(f"{k} {_f(v, 2)} s" for k, v in first.items()) + ".", "")
     _img(d, images, "deploy", "Deploy time vs bundle size")
+
+
+def _sealed(d: Doc, se: dict[str, Any], images: dict[str, str]) -> None:
+    from benchmarks import notes
+
+    d.add("## 9. Encrypted bundles", "", notes.SEALED, "")
+    rows = []
+    for kind, label in (("plain", "plain"), ("sealed", "encrypted (age-v1)")):
+        row, fl = se["agent"][kind], se["floor"][kind]
+        top = sorted(row.get("steps_s", {}).items(), key=lambda kv: -kv[1])[:3]
+        dec = f"{fl['decrypt_s']['median']:.2f} s" if "decrypt_s" in fl else "–"
+        rows.append([f"{se['size_mb']:g} MB", label, _s(row["total_s"], 2, " s"), _s(fl["total_s"], 2, " s"), dec,
+                     _f(row["total_s"]["median"] / fl["total_s"]["median"], 2),
+                     ", ".join(f"{k} {v:.2f}" for k, v in top)])
+    d.table(["bundle", "kind", "command → SUCCEEDED", "floor", "of which decryption", "× floor",
+             "slowest steps (s, median)"], rows)
+    if "load_avg_1m" in se:
+        d.add(f"Load average at the end of this section: {se['load_avg_1m']:g} on {se['cores']} cores (a shared "
+              "machine: single deploys vary 2–3× under such load, so the medians of the pairs are compared).", "")
 
 
 def _swap(d: Doc, sw: dict[str, Any], images: dict[str, str]) -> None:

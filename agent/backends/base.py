@@ -64,6 +64,13 @@ class LoadOptions:
     precision: str = ""
     cache_dir: Path | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    # Plaintext of encrypted bundle files by path (agent/bundles/sealed.py): a runtime loads these
+    # bytes instead of reading the path, which holds ciphertext. Never pickled to a worker.
+    contents: dict[str, bytes] = field(default_factory=dict, repr=False)
+
+    def content(self, path: Path) -> bytes | None:
+        """The decrypted bytes of ``path`` when it is an encrypted file, else None (read the path)."""
+        return self.contents.get(str(path))
 
     # A worker process (backends.isolation = "process") rebuilds its options from threads,
     # allow_spinning and extra only, so load_model also carries these two in ``extra``.

@@ -141,7 +141,9 @@ class OnnxRuntimeBackend:
         if target != CPU:
             providers.append(CPU)  # CPU takes the ops the accelerator lacks; checked below
         try:
-            sess = ort.InferenceSession(str(model_path), sess_options=so, providers=providers)
+            plain = options.content(model_path)  # an encrypted bundle: decrypted bytes, never a file
+            sess = ort.InferenceSession(plain if plain is not None else str(model_path), sess_options=so,
+                                        providers=providers)
         except Exception as e:
             raise errors.RejectError(errors.LOAD_FAILED, f"{model_path.name}: onnxruntime could not load it on {target}: {e}") from e
         active = sess.get_providers()

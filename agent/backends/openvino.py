@@ -165,7 +165,7 @@ class OpenVinoBackend:
         try:
             # Names come from the model as read: compiling merges tensor names (an ONNX output
             # behind an Identity gains its producer's name, and get_any_name() may pick that one).
-            model = c.read_model(str(model_path))
+            model = _read_model(c, model_path, options)
             names = ([p.get_any_name() for p in model.inputs], [p.get_any_name() for p in model.outputs])
             compiled = c.compile_model(model, device, config)
         except Exception as e:
@@ -181,6 +181,18 @@ class OpenVinoBackend:
                    "performance_hint": PERFORMANCE_HINT, "threads": options.threads or "runtime default",
                    "compile_cache": "cache_dir" if "CACHE_DIR" in config else "off"}
         return OvModel(compiled, device, details, names)
+
+
+def _read_model(c: Any, model_path: Path, options: LoadOptions) -> Any:
+    """The model from its path, or from decrypted bytes (an encrypted bundle: the IR's .bin too)."""
+    plain = options.content(model_path)
+    if plain is None:
+        return c.read_model(str(model_path))
+    weights = b""
+    if model_path.suffix == ".xml":
+        bin_path = model_path.with_suffix(".bin")
+        weights = options.content(bin_path) or (bin_path.read_bytes() if bin_path.is_file() else b"")
+    return c.read_model(plain, weights)
 
 
 def _spec(port: Any, name: str | None = None) -> TensorSpec:

@@ -173,7 +173,9 @@ class TfliteBackend:
         if mod is None:
             raise errors.RejectError(errors.LOAD_FAILED, reason)
         threads = options.threads if options.threads > 0 else auto_threads()
-        kwargs: dict[str, Any] = {"model_path": str(model_path), "num_threads": threads}
+        plain = options.content(model_path)  # an encrypted bundle: decrypted bytes, never a file
+        kwargs: dict[str, Any] = {"num_threads": threads, **(
+            {"model_content": plain} if plain is not None else {"model_path": str(model_path)})}
         if target == CPU:
             kwargs["experimental_op_resolver_type"] = mod.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
         delegate_desc = "XNNPACK (default delegate)" if target == XNNPACK else "none"

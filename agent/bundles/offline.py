@@ -41,22 +41,33 @@ HASH_CHUNK_BYTES = 1024 * 1024
 class Verified:
     manifest: Manifest
     files: tuple[FileEntry, ...]
+    encryption: dict[str, Any] | None = None  # an encrypted bundle: its recipients, and this device's check
 
     def describe(self) -> str:
         m = self.manifest
         variants = ", ".join(f"{v.id} ({v.format}/{v.precision})" for v in m.variants)
+        enc = self.encryption
+        sealed = "" if enc is None else (
+            f"; {enc['files']} file(s) encrypted (age-v1) to {len(enc['recipients'])} recipient(s), "
+            + ("this device is one of them" if enc["recipient_checked"] else
+               "recipient not checked (no decryption identity given)"))
         return (f"OK {m.name} v{m.version}: variants {variants}; {len(self.files)} files OK "
-                f"({sum(f.size for f in self.files)} bytes, sizes and sha256 match); expires {m.expires_at}")
+                f"({sum(f.size for f in self.files)} bytes, sizes and sha256 match){sealed}; expires {m.expires_at}")
 
 
-def verify_path(path: Path | str, trust: TrustStore, threshold: int, now: float | None = None) -> Verified:
-    """Verify a bundle archive or folder as this device would accept it; writes nothing."""
+def verify_path(path: Path | str, trust: TrustStore, threshold: int, now: float | None = None,
+                identities: list[str] | None = None) -> Verified:
+    """Verify a bundle archive or folder as this device would accept it; writes nothing.
+
+    An encrypted bundle's encryption must be one this agent opens, and with ``identities`` (the
+    device's ``trust.decryption_keys``) the device must be one of its recipients
+    (agent/bundles/sealed.py); ``None``: the recipient is not checked."""
     p = Path(path)
     if not p.exists():
         raise errors.RejectError(errors.INVALID_BUNDLE, f"{p}: no such file or folder")
     if not p.is_dir():
         rep = verify_archive(p, trust, threshold, now)
-        return Verified(rep.manifest, rep.files)
+        return Verified(rep.manifest, rep.files, _encryption(rep.manifest, identities))
     try:
         with open(p / MANIFEST_NAME, "rb") as f:
             raw = f.read(MAX_MANIFEST_BYTES + 1)
@@ -71,7 +82,19 @@ def verify_path(path: Path | str, trust: TrustStore, threshold: int, now: float 
     root = p.resolve()
     for entry in listed.values():
         _check_file(p, root, entry)
-    return Verified(m, tuple(listed.values()))
+    return Verified(m, tuple(listed.values()), _encryption(m, identities))
+
+
+def _encryption(m: Manifest, identities: list[str] | None) -> dict[str, Any] | None:
+    from agent.bundles import sealed
+
+    files = sealed.encrypted_files(m.raw)
+    if not files:
+        return None
+    if identities is not None:
+        sealed.check_recipient(m.raw, identities)
+    return {"format": sealed.AGE_V1, "files": len(files), "recipients": sealed.recipients(m.raw),
+            "recipient_checked": identities is not None}
 
 
 def _check_file(folder: Path, root: Path, entry: FileEntry) -> None:

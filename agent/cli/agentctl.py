@@ -285,15 +285,17 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from agent.bundles.trust import TrustStore
 
     threshold = args.threshold
+    identities: list[str] | None = list(args.identity) if args.identity else None
     if args.trust:
         keys_dir = args.trust
     else:
         cfg = config.load(args.config)
         keys_dir, threshold = cfg.trust.keys_dir, threshold or cfg.trust.threshold
-    rep = verify_path(args.bundle, TrustStore.load(Path(keys_dir)), threshold or 1)
+        identities = identities if identities is not None else list(cfg.trust.decryption_keys)
+    rep = verify_path(args.bundle, TrustStore.load(Path(keys_dir)), threshold or 1, identities=identities)
     m = rep.manifest
     _out(args, {"ok": True, "name": m.name, "version": m.version, "files": [f.to_dict() for f in rep.files],
-                "expires_at": m.expires_at}, rep.describe())
+                "expires_at": m.expires_at, "encryption": rep.encryption}, rep.describe())
     return EXIT_OK
 
 
@@ -389,6 +391,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("bundle")
     v.add_argument("--trust", metavar="DIR", help="trusted public keys (default: trust.keys_dir of the config)")
     v.add_argument("--threshold", type=int, metavar="K", help="distinct keys that must sign (default: trust.threshold, or 1 with --trust)")
+    v.add_argument("--identity", action="append", metavar="FILE",
+                   help="age identity for an encrypted bundle's recipient check; repeatable (default: trust.decryption_keys)")
     v.set_defaults(fn=cmd_verify)
     ins = sub.add_parser("install", parents=[common], help="install an offline bundle archive through the daemon (root or the admin group)")
     ins.add_argument("bundle")

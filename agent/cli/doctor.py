@@ -492,6 +492,25 @@ def check_trust(cfg: config.Config) -> list[Check]:
     return [Check("trust", PASS, detail)]
 
 
+def check_decryption(cfg: config.Config) -> list[Check]:
+    """trust.decryption_keys: each identity safe and readable (the daemon refuses to start
+    otherwise); its recipient is what bundles must be encrypted to."""
+    if not cfg.trust.decryption_keys:
+        return [Check("decryption keys", PASS, "none configured (encrypted bundles are refused: no_decryption_key)")]
+    from agent.bundles import sealed
+
+    state = _existing(Path(cfg.state_dir))  # its owner is the agent's user (as check_trust reads it)
+    agent_uid = state.stat().st_uid if state != Path(state.anchor) else None
+    try:
+        mine = sealed.device_recipients(sealed.load_identities(cfg.trust.decryption_keys, agent_uid))
+    except errors.AgentError as e:
+        return [Check("decryption keys", FAIL, f"{e.code}: {e.message} — the daemon refuses to start",
+                      "fix the identity file named (fleetctl keygen --age makes one; mode 0600, owned by root "
+                      "or the agent's user), or remove it from trust.decryption_keys")]
+    return [Check("decryption keys", PASS, f"{len(cfg.trust.decryption_keys)} identity file(s); this device opens "
+                  f"bundles encrypted to {', '.join(mine)}")]
+
+
 def check_runtimes() -> list[Check]:
     from agent.hardware.runtimes import probe_runtimes
 
@@ -644,6 +663,7 @@ def run(config_path: str | None, socket_path: str | None = None, *, timeout_s: f
         checks += _guard("clock", lambda: check_clock(c))
         checks += _guard("disk", lambda: check_disk(c))
         checks += _guard("trust", lambda: check_trust(c))
+        checks += _guard("decryption keys", lambda: check_decryption(c))
     checks += _guard("runtimes", check_runtimes)
     if smoke:
         checks += _guard("smoke", check_smoke)

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from agent import config, errors
 from agent.bundles.manifest import parse_document
 from agent.bundles.trust import load_public_pem
-from agent.deploy.runner import load_model, validate
+from agent.deploy.runner import load_model, sealed_spec, validate
 from agent.fsutil import atomic_write
 from agent.serving.registry import ServingVersion
 
@@ -75,8 +75,9 @@ class Handlers:
         runtime, target = info["backend"].split(":", 1)
         vdir = a.store.version_dir(name, version)
         variant = m.variant(info["variant"])
+        s = a.deploy_settings()
         model = load_model(a.backends, runtime, target, vdir / variant.main_file.path,
-                           a.deploy_settings(), precision=variant.precision)
+                           s, precision=variant.precision, sealed=sealed_spec(m, variant, vdir, s))
         if m.validation is not None and validate_samples:
             try:
                 validate(model, vdir, m, variant)
@@ -196,8 +197,9 @@ class Handlers:
                 model = sv.model if serving else None
                 try:
                     if model is None:
+                        s = a.deploy_settings()
                         model = load_model(a.backends, t.runtime, t.target, vdir / variant.main_file.path,
-                                           a.deploy_settings(), precision=variant.precision)
+                                           s, precision=variant.precision, sealed=sealed_spec(m, variant, vdir, s))
                     out[t.id] = _time_model(model, inputs, n)
                     details = getattr(model, "details", None)
                     if isinstance(details, dict) and details.get("compute_precision"):

@@ -32,6 +32,9 @@ from agent.backends.selection import (
 )
 from agent.bundles.fetch import Fetcher, join_url
 from agent.bundles.manifest import MAX_MANIFEST_BYTES, Manifest, Variant, verify_manifest
+from agent.bundles.sealed import CODES as SEALED_CODES
+from agent.bundles.sealed import SPEC_KEY, check_recipient, load_spec
+from agent.bundles.sealed import load as sealed_load
 from agent.bundles.store import Store
 from agent.bundles.trust import TrustStore
 from agent.deploy.jobs import JobReporter
@@ -143,6 +146,7 @@ class DeploySettings:
     hw_facts: dict[str, Any] | None = None  # detected hardware (hw_report facts): part of the autotune cache key
     hw_fingerprint: str = ""  # overrides the key's hardware part (tests); "": from hw_facts and the targets
     cache_dir: str = ""  # compiled-model caches (OpenVINO, TensorRT); "": none
+    decryption_keys: tuple[str, ...] = ()  # age identity files for encrypted bundles (trust.decryption_keys)
 
 
 class DeployRunner:
@@ -278,6 +282,7 @@ class DeployRunner:
             if avail_mb < min_mem:
                 raise errors.RejectError(errors.INSUFFICIENT_MEMORY,
                                          f"{m.name} needs {min_mem} MB free memory, {avail_mb:.0f} MB available")
+        check_recipient(m.raw, s.decryption_keys)  # encrypted bundles: before any byte is downloaded
         ctx.manifest = m
         self.db.put(f"job_version:{ctx.job_id}", m.version)
         return OK
@@ -362,7 +367,8 @@ class DeployRunner:
         try:
             t0 = time.monotonic()
             ctx.loaded = load_model(self.backends, c.target.runtime, c.target.target, path, self.settings(),
-                                    precision=c.variant.precision, spares=ctx.spares)
+                                    precision=c.variant.precision, spares=ctx.spares,
+                                    sealed=sealed_spec(m, c.variant, self.store.version_dir(m.name, m.version), self.settings()))
             ctx.figures["load_ms"] = round((time.monotonic() - t0) * 1000, 2)
         except errors.AgentError as e:
             return self._fallback(ctx, e)
@@ -378,7 +384,7 @@ class DeployRunner:
 
         def load(c: Candidate) -> LoadedModel:
             return load_model(self.backends, c.target.runtime, c.target.target, vdir / c.variant.main_file.path, s,
-                              precision=c.variant.precision, spares=ctx.spares)
+                              precision=c.variant.precision, spares=ctx.spares, sealed=sealed_spec(m, c.variant, vdir, s))
 
         def failed(c: Candidate, e: errors.AgentError) -> None:
             ctx.figures.setdefault("fallbacks", []).append(
@@ -454,7 +460,7 @@ class DeployRunner:
         self._close_unused(ctx)
         ctx.figures.setdefault("fallbacks", []).append(
             {"backend": failed.target.id, "variant": failed.variant.id, "error": e.to_dict()})
-        if ctx.pin or ctx.candidate_index + 1 >= len(ctx.decision.candidates):
+        if ctx.pin or ctx.candidate_index + 1 >= len(ctx.decision.candidates) or e.code in SEALED_CODES:
             raise e
         ctx.candidate_index += 1
         nxt = ctx.candidate
@@ -492,15 +498,24 @@ class DeployRunner:
             log.info("%s: removed versions %s, freed %d bytes", name, excess, freed)
 
 
+def sealed_spec(m: Manifest, variant: Variant, vdir: Path, settings: DeploySettings) -> dict[str, Any] | None:
+    """What loading ``variant`` of an encrypted bundle decrypts (agent/bundles/sealed.py); None
+    for a plain one."""
+    return load_spec(m.raw, vdir, [f.path for f in variant.files], settings.decryption_keys)
+
+
 def load_model(backends: Sequence[Backend], runtime: str, target: str, path: Path,
-               settings: DeploySettings, precision: str = "", spares: Sequence[Any] = ()) -> LoadedModel:
+               settings: DeploySettings, precision: str = "", spares: Sequence[Any] = (),
+               sealed: dict[str, Any] | None = None) -> LoadedModel:
     """Load on ``runtime:target``, in a worker process unless ``backends.isolation = "none"`` (one
     of ``spares``, started ahead for that runtime, when there is one).
 
-    ``precision`` is the variant's: backends pick their compute precision from it explicitly."""
+    ``precision`` is the variant's: backends pick their compute precision from it explicitly.
+    ``sealed`` (``sealed_spec``): the encrypted files the loading process decrypts into memory."""
     options = LoadOptions(threads=settings.threads, allow_spinning=settings.allow_spinning, precision=precision,
                           cache_dir=Path(settings.cache_dir) if settings.cache_dir else None,
-                          extra={"precision": precision, "cache_dir": settings.cache_dir})  # survive the worker
+                          extra={"precision": precision, "cache_dir": settings.cache_dir,  # survive the worker
+                                 **({SPEC_KEY: sealed} if sealed else {})})
     if not any(b.runtime == runtime for b in backends):
         raise errors.RejectError(errors.NO_COMPATIBLE_BACKEND, f"runtime {runtime!r} is not available")
     if settings.isolation == "process":
@@ -510,7 +525,7 @@ def load_model(backends: Sequence[Backend], runtime: str, target: str, path: Pat
         return IsolatedModel(runtime, target, path, options, infer_timeout_s=settings.infer_timeout_s, spare=spare)
     for b in backends:
         if b.runtime == runtime:
-            return b.load(path, target, options)
+            return sealed_load(b, path, target, options)
     raise AssertionError("unreachable")
 
 

@@ -112,6 +112,7 @@ def main(fds_arg: str) -> None:
     from agent import errors
     from agent.backends import find_backend  # not agent.deploy.runner: the daemon's stack stays out
     from agent.backends.base import LoadOptions
+    from agent.bundles.sealed import load as sealed_load
 
     fds = [int(x) for x in fds_arg.split(",")]
     from agent.backends.isolated import Channel
@@ -130,7 +131,7 @@ def main(fds_arg: str) -> None:
     _, runtime, target, path, threads, allow_spinning, extra = load
     try:
         backend = find_backend(runtime)
-        model = backend.load(Path(path), target, LoadOptions(threads=threads, allow_spinning=allow_spinning, extra=extra))
+        model = sealed_load(backend, Path(path), target, LoadOptions(threads=threads, allow_spinning=allow_spinning, extra=extra))
     except errors.AgentError as e:
         conns[0].send(("err", e.code, e.message))
         return

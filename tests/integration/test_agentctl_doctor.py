@@ -167,6 +167,24 @@ def test_clock_behind_the_last_trusted_time_and_trust_folder(tmp_path: Path) -> 
     assert trust.status == doctor.FAIL and trust.hint.startswith("chmod go-w")
 
 
+def test_decryption_identities(tmp_path: Path) -> None:
+    from fleetctl.sealing import generate_identity
+
+    cfg = _config(tmp_path, free_port())
+    none = doctor.check_decryption(cfg)[0]
+    assert none.status == doctor.PASS and "none configured" in none.detail
+    (tmp_path / "state").mkdir()
+    os.chown(tmp_path / "state", 4321, 4321)  # the agent's user owns its state folder, and may own the identity
+    ident = generate_identity(tmp_path / "keys", "dev1")
+    os.chown(ident.identity_path, 4321, 4321)
+    cfg.trust.decryption_keys = [str(ident.identity_path)]
+    ok = doctor.check_decryption(cfg)[0]
+    assert ok.status == doctor.PASS and ident.recipient in ok.detail
+    os.chmod(ident.identity_path, 0o644)
+    bad = doctor.check_decryption(cfg)[0]
+    assert bad.status == doctor.FAIL and "no_decryption_key" in bad.detail and f"chmod 0600 {ident.identity_path}" in bad.detail
+
+
 def test_smoke_models_run_on_every_usable_backend() -> None:
     checks = doctor.check_smoke()
     assert checks and all(c.name.startswith("smoke") for c in checks)

@@ -65,7 +65,7 @@ def test_unit_has_what_the_agent_needs() -> None:
     assert d["StateDirectory"] == ["edge-agent"] and d["RuntimeDirectory"] == ["edge-agent"]
     assert d["ConfigurationDirectory"] == ["edge-agent"]
     creds = {c.split(":", 1)[0] for c in d["LoadCredential"]}
-    assert {"mqtt-password", "device.key"} <= creds
+    assert {"mqtt-password", "device.key", "device.agekey"} <= creds  # device.agekey: encrypted bundles
     allow = " ".join(d["DeviceAllow"])
     for needed in ("char-nvidia-frontend", "/dev/nvidiactl", "/dev/nvmap", "char-accel", "char-apex", "char-usb_device",
                    "char-drm"):

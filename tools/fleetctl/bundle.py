@@ -433,7 +433,8 @@ def build_bundle(model_path: Path | str, out_dir: Path | str, name: str, version
                  unchecked: Sequence[str] = (), checks: list[dict[str, Any]] | None = None,
                  keep_going: bool = False, outcomes: list[Outcome] | None = None,
                  golden: tuple[dict[str, np.ndarray], dict[str, np.ndarray]] | None = None,
-                 provenance: Mapping[str, str] | None = None) -> Path:
+                 provenance: Mapping[str, str] | None = None,
+                 encrypt_to: Sequence[str] = ()) -> Path:
     """Write a signed bundle for an ONNX model into ``out_dir``; return the manifest's path.
 
     ``variants`` / ``tflite`` / ``prebuilt`` (``ID:FORMAT:PRECISION:PATH``) add variants beside
@@ -452,6 +453,8 @@ def build_bundle(model_path: Path | str, out_dir: Path | str, name: str, version
     ``golden`` (inputs, expected outputs) replaces the samples and onnxruntime's outputs: a
     converted model's golden outputs are its source framework's (fleetctl/sources/certify.py).
     ``provenance`` becomes the manifest's ``source`` object (framework and converter versions).
+    ``encrypt_to`` (age ``age1…`` recipients, fleetctl/sealing.py): every variant file is
+    encrypted to them before the manifest is signed.
     """
     model_path, out = Path(model_path), Path(os.path.abspath(out_dir))  # "." and ".." resolved, links not
     if not keys:
@@ -497,6 +500,10 @@ def build_bundle(model_path: Path | str, out_dir: Path | str, name: str, version
         doc = _manifest_doc(tmp, name, version, description, ins, outs, built, extras, now=now,
                             expires_in_s=expires_in_s, rtol=rtol, atol=atol, max_p95_ms=max_p95_ms,
                             provenance=provenance)
+        if encrypt_to:
+            from fleetctl.sealing import seal_document
+
+            doc = check_document(seal_document(tmp, doc, encrypt_to))
         _drop_unlisted(tmp, {MANIFEST_NAME, *(f["path"] for v in doc["variants"] for f in v["files"]),
                              *(f["path"] for f in doc["files"])})
         atomic_write(tmp / MANIFEST_NAME, sign_manifest(doc, list(keys)))
@@ -536,6 +543,19 @@ def _manifest_doc(root: Path, name: str, version: int, description: str, ins: Se
             vd["operators"] = ops
     try:
         parse_document(doc)
+    except errors.AgentError as e:
+        raise BuildError(f"the manifest would be rejected by devices: {e}") from e
+    return doc
+
+
+def check_document(doc: dict[str, Any]) -> dict[str, Any]:
+    """``doc`` as devices will check it (schema, encryption, recipients), or BuildError."""
+    from agent.bundles import sealed
+
+    try:
+        parse_document(doc)
+        sealed.encrypted_files(doc)
+        sealed.recipients(doc)
     except errors.AgentError as e:
         raise BuildError(f"the manifest would be rejected by devices: {e}") from e
     return doc
@@ -600,8 +620,10 @@ def describe(report: VerifyReport) -> str:
     m = report.manifest
     total = sum(f.size for f in report.files)
     variants = ", ".join(f"{v.id} ({v.format}/{v.precision})" for v in m.variants)
+    rs = m.raw.get("recipients") or []
+    sealed = f"; model files encrypted (age-v1) to {', '.join(rs)}" if rs else ""
     return (f"OK {m.name} v{m.version}: variants {variants}; {len(report.files)} files OK "
-            f"({total} bytes, sizes and sha256 match); expires {m.expires_at}")
+            f"({total} bytes, sizes and sha256 match){sealed}; expires {m.expires_at}")
 
 
 def manifest_document(manifest_path: Path) -> dict[str, Any]:

@@ -20,7 +20,7 @@ from typing import Any
 
 from agent import errors
 from agent.bundles.trust import TrustStore, load_public_pem, public_pem
-from fleetctl import bundle, collect, commands, keys, mqttc, rollout, sim, watch
+from fleetctl import bundle, collect, commands, keys, mqttc, rollout, sealing, sim, watch
 from fleetctl.follow import ProbationCountdown, silent_device_message
 from fleetctl.serve import DEFAULT_HOST, DEFAULT_PORT, ArtifactServer
 from fleetctl.sources import certify
@@ -105,6 +105,12 @@ def _err(line: str) -> None:
 
 
 def cmd_keygen(a: argparse.Namespace) -> int:
+    if a.age:  # a device's or group's decryption identity (docs/security.md)
+        ident = sealing.generate_identity(Path(a.out), a.name, overwrite=a.force)
+        _out(ident.recipient)
+        print(f"identity {ident.identity_path} (0600): install it on the device (trust.decryption_keys); "
+              f"recipient {ident.recipient_path}: give it to `bundle build --encrypt-to`", file=sys.stderr)
+        return EXIT_OK
     kp = keys.generate_keypair(Path(a.out), a.name, overwrite=a.force)
     _out(kp.key_id)
     print(f"private key {kp.private_path} (0600), public key {kp.public_path}: copy the public key "
@@ -134,7 +140,8 @@ def cmd_bundle_build(a: argparse.Namespace) -> int:
         expires_in_s=a.expires_in, rtol=a.rtol, atol=a.atol, max_p95_ms=a.max_p95_ms,
         extra_files=a.file or (), description=a.description, overwrite=a.force,
         variants=a.variants or (), tflite=a.tflite, prebuilt=a.add_variant or (), unchecked=a.no_check or (),
-        keep_going=a.keep_going, outcomes=outcomes, agreement=agreement)
+        keep_going=a.keep_going, outcomes=outcomes, agreement=agreement,
+        encrypt_to=sealing.parse_recipients(a.encrypt_to) if a.encrypt_to else ())
     if agreement:  # a converted model: how its ONNX outputs matched the source framework's
         doc0 = bundle.manifest_document(mpath)
         src = doc0.get("source", {})
@@ -155,6 +162,20 @@ def cmd_bundle_build(a: argparse.Namespace) -> int:
     n_files = sum(len(v["files"]) for v in doc["variants"]) + len(doc["files"])
     _out(f"built {doc['name']} v{doc['version']} in {mpath.parent}: {n_files} files, "
          f"signed by {len(signing)} key(s), expires {doc['expires_at']}")
+    if doc.get("recipients"):
+        _out(f"model files encrypted (age-v1) to {len(doc['recipients'])} recipient(s): {', '.join(doc['recipients'])}")
+    _out(f"manifest {mpath} sha256 {sha}")
+    return EXIT_OK
+
+
+def cmd_bundle_reencrypt(a: argparse.Namespace) -> int:
+    signing = keys.load_signing_keys(_signing_key_paths(a))
+    recipients = sealing.parse_recipients(a.encrypt_to)
+    mpath = sealing.reencrypt_bundle(a.dir, a.out, a.version, signing, a.identity, recipients,
+                                     expires_in_s=a.expires_in, overwrite=a.force)
+    sha = bundle.file_entry(mpath.parent, mpath.name).sha256
+    _out(f"re-encrypted {a.dir} as v{a.version} in {mpath.parent} to {len(recipients)} recipient(s): "
+         f"{', '.join(recipients)}")
     _out(f"manifest {mpath} sha256 {sha}")
     return EXIT_OK
 
@@ -438,10 +459,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = ap.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("keygen", help="make an Ed25519 signing key pair")
+    p = sub.add_parser("keygen", help="make an Ed25519 signing key pair (--age: an age decryption identity)")
     p.add_argument("--out", required=True, metavar="DIR")
     p.add_argument("--name", default=keys.DEFAULT_KEY_NAME, help="file name stem (default %(default)s)")
     p.add_argument("--force", action="store_true", help="replace existing key files")
+    p.add_argument("--age", action="store_true",
+                   help="an age X25519 identity for encrypted bundles: NAME.agekey (0600) and NAME.agekey.pub")
     p.set_defaults(func=cmd_keygen)
 
     pb = sub.add_parser("bundle", help="build or verify a model bundle")
@@ -491,7 +514,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-going", action="store_true",
                    help="when a variant fails, sign the bundle with those that passed and list the rest "
                         "(default: fail listing every variant's outcome, writing nothing)")
+    p.add_argument("--encrypt-to", action="append", metavar="RECIPIENT",
+                   help="encrypt every model file with age to this recipient (age1…, or a file of them, e.g. "
+                        "NAME.agekey.pub); repeatable")
     p.set_defaults(func=cmd_bundle_build)
+    p = bsub.add_parser("reencrypt", help="rotation: a bundle encrypted to a new recipient set, as a new version")
+    p.add_argument("dir", metavar="DIR", help="the encrypted bundle folder")
+    p.add_argument("--version", type=_positive_int, required=True, help="the new version (devices refuse an old one)")
+    p.add_argument("--identity", action="append", required=True, metavar="NAME.agekey",
+                   help="an identity that opens the bundle's files; repeatable")
+    p.add_argument("--encrypt-to", action="append", required=True, metavar="RECIPIENT",
+                   help="the new recipient set (age1…, or a file of them); repeatable")
+    p.add_argument("--key", action="append", metavar="KEY.key", help=f"signing key; repeatable (default ${ENV_KEY})")
+    p.add_argument("--out", required=True, metavar="DIR")
+    p.add_argument("--expires-in", type=parse_duration, default=bundle.DEFAULT_EXPIRES_IN_S,
+                   metavar="DURATION", help="manifest lifetime (default 90d)")
+    p.add_argument("--force", action="store_true", help="replace a bundle already in --out")
+    p.set_defaults(func=cmd_bundle_reencrypt)
     p = bsub.add_parser("verify", help="check a bundle's signature and files as a device would")
     p.add_argument("dir", metavar="DIR|ARCHIVE", help="a bundle folder or a .tar, .tar.gz or .zip from `bundle pack`")
     p.add_argument("--trust", required=True, metavar="TRUST_DIR", help="folder of trusted *.pem public keys")
