@@ -523,7 +523,7 @@ class Agent:
         control.register("remove", local_op("remove"), mutating=True)
 
         def install(p: dict[str, Any], emit: Any) -> Any:
-            from agent.bundles.offline import install_op  # and the archive reader: at first use
+            from agent.deploy.offline import install_op  # and the archive reader: at first use
 
             return install_op(self, p, emit)
 

@@ -306,7 +306,7 @@ def cmd_install(args: argparse.Namespace) -> int:
         params["backend"] = args.backend
     with _progress(args) as prog:
         r = _call(args, "install", progress=prog, **params)
-    from agent.bundles.offline import installed
+    from agent.deploy.offline import installed
 
     err = r.get("error") or {}
     ok = installed(r)
