@@ -480,9 +480,10 @@ class Agent:
             return job
 
         def hw(_: dict[str, Any]) -> Any:
+            from agent.backends.selection import merge_live_targets
             from agent.hardware import hw_report
 
-            return hw_report("/", self.cfg.hardware.profiles_dirs, self.cfg.hardware.profile)
+            return hw_report("/", self.cfg.hardware.profiles_dirs, self.cfg.hardware.profile, reconcile=merge_live_targets)
 
         control.register("status", lambda _: self.full_status())
         control.register("models", models)

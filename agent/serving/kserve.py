@@ -436,9 +436,13 @@ class KServeServer:
         if not adopt(sock, prefix, self):
             self._handed.pop(sock, None)
             return False
-        h._handed = True
+        h.handed = True
         h.close_connection = True
         return True
+
+    def carry_prefix(self, sock: socket.socket, prefix: bytes) -> None:
+        """The bytes already read of ``sock``: its handler reads them before the socket."""
+        self._prefixes[sock] = prefix
 
     def resume_connection(self, sock: socket.socket, prefix: bytes) -> None:
         """Serve a connection a worker gave back (a request it does not serve, a swap, its death),
@@ -447,7 +451,7 @@ class KServeServer:
         if httpd is None or self._stopping:
             sock.close()
             return
-        self._prefixes[sock] = prefix
+        self.carry_prefix(sock, prefix)
         try:
             addr = sock.getpeername()
         except OSError:
