@@ -64,7 +64,7 @@ def install_op(deploys: DeployQueue, params: dict[str, Any],
     while not ended and (left := deadline - time.monotonic()) > 0:
         seen = step
         step, ended = ctx.progress.wait(seen, left)
-        if emit is not None and step and step != seen and not ended:
+        if emit is not None and step and step != seen:  # the last step too: at least one is shown
             emit({"step": step, "message": f"{name} from {Path(path).name}"})
     job = deploys.db.job(job_id) or {}
     if job.get("state") not in TERMINAL and job.get("step") == PROBATION and ctx.manifest is not None:
