@@ -4,7 +4,7 @@ Invariants:
 - The install goes through the same deploy state machine as a fleet deploy (same checks, same
   high-water mark, same validation, activation and probation); only the source differs. It is a
   local job (``local-install-…``), visible in ``agentctl jobs`` and reported to the fleet.
-- The call waits on the job's ``Progress`` (completed by the deploy runner), not on the database,
+- The call waits on the job's ``DeployProgress`` (completed by the deploy runner), not on the database,
   and returns once the job ended or the new version serves on probation, or at
   ``INSTALL_WAIT_S``; the job goes on either way.
 """

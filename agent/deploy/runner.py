@@ -99,7 +99,7 @@ def check_clock(db: StateDB, max_clock_skew_s: float, now: float | None = None) 
     return reason
 
 
-class Progress:
+class DeployProgress:
     """The step a deploy is in and whether its run ended, for a caller that waits on it
     (``agentctl install``) instead of polling the database. The runner writes; waiters read."""
 
@@ -146,7 +146,7 @@ class DeployContext:
     tune: list[int] = field(default_factory=list)  # candidates autotune measures in LOADING (once)
     tuned: dict[str, Any] | None = None  # autotune's row for ``loaded``: its golden check and timings
     spares: list[Any] = field(default_factory=list)  # workers started while the bundle downloads
-    progress: Progress = field(default_factory=Progress)  # completed by ``DeployRunner.run``
+    progress: DeployProgress = field(default_factory=DeployProgress)  # completed by ``DeployRunner.run``
 
     @property
     def candidate(self) -> Candidate:
