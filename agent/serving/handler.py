@@ -79,16 +79,16 @@ class Handler(socketserver.BaseRequestHandler):
         if not self.local_socket:
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        prefix = app._prefixes.pop(sock, None)
+        prefix = app.take_prefix(sock)
         self.resumed = prefix is not None
         self.conn = HttpConn(sock, prefix or b"", app.max_body_bytes)
         self.close_connection = True
         self.handed = False  # the connection now belongs to a model's worker: not ours to close
         self.body_unread = False  # the last request's body was not read in full
-        self.slot = app._slot(sock)
+        self.slot = app.track_conn(sock)
 
     def finish(self) -> None:
-        self._app._untrack(self.request)
+        self._app.untrack_conn(self.request)
 
     def handle(self) -> None:
         first = not self.resumed
@@ -121,22 +121,22 @@ class Handler(socketserver.BaseRequestHandler):
 
     def _busy(self, busy: bool) -> None:
         if self.slot is not None:
-            self._app._mark(self.slot, busy)
+            self._app.mark_busy(self.slot, busy)
 
     def dispatch(self, req: Request) -> None:
         """Answer one request whose head was read (the hook a worker's handler overrides:
         agent/serving/adopted.py). Sets ``handed`` when the connection went to another process."""
         app = self._app
-        if req.method == "POST" and "expect" not in req.headers and app._hand_off(self, req):
+        if req.method == "POST" and "expect" not in req.headers and app.hand_off(self, req):
             return
-        app._enter()
+        app.enter_request()
         try:
             resp = self.serve(req)
-            if app._stopping:
+            if app.stopping:
                 self.close_connection = True
             self.send_reply(req, resp)
         finally:
-            app._leave()
+            app.leave_request()
 
     def serve(self, req: Request) -> Response:
         """Check, read the body, answer; every refusal is a reply, never an exception."""
