@@ -20,7 +20,7 @@ from typing import Any
 from benchmarks import harness as h
 from benchmarks.context import SCALES, Context
 
-SECTIONS = ("footprint", "serving", "deploy", "swap", "telemetry", "fleet", "collect")
+SECTIONS = ("footprint", "serving", "deploy", "swap", "telemetry", "fleet", "collect", "sources")
 RESULTS_NAME = "results.json"
 
 

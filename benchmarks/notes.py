@@ -134,6 +134,15 @@ heartbeat) and a reference subscriber's count of every device's highest telemetr
 the telemetry the two collectors hold together. The machine is shared with other work while this
 runs, so CPU figures are noisy (an upper bound)."""
 
+SOURCES = """\
+The figure users compare: what one prediction costs when a model trained with XGBoost is served by
+the agent instead of being called in the training framework. The model is built with `fleetctl
+bundle build model.json` (converted by onnxmltools, certified against XGBoost's own predictions:
+docs/model-sources.md) and deployed with a signed command; the agent serves it with onnxruntime
+(selection names the ONNX-ML operators OpenVINO cannot run). The agent rows include the HTTP request,
+JSON or binary tensors and the hand-off to the model's worker process; the in-process rows include
+none of that."""
+
 FIXES = """\
 ## What was fixed for these figures
 

@@ -187,7 +187,8 @@ def render(res: dict[str, Any], images: dict[str, str]) -> str:
     d.table(["aim", "measured (median)", "floor / reference (same run)", "verdict"], aims(res))
     d.add(notes.AIMS, "")
     for name, fn in (("footprint", _footprint), ("serving", _serving), ("deploy", _deploy), ("swap", _swap),
-                     ("telemetry", _telemetry), ("fleet", _fleet), ("collect", _collect)):
+                     ("telemetry", _telemetry), ("fleet", _fleet), ("collect", _collect),
+                     ("sources", _sources)):
         sec = s.get(name)
         if sec is None:
             continue
@@ -398,3 +399,23 @@ def _fleet(d: Doc, fl: dict[str, Any], images: dict[str, str]) -> None:
              "broker msgs/s in the wave", "PUBLISH received ($SYS)", "CPU % of a core per device, idle",
              "… during the wave", "broker CPU % idle / wave"], rows)
     _img(d, images, "fleet", "Time for a group deploy to reach every simulated device")
+
+
+def _sources(d: Doc, sr: dict[str, Any], images: dict[str, str]) -> None:
+    from benchmarks import notes
+
+    d.add("## 8. A tree ensemble: the training framework, onnxruntime and the agent", "", notes.SOURCES, "",
+          f"Model: {sr.get('model', '?')}; one sample per call, {sr.get('requests', '?')} calls each."
+          + (f" {sr['note']}" if sr.get("note") else ""), "")
+    fw = _med(sr, "framework", "ms")
+    rows = []
+    for key, label in (("framework", "the framework's own `predict_proba` (in process)"),
+                       ("onnxruntime", "onnxruntime `sess.run` on the converted model (in process)"),
+                       ("agent_json", "the agent, KServe v2 JSON over loopback (process isolation)"),
+                       ("agent_binary", "the agent, KServe v2 binary over loopback (process isolation)")):
+        if key not in sr:
+            continue
+        st = sr[key]["ms"]
+        rows.append([label, _f(st["median"], 3), _f(st["p99"], 3),
+                     _f(st["median"] / fw, 2) if fw else "–", str(sr[key].get("errors", 0))])
+    d.table(["per call", "p50 ms", "p99 ms", "× framework", "errors"], rows)

@@ -109,6 +109,15 @@ class Backend(Protocol):
     def load(self, model_path: Path, target: str, options: LoadOptions) -> LoadedModel: ...
 
 
+ONNX_ML_DOMAIN = "ai.onnx.ml"  # ONNX's classical-ML operators: TreeEnsemble*, LinearClassifier, Scaler, ...
+
+
+def onnx_ml_operators(operators: Any) -> list[str]:
+    """The ONNX-ML operators (``ai.onnx.ml.TreeEnsembleClassifier``) among a variant's ``operators``."""
+    return [op for op in operators if op.startswith(ONNX_ML_DOMAIN + ".")]
+
+
+STRING = "string"  # the manifest's dtype for string tensors (KServe BYTES): str, bytes or object arrays
 _NP_DTYPES = {"float32", "float16", "float64", "int8", "uint8", "int16", "int32", "int64", "bool"}
 
 
@@ -177,7 +186,10 @@ def _check_inputs(specs: tuple[TensorSpec, ...], inputs: dict[str, Any]) -> dict
         if s.name not in inputs:
             raise errors.RejectError(errors.INVALID_INPUT, f"missing input {s.name!r}")
         a = np.asarray(inputs[s.name])
-        if str(a.dtype) != s.dtype:
+        if s.dtype == STRING and a.dtype.kind in "USO":
+            if a.dtype.kind == "O" and not all(isinstance(v, str) for v in a.reshape(-1)):
+                raise errors.RejectError(errors.INVALID_INPUT, f"input {s.name!r}: not all values are strings")
+        elif str(a.dtype) != s.dtype:
             raise errors.RejectError(errors.INVALID_INPUT,
                                      f"input {s.name!r}: dtype {a.dtype}, the model takes {s.dtype}")
         if len(a.shape) != len(s.shape) or any(

@@ -56,14 +56,43 @@ def load_samples(inputs: Path, expected: Path) -> tuple[dict[str, Any], dict[str
     return ins, exp
 
 
+EXACT_KINDS = "iubUSO"  # integer, boolean and string outputs (class labels) must match exactly
+
+
+def _check_exact(name: str, got: Any, exp: Any, backend_id: str) -> None:
+    """``validation_failed`` unless ``got`` equals ``exp`` element for element."""
+    import numpy as np
+
+    g = np.asarray(got)
+    if g.shape != exp.shape:
+        raise errors.RejectError(errors.VALIDATION_FAILED,
+                                 f"output {name!r}: shape {list(g.shape)}, expected {list(exp.shape)}")
+    if exp.dtype.kind in "USO":
+        same = g.astype(str) == exp.astype(str) if g.dtype.kind in "USO" else np.zeros(exp.shape, bool)
+    else:
+        same = g == exp
+    if not bool(np.all(same)):
+        i = int(np.argmin(np.asarray(same).reshape(-1)))
+        g_i, e_i = (x.item() if hasattr(x, "item") else x for x in (g.reshape(-1)[i], exp.reshape(-1)[i]))
+        raise errors.RejectError(
+            errors.VALIDATION_FAILED,
+            f"output {name!r} on {backend_id}: {int(np.size(same) - np.count_nonzero(same))} value(s) differ "
+            f"from the golden ones, which must match exactly (at flat index {i}: "
+            f"{g_i!r}, expected {e_i!r})")
+
+
 def max_error(out: Mapping[str, Any], expected: Mapping[str, Any], rtol: float, atol: float, backend_id: str) -> float:
-    """Largest |got - expected|; ``validation_failed`` when any element is outside atol + rtol·|expected|."""
+    """Largest |got - expected|; ``validation_failed`` when any element is outside atol + rtol·|expected|,
+    or, for integer, boolean and string outputs (class labels), differs at all."""
     import numpy as np
 
     worst = 0.0
     for name, exp in expected.items():
         if name not in out:
             raise errors.RejectError(errors.VALIDATION_FAILED, f"output {name!r} missing from {backend_id}")
+        if np.asarray(exp).dtype.kind in EXACT_KINDS:
+            _check_exact(name, out[name], np.asarray(exp), backend_id)
+            continue
         got = np.asarray(out[name], dtype=np.float64)
         e = np.asarray(exp, dtype=np.float64)
         if got.shape != e.shape:

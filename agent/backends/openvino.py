@@ -60,6 +60,17 @@ _WHY_MISSING = {
     MYRIAD: f"the MYRIAD plugin shipped only up to OpenVINO {MYRIAD_LAST_RELEASE}",
 }
 _HINTS = {"fp32": "f32", "fp16": "f16", "bf16": "bf16"}
+# The ONNX-ML operators OpenVINO's ONNX frontend converts (its src/frontends/onnx/frontend/src/op/
+# ai.onnx.ml/ holds only Normalizer): tree ensembles, linear classifiers, scalers, encoders and
+# ZipMap are "No conversion rule found" at load time.
+ONNX_ML_CONVERTED = frozenset({"Normalizer"})
+
+
+def unsupported_operators(operators: Iterable[str]) -> list[str]:
+    """The operators of a model (domain-qualified, as a manifest lists them) OpenVINO cannot convert."""
+    from agent.backends.base import onnx_ml_operators
+
+    return [op for op in onnx_ml_operators(operators) if op.rsplit(".", 1)[-1] not in ONNX_ML_CONVERTED]
 
 _core_lock = threading.Lock()
 _core: Any = None

@@ -148,8 +148,10 @@ def rank(manifest: Manifest, targets: list[Target], pin: str | None = None,
             rejected.append({"backend": t.id, "reason": t.availability.reason})
             continue
         fitting = [v for v in manifest.variants if v.format in t.formats]
+        refused = {v.id: ops for v in fitting if (ops := unsupported_operators(t.runtime, v))}
+        fitting = [v for v in fitting if v.id not in refused]
         if not fitting:
-            rejected.append({"backend": t.id, "reason": f"no {'/'.join(t.formats)} variant in the bundle"})
+            rejected.append({"backend": t.id, "reason": _no_variant_reason(manifest, t, refused)})
             continue
         formats = NATIVE_FORMATS.get(t.runtime, t.formats)
         for vi, v in enumerate(fitting):
@@ -183,6 +185,32 @@ def rank(manifest: Manifest, targets: list[Target], pin: str | None = None,
                                  unusable=rejected)
     cands.sort(key=lambda c: c.score)
     return Decision(cands[0], cands, rejected, profile=profile)
+
+
+def unsupported_operators(runtime: str, variant: Variant) -> list[str]:
+    """The operators of an ONNX ``variant`` (as its manifest lists them) ``runtime`` cannot run."""
+    if variant.format != "onnx" or not variant.operators:
+        return []
+    if runtime == "openvino":
+        from agent.backends import openvino
+
+        return openvino.unsupported_operators(variant.operators)
+    return []  # onnxruntime runs every ONNX-ML operator; LiteRT reads no ONNX at all
+
+
+def _no_variant_reason(manifest: Manifest, t: Target, refused: Mapping[str, list[str]]) -> str:
+    """Why ``t`` takes no variant of the bundle, naming the operators it cannot run."""
+    if refused:
+        vid, ops = next(iter(refused.items()))
+        return f"{t.runtime} cannot run operators {', '.join(ops)} (variant {vid}); onnxruntime runs them"
+    reason = f"no {'/'.join(t.formats)} variant in the bundle"
+    if t.runtime == "tflite":
+        from agent.backends import tflite
+
+        ops = sorted({op for v in manifest.variants for op in tflite.unsupported_operators(v.operators)})
+        if ops:
+            reason += f"; LiteRT has no kernels for the model's operators {', '.join(ops)}"
+    return reason
 
 
 def gate(targets: Sequence[Target], blocked: Mapping[str, str]) -> list[Target]:

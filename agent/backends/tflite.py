@@ -52,6 +52,14 @@ APEX_GLOB = "/dev/apex_*"
 QUANTIZED_DTYPES = ("int8", "uint8", "int16")
 
 
+def unsupported_operators(operators: Iterable[str]) -> list[str]:
+    """The operators of an ONNX model LiteRT has no kernels for: every ONNX-ML one (a tflite
+    variant of such a model cannot be made; LiteRT reads only .tflite files)."""
+    from agent.backends.base import onnx_ml_operators
+
+    return onnx_ml_operators(operators)
+
+
 def coral_attached() -> bool:
     """A Coral Edge TPU on USB (either id) or PCIe (/dev/apex_N) on this machine."""
     import glob  # here, not at the top: the daemon imports this module but lists no target

@@ -23,7 +23,11 @@ MAX_FILE_BYTES = 64 * 1024**3
 MAX_FILES = 256
 FORMATS = ("onnx", "tflite", "openvino")
 PRECISIONS = ("fp32", "fp16", "int8")
-DTYPES = ("float32", "float16", "float64", "int8", "uint8", "int16", "int32", "int64", "bool")
+DTYPES = ("float32", "float16", "float64", "int8", "uint8", "int16", "int32", "int64", "bool", "string")
+MAX_SOURCE_KEYS = 16  # the optional ``source`` object: provenance, a few short strings
+MAX_SOURCE_VALUE_CHARS = 256
+MAX_OPERATORS = 64  # a variant's non-standard operators the manifest lists, for backend selection
+OPERATOR_RE = re.compile(r"^[A-Za-z0-9_.]{1,128}$")  # ai.onnx.ml.TreeEnsembleClassifier
 NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 PATH_RE = re.compile(r"^[A-Za-z0-9_.+@=-][A-Za-z0-9_.+@=/-]{0,254}$")
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
@@ -58,6 +62,7 @@ class Variant:
     format: str
     precision: str
     files: tuple[FileEntry, ...]
+    operators: tuple[str, ...] = ()  # an ONNX variant's operators outside the standard domain (ai.onnx.ml.*)
 
     @property
     def main_file(self) -> FileEntry:
@@ -91,6 +96,7 @@ class Manifest:
     validation: Validation | None
     description: str = ""
     requires: dict[str, Any] = field(default_factory=dict)
+    source: dict[str, str] = field(default_factory=dict)  # provenance: framework and converter versions
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def variant(self, vid: str) -> Variant:
@@ -233,7 +239,7 @@ def parse_document(doc: Any) -> Manifest:
         vfiles = tuple(_file(f, f"{where}.files[{j}]") for j, f in enumerate(_req(vd, "files", list, where)))
         if not vfiles:
             raise _bad(f"{where}: no files")
-        variants.append(Variant(vid, fmt, prec, vfiles))
+        variants.append(Variant(vid, fmt, prec, vfiles, _operators(vd.get("operators"), where)))
     if not variants:
         raise _bad("manifest: no variants")
     common = tuple(_file(f, f"files[{j}]") for j, f in enumerate(doc.get("files", []) or []))
@@ -271,7 +277,29 @@ def parse_document(doc: Any) -> Manifest:
     return Manifest(name=name, version=version, created_at=created_at, expires_at=expires_at,
                     inputs=inputs, outputs=outputs, variants=tuple(variants), files=common,
                     validation=validation, description=str(doc.get("description", ""))[:1024],
-                    requires=requires, raw=doc)
+                    requires=requires, source=_source(doc.get("source")), raw=doc)
+
+
+def _operators(ops: Any, where: str) -> tuple[str, ...]:
+    """A variant's optional ``operators``: at most MAX_OPERATORS domain-qualified operator names."""
+    if ops is None:
+        return ()
+    if not isinstance(ops, list) or len(ops) > MAX_OPERATORS or not all(
+            isinstance(o, str) and OPERATOR_RE.match(o) for o in ops):
+        raise _bad(f"{where}.operators: not a list of at most {MAX_OPERATORS} operator names")
+    return tuple(ops)
+
+
+def _source(d: Any) -> dict[str, str]:
+    """The optional provenance object: at most MAX_SOURCE_KEYS short strings."""
+    if d is None:
+        return {}
+    if (not isinstance(d, dict) or len(d) > MAX_SOURCE_KEYS
+            or not all(isinstance(k, str) and isinstance(v, str) and len(k) <= 64 and len(v) <= MAX_SOURCE_VALUE_CHARS
+                       for k, v in d.items())):
+        raise _bad(f"source: not an object of at most {MAX_SOURCE_KEYS} strings of at most "
+                   f"{MAX_SOURCE_VALUE_CHARS} characters")
+    return dict(d)
 
 
 def verify_manifest(raw: bytes, trust: TrustStore, threshold: int) -> Manifest:

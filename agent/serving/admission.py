@@ -35,8 +35,10 @@ MAX_SHAPES = 256  # known-computable input shapes kept per model (more are not l
 JSON_BYTES_PER_ELEMENT = 32  # worst case of one number written out in a JSON body ("-1.2345678e-05, ")
 BODY_SLACK_BYTES = 64 * 1024  # a request's JSON header, names and parameters
 CALLER_CODES = frozenset({errors.INVALID_INPUT, errors.TOO_LARGE, errors.BUSY})  # never a model error
+STRING_ELEMENT_BYTES = 256  # what one element of a string (KServe BYTES) input may take in a body: text and framing
 _ITEM_BYTES = {"bool": 1, "int8": 1, "uint8": 1, "int16": 2, "uint16": 2, "float16": 2, "bfloat16": 2,
-               "int32": 4, "uint32": 4, "float32": 4, "int64": 8, "uint64": 8, "float64": 8}
+               "int32": 4, "uint32": 4, "float32": 4, "int64": 8, "uint64": 8, "float64": 8,
+               "string": STRING_ELEMENT_BYTES}
 
 ShapeKey = tuple[tuple[str, tuple[int, ...]], ...]
 

@@ -2,7 +2,10 @@
 
 Invariants:
 - Binary tensors are little-endian and packed in the order of the inputs/outputs that name a
-  ``binary_data_size``. BYTES tensors are not supported (400).
+  ``binary_data_size``. A BYTES tensor is text: in JSON a (nested) list of strings, in binary each
+  element as a 4-byte little-endian length then its UTF-8 bytes; it feeds and answers models with
+  ``string`` tensors, within the same body limit as every tensor and at most
+  ``MAX_BYTES_ELEMENTS`` elements (each costs a Python object, not 4 bytes of an array).
 - Bad input of any shape (deep nesting, shapes whose product overflows, values out of range) is
   ``invalid_input`` with a message naming the tensor, never an internal error.
 - numpy is imported lazily, only when a request needs it.
@@ -35,6 +38,9 @@ KSERVE_TO_NUMPY = {"BOOL": "bool", "UINT8": "uint8", "UINT16": "uint16", "UINT32
                    "INT64": "int64", "FP16": "float16", "FP32": "float32", "FP64": "float64"}
 NUMPY_TO_KSERVE = {v: k for k, v in KSERVE_TO_NUMPY.items()}
 _BYTES_DTYPES = {"tensor(string)", "string", "str", "object", "bytes"}
+BYTES = "BYTES"
+BYTES_LENGTH_BYTES = 4  # each binary BYTES element: uint32 little-endian length, then the bytes
+MAX_BYTES_ELEMENTS = 1 << 20  # strings in one BYTES tensor
 
 
 _ENCODER = json.JSONEncoder(separators=(",", ":"))
@@ -147,13 +153,86 @@ def _tensor_from_binary(name: str, datatype: str, np_dtype: str, shape: list[int
     return a
 
 
+def _strings_from_json(name: str, shape: list[int], data: Any) -> np.ndarray:
+    """A BYTES tensor from JSON: a flat or nested list of exactly prod(shape) strings."""
+    import numpy as np
+
+    n = math.prod(shape)
+    if n > MAX_BYTES_ELEMENTS:
+        raise _invalid(f"input {name!r}: {n} strings, a BYTES tensor holds at most {MAX_BYTES_ELEMENTS}")
+    flat: list[Any] = data if isinstance(data, list) else [data]
+    for _ in range(MAX_DIMS):  # nested lists flatten one level per pass, bounded by the rank limit
+        if not any(isinstance(x, list) for x in flat):
+            break
+        if not all(isinstance(x, list) for x in flat):
+            raise _invalid(f"input {name!r}: data mixes lists and strings")
+        flat = [y for x in flat for y in x]
+        if len(flat) > n:
+            break
+    if len(flat) != n:
+        raise _invalid(f"input {name!r}: shape {shape} has {n} element(s), data has {len(flat)}")
+    if not all(type(x) is str for x in flat):
+        raise _invalid(f"input {name!r}: datatype BYTES, but data holds values that are not strings")
+    a = np.empty(n, dtype=object)
+    a[:] = flat
+    return a.reshape(shape)
+
+
+def _strings_from_binary(name: str, shape: list[int], buf: memoryview) -> np.ndarray:
+    """A BYTES tensor from binary data: per element a uint32 LE length, then that many UTF-8 bytes."""
+    import numpy as np
+
+    n = math.prod(shape)
+    if n > MAX_BYTES_ELEMENTS:
+        raise _invalid(f"input {name!r}: {n} strings, a BYTES tensor holds at most {MAX_BYTES_ELEMENTS}")
+    out = np.empty(n, dtype=object)
+    pos, end = 0, len(buf)
+    for i in range(n):
+        if pos + BYTES_LENGTH_BYTES > end:
+            raise _invalid(f"input {name!r}: binary BYTES data ends before element {i} of {n}")
+        size = int.from_bytes(buf[pos:pos + BYTES_LENGTH_BYTES], "little")
+        pos += BYTES_LENGTH_BYTES
+        if pos + size > end:
+            raise _invalid(f"input {name!r}: BYTES element {i} claims {size} byte(s), "
+                           f"{end - pos} are left")
+        try:
+            out[i] = str(buf[pos:pos + size], "utf-8")
+        except UnicodeDecodeError as e:
+            raise _invalid(f"input {name!r}: BYTES element {i} is not UTF-8 text") from e
+        pos += size
+    if pos != end:
+        raise _invalid(f"input {name!r}: {end - pos} byte(s) of binary BYTES data after its {n} element(s)")
+    return out.reshape(shape)
+
+
+def _strings(a: np.ndarray) -> list[str]:
+    """A string output's elements as text (onnxruntime gives str objects; bytes are UTF-8)."""
+    out = []
+    for x in a.ravel().tolist():
+        if isinstance(x, bytes):
+            x = x.decode("utf-8", "replace")
+        elif not isinstance(x, str):
+            raise errors.AgentError(errors.INTERNAL, f"a string output holds a {type(x).__name__}")
+        out.append(x)
+    return out
+
+
+def _strings_to_binary(values: list[str]) -> bytes:
+    parts = []
+    for v in values:
+        b = v.encode("utf-8")
+        parts.append(len(b).to_bytes(BYTES_LENGTH_BYTES, "little"))
+        parts.append(b)
+    return b"".join(parts)
+
+
 _OUT_DATATYPES: dict[Any, str | None] = {}  # numpy dtype → KServe datatype; str(dtype) is slow
 
 
 def _out_datatype(dtype: Any) -> str | None:
     dt = _OUT_DATATYPES.get(dtype, "")
     if dt == "":
-        dt = _OUT_DATATYPES[dtype] = NUMPY_TO_KSERVE.get(str(dtype))
+        dt = _OUT_DATATYPES[dtype] = BYTES if dtype.kind in "OUS" else NUMPY_TO_KSERVE.get(str(dtype))
     return dt
 
 
@@ -199,12 +278,10 @@ def decode_request(headers: dict[str, str], body: bytes) -> InferRequest:
         if tname in feed:
             raise _invalid(f"input {tname!r} is given twice")
         datatype = t.get("datatype")
-        if datatype == "BYTES":
-            raise _invalid(f"input {tname!r}: datatype BYTES is not supported by this server")
-        if not isinstance(datatype, str) or datatype not in KSERVE_TO_NUMPY:
+        if not isinstance(datatype, str) or (datatype not in KSERVE_TO_NUMPY and datatype != BYTES):
             raise _invalid(f"input {tname!r}: unknown datatype {datatype!r}; "
-                           f"expected one of {', '.join(KSERVE_TO_NUMPY)}")
-        np_dtype = KSERVE_TO_NUMPY[datatype]
+                           f"expected one of {', '.join(KSERVE_TO_NUMPY)}, {BYTES}")
+        np_dtype = KSERVE_TO_NUMPY.get(datatype, "")
         shape = _parse_shape(tname, t.get("shape"))
         params = t.get("parameters") or {}
         if not isinstance(params, dict):
@@ -219,13 +296,15 @@ def decode_request(headers: dict[str, str], body: bytes) -> InferRequest:
             if offset + bsize > len(binary):
                 raise _invalid(f"input {tname!r}: binary_data_size {bsize} runs past the end of "
                                f"the binary data ({len(binary) - offset} byte(s) left)")
-            feed[tname] = _tensor_from_binary(tname, datatype, np_dtype, shape,
-                                              binary[offset:offset + bsize])
+            chunk = binary[offset:offset + bsize]
+            feed[tname] = (_strings_from_binary(tname, shape, chunk) if datatype == BYTES
+                           else _tensor_from_binary(tname, datatype, np_dtype, shape, chunk))
             offset += bsize
         else:
             if "data" not in t:
                 raise _invalid(f"input {tname!r} has neither \"data\" nor binary_data_size")
-            feed[tname] = _tensor_from_json(tname, datatype, np_dtype, shape, t["data"])
+            feed[tname] = (_strings_from_json(tname, shape, t["data"]) if datatype == BYTES
+                           else _tensor_from_json(tname, datatype, np_dtype, shape, t["data"]))
     if binary is not None and offset != len(binary):
         raise _invalid(f"{len(binary) - offset} byte(s) of binary data are not claimed by any input")
 
@@ -267,7 +346,16 @@ def encode_response(sv: ServingVersion, results: dict[str, Any], r: InferRequest
         if dt is None:
             raise errors.AgentError(errors.INTERNAL,
                                     f"output {oname!r} has dtype {a.dtype}, which this server cannot send")
-        if as_binary:
+        if dt == BYTES:
+            values = _strings(a)
+            if as_binary:
+                blob = _strings_to_binary(values)
+                blobs.append(blob)
+                out_meta.append({"name": oname, "datatype": dt, "shape": list(a.shape),
+                                 "parameters": {"binary_data_size": len(blob)}})
+            else:
+                out_meta.append({"name": oname, "datatype": dt, "shape": list(a.shape), "data": values})
+        elif as_binary:
             blob = _tensor_to_binary(a)
             blobs.append(blob)
             out_meta.append({"name": oname, "datatype": dt, "shape": list(a.shape),

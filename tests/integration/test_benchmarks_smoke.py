@@ -64,3 +64,12 @@ def test_collect(tmp_path: Path) -> None:
     assert c["telemetry_held"] == c["telemetry_published"]  # nothing lost between the sims and the two collectors
     assert c["lost_counted"] == 0 and c["for_100k"] is not None
     assert "## 7. Fleet collector" in doc
+
+
+def test_sources(tmp_path: Path) -> None:
+    pytest.importorskip("xgboost", reason="the sources section trains an XGBoost model ('edge-agent[test]')")
+    res, doc = smoke(tmp_path, "sources")
+    sr = res["sources"]
+    assert sr["agent_json"]["errors"] == 0 and sr["agent_binary"]["errors"] == 0
+    assert sr["framework"]["ms"]["median"] > 0 and sr["onnxruntime"]["ms"]["median"] > 0
+    assert "## 8. A tree ensemble" in doc

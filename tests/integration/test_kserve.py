@@ -54,6 +54,27 @@ def make_mixed_onnx(path: Path) -> Path:
     return path
 
 
+def make_words_onnx(path: Path) -> Path:
+    """w string [-1, 2] → echo = w (string), code = LabelEncoder(w) (int64: cat 1, dog 2, else -1)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["w"], ["echo"]),
+         helper.make_node("LabelEncoder", ["w"], ["code"], domain="ai.onnx.ml", keys_strings=["cat", "dog"],
+                          values_int64s=[1, 2], default_int64=-1)],
+        "words",
+        [helper.make_tensor_value_info("w", TensorProto.STRING, ["batch", 2])],
+        [helper.make_tensor_value_info("echo", TensorProto.STRING, ["batch", 2]),
+         helper.make_tensor_value_info("code", TensorProto.INT64, ["batch", 2])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("ai.onnx.ml", 2)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path
+
+
 class FakeModel:
     """A LoadedModel that sleeps or fails, for the server's own behaviour."""
 
@@ -85,6 +106,8 @@ class Env:
             "linear", 3, "onnx-fp32", backend.load(self.linear_path, CPU, LoadOptions())))
         self.registry.activate(ServingVersion(
             "mixed", 1, "onnx-fp32", backend.load(self.mixed_path, CPU, LoadOptions())))
+        self.registry.activate(ServingVersion(
+            "words", 1, "onnx-fp32", backend.load(make_words_onnx(tmp / "words.onnx"), CPU, LoadOptions())))
         self.registry.activate(ServingVersion("boom", 1, "fake", FakeModel(fail=True)))
         self.registry.activate(ServingVersion("slow", 1, "fake", FakeModel(delay_s=0.3)))
         self.ready = True
@@ -286,7 +309,7 @@ def test_binary_mixed_inputs_and_outputs(env: Env) -> None:
     ({"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [1.0, 2.0]}, "'x'"),  # size
     ({"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [[1.0], [2.0, 3.0]]}, "'x'"),  # ragged
     ({"name": "x", "shape": [1, 4], "datatype": "FP32", "data": ["a", "b", "c", "d"]}, "'x'"),
-    ({"name": "x", "shape": [1, 4], "datatype": "BYTES", "data": ["a", "b", "c", "d"]}, "BYTES"),
+    ({"name": "x", "shape": [1, 4], "datatype": "BYTES", "data": ["a", "b", "c", "d"]}, "'x'"),  # a float input
     ({"name": "x", "shape": [1, 4], "datatype": "FP128", "data": [1, 2, 3, 4]}, "FP128"),
     ({"name": "x", "shape": [1, -4], "datatype": "FP32", "data": [1, 2, 3, 4]}, "'x'"),
     ({"name": "x", "shape": [1, 4], "datatype": "FP32"}, "'x'"),  # no data
@@ -297,6 +320,92 @@ def test_bad_inputs_400(env: Env, inp: dict[str, Any], needle: str) -> None:
     assert r.status_code == 400, r.text
     assert r.json()["code"] == "invalid_input"
     assert needle in r.json()["error"], r.json()
+
+
+WORDS = [["cat", "dog"], ["ému", ""]]  # non-ASCII and empty strings travel too
+
+
+def bytes_blob(values: list[str]) -> bytes:
+    """KServe v2 binary BYTES: per element a uint32 little-endian length, then its UTF-8 bytes."""
+    return b"".join(len(v.encode()).to_bytes(4, "little") + v.encode() for v in values)
+
+
+def test_bytes_tensors_in_json(env: Env) -> None:
+    r = infer_json(env, "words", {"inputs": [{"name": "w", "shape": [2, 2], "datatype": "BYTES", "data": WORDS}]})
+    assert r.status_code == 200, r.text
+    out = {o["name"]: o for o in r.json()["outputs"]}
+    assert out["echo"]["datatype"] == "BYTES" and out["echo"]["shape"] == [2, 2]
+    assert out["echo"]["data"] == ["cat", "dog", "ému", ""]
+    assert out["code"]["datatype"] == "INT64" and out["code"]["data"] == [1, 2, -1, -1]
+    meta = env.http.get(f"{env.url}/v2/models/words", timeout=CLIENT_TIMEOUT_S).json()
+    assert meta["inputs"][0]["datatype"] == "BYTES" and meta["outputs"][0]["datatype"] == "BYTES"
+
+
+def test_bytes_tensors_in_binary(env: Env) -> None:
+    flat = [w for row in WORDS for w in row]
+    blob = bytes_blob(flat)
+    header = {"inputs": [{"name": "w", "shape": [2, 2], "datatype": "BYTES",
+                          "parameters": {"binary_data_size": len(blob)}}],
+              "outputs": [{"name": "echo", "parameters": {"binary_data": True}}]}
+    host, port = env.server.address
+    status, headers, body = binary_request(host, port, "/v2/models/words/infer", header, [blob])
+    assert status == 200, body
+    meta, rest = split_binary(headers, body)
+    (echo,) = meta["outputs"]
+    assert echo["datatype"] == "BYTES" and echo["parameters"]["binary_data_size"] == len(rest)
+    assert rest == blob  # the same strings, in the same framing
+
+
+@pytest.mark.parametrize(("data", "needle"), [
+    ([["cat", 1], ["dog", "emu"]], "not strings"),
+    (["cat", "dog", "emu"], "4 element(s), data has 3"),
+    ([["cat", "dog"], "emu", "gnu"], "mixes lists and strings"),
+])
+def test_bad_bytes_json_400(env: Env, data: Any, needle: str) -> None:
+    r = infer_json(env, "words", {"inputs": [{"name": "w", "shape": [2, 2], "datatype": "BYTES", "data": data}]})
+    assert r.status_code == 400 and r.json()["code"] == "invalid_input", r.text
+    assert needle in r.json()["error"] and "'w'" in r.json()["error"], r.json()
+
+
+@pytest.mark.parametrize(("blob", "needle"), [
+    (bytes_blob(["cat", "dog", "emu"]), "ends before element 3"),
+    (bytes_blob(["cat", "dog", "emu", "gnu"]) + b"x", "after its 4 element(s)"),
+    (bytes_blob(["cat", "dog", "emu"]) + (1 << 31).to_bytes(4, "little") + b"gnu", "claims 2147483648 byte(s)"),
+    (bytes_blob(["cat", "dog", "emu"]) + b"\x02\0\0\0\xff\xfe", "not UTF-8"),
+])
+def test_bad_bytes_binary_400(env: Env, blob: bytes, needle: str) -> None:
+    header = {"inputs": [{"name": "w", "shape": [2, 2], "datatype": "BYTES",
+                          "parameters": {"binary_data_size": len(blob)}}]}
+    host, port = env.server.address
+    status, _, body = binary_request(host, port, "/v2/models/words/infer", header, [blob])
+    err = json.loads(body)
+    assert status == 400 and err["code"] == "invalid_input" and needle in err["error"], err
+
+
+def test_long_strings_fit_the_models_body_bound(env: Env) -> None:
+    """A full batch of 550-character strings: more body than a model of numbers with that shape
+    may send, within the bound of a model of strings (each element allowed
+    admission.STRING_ELEMENT_BYTES, not the 32 bytes of a number written in JSON)."""
+    from agent.serving.admission import BODY_SLACK_BYTES, DEFAULT_MAX_BATCH, STRING_ELEMENT_BYTES
+
+    rows = [["c" * 550, "d" * 550] for _ in range(DEFAULT_MAX_BATCH)]
+    n = 2 * DEFAULT_MAX_BATCH
+    body = json.dumps({"inputs": [{"name": "w", "shape": [DEFAULT_MAX_BATCH, 2], "datatype": "BYTES", "data": rows}]})
+    assert BODY_SLACK_BYTES + n * 32 < len(body) < BODY_SLACK_BYTES + n * STRING_ELEMENT_BYTES
+    r = env.http.post(f"{env.url}/v2/models/words/infer", data=body, timeout=CLIENT_TIMEOUT_S,
+                      headers={"Content-Type": "application/json"})
+    assert r.status_code == 200, r.text
+    assert r.json()["outputs"][0]["data"][0] == rows[0][0]
+
+
+def test_bytes_element_count_is_bounded(env: Env) -> None:
+    from agent.serving.tensors import MAX_BYTES_ELEMENTS
+
+    r = infer_json(env, "words", {"inputs": [{"name": "w", "shape": [MAX_BYTES_ELEMENTS // 2 + 1, 2],
+                                              "datatype": "BYTES", "data": []}]})
+    assert r.status_code == 400 and f"at most {MAX_BYTES_ELEMENTS}" in r.json()["error"], r.text
+    assert infer_json(env, "words", {"inputs": [{"name": "w", "shape": [2, 2], "datatype": "BYTES",
+                                                 "data": WORDS}]}).status_code == 200  # still serving
 
 
 def test_int_input_validation(env: Env) -> None:

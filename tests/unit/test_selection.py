@@ -167,3 +167,45 @@ def test_gpu_prefers_fp16_over_fp32() -> None:
     assert (d.chosen.target.id, d.chosen.variant.id) == ("openvino:GPU", "ov-fp16")
     cpu_first = [c for c in d.candidates if c.target.id == "openvino:CPU"]
     assert [c.variant.id for c in cpu_first] == ["ov-fp32", "ov-fp16"]
+
+
+TREE_OPS = ["ai.onnx.ml.TreeEnsembleClassifier", "ai.onnx.ml.ZipMap"]
+
+
+def tree_manifest(operators: list[str]) -> Manifest:
+    doc = manifest(("onnx-fp32", "onnx", "fp32")).raw
+    doc["variants"][0]["operators"] = operators
+    return parse_document(doc)
+
+
+def test_onnx_ml_operators_go_to_onnxruntime_and_openvino_and_litert_name_them() -> None:
+    d = rank(tree_manifest(TREE_OPS), [OV_CPU, ORT_CPU, TFL])
+    assert [(c.target.id, c.variant.id) for c in d.candidates] == [("onnxruntime:CPUExecutionProvider", "onnx-fp32")]
+    why = {r["backend"]: r["reason"] for r in d.rejected}
+    assert why["openvino:CPU"] == ("openvino cannot run operators ai.onnx.ml.TreeEnsembleClassifier, "
+                                   "ai.onnx.ml.ZipMap (variant onnx-fp32); onnxruntime runs them")
+    assert why["tflite:xnnpack"] == ("no tflite variant in the bundle; LiteRT has no kernels for the model's "
+                                     "operators ai.onnx.ml.TreeEnsembleClassifier, ai.onnx.ml.ZipMap")
+
+
+def test_an_onnx_ml_operator_openvino_converts_does_not_exclude_it() -> None:
+    d = rank(tree_manifest(["ai.onnx.ml.Normalizer"]), [OV_CPU, ORT_CPU])
+    assert d.chosen.target.id == "openvino:CPU"
+
+
+def test_only_onnxruntime_missing_leaves_no_backend_with_every_reason() -> None:
+    with pytest.raises(errors.RejectError) as e:
+        rank(tree_manifest(TREE_OPS), [OV_CPU, T("onnxruntime:CPUExecutionProvider", ("onnx",), usable=False,
+                                                 reason="onnxruntime is not installed")])
+    assert e.value.code == errors.NO_COMPATIBLE_BACKEND
+    assert "openvino cannot run operators ai.onnx.ml.TreeEnsembleClassifier" in e.value.message
+    assert "onnxruntime is not installed" in e.value.message
+
+
+def test_a_manifest_with_bad_operators_is_invalid() -> None:
+    doc = manifest(("onnx-fp32", "onnx", "fp32")).raw
+    for bad in ("TreeEnsemble", ["x" * 200], ["a b"], ["op"] * 65):
+        doc["variants"][0]["operators"] = bad
+        with pytest.raises(errors.RejectError) as e:
+            parse_document(doc)
+        assert e.value.code == errors.INVALID_MANIFEST and "operators" in e.value.message

@@ -55,6 +55,8 @@ from agent.bundles.manifest import (
     DEFAULT_RTOL,
     DTYPES,
     MAX_MANIFEST_BYTES,
+    MAX_OPERATORS,
+    MAX_SOURCE_VALUE_CHARS,
     FileEntry,
     Manifest,
     check_path,
@@ -135,14 +137,15 @@ def file_entry(root: Path, rel: str) -> FileEntry:
 
 def _tensor_info(value_info: Any) -> TensorInfo:
     """TensorInfo from an ONNX ValueInfoProto; BuildError for non-tensors or unsupported dtypes."""
-    from onnx import helper
+    from onnx import TensorProto, helper
 
     name = value_info.name
     if not value_info.type.HasField("tensor_type"):
         raise BuildError(f"model io {name!r} is not a tensor (sequence/map outputs are not supported)")
     tt = value_info.type.tensor_type
     try:
-        dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tt.elem_type)).name
+        dtype = ("string" if tt.elem_type == TensorProto.STRING
+                 else np.dtype(helper.tensor_dtype_to_np_dtype(tt.elem_type)).name)
     except (KeyError, TypeError, ValueError) as e:
         raise BuildError(f"model io {name!r}: unsupported ONNX element type {tt.elem_type}") from e
     if dtype not in DTYPES:
@@ -173,6 +176,19 @@ def model_io(model_path: Path) -> tuple[list[TensorInfo], list[TensorInfo]]:
     if not inputs or not outputs:
         raise BuildError(f"{model_path}: the graph needs at least one input and one output")
     return inputs, outputs
+
+
+def model_operators(model_path: Path) -> list[str]:
+    """The graph's operators outside the standard ONNX domain, domain-qualified and sorted
+    (``ai.onnx.ml.TreeEnsembleClassifier``): devices choose backends by them (the manifest's
+    variant ``operators``), builds skip variants that cannot hold them."""
+    import onnx
+
+    graph = onnx.load(str(model_path), load_external_data=False).graph
+    ops = sorted({f"{n.domain}.{n.op_type}" for n in graph.node if n.domain not in ("", "ai.onnx")})
+    if len(ops) > MAX_OPERATORS:
+        raise BuildError(f"{model_path}: {len(ops)} non-standard operators, a manifest lists at most {MAX_OPERATORS}")
+    return ops
 
 
 def random_inputs(inputs: Sequence[TensorInfo], samples: int, seed: int) -> dict[str, np.ndarray]:
@@ -217,6 +233,11 @@ def load_inputs(path: Path, inputs: Sequence[TensorInfo]) -> dict[str, np.ndarra
     out: dict[str, np.ndarray] = {}
     for name, t in want.items():
         arr = given[name]
+        if t.dtype == "string":
+            if arr.dtype.kind not in "US":
+                raise BuildError(f"--inputs {path}: {name!r} is {arr.dtype}, the model wants strings")
+            out[name] = arr.astype(str)
+            continue
         dt = np.dtype(t.dtype)
         if arr.dtype != dt:
             if not np.can_cast(arr.dtype, dt, casting="same_kind"):
@@ -246,7 +267,9 @@ def reference_outputs(model_path: Path, feeds: dict[str, np.ndarray],
     for name, val in zip(names, results, strict=True):
         arr = np.asarray(val)
         if arr.dtype == object:
-            raise BuildError(f"output {name!r} is not a numeric tensor")
+            if not all(isinstance(v, str) for v in arr.reshape(-1)):
+                raise BuildError(f"output {name!r} is neither a numeric nor a string tensor")
+            arr = arr.astype(str)  # .npz holds unicode arrays without pickles
         out[name] = arr
     return out
 
@@ -408,7 +431,9 @@ def build_bundle(model_path: Path | str, out_dir: Path | str, name: str, version
                  overwrite: bool = False, now: float | None = None, variants: Sequence[str] = (),
                  tflite: Path | str | None = None, prebuilt: Sequence[str] = (),
                  unchecked: Sequence[str] = (), checks: list[dict[str, Any]] | None = None,
-                 keep_going: bool = False, outcomes: list[Outcome] | None = None) -> Path:
+                 keep_going: bool = False, outcomes: list[Outcome] | None = None,
+                 golden: tuple[dict[str, np.ndarray], dict[str, np.ndarray]] | None = None,
+                 provenance: Mapping[str, str] | None = None) -> Path:
     """Write a signed bundle for an ONNX model into ``out_dir``; return the manifest's path.
 
     ``variants`` / ``tflite`` / ``prebuilt`` (``ID:FORMAT:PRECISION:PATH``) add variants beside
@@ -423,6 +448,10 @@ def build_bundle(model_path: Path | str, out_dir: Path | str, name: str, version
     of its manifest. ``extra_files`` are copied under their base names and listed as common files.
     ``overwrite`` allows replacing a bundle (devices refuse a version they already have, so
     re-signing the same version is usually a mistake).
+
+    ``golden`` (inputs, expected outputs) replaces the samples and onnxruntime's outputs: a
+    converted model's golden outputs are its source framework's (fleetctl/sources/certify.py).
+    ``provenance`` becomes the manifest's ``source`` object (framework and converter versions).
     """
     model_path, out = Path(model_path), Path(os.path.abspath(out_dir))  # "." and ".." resolved, links not
     if not keys:
@@ -433,17 +462,20 @@ def build_bundle(model_path: Path | str, out_dir: Path | str, name: str, version
     if expires_in_s <= 0:
         raise BuildError(f"the expiry must be in the future, got {expires_in_s} s")
     extras = _extra_files(extra_files)
+    ins, outs = model_io(model_path)
     try:
         plan, skipped = plan_variants(
             variants=parse_variants(variants), tflite=Path(tflite) if tflite is not None else None,
             prebuilt=[parse_prebuilt(p) for p in prebuilt], unchecked=unchecked,
-            taken=(MODEL_NAME, INPUTS_NAME, EXPECTED_NAME, *extras))
+            taken=(MODEL_NAME, INPUTS_NAME, EXPECTED_NAME, *extras), operators=model_operators(model_path))
     except VariantError as e:
         raise BuildError(str(e)) from e
 
-    ins, outs = model_io(model_path)
-    feeds = load_inputs(Path(inputs), ins) if inputs is not None else random_inputs(ins, samples, seed)
-    expected = reference_outputs(model_path, feeds, outs)
+    if golden is not None:
+        feeds, expected = golden
+    else:
+        feeds = load_inputs(Path(inputs), ins) if inputs is not None else random_inputs(ins, samples, seed)
+        expected = reference_outputs(model_path, feeds, outs)
 
     with _staging(out) as tmp:
         shutil.copyfile(model_path, tmp / MODEL_NAME)
@@ -463,7 +495,8 @@ def build_bundle(model_path: Path | str, out_dir: Path | str, name: str, version
         if checks is not None:
             checks.extend({"variant": b.id, "format": b.format, "precision": b.precision, **b.check} for b in built)
         doc = _manifest_doc(tmp, name, version, description, ins, outs, built, extras, now=now,
-                            expires_in_s=expires_in_s, rtol=rtol, atol=atol, max_p95_ms=max_p95_ms)
+                            expires_in_s=expires_in_s, rtol=rtol, atol=atol, max_p95_ms=max_p95_ms,
+                            provenance=provenance)
         _drop_unlisted(tmp, {MANIFEST_NAME, *(f["path"] for v in doc["variants"] for f in v["files"]),
                              *(f["path"] for f in doc["files"])})
         atomic_write(tmp / MANIFEST_NAME, sign_manifest(doc, list(keys)))
@@ -474,7 +507,7 @@ def build_bundle(model_path: Path | str, out_dir: Path | str, name: str, version
 def _manifest_doc(root: Path, name: str, version: int, description: str, ins: Sequence[TensorInfo],
                   outs: Sequence[TensorInfo], built: Sequence[BuiltVariant], extras: Mapping[str, Path], *,
                   now: float | None, expires_in_s: float, rtol: float, atol: float,
-                  max_p95_ms: float | None) -> dict[str, Any]:
+                  max_p95_ms: float | None, provenance: Mapping[str, str] | None = None) -> dict[str, Any]:
     """The manifest document for the files in ``root``, checked with the device's own schema."""
     t = time.time() if now is None else now
     validation: dict[str, Any] = {"inputs": INPUTS_NAME, "expected": EXPECTED_NAME,
@@ -496,6 +529,11 @@ def _manifest_doc(root: Path, name: str, version: int, description: str, ins: Se
         "validation": validation,
         "requires": {"agent": REQUIRES_AGENT},
     }
+    if provenance:
+        doc["source"] = {k: str(v)[:MAX_SOURCE_VALUE_CHARS] for k, v in provenance.items()}
+    for vd in doc["variants"]:
+        if vd["format"] == "onnx" and (ops := model_operators(root / vd["files"][0]["path"])):
+            vd["operators"] = ops
     try:
         parse_document(doc)
     except errors.AgentError as e:

@@ -23,6 +23,7 @@ from agent.bundles.trust import TrustStore, load_public_pem, public_pem
 from fleetctl import bundle, collect, commands, keys, mqttc, rollout, sim, watch
 from fleetctl.follow import ProbationCountdown, silent_device_message
 from fleetctl.serve import DEFAULT_HOST, DEFAULT_PORT, ArtifactServer
+from fleetctl.sources import certify
 
 log = logging.getLogger("fleetctl")
 
@@ -124,12 +125,24 @@ def cmd_bundle_build(a: argparse.Namespace) -> int:
     signing = keys.load_signing_keys(_signing_key_paths(a))
     out = Path(a.out) if a.out else Path("bundles") / a.name / str(a.version)
     outcomes: list[bundle.Outcome] = []
-    mpath = bundle.build_bundle(
-        a.model, out, a.name, a.version, signing, inputs=a.inputs, samples=a.samples, seed=a.seed,
+    agreement: list[certify.Agreement] = []
+    if a.inputs and a.sample_input:
+        raise UsageError("give --sample-input or --inputs, not both")
+    mpath = certify.build_from_source(
+        a.source, out, a.name, a.version, signing, tracking_uri=a.mlflow_tracking_uri,
+        sample_input=a.sample_input or a.inputs, samples=a.samples, seed=a.seed,
         expires_in_s=a.expires_in, rtol=a.rtol, atol=a.atol, max_p95_ms=a.max_p95_ms,
         extra_files=a.file or (), description=a.description, overwrite=a.force,
         variants=a.variants or (), tflite=a.tflite, prebuilt=a.add_variant or (), unchecked=a.no_check or (),
-        keep_going=a.keep_going, outcomes=outcomes)
+        keep_going=a.keep_going, outcomes=outcomes, agreement=agreement)
+    if agreement:  # a converted model: how its ONNX outputs matched the source framework's
+        doc0 = bundle.manifest_document(mpath)
+        src = doc0.get("source", {})
+        _out(f"converted {src.get('framework')} {src.get('framework_version')} with {src.get('converter')} "
+             f"{src.get('converter_version')}; certified against {src.get('framework')}'s own predictions "
+             f"({certify.tolerance_note(a.rtol, a.atol)}):")
+        for ag in agreement:
+            _out(f"  {ag.line()}")
     if len(outcomes) > 1:  # one line per variant: built (where checked, how close), failed or skipped, and why
         for o in outcomes:
             _out(o.line())
@@ -433,13 +446,29 @@ def build_parser() -> argparse.ArgumentParser:
 
     pb = sub.add_parser("bundle", help="build or verify a model bundle")
     bsub = pb.add_subparsers(dest="bundle_cmd", required=True, metavar="ACTION")
-    p = bsub.add_parser("build", help="sign a bundle from an ONNX model")
-    p.add_argument("model", metavar="MODEL.onnx")
+    p = bsub.add_parser(
+        "build", help="sign a bundle from an ONNX model, a scikit-learn/XGBoost/LightGBM model or an MLflow URI",
+        description="SOURCE is an .onnx file; a scikit-learn estimator or pipeline saved with joblib or pickle "
+                    "(.joblib, .pkl; converted with skl2onnx); an XGBoost model (.json, .ubj) or a LightGBM "
+                    "model (.txt; converted with onnxmltools); or an MLflow model URI (models:/NAME/VERSION, "
+                    "models:/NAME@ALIAS, runs:/RUN_ID/PATH) with --mlflow-tracking-uri. A converted model's "
+                    "golden samples are the source framework's own predictions, and the build refuses a "
+                    "conversion that changes them. WARNING: loading a .joblib/.pkl file or an MLflow "
+                    "scikit-learn model runs code stored in it; build only from files you trust.")
+    p.add_argument("source", metavar="SOURCE",
+                   help="MODEL.onnx, MODEL.joblib|.pkl (runs code from the file), MODEL.json|.ubj (XGBoost), "
+                        "MODEL.txt (LightGBM) or an MLflow URI")
+    p.add_argument("--mlflow-tracking-uri", metavar="URI",
+                   help="MLflow tracking/registry store for a models:/ or runs:/ SOURCE (file:/PATH, sqlite:///PATH, "
+                        "http://...; default $MLFLOW_TRACKING_URI)")
+    p.add_argument("--sample-input", metavar="FILE.npy|.npz",
+                   help="sample inputs: an .npy array for the model's one input, or an .npz keyed by input name "
+                        "(default: the MLflow input example, else seeded random samples)")
     p.add_argument("--name", type=_name("name"), required=True)
     p.add_argument("--version", type=_positive_int, required=True)
     p.add_argument("--key", action="append", metavar="KEY.key", help=f"signing key; repeatable (default ${ENV_KEY})")
     p.add_argument("--out", metavar="DIR", help="output folder (default ./bundles/NAME/VERSION)")
-    p.add_argument("--inputs", metavar="SAMPLES.npz", help="golden inputs keyed by input name")
+    p.add_argument("--inputs", metavar="SAMPLES.npz", help="golden inputs keyed by input name (as --sample-input)")
     p.add_argument("--samples", type=_positive_int, default=bundle.DEFAULT_SAMPLES,
                    help="random samples when no --inputs (default %(default)s)")
     p.add_argument("--seed", type=int, default=bundle.DEFAULT_SEED)

@@ -491,7 +491,7 @@ def tolerance_for(precision: str, expected: Mapping[str, np.ndarray], rtol: floa
     if precision not in REDUCED_TOLERANCE:
         return None
     r, frac = REDUCED_TOLERANCE[precision]
-    scale = max((float(np.max(np.abs(v))) for v in expected.values() if v.size), default=1.0)
+    scale = max((float(np.max(np.abs(v))) for v in expected.values() if v.size and v.dtype.kind == "f"), default=1.0)
     return max(rtol, r), max(atol, float(f"{frac * scale:.3g}"))
 
 
@@ -562,10 +562,34 @@ class Outcome:
         return head + ("built, NOT checked (--no-check)" if c else f"built ({self.reason})")
 
 
+def inapplicable(name: str, operators: Sequence[str]) -> str | None:
+    """Why conversion ``name`` cannot apply to a model with these (domain-qualified, non-standard)
+    operators, or None. ONNX-ML operators (tree ensembles, linear classifiers, scalers, encoders)
+    have no reduced-precision form and no OpenVINO or TFLite equivalent (agent/backends/)."""
+    from agent.backends import openvino, tflite
+    from agent.backends.base import onnx_ml_operators
+
+    ml = onnx_ml_operators(operators)
+    if not ml:
+        return None
+    if name in ("onnx-fp16", "onnx-int8"):
+        precision = FORMAT_PRECISION[name][1]
+        return (f"{precision} does not apply: the model's ONNX-ML operators ({', '.join(ml)}) compute in "
+                "their own types; onnxruntime runs the fp32 model")
+    if name.startswith("openvino"):
+        bad = openvino.unsupported_operators(operators)
+        return f"OpenVINO cannot convert operators {', '.join(bad)}; onnxruntime runs them" if bad else None
+    if name == "tflite":
+        return f"LiteRT has no kernels for operators {', '.join(tflite.unsupported_operators(operators))}"
+    return None
+
+
 def plan_variants(*, variants: Sequence[str] = (), tflite: Path | None = None, prebuilt: Sequence[Prebuilt] = (),
-                  unchecked: Sequence[str] = (), taken: Sequence[str] = ()) -> tuple[list[Planned], list[Outcome]]:
-    """The variants to try, and those skipped with their reason; VariantError for options that
-    cannot work whatever the model (a missing file, an id or a path used twice, a stray --no-check)."""
+                  unchecked: Sequence[str] = (), taken: Sequence[str] = (),
+                  operators: Sequence[str] = ()) -> tuple[list[Planned], list[Outcome]]:
+    """The variants to try, and those skipped with their reason (one that cannot apply to a model
+    with these ``operators``); VariantError for options that cannot work whatever the model (a
+    missing file, an id or a path used twice, a stray --no-check)."""
     plan: list[Planned] = []
     skipped: list[Outcome] = []
     used = set(taken)
@@ -588,6 +612,10 @@ def plan_variants(*, variants: Sequence[str] = (), tflite: Path | None = None, p
         vid = "tflite-fp32" if name == "tflite" else name
         if name == "tflite" and tflite is not None:
             skipped.append(Outcome(vid, fmt, prec, SKIPPED, f"--tflite {tflite} is the TFLite variant of this build"))
+            continue
+        why = inapplicable(name, operators)
+        if why is not None:
+            skipped.append(Outcome(vid, fmt, prec, SKIPPED, why))
             continue
         claim(Planned(vid, fmt, prec, PATHS[name], convert=name))
     extra = list(prebuilt)
