@@ -481,9 +481,10 @@ class Agent:
             return job
 
         def hw(_: dict[str, Any]) -> Any:
+            from agent.backends.selection import merge_live_targets
             from agent.hardware import hw_report
 
-            return hw_report("/", self.cfg.hardware.profiles_dirs, self.cfg.hardware.profile)
+            return hw_report("/", self.cfg.hardware.profiles_dirs, self.cfg.hardware.profile, reconcile=merge_live_targets)
 
         control.register("status", lambda _: self.full_status())
         control.register("models", models)
@@ -524,7 +525,7 @@ class Agent:
         control.register("remove", local_op("remove"), mutating=True)
 
         def install(p: dict[str, Any], emit: Any) -> Any:
-            from agent.bundles.offline import install_op  # and the archive reader: at first use
+            from agent.deploy.offline import install_op  # and the archive reader: at first use
 
             return install_op(self, p, emit)
 

@@ -171,7 +171,7 @@ Second round (the changes behind the figures above):
   `EVP_DigestVerify` of the OpenSSL libcrypto the interpreter has already mapped for `hashlib`
   (self-tested against RFC 8032 at first use, `cryptography` as the fallback): ≈ 9 MB less in
   the daemon after its first command.
-- **Golden samples checked where the model runs** (`agent/deploy/golden.py`): validation and
+- **Golden samples checked where the model runs** (`agent/backends/golden.py`): validation and
   autotune run the golden check and the timed runs inside the worker, so numpy (≈ 14 MB) never
   enters a process-isolated daemon and 6.5 MB of golden inputs no longer cross the pipe per run.
 - **Deploy**: sha256 while streaming (no read-back), validation timing bounded when no SLO needs

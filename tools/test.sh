@@ -33,4 +33,5 @@ fi
   || missing "pip could not install the test extras (above)" "check access to PyPI, or set PIP_INDEX_URL / PIP_FIND_LINKS"
 .venv/bin/ruff check agent tools tests benchmarks
 .venv/bin/mypy
+.venv/bin/lint-imports --no-cache
 exec .venv/bin/python -m pytest "$@"

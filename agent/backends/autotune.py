@@ -180,7 +180,7 @@ def plan(decision: Decision, manifest: Manifest, kv: KV, key: str, *, enabled: b
 
 
 def _plan() -> Any:
-    from agent.deploy.golden import TimingPlan
+    from agent.backends.golden import TimingPlan
 
     return TimingPlan(warmup=WARMUP_RUNS, min_runs=MIN_RUNS, max_runs=MAX_RUNS, budget_s=BUDGET_S)
 
@@ -198,7 +198,7 @@ def figures(times_s: Sequence[float]) -> dict[str, Any]:
 
 def time_model(model: LoadedModel, inputs: dict[str, Any]) -> dict[str, Any]:
     """Autotune's timing of ``model`` on ``inputs`` held here (figures as in the measured rows)."""
-    from agent.deploy.golden import time_runs
+    from agent.backends.golden import time_runs
 
     return figures(time_runs(model, inputs, _plan()))
 
@@ -243,7 +243,7 @@ def tune(decision: Decision, indices: Sequence[int], manifest: Manifest, vdir: P
     ``concurrent_loads`` = 2 loads two candidates at once when no best one is held yet (models
     in worker processes load in parallel; at most two are loaded at any time either way). The
     golden checks and timings always run one candidate at a time."""
-    from agent.deploy import golden
+    from agent.backends import golden
 
     top = [decision.candidates[i] for i in indices]
     assert manifest.validation is not None

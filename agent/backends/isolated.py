@@ -266,7 +266,7 @@ class IsolatedModel:
         raise errors.RetryableError(reply[1], reply[2])
 
     def golden(self, inputs: Path, expected: Path, rtol: float, atol: float, plan: Any) -> dict[str, Any]:
-        """Golden-sample check and timings run inside the worker (agent/deploy/golden.py): the
+        """Golden-sample check and timings run inside the worker (agent/backends/golden.py): the
         samples never enter the daemon. Bounded by ``plan.bound_s(infer_timeout_s)``."""
         reply = self._call(("golden", str(inputs), str(expected), rtol, atol, plan.to_dict()),
                            plan.bound_s(self.infer_timeout_s))

@@ -18,13 +18,17 @@ Invariants:
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from agent import errors
+from agent.backends import available_backends
 from agent.backends.base import Availability, Backend, Target
 from agent.bundles.manifest import Manifest, Variant
+
+log = logging.getLogger(__name__)
 
 # Without a profile: accelerators before CPU (they exist to be used), and on each target the
 # precision it runs natively first (fp16 on GPUs, fp32 on CPUs where fp16 is emulated).
@@ -247,3 +251,31 @@ def variant_tolerance(manifest: Manifest, variant: Variant) -> tuple[float, floa
             vals.append(float(v))
         return vals[0], vals[1]
     return rtol, atol
+
+
+UNRANKED_WHY = "not in the profile's ranking: tried after every ranked backend"
+
+
+def merge_live_targets(backends: list[dict[str, Any]]) -> None:
+    """Reconcile with the agent's own backends on this machine (what selection will use): a profile
+    backend whose target the backend reports unusable takes that reason, and every target the
+    profile does not rank is appended after the ranked ones, usable or with its reason."""
+    try:
+        targets = all_targets(available_backends())
+    except Exception:  # the report must survive a broken backend module
+        log.exception("backend targets could not be listed")
+        return
+    default_precisions = dict(DEFAULT_RANKING)
+    names = {b["name"] for b in backends}
+    for b in backends:
+        t = next((t for t in targets if t.id == b["name"]), None)
+        if b["usable"] and t is not None and not t.availability.usable:
+            b["usable"], b["reason"] = False, t.availability.reason
+    for t in targets:
+        if t.id in names:
+            continue
+        names.add(t.id)
+        backends.append({"name": t.id, "runtime": t.runtime, "target": t.target, "usable": t.availability.usable,
+                         "reason": t.availability.reason or "usable", "rank": len(backends) + 1,
+                         "precisions": list(default_precisions.get(t.id, ())), "profile": None,
+                         "why": UNRANKED_WHY, "requires": []})

@@ -3,37 +3,23 @@
 Invariants:
 - ``verify`` writes nothing and needs no daemon: the trust folder and threshold come from the
   config (or are given), and a bundle passes only as a device would accept it.
-- ``install`` goes through the daemon and the same deploy state machine as a fleet deploy (same
-  checks, same high-water mark, same validation, activation and probation); only the source
-  differs. It is a local job (``local-install-…``), visible in ``agentctl jobs`` and reported to
-  the fleet. The call returns once the job ended or the new version serves on probation.
+- ``install`` goes through the daemon's deploy queue (agent/deploy/offline.py); this module
+  only reads bundles and imports nothing of deploy.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import time
-import uuid
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
 from agent import errors
 from agent.bundles import dsse
-from agent.bundles.archive import MANIFEST_NAME, BundleArchive, verify_archive
+from agent.bundles.archive import MANIFEST_NAME, verify_archive
 from agent.bundles.manifest import MAX_MANIFEST_BYTES, FileEntry, Manifest, verify_manifest
 from agent.bundles.trust import TrustStore
-from agent.deploy.runner import PROBATION, DeployContext
-from agent.state import TERMINAL
 
-if TYPE_CHECKING:
-    from agent.daemon import Agent
-
-INSTALL_WAIT_S = 280.0  # the control client gives up at 300 s (serving.control.CLIENT_TIMEOUT_S)
-POLL_S = 0.05  # how often the install call looks at its job's state
-LOCAL_JOB_KEEP_S = 7 * 86400  # a local job's id is remembered this long
 HASH_CHUNK_BYTES = 1024 * 1024
 
 
@@ -113,7 +99,7 @@ def _check_file(folder: Path, root: Path, entry: FileEntry) -> None:
         raise errors.RejectError(errors.HASH_MISMATCH, f"{entry.path}: size or sha256 differs from the manifest")
 
 
-def _peek_name(raw: bytes) -> str:
+def peek_name(raw: bytes) -> str:
     """The (unverified) model name, only to name the job; the verified one must equal it."""
     try:
         doc = json.loads(dsse.payload_bytes(dsse.parse_envelope(raw)))
@@ -121,50 +107,3 @@ def _peek_name(raw: bytes) -> str:
         return "unknown"
     name = doc.get("name") if isinstance(doc, dict) else None
     return name if isinstance(name, str) and name else "unknown"
-
-
-def install_op(agent: Agent, params: dict[str, Any],
-               emit: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
-    """The control socket's ``install``: queue an offline bundle as a deploy and wait for its end,
-    passing each step the job enters to ``emit``."""
-    path = params.get("path")
-    if not isinstance(path, str) or not Path(path).is_absolute():
-        raise errors.RejectError(errors.INVALID_COMMAND, "install needs params.path, an absolute path to a bundle archive")
-    archive = BundleArchive(path)  # invalid_bundle unless a .tar, .tar.gz or .zip
-    model = params.get("model")
-    if isinstance(model, str) and model:
-        name = model
-    else:
-        try:
-            name = _peek_name(archive.manifest_bytes())
-        except errors.AgentError:
-            name = "unknown"  # the job's first step reports why the manifest cannot be read
-    pin = params.get("backend")
-    job_id = f"local-install-{uuid.uuid4().hex[:12]}"
-    job_params = {"model": name, "path": str(Path(path)), "origin": "agentctl"}
-    agent.db.create_job(job_id, "install", name, job_params, time.time() + LOCAL_JOB_KEEP_S)
-    ctx = DeployContext(job_id, name, Path(path).resolve().as_uri(), pin=pin if isinstance(pin, str) else None,
-                        source=archive)
-    agent.submit_deploy(ctx)
-    deadline = time.monotonic() + INSTALL_WAIT_S
-    job: dict[str, Any] = {}
-    last_step = None
-    while time.monotonic() < deadline:
-        job = agent.db.job(job_id) or {}
-        if job.get("state") in TERMINAL:
-            break
-        if job.get("step") == PROBATION and ctx.manifest is not None:
-            # Serving now; the supervisor ends the job later (SUCCEEDED, or FAILED with a rollback).
-            job = {**job, "result": {**agent.runner.result(ctx), "probation": True}}
-            break
-        if emit is not None and job.get("step") and job.get("step") != last_step:
-            last_step = job["step"]
-            emit({"step": last_step, "message": f"{name} from {Path(path).name}"})
-        time.sleep(POLL_S)
-    return {"job": job_id, "model": name, "state": job.get("state", "UNKNOWN"), "step": job.get("step"),
-            "error": job.get("error"), "result": job.get("result")}
-
-
-def installed(reply: dict[str, Any]) -> bool:
-    """Whether an ``install`` reply means the bundle serves (done, or serving on probation)."""
-    return reply.get("state") == "SUCCEEDED" or (reply.get("step") == PROBATION and not reply.get("error"))

@@ -186,6 +186,7 @@ def _preview(v: Any, n: int = 8) -> str:
 
 
 def cmd_hw(args: argparse.Namespace) -> int:
+    from agent.backends.selection import merge_live_targets
     from agent.hardware import hw_report
 
     dirs = None
@@ -196,7 +197,7 @@ def cmd_hw(args: argparse.Namespace) -> int:
             dirs, forced = cfg.hardware.profiles_dirs, cfg.hardware.profile
         except errors.ConfigError:
             pass
-    rep = hw_report(args.root, dirs, forced)
+    rep = hw_report(args.root, dirs, forced, reconcile=merge_live_targets)
     facts = rep.get("facts", {})
     lines = [f"profile   {rep.get('profile')}  ({rep.get('profile_reason', '')})"]
     for label, key in (("arch", "architecture"), ("cpu", "cpu_model"), ("cores", "cpu_count"), ("board", "board")):
@@ -308,7 +309,7 @@ def cmd_install(args: argparse.Namespace) -> int:
         params["backend"] = args.backend
     with _progress(args) as prog:
         r = _call(args, "install", progress=prog, **params)
-    from agent.bundles.offline import installed
+    from agent.deploy.offline import installed
 
     err = r.get("error") or {}
     ok = installed(r)

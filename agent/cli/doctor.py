@@ -572,8 +572,8 @@ def check_smoke(timeout_s: float = SMOKE_TIMEOUT_S) -> list[Check]:
 def _smoke(timeout_s: float) -> list[Check]:
     import numpy as np
 
+    from agent.backends import available_backends
     from agent.backends.base import LoadOptions
-    from agent.daemon import Agent
 
     checks = []
     x = np.arange(1, 1 + SMOKE_SHAPE[0] * SMOKE_SHAPE[1], dtype=np.float32).reshape(SMOKE_SHAPE)
@@ -584,7 +584,7 @@ def _smoke(timeout_s: float) -> list[Check]:
         if tfl is not None:
             models["tflite"] = Path(tmp) / "smoke.tflite"
             models["tflite"].write_bytes(tfl)
-        for backend in Agent._backends():
+        for backend in available_backends():  # the daemon's own backends
             for t in backend.targets():
                 name = f"smoke {t.id}"
                 if not t.availability.usable:

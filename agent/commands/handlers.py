@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from agent import config, errors
 from agent.bundles.manifest import parse_document
@@ -20,7 +20,15 @@ from agent.fsutil import atomic_write
 from agent.serving.registry import ServingVersion
 
 if TYPE_CHECKING:
-    from agent.daemon import Agent
+    from collections.abc import Sequence
+    from pathlib import Path
+
+    from agent.bundles.store import Store
+    from agent.bundles.trust import TrustStore
+    from agent.deploy.jobs import JobReporter
+    from agent.deploy.runner import DeployRunner, DeploySettings
+    from agent.serving.registry import Registry
+    from agent.state import StateDB
 
 log = logging.getLogger(__name__)
 REMOTE_CONFIG_FILE = "remote-config.json"
@@ -35,8 +43,36 @@ def _model_param(params: dict[str, Any]) -> str:
     return model
 
 
+class CommandHost(Protocol):
+    """What the handlers use of the daemon that wires them (agent/daemon.py implements it): the
+    seam is declared here, below the daemon, so that commands never import the daemon."""
+
+    @property
+    def cfg(self) -> config.Config: ...
+    @property
+    def state_dir(self) -> Path: ...
+    @property
+    def db(self) -> StateDB: ...
+    @property
+    def store(self) -> Store: ...
+    @property
+    def trust(self) -> TrustStore: ...
+    @property
+    def registry(self) -> Registry: ...
+    @property
+    def reporter(self) -> JobReporter: ...
+    @property
+    def backends(self) -> Sequence[Any]: ...
+    @property
+    def runner(self) -> DeployRunner: ...
+    def deploy_settings(self) -> DeploySettings: ...
+    def publish_status(self) -> None: ...
+    def cancel_deploy(self, job_id: str, code: str) -> bool: ...
+    def config_changed(self, keys: set[str]) -> None: ...
+
+
 class Handlers:
-    def __init__(self, agent: Agent) -> None:
+    def __init__(self, agent: CommandHost) -> None:
         self.agent = agent
 
     # -- rollback / remove ---------------------------------------------------------------------

@@ -102,6 +102,32 @@ def check_clock(db: StateDB, max_clock_skew_s: float, now: float | None = None) 
     return reason
 
 
+class DeployProgress:
+    """The step a deploy is in and whether its run ended, for a caller that waits on it
+    (``agentctl install``) instead of polling the database. The runner writes; waiters read."""
+
+    def __init__(self) -> None:
+        self._changed = threading.Condition()
+        self.step: str | None = None
+        self.ended = False  # terminal, or handed over to the probation supervisor
+
+    def enter(self, step: str) -> None:
+        with self._changed:
+            self.step = step
+            self._changed.notify_all()
+
+    def end(self) -> None:
+        with self._changed:
+            self.ended = True
+            self._changed.notify_all()
+
+    def wait(self, seen: str | None, timeout_s: float) -> tuple[str | None, bool]:
+        """Wait (at most ``timeout_s``) for a step other than ``seen`` or the end; (step, ended)."""
+        with self._changed:
+            self._changed.wait_for(lambda: self.ended or self.step != seen, max(timeout_s, 0.0))
+            return self.step, self.ended
+
+
 @dataclass
 class DeployContext:
     job_id: str
@@ -123,6 +149,7 @@ class DeployContext:
     tune: list[int] = field(default_factory=list)  # candidates autotune measures in LOADING (once)
     tuned: dict[str, Any] | None = None  # autotune's row for ``loaded``: its golden check and timings
     spares: list[Any] = field(default_factory=list)  # workers started while the bundle downloads
+    progress: DeployProgress = field(default_factory=DeployProgress)  # completed by ``DeployRunner.run``
 
     @property
     def candidate(self) -> Candidate:
@@ -173,7 +200,14 @@ class DeployRunner:
         self.activation_lock = threading.Lock()  # one activation at a time, deploy or rollback
 
     def run(self, ctx: DeployContext) -> None:
-        """Drive ``ctx`` to a terminal state (or to probation), reporting every step."""
+        """Drive ``ctx`` to a terminal state (or to probation), reporting every step; ends
+        ``ctx.progress`` however it returns."""
+        try:
+            self._run(ctx)
+        finally:
+            ctx.progress.end()
+
+    def _run(self, ctx: DeployContext) -> None:
         step = FETCHING
         entries: dict[str, int] = {}
         t_start = time.monotonic()
@@ -186,6 +220,7 @@ class DeployRunner:
                 return self._end(ctx, "FAILED", step, errors.AgentError(
                     errors.INTERNAL, f"step {step} entered {MAX_STEP_ENTRIES} times; giving up"))
             self.reporter.update(ctx.job_id, "deploy", "IN_PROGRESS", step)
+            ctx.progress.enter(step)
             t0 = time.monotonic()
             try:
                 outcome = self._steps[step](ctx)
@@ -532,8 +567,8 @@ def load_model(backends: Sequence[Backend], runtime: str, target: str, path: Pat
 def validate(model: LoadedModel, vdir: Path, m: Manifest, variant: Variant | None = None) -> dict[str, Any]:
     """Golden samples within rtol/atol (the variant's own tolerance when the manifest gives one),
     and p95 latency under the SLO, on the serving backend (inside its worker, when it has one:
-    agent/deploy/golden.py)."""
-    from agent.deploy import golden
+    agent/backends/golden.py)."""
+    from agent.backends import golden
 
     assert m.validation is not None
     v = m.validation
@@ -553,8 +588,8 @@ def recheck(sv: ServingVersion, vdir: Path) -> ServingVersion:
     """``sv`` (just loaded on a fresh worker) run on its golden samples within their tolerance,
     without the latency SLO (traffic may be heavy right now): the re-check after a worker died
     or hung while serving (agent/deploy/probation.py). Closes the model and raises when it fails."""
+    from agent.backends import golden
     from agent.bundles.manifest import parse_document
-    from agent.deploy import golden
 
     try:
         m = parse_document(sv.manifest)

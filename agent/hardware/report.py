@@ -25,7 +25,7 @@ Invariants:
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -134,40 +134,10 @@ def _backend_entry(rank: int, ranked: RankedBackend, facts: HardwareFacts,
     return entry
 
 
-UNRANKED_WHY = "not in the profile's ranking: tried after every ranked backend"
-
-
-def _merge_live_targets(backends: list[dict[str, Any]]) -> None:
-    """Reconcile with the agent's own backends on this machine (what selection will use): a profile
-    backend whose target the backend reports unusable takes that reason, and every target the
-    profile does not rank is appended after the ranked ones, usable or with its reason."""
-    try:
-        from agent.backends import available_backends
-        from agent.backends.selection import DEFAULT_RANKING, all_targets
-
-        targets = all_targets(available_backends())
-    except Exception:  # the report must survive a broken backend module
-        log.exception("backend targets could not be listed")
-        return
-    default_precisions = dict(DEFAULT_RANKING)
-    names = {b["name"] for b in backends}
-    for b in backends:
-        t = next((t for t in targets if t.id == b["name"]), None)
-        if b["usable"] and t is not None and not t.availability.usable:
-            b["usable"], b["reason"] = False, t.availability.reason
-    for t in targets:
-        if t.id in names:
-            continue
-        names.add(t.id)
-        backends.append({"name": t.id, "runtime": t.runtime, "target": t.target, "usable": t.availability.usable,
-                         "reason": t.availability.reason or "usable", "rank": len(backends) + 1,
-                         "precisions": list(default_precisions.get(t.id, ())), "profile": None,
-                         "why": UNRANKED_WHY, "requires": []})
-
-
 def hw_report(root: str | Path = "/", profiles_dirs: Sequence[Path | str] | None = None,
               forced: str = AUTO, probe_runtimes: bool = True,
-              runtime_info: Mapping[str, Any] | None = None) -> dict[str, Any]:
+              runtime_info: Mapping[str, Any] | None = None,
+              reconcile: Callable[[list[dict[str, Any]]], None] | None = None) -> dict[str, Any]:
     """Detect, match and rank.  Returns::
 
         {
@@ -189,6 +159,8 @@ def hw_report(root: str | Path = "/", profiles_dirs: Sequence[Path | str] | None
 
     `runtime_info` replaces the live runtime probe (tests, or a caller that already probed).  Runtimes
     are probed only for root "/" (a captured root's runtimes are not this machine's).
+    `reconcile` (agent.backends.selection.merge_live_targets) then merges the agent's own backend
+    targets into ``backends`` when runtimes were probed live: hardware knows nothing of backends.
     """
     facts = detect(root)
     dirs = [Path(d) for d in (profiles_dirs if profiles_dirs is not None else default_profile_dirs())]
@@ -209,8 +181,8 @@ def hw_report(root: str | Path = "/", profiles_dirs: Sequence[Path | str] | None
                 runtimes = {"error": f"{exc!r}"}
     ranked = match.backends or [RankedBackend(spec, "(fallback)") for spec in FALLBACK_BACKENDS]
     backends = [_backend_entry(i, rb, facts, runtimes) for i, rb in enumerate(ranked, start=1)]
-    if not facts.captured and runtime_info is None and probe_runtimes:
-        _merge_live_targets(backends)
+    if reconcile is not None and not facts.captured and runtime_info is None and probe_runtimes:
+        reconcile(backends)
     selected = next((b["name"] for b in backends if b["usable"]), None)
     return {
         "root": str(root),

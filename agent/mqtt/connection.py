@@ -55,8 +55,7 @@ from paho.mqtt.properties import Properties
 
 from agent.config import MqttConfig
 from agent.logs import RateLimit
-from agent.telemetry.budget import mqtt_publish_bytes
-from agent.telemetry.outbox import Outbox, dumps
+from agent.mqtt.queue import MessageQueue, dumps, mqtt_publish_bytes
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +118,7 @@ class Connection:
 
     def __init__(self, cfg: MqttConfig, client_id: str, subscriptions: list[str],
                  status_topic: str, birth: Callable[[], dict[str, Any]],
-                 will: Callable[[], dict[str, Any]], outbox: Outbox,
+                 will: Callable[[], dict[str, Any]], outbox: MessageQueue,
                  on_command: Callable[[str, bytes, bool], bool]) -> None:
         self.cfg = cfg
         self.client_id = client_id

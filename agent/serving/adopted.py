@@ -110,7 +110,7 @@ class _AdoptedHandler(Handler):
             if not self.handle_one_request(time.monotonic() + HEAD_TIMEOUT_S):
                 return
 
-    def _dispatch(self, req: Request) -> None:
+    def dispatch(self, req: Request) -> None:
         ctx: Any = self.server
         owner: Adopted = ctx.owner
         t = infer_target(req.target) if req.method == "POST" else None
@@ -123,7 +123,7 @@ class _AdoptedHandler(Handler):
         resp = self.serve(req)
         slots.set(ctx.slot, WRITING)
         self.send_reply(req, resp)
-        if not self._unread_body and not self.conn.buf:
+        if not self.body_unread and not self.conn.buf:
             slots.set(ctx.slot, IDLE)  # answered in full: a crash from here on loses nothing
             self._idle = True
 
@@ -132,7 +132,7 @@ class _AdoptedHandler(Handler):
         owner: Adopted = ctx.owner
         self.close_connection = True
         if owner.give_back(ctx.slot, self.conn.sock, unread):
-            self._handed = True
+            self.handed = True
 
 
 class Adopted:
@@ -213,10 +213,10 @@ class Adopted:
         handed = False
         try:
             assert self.app is not None
-            self.app._prefixes[sock] = prefix
+            self.app.carry_prefix(sock, prefix)
             ctx = SimpleNamespace(app=self.app, owner=self, slot=slot)  # what Handler reads of a server
             h = _AdoptedHandler(sock, ("", 0), ctx)  # type: ignore[arg-type]
-            handed = h._handed
+            handed = h.handed
         except OSError:
             pass  # the client went away
         except Exception:

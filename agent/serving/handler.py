@@ -79,16 +79,16 @@ class Handler(socketserver.BaseRequestHandler):
         if not self.local_socket:
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        prefix = app._prefixes.pop(sock, None)
+        prefix = app.take_prefix(sock)
         self.resumed = prefix is not None
         self.conn = HttpConn(sock, prefix or b"", app.max_body_bytes)
         self.close_connection = True
-        self._handed = False
-        self._unread_body = False
-        self.slot = app._slot(sock)
+        self.handed = False  # the connection now belongs to a model's worker: not ours to close
+        self.body_unread = False  # the last request's body was not read in full
+        self.slot = app.track_conn(sock)
 
     def finish(self) -> None:
-        self._app._untrack(self.request)
+        self._app.untrack_conn(self.request)
 
     def handle(self) -> None:
         first = not self.resumed
@@ -114,27 +114,29 @@ class Handler(socketserver.BaseRequestHandler):
         self.close_connection = not req.keep_alive
         self._busy(True)
         try:
-            self._dispatch(req)
+            self.dispatch(req)
         finally:
             self._busy(False)
-        return not (self.close_connection or self._handed)
+        return not (self.close_connection or self.handed)
 
     def _busy(self, busy: bool) -> None:
         if self.slot is not None:
-            self._app._mark(self.slot, busy)
+            self._app.mark_busy(self.slot, busy)
 
-    def _dispatch(self, req: Request) -> None:
+    def dispatch(self, req: Request) -> None:
+        """Answer one request whose head was read (the hook a worker's handler overrides:
+        agent/serving/adopted.py). Sets ``handed`` when the connection went to another process."""
         app = self._app
-        if req.method == "POST" and "expect" not in req.headers and app._hand_off(self, req):
+        if req.method == "POST" and "expect" not in req.headers and app.hand_off(self, req):
             return
-        app._enter()
+        app.enter_request()
         try:
             resp = self.serve(req)
-            if app._stopping:
+            if app.stopping:
                 self.close_connection = True
             self.send_reply(req, resp)
         finally:
-            app._leave()
+            app.leave_request()
 
     def serve(self, req: Request) -> Response:
         """Check, read the body, answer; every refusal is a reply, never an exception."""
@@ -148,7 +150,7 @@ class Handler(socketserver.BaseRequestHandler):
                 if cl and int(cl) > limit:
                     self.conn.body_left = int(cl)
                     self.close_connection = True  # the client may send it anyway: do not parse it
-                    self._unread_body = True
+                    self.body_unread = True
                     return app.too_large(int(cl), limit)
                 self.conn.send(b"HTTP/1.1 100 Continue\r\n\r\n")
             body = self.conn.read_body(req, limit)
@@ -167,7 +169,7 @@ class Handler(socketserver.BaseRequestHandler):
             return
         if "transfer-encoding" in req.headers:
             self.close_connection = True
-            self._unread_body = True
+            self.body_unread = True
             return
         if e.status != 413:
             cl = req.headers.get("content-length")
@@ -176,12 +178,12 @@ class Handler(socketserver.BaseRequestHandler):
                 return  # nothing unread: keep-alive goes on (a decoding refusal read it already)
         if not self.conn.discard_body(DISCARD_MAX_BYTES):
             self.close_connection = True
-            self._unread_body = True
+            self.body_unread = True
 
     def send_reply(self, req: Request | None, resp: Response) -> None:
         self._write(resp, self.close_connection, req is not None and req.method == "HEAD",
                     req is not None and req.version == "1.0")
-        if self._unread_body:
+        if self.body_unread:
             self._linger()
 
     def _write(self, resp: Response, close: bool, head_only: bool = False, http10: bool = False) -> None:

@@ -263,7 +263,7 @@ class KServeServer:
         self._httpd: _HTTPServer | None = None
         self._unixd: _UnixServer | None = None
         self._threads: list[threading.Thread] = []
-        self._stopping = False
+        self.stopping = False
         self._cv = threading.Condition()
         self._inflight = 0
         self._conns: dict[socket.socket, ConnSlot] = {}
@@ -312,7 +312,7 @@ class KServeServer:
             self._unixd = unixd
             servers.append(unixd)
         self.max_connections = connection_cap(self.max_connections)
-        self._stopping = False
+        self.stopping = False
         self._httpd = httpd
         for s in servers:
             t = threading.Thread(target=s.serve_forever, args=(POLL_INTERVAL_S,), name="kserve-http", daemon=True)
@@ -327,7 +327,7 @@ class KServeServer:
         if httpd is None:
             return
         deadline = time.monotonic() + timeout_s
-        self._stopping = True
+        self.stopping = True
         servers: list[Any] = [httpd] if self._unixd is None else [httpd, self._unixd]
         for s in servers:
             s.shutdown()  # the accept loop ends within POLL_INTERVAL_S
@@ -389,7 +389,9 @@ class KServeServer:
             sock.send(reply_head(503, self.server_header, resp.content_type, len(body), resp.headers,
                                  close=True) + body)
 
-    def _slot(self, sock: socket.socket) -> ConnSlot | None:
+    # -- the connection table as the handler sees it (agent/serving/handler.py)
+
+    def track_conn(self, sock: socket.socket) -> ConnSlot | None:
         with self._cv:
             slot = self._conns.get(sock)
             if slot is None and self._httpd is not None:  # resumed from a worker: counted again
@@ -397,21 +399,21 @@ class KServeServer:
             return slot
 
     @staticmethod
-    def _mark(slot: ConnSlot, busy: bool) -> None:
+    def mark_busy(slot: ConnSlot, busy: bool) -> None:
         # No lock: two attribute stores; ``_admit`` reads them under its lock, and an eviction
         # racing a head that just completed costs that one client a reset, nothing more.
         slot.since = time.monotonic()
         slot.busy = busy
 
-    def _untrack(self, sock: socket.socket) -> None:
+    def untrack_conn(self, sock: socket.socket) -> None:
         with self._cv:
             self._conns.pop(sock, None)
 
-    def _enter(self) -> None:
+    def enter_request(self) -> None:
         with self._cv:
             self._inflight += 1
 
-    def _leave(self) -> None:
+    def leave_request(self) -> None:
         with self._cv:
             self._inflight -= 1
             if self._inflight == 0:
@@ -419,12 +421,12 @@ class KServeServer:
 
     # -- connections served by a model's worker (process isolation)
 
-    def _hand_off(self, h: Handler, req: Request) -> bool:
+    def hand_off(self, h: Handler, req: Request) -> bool:
         """Give the connection to the worker that runs the model it asks for: the worker answers
         this and the following infer requests itself, without a second hop through the daemon
         (agent/backends/isolated.py). False when no worker can take it: the daemon serves it."""
         t = infer_target(req.target)
-        if t is None or self._stopping:
+        if t is None or self.stopping:
             return False
         sv = self.registry.get(t[0])
         adopt = getattr(sv.model, "adopt", None) if sv is not None else None
@@ -436,18 +438,25 @@ class KServeServer:
         if not adopt(sock, prefix, self):
             self._handed.pop(sock, None)
             return False
-        h._handed = True
+        h.handed = True
         h.close_connection = True
         return True
+
+    def carry_prefix(self, sock: socket.socket, prefix: bytes) -> None:
+        """The bytes already read of ``sock``: its handler reads them (``take_prefix``) first."""
+        self._prefixes[sock] = prefix
+
+    def take_prefix(self, sock: socket.socket) -> bytes | None:
+        return self._prefixes.pop(sock, None)
 
     def resume_connection(self, sock: socket.socket, prefix: bytes) -> None:
         """Serve a connection a worker gave back (a request it does not serve, a swap, its death),
         starting with the bytes it had already read."""
         httpd = self._httpd
-        if httpd is None or self._stopping:
+        if httpd is None or self.stopping:
             sock.close()
             return
-        self._prefixes[sock] = prefix
+        self.carry_prefix(sock, prefix)
         try:
             addr = sock.getpeername()
         except OSError:

@@ -11,7 +11,7 @@ started ahead of its model gets ``("preload", runtime)`` before it, and imports 
 answers ``("ready", backend_id, inputs, outputs, pid)`` or ``("err", code, message)``. Then the
 parent sends dicts of numpy arrays (already checked against the model's inputs); the worker answers
 ``("ok", outputs)`` or ``("err", code, message)``; ``("golden", inputs_path, expected_path, rtol, atol,
-plan)`` runs agent/deploy/golden.py here and answers its figures. The worker exits when every pipe is closed (the
+plan)`` runs agent/backends/golden.py here and answers its figures. The worker exits when every pipe is closed (the
 daemon went away) or says ``None``. The last descriptor is the control socket on which the daemon
 hands over HTTP connections (agent/serving/adopted.py).
 """
@@ -60,7 +60,7 @@ def _serve(conn: Any, model: Any) -> None:
             return
         try:
             if type(msg) is tuple and msg[0] == "golden":  # the samples load here, not in the daemon
-                from agent.deploy.golden import TimingPlan, run
+                from agent.backends.golden import TimingPlan, run
 
                 out: Any = run(model, Path(msg[1]), Path(msg[2]), msg[3], msg[4], TimingPlan(**msg[5]))
             else:

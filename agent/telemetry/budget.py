@@ -1,4 +1,4 @@
-"""Daily byte budget for device→fleet traffic, and the MQTT size of a message.
+"""Daily byte budget for device→fleet traffic (sizes from agent.mqtt.queue.mqtt_publish_bytes).
 
 Invariants:
 - Every PUBLISH the agent sends is counted (job updates, events, status, heartbeats, telemetry,
@@ -24,23 +24,6 @@ from collections.abc import Callable
 DAY_S = 86400
 PACE_SLACK = 0.1  # share of the daily budget that may run ahead of an even spread (bursts)
 THINNED_KINDS = ("heartbeat", "telemetry")  # the kinds thinning judges (and thins)
-MQTT_PACKET_ID_BYTES = 2  # QoS 1 packets carry a packet identifier
-MQTT5_EMPTY_PROPERTIES_BYTES = 1  # the property length byte of a PUBLISH without properties
-
-
-def mqtt_publish_bytes(topic: str, payload_len: int, mqtt5: bool = True, qos: int = 1) -> int:
-    """Size of a PUBLISH packet on the wire (fixed header, topic, packet id, properties, payload)."""
-    remaining = 2 + len(topic.encode()) + payload_len
-    if qos > 0:
-        remaining += MQTT_PACKET_ID_BYTES
-    if mqtt5:
-        remaining += MQTT5_EMPTY_PROPERTIES_BYTES
-    length_bytes = 1
-    n = remaining
-    while n >= 128:
-        n //= 128
-        length_bytes += 1
-    return 1 + length_bytes + remaining
 
 
 class DailyBudget:

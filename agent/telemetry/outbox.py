@@ -30,6 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from agent.mqtt.queue import dumps
+
 log = logging.getLogger(__name__)
 
 KIND_JOB = "job"
@@ -75,11 +77,6 @@ class Row:
     retain: bool
     kind: str
     created: float
-
-
-def dumps(doc: dict[str, Any]) -> bytes:
-    """Compact JSON: every byte counts on a cellular link."""
-    return json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode()
 
 
 def _is_corruption(e: sqlite3.DatabaseError) -> bool:

@@ -19,6 +19,17 @@ from conftest import Mosquitto, free_port
 from opskit import MODEL, FleetKit, agentctl
 
 from agent.cli.logs import journal_available
+from agent.deploy.runner import (
+    ACTIVATING,
+    DOWNLOADING,
+    FETCHING,
+    INSTALLING,
+    LOADING,
+    PROBATION,
+    SELECTING,
+    VALIDATING,
+    VERIFYING,
+)
 from fleetctl.bundle import pack_bundle
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
@@ -118,6 +129,10 @@ def test_every_command_against_a_running_daemon(tmp_path: Path, mosquitto: Mosqu
     r = daemon.agentctl("install", str(archive))
     ok(r)
     assert "v3" in r.stdout
+    # One line per step the deploy entered, as it entered them (the call waits on the job's progress).
+    order = [FETCHING, VERIFYING, SELECTING, DOWNLOADING, INSTALLING, LOADING, VALIDATING, ACTIVATING, PROBATION]
+    shown = [line.split(" ", 1)[0] for line in r.stderr.splitlines() if line.split(" ", 1)[0] in order]
+    assert shown and shown == sorted(shown, key=order.index) and len(set(shown)) == len(shown), r.stderr
     assert json.loads(daemon.agentctl("status", "--json").stdout)["models"][0]["version"] == 3
 
     # hw and doctor with the daemon running.

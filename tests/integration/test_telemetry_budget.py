@@ -24,7 +24,7 @@ from telemetry_kit import (
 )
 
 from agent.config import TelemetryConfig
-from agent.telemetry.budget import mqtt_publish_bytes
+from agent.mqtt.queue import mqtt_publish_bytes
 
 MIB = 2**20
 DAY_S = 86400

@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 
 from agent.config import Config
+from agent.mqtt.queue import mqtt_publish_bytes
 from agent.mqtt.topics import Topics
-from agent.telemetry.budget import DAY_S, PACE_SLACK, DailyBudget, mqtt_publish_bytes
+from agent.telemetry.budget import DAY_S, PACE_SLACK, DailyBudget
 from agent.telemetry.events import MIN_CALLS, EventMonitor, Thresholds
 from agent.telemetry.histogram import MAX_RELATIVE_ERROR, Histogram
 from agent.telemetry.metrics import Metrics

@@ -424,7 +424,7 @@ def test_daemon_stays_without_numpy_cryptography_and_runtime_with_process_isolat
         fleet: Fleet, mosquitto: Mosquitto) -> None:
     """Signed commands, a verified manifest, validation, swaps and inference over HTTP: none of
     it loads numpy, cryptography or the runtime into the daemon (they live in the worker, or are
-    not needed: agent/bundles/ed25519.py, agent/deploy/golden.py, agent/serving/adopted.py)."""
+    not needed: agent/bundles/ed25519.py, agent/backends/golden.py, agent/serving/adopted.py)."""
     agent = fleet.agent("dev", mosquitto.url, "\n[deploy]\nprobation_s = 0\n")
     agent.start()
     try:

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from agent import errors
-from agent.deploy.golden import max_error
+from agent.backends.golden import max_error
 
 RTOL, ATOL = 1e-3, 1e-4
 

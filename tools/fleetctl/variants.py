@@ -501,7 +501,7 @@ def check_variant(bundle: Path, v: BuiltVariant, feeds: Mapping[str, np.ndarray]
     cannot run or is out of tolerance. Returns the figures."""
     from agent.backends import available_backends
     from agent.backends.base import LoadOptions
-    from agent.deploy.golden import max_error
+    from agent.backends.golden import max_error
 
     runtime, target = CHECK_TARGETS[v.format]
     backend = next((b for b in available_backends() if b.runtime == runtime), None)
