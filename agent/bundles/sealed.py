@@ -9,7 +9,7 @@ rust ``age`` crate); nothing here is hand-written crypto.
 Invariants:
 - The store keeps ciphertext only. Plaintext exists in the memory of the process that loads the
   model (the worker, with the default ``backends.isolation = "process"``), never in a file: the
-  runtimes load from bytes (``LoadOptions.contents``).
+  runtimes load from bytes (``LoadOptions.contents``, through agent/backends/unseal.py).
 - A process that decrypts is made non-dumpable (no core file, no ptrace by other users) first.
 - Encrypted models load without compiled-model caches (OpenVINO blobs, TensorRT engines hold
   the weights and would be written to disk).
@@ -24,7 +24,6 @@ pyrage is imported where it is used: a device without encrypted bundles never lo
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import logging
 import os
@@ -33,12 +32,9 @@ import resource
 import stat
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from agent import errors
-
-if TYPE_CHECKING:
-    from agent.backends.base import Backend, LoadedModel, LoadOptions
 
 log = logging.getLogger(__name__)
 
@@ -251,25 +247,6 @@ def decrypt_file(path: Path, enc: Encryption, identities: list[Any]) -> bytes:
         raise errors.RejectError(errors.DECRYPT_MISMATCH,
                                  f"{path.name}: plaintext sha256 {digest}, the manifest lists {enc.plaintext_sha256}")
     return plain
-
-
-def load(backend: Backend, path: Path, target: str, options: LoadOptions) -> LoadedModel:
-    """``backend.load``, decrypting the files ``options.extra[SPEC_KEY]`` names into memory first
-    (the one seam between encrypted bundles and the runtimes; plain bundles pass straight through)."""
-    spec = options.extra.get(SPEC_KEY)
-    if not spec:
-        return backend.load(path, target, options)
-    harden()
-    identities = load_identities(spec["identities"])
-    contents = {p: decrypt_file(Path(p), Encryption(**e), identities) for p, e in spec["files"].items()}
-    log.info("%s: %d encrypted file(s) opened in memory (%d bytes)", path.name, len(contents),
-             sum(len(b) for b in contents.values()))
-    # No compiled-model cache: an OpenVINO blob or a TensorRT engine holds the weights, on disk.
-    extra = {k: v for k, v in options.extra.items() if k != SPEC_KEY} | {"cache_dir": ""}
-    try:
-        return backend.load(path, target, dataclasses.replace(options, extra=extra, contents=contents, cache_dir=None))
-    finally:
-        contents.clear()  # the runtime holds its own copy (TFLite: a reference) from here on
 
 
 def _pyrage() -> Any:

@@ -30,11 +30,11 @@ from agent.backends.selection import (
     select,
     variant_tolerance,
 )
+from agent.backends.unseal import load as sealed_load
 from agent.bundles.fetch import Fetcher, join_url
 from agent.bundles.manifest import MAX_MANIFEST_BYTES, Manifest, Variant, verify_manifest
 from agent.bundles.sealed import CODES as SEALED_CODES
 from agent.bundles.sealed import SPEC_KEY, check_recipient, load_spec
-from agent.bundles.sealed import load as sealed_load
 from agent.bundles.store import Store
 from agent.bundles.trust import TrustStore
 from agent.deploy.jobs import JobReporter

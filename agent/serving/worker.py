@@ -112,7 +112,7 @@ def main(fds_arg: str) -> None:
     from agent import errors
     from agent.backends import find_backend  # not agent.deploy.runner: the daemon's stack stays out
     from agent.backends.base import LoadOptions
-    from agent.bundles.sealed import load as sealed_load
+    from agent.backends.unseal import load as sealed_load
 
     fds = [int(x) for x in fds_arg.split(",")]
     from agent.backends.isolated import Channel

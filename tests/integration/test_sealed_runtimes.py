@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 from agent.backends import find_backend
 from agent.backends.base import LoadOptions
+from agent.backends import unseal
 from agent.bundles import sealed
 from fleetctl.bundle import manifest_document
 root, identity, cases = Path(sys.argv[1]), sys.argv[2], json.loads(sys.argv[3])
@@ -37,7 +38,7 @@ for vid, runtime, target in cases:
     paths = [f["path"] for f in v["files"]]
     main = next(p for p in paths if p.endswith((".onnx", ".xml", ".tflite")))
     spec = sealed.load_spec(doc, root, paths, [identity])
-    m = sealed.load(find_backend(runtime), root / main, target, LoadOptions(extra={sealed.SPEC_KEY: spec}))
+    m = unseal.load(find_backend(runtime), root / main, target, LoadOptions(extra={sealed.SPEC_KEY: spec}))
     out[f"{vid}@{runtime}"] = m.infer({m.inputs[0].name: x})[m.outputs[0].name].tolist()
 print(json.dumps(out))
 """

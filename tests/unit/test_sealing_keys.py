@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from agent import config, errors
+from agent.backends import unseal
 from agent.bundles import sealed
 from fleetctl.sealing import generate_identity, parse_recipients
 
@@ -137,6 +138,6 @@ def test_load_decrypts_into_memory_without_a_compiled_model_cache(tmp_path: Path
     spec = sealed.load_spec(_doc(_enc(), [mine.recipient]) | {"variants": [{"files": [
         {"path": "model.onnx", "encryption": _enc()}]}]}, tmp_path, ["model.onnx"], [str(mine.identity_path)])
     opts = LoadOptions(cache_dir=tmp_path / "cache", extra={"cache_dir": str(tmp_path / "cache"), sealed.SPEC_KEY: spec})
-    sealed.load(Recorder(), f, "cpu", opts)  # type: ignore[arg-type]
+    unseal.load(Recorder(), f, "cpu", opts)  # type: ignore[arg-type]
     assert seen["plain"] == PLAIN and seen["cache"] is None and sealed.SPEC_KEY not in seen["extra"]
     assert hardened == [True]
