@@ -32,7 +32,7 @@ from integration.opskit import agentctl, fleetctl
 from security.attacklib import X_IN, Bundles, Device, Fleet, HostileServer, assert_refused, npz
 
 from agent.bundles.manifest import sign_manifest
-from agent.bundles.offline import installed
+from agent.deploy.offline import installed
 from fleetctl.bundle import manifest_document, pack_bundle
 from fleetctl.sealing import generate_identity, reencrypt_bundle, seal_document
 

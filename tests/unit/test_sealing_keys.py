@@ -120,7 +120,7 @@ def test_load_decrypts_into_memory_without_a_compiled_model_cache(tmp_path: Path
     import pyrage
 
     hardened: list[bool] = []
-    monkeypatch.setattr(sealed, "harden", lambda: hardened.append(True))
+    monkeypatch.setattr(unseal, "harden", lambda: hardened.append(True))
     from agent.backends.base import LoadOptions
 
     mine = generate_identity(tmp_path, "dev")
