@@ -179,11 +179,11 @@ class OrtModel:
         feed = check_inputs(self.inputs, inputs)
         sess = self._sess
         if sess is None:
-            raise errors.RetryableError("inference_failed", f"{self.backend_id}: the model was closed")
+            raise errors.RetryableError(errors.INFERENCE_FAILED, f"{self.backend_id}: the model was closed")
         try:
             res = sess.run(self._out_names, feed)
         except Exception as e:
-            raise errors.RetryableError("inference_failed", f"onnxruntime run failed: {e}") from e
+            raise errors.RetryableError(errors.INFERENCE_FAILED, f"onnxruntime run failed: {e}") from e
         return dict(zip(self._out_names, res, strict=True))
 
     def close(self) -> None:

@@ -204,14 +204,14 @@ class OvModel:
             pass
         with self._lock:
             if self._compiled is None:
-                raise errors.RetryableError("inference_failed", f"{self.backend_id}: the model was closed")
+                raise errors.RetryableError(errors.INFERENCE_FAILED, f"{self.backend_id}: the model was closed")
             if self._created < MAX_INFER_REQUESTS:
                 self._created += 1
                 return self._compiled.create_infer_request()
         try:
             return self._pool.get(timeout=REQUEST_WAIT_S)
         except queue.Empty as e:
-            raise errors.RetryableError("inference_failed",
+            raise errors.RetryableError(errors.INFERENCE_FAILED,
                                         f"{self.backend_id}: all {MAX_INFER_REQUESTS} infer requests busy for {REQUEST_WAIT_S:g} s") from e
 
     def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -227,7 +227,7 @@ class OvModel:
             req.infer()
             out = {spec.name: req.get_output_tensor(i).data.copy() for i, spec in enumerate(self.outputs)}
         except Exception as e:
-            raise errors.RetryableError("inference_failed", f"openvino infer failed on {self.backend_id}: {e}") from e
+            raise errors.RetryableError(errors.INFERENCE_FAILED, f"openvino infer failed on {self.backend_id}: {e}") from e
         finally:
             self._pool.put(req)
         return out

@@ -232,7 +232,7 @@ class TfliteModel:
         with self._lock:
             interp = self._interp
             if interp is None:
-                raise errors.RetryableError("inference_failed", f"{self.backend_id}: the model was closed")
+                raise errors.RetryableError(errors.INFERENCE_FAILED, f"{self.backend_id}: the model was closed")
             try:
                 resized = False
                 for d in self._in:
@@ -257,7 +257,7 @@ class TfliteModel:
             except errors.AgentError:
                 raise
             except Exception as e:
-                raise errors.RetryableError("inference_failed", f"tflite invoke failed on {self.backend_id}: {e}") from e
+                raise errors.RetryableError(errors.INFERENCE_FAILED, f"tflite invoke failed on {self.backend_id}: {e}") from e
         return out
 
     def close(self) -> None:
