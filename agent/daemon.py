@@ -454,7 +454,7 @@ class Agent:
                 sv = self.registry.get(m["name"])
                 if sv is not None:
                     m["io"] = sv.describe()
-                    m["worker_pid"] = getattr(sv.model, "pid", None)
+                    m["worker_pid"] = sv.worker.pid if sv.worker is not None else None
                 out.append(m)
             return out
 

@@ -74,6 +74,10 @@ class Code(str, Enum):
     INVALID_REQUEST = "invalid_request"
     UNKNOWN_OP = "unknown_op"
     PERMISSION_DENIED = "permission_denied"
+    # the inference API's HTTP layer (agent/serving/httpconn.py)
+    NOT_FOUND = "not_found"
+    METHOD_NOT_ALLOWED = "method_not_allowed"
+    NOT_READY = "not_ready"
 
     def __str__(self) -> str:  # the wire value, also under f-strings and format()
         return str(self.value)
@@ -133,6 +137,9 @@ ALREADY_RUNNING = Code.ALREADY_RUNNING
 INVALID_REQUEST = Code.INVALID_REQUEST
 UNKNOWN_OP = Code.UNKNOWN_OP
 PERMISSION_DENIED = Code.PERMISSION_DENIED
+NOT_FOUND = Code.NOT_FOUND
+METHOD_NOT_ALLOWED = Code.METHOD_NOT_ALLOWED
+NOT_READY = Code.NOT_READY
 
 _DISK_FULL_ERRNOS = {28, 122}  # ENOSPC, EDQUOT
 _EXHAUSTED_ERRNOS = {11, 12, 23, 24}  # EAGAIN, ENOMEM, ENFILE, EMFILE

@@ -30,12 +30,11 @@ import sys
 import threading
 import time
 from array import array
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from agent import errors
-from agent.backends.base import LoadOptions, check_inputs
+from agent.backends.base import LoadOptions, Sink, check_inputs
 from agent.backends.wire import (  # noqa: F401 (the worker side imports these from here)
     BACK,
     CTL_MAX_BYTES,
@@ -85,7 +84,6 @@ WORKER_CRASHED = errors.WORKER_CRASHED
 WORKER_HUNG = errors.WORKER_HUNG
 
 
-Sink = Callable[[int, int, "array[float]", "array[float]", Any], None]
 
 
 def _unsent(sock: socket.socket) -> int:
@@ -236,6 +234,7 @@ class IsolatedModel:
                 raise errors.RejectError(hello.code, hello.message)
             raise errors.RejectError(errors.LOAD_FAILED, f"{path.name}: worker answered {type(hello).__name__}")
         self.backend_id = hello.backend_id
+        self.details: dict[str, Any] = dict(hello.details)
         self.inputs: tuple[TensorSpec, ...] = hello.inputs
         self.outputs: tuple[TensorSpec, ...] = hello.outputs
         self.start_s = time.monotonic() - t0

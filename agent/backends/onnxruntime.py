@@ -171,6 +171,7 @@ class OrtModel:
         self._sess = sess
         self.backend_id = f"{RUNTIME}:{provider}"
         self.details = details or {}
+        self.known_shapes: list[Any] = []  # set by its golden check (agent/deploy/golden.py)
         self.inputs = _specs(sess.get_inputs())
         self.outputs = _specs(sess.get_outputs())
         self._out_names = [o.name for o in self.outputs]

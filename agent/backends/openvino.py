@@ -189,6 +189,7 @@ class OvModel:
         self._compiled = compiled
         self.backend_id = f"{RUNTIME}:{device}"
         self.details = details or {}
+        self.known_shapes: list[Any] = []  # set by its golden check (agent/deploy/golden.py)
         ins, outs = names or ([], [])
         self.inputs = tuple(_spec(p, ins[i] if i < len(ins) else None) for i, p in enumerate(compiled.inputs))
         self.outputs = tuple(_spec(p, outs[i] if i < len(outs) else None) for i, p in enumerate(compiled.outputs))

@@ -222,6 +222,7 @@ class TfliteModel:
         self._in_q = [_quant(d) for d in self._in]
         self._out_q = [_quant(d) for d in self._out]
         self.details = dict(details or {})
+        self.known_shapes: list[Any] = []  # set by its golden check (agent/deploy/golden.py)
         if any(self._in_q) or any(self._out_q):
             self.details["io_quantized"] = "float32 in and out, (de)quantized with each tensor's scale/zero point"
 

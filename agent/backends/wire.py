@@ -90,6 +90,7 @@ class Ready(_Record):
     inputs: tuple[Any, ...]
     outputs: tuple[Any, ...]
     pid: int
+    details: dict[str, Any] = field(default_factory=dict)  # the loaded model's own (LoadedModel.details)
 
 
 @dataclass(frozen=True, slots=True)

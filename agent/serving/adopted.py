@@ -31,8 +31,9 @@ import threading
 import time
 from array import array
 from types import SimpleNamespace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from agent.backends.base import LoadedModel
 from agent.backends.wire import (
     BACK,
     CTL_MAX_BYTES,
@@ -57,6 +58,9 @@ from agent.serving.handler import IDLE_TIMEOUT_S, Handler
 from agent.serving.httpconn import HEAD_TIMEOUT_S, Request
 from agent.serving.kserve import KServeServer, infer_target
 
+if TYPE_CHECKING:
+    import numpy as np
+
 log = logging.getLogger(__name__)
 
 STATS_INTERVAL_S = 0.25  # how often calls/errors/latencies go to the daemon
@@ -68,14 +72,19 @@ class _SlotMarking:
     """The model, with each runtime call marked INFER in the connection's slot: the daemon's
     hung-worker deadline covers the runtime call only, not reading or decoding the request."""
 
-    def __init__(self, model: Any, owner: Adopted) -> None:
+    def __init__(self, model: LoadedModel, owner: Adopted) -> None:
         self._model = model
         self._owner = owner
+        self.backend_id = model.backend_id
+        self.inputs = model.inputs
+        self.outputs = model.outputs
+        self.details = model.details
+        self.known_shapes = model.known_shapes
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._model, name)
+    def close(self) -> None:
+        self._model.close()
 
-    def infer(self, inputs: Any) -> Any:
+    def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         owner = self._owner
         slot = getattr(owner.local, "slot", None)
         slots = owner.slots
@@ -146,7 +155,7 @@ class _AdoptedHandler(Handler):
 class Adopted:
     """Connections the daemon handed to this worker, and the control channel they come on."""
 
-    def __init__(self, model: Any, ctl: socket.socket) -> None:
+    def __init__(self, model: LoadedModel, ctl: socket.socket) -> None:
         self.model = model
         self.ctl = ctl
         self.slots: SlotTable | None = None
@@ -288,7 +297,7 @@ class Adopted:
             send_ctl(self.ctl, Stats(dc, de, ok.tobytes(), bad.tobytes(), tuple(shapes)))
 
 
-def serve_adopted(model: Any, ctl: socket.socket, first: CtlMessage, fds: list[int],
+def serve_adopted(model: LoadedModel, ctl: socket.socket, first: CtlMessage, fds: list[int],
                   owners: list[Adopted]) -> None:
     """Take over a worker's control socket at its first message (agent/serving/worker.py); the
     owner goes into ``owners`` so that the worker can flush its statistics when it exits."""

@@ -138,7 +138,7 @@ def main(fds_arg: str) -> None:
         return
     owners: list[Any] = []  # the direct path's owner, once the daemon hands a connection over
     threading.Thread(target=_control, args=(ctl, model, owners), name="control", daemon=True).start()
-    conns[0].send(Ready(model.backend_id, model.inputs, model.outputs, os.getpid()))
+    conns[0].send(Ready(model.backend_id, model.inputs, model.outputs, os.getpid(), model.details))
     workers = [threading.Thread(target=_serve, args=(c, model), daemon=True) for c in conns]
     for w in workers:
         w.start()

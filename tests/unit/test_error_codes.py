@@ -113,6 +113,7 @@ def test_codes_keep_their_wire_values() -> None:
     assert errors.WORKER_HUNG is errors.Code.WORKER_HUNG
     assert f"{errors.Code.TOO_LARGE}" == "too_large" and str(errors.Code.BUSY) == "busy"
     assert json.dumps({"code": errors.Code.DISK_FULL}) == '{"code": "disk_full"}'
+    assert {errors.BUSY: 503}["busy"] == 503 and {"busy": 503}[errors.BUSY] == 503  # tables keyed either way
     assert pickle.loads(pickle.dumps(errors.Code.TIMEOUT)) is errors.Code.TIMEOUT
     assert errors.RejectError(errors.HASH_MISMATCH, "m").to_dict() == {"code": "hash_mismatch", "message": "m"}
     assert len({c.value for c in errors.Code}) == len(errors.Code)
