@@ -574,3 +574,11 @@ class IsolatedModel:
             os.close(self._pidfd)
         os.close(self._slots_fd)
         self._slots.close()
+
+
+if TYPE_CHECKING:
+    from agent.backends.base import IsolatedCapable
+
+    def _declares(m: IsolatedModel) -> IsolatedCapable:
+        """mypy checks here that IsolatedModel offers every capability the protocol declares."""
+        return m

@@ -247,3 +247,32 @@ def test_worker_death_is_noticed_on_kernels_without_pidfd(env: Env, monkeypatch:
     _wait(lambda: "crashed" in m.death and not m._held, "the death noticed and the connection taken over")
     status, doc = _post(c)
     assert status == 500 and doc["code"] == "worker_crashed"
+
+
+def test_a_worker_model_declares_its_capabilities_and_why_it_died(env: Env, tmp_path: Path) -> None:
+    """What a caller may ask of a model is what the protocols declare (agent/backends/base.py):
+    a model in a worker is IsolatedCapable, an in-process one only a LoadedModel, and why a
+    worker died is its DeathReason, whatever its message says."""
+    from agent import errors
+    from agent.backends.base import IsolatedCapable, LoadedModel
+    from agent.backends.onnxruntime import OnnxRuntimeBackend
+    from agent.backends.wire import DeathReason
+
+    m, path = env.serve("lin", 1, seed=3)
+    sv = env.registry.get("lin")
+    assert sv is not None and sv.worker is m and isinstance(m, IsolatedCapable)
+    assert m.details.get("compute_precision") == "fp32", "the worker's model details reach the daemon"
+    local = OnnxRuntimeBackend().load(path, CPU, LoadOptions(threads=1))
+    try:
+        assert isinstance(local, LoadedModel) and not isinstance(local, IsolatedCapable)
+        in_process = ServingVersion("loc", 1, "onnx-fp32", local)
+        assert in_process.worker is None and in_process.alive
+    finally:
+        local.close()
+    assert m.death_reason is None and sv.alive
+    os.kill(m.pid, signal.SIGKILL)
+    _wait(lambda: m.death_reason is not None, "the worker's death noticed")
+    assert m.death_reason is DeathReason.CRASHED and not sv.alive
+    with pytest.raises(errors.RetryableError) as ei:
+        m.infer({"x": X})
+    assert ei.value.code == errors.WORKER_CRASHED
