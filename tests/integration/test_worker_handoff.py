@@ -25,6 +25,7 @@ from conftest import make_linear_onnx
 from agent.backends.base import LoadOptions
 from agent.backends.isolated import IDLE, IsolatedModel
 from agent.backends.onnxruntime import CPU
+from agent.backends.wire import DeathReason
 from agent.serving.kserve import KServeServer
 from agent.serving.registry import Registry, ServingVersion
 
@@ -174,7 +175,7 @@ def test_idle_connection_survives_a_worker_crash(env: Env) -> None:
     _wait(lambda: m._slots.get(next(iter(m._held)))[0] == IDLE, "the worker back to waiting")
     os.kill(m.pid, signal.SIGSEGV)  # a native crash while the connection waits for its next request
     _wait(lambda: not m.alive and not m._held, "the crash noticed and the connection taken over")
-    assert "crashed" in m.death
+    assert m.death_reason is DeathReason.CRASHED and "crashed" in m.death
     status, doc = _post(c)  # the daemon now holds the connection; the model is dead
     assert status == 500 and doc["code"] == "worker_crashed"
     env.serve("lin", 2, seed=2)  # what the supervisor does: a replacement
@@ -194,7 +195,7 @@ def test_hung_worker_answers_the_waiting_request_with_worker_hung(env: Env) -> N
         status, doc = _post(c)
         assert status == 500 and doc["code"] == "worker_hung", doc
         assert time.monotonic() - t0 < 3.0, "cut off by infer_timeout_s"
-        assert not m.alive and "hung" in m.death
+        assert not m.alive and m.death_reason is DeathReason.HUNG
     finally:
         if m._proc.poll() is None:
             os.kill(m.pid, signal.SIGCONT)
@@ -244,7 +245,7 @@ def test_worker_death_is_noticed_on_kernels_without_pidfd(env: Env, monkeypatch:
     assert _post(c)[0] == 200
     _wait(lambda: m._slots.get(next(iter(m._held)))[0] == IDLE, "the worker back to waiting")
     os.kill(m.pid, signal.SIGKILL)
-    _wait(lambda: "crashed" in m.death and not m._held, "the death noticed and the connection taken over")
+    _wait(lambda: m.death_reason is DeathReason.CRASHED and not m._held, "the death noticed and the connection taken over")
     status, doc = _post(c)
     assert status == 500 and doc["code"] == "worker_crashed"
 
@@ -256,7 +257,6 @@ def test_a_worker_model_declares_its_capabilities_and_why_it_died(env: Env, tmp_
     from agent import errors
     from agent.backends.base import IsolatedCapable, LoadedModel
     from agent.backends.onnxruntime import OnnxRuntimeBackend
-    from agent.backends.wire import DeathReason
 
     m, path = env.serve("lin", 1, seed=3)
     sv = env.registry.get("lin")
