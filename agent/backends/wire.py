@@ -59,7 +59,7 @@ class _Record:
     __match_args__: tuple[str, ...] = ()
 
     def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
-        return type(self), tuple(getattr(self, f) for f in self.__match_args__)
+        return type(self), tuple([getattr(self, f) for f in self.__match_args__])
 
 
 # -- on the pipes (Channel): loading, calls through the daemon, golden samples -------------------
