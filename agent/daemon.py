@@ -294,7 +294,7 @@ class Agent:
         except queue.Full as e:
             with self._queue_lock:
                 self._queued.pop(ctx.job_id, None)
-            raise errors.RetryableError("busy", f"{DEPLOY_QUEUE_MAX} deploys already queued") from e
+            raise errors.RetryableError(errors.BUSY, f"{DEPLOY_QUEUE_MAX} deploys already queued") from e
 
     def cancel_deploy(self, job_id: str, code: str) -> bool:
         with self._queue_lock:
@@ -455,7 +455,7 @@ class Agent:
                 sv = self.registry.get(m["name"])
                 if sv is not None:
                     m["io"] = sv.describe()
-                    m["worker_pid"] = getattr(sv.model, "pid", None)
+                    m["worker_pid"] = sv.worker.pid if sv.worker is not None else None
                 out.append(m)
             return out
 
@@ -476,7 +476,7 @@ class Agent:
         def explain(p: dict[str, Any]) -> Any:
             job = self.db.job(str(p.get("job", "")))
             if job is None:
-                raise errors.RejectError("unknown_job", f"no job {p.get('job')!r} on this device")
+                raise errors.RejectError(errors.UNKNOWN_JOB, f"no job {p.get('job')!r} on this device")
             job["timeline"] = self.db.job_timeline(job["id"])
             return job
 
@@ -551,7 +551,7 @@ class Agent:
     def start(self) -> None:
         bad = self.trust.writable_paths()
         if bad:
-            raise errors.AgentError("unsafe_trust", f"trust folder {self.cfg.trust.keys_dir} is writable by others than "
+            raise errors.AgentError(errors.UNSAFE_TRUST, f"trust folder {self.cfg.trust.keys_dir} is writable by others than "
                                                     f"its owner: {describe_writable(bad)}")
         if not len(self.trust):
             log.warning("%s: every signed command and bundle will be refused", self.trust.no_keys_message())

@@ -128,6 +128,8 @@ class _ConstModel:
     """A LoadedModel whose "runtime" returns a prepared answer: the agent's per-call cost alone."""
 
     backend_id = "const"
+    details: dict[str, Any] = {}  # LoadedModel: nothing to report
+    known_shapes: list[Any] = []  # LoadedModel: a golden check assigns it
     outputs: tuple[Any, ...] = ()
 
     def __init__(self, specs: tuple[Any, ...], answer: dict[str, Any]) -> None:

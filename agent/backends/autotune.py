@@ -274,9 +274,8 @@ def tune(decision: Decision, indices: Sequence[int], manifest: Manifest, vdir: P
                     res = golden.check(model, *samples, rtol, atol, _plan())  # where the model runs
                     row["max_abs_error"] = res["max_abs_error"]
                     row.update(figures(res["times_s"]))
-                    details = getattr(model, "details", None)
-                    if isinstance(details, dict) and details.get("compute_precision"):
-                        row["compute_precision"] = details["compute_precision"]
+                    if model.details.get("compute_precision"):
+                        row["compute_precision"] = model.details["compute_precision"]
                 except errors.AgentError as e:
                     last_error = e
                     row["error"] = e.to_dict()

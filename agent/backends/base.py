@@ -4,8 +4,11 @@ A backend says for each of its targets (provider, device or delegate) whether it
 reason it is not; it never raises for a missing runtime, driver or device. ``load`` returns a
 LoadedModel with named, typed inputs and outputs; ``infer`` takes and returns numpy arrays and
 rejects wrong names, dtypes and shapes with ``invalid_input`` before the runtime sees them. A
-loaded model may also carry ``details`` (runtime version, the precision it computes in, threads,
-delegate, caches): deploys record them, autotune and ``bench`` report them.
+loaded model also carries ``details`` (runtime version, the precision it computes in, threads,
+delegate, caches; deploys record them, autotune and ``bench`` report them) and ``known_shapes``
+(the input shapes its golden samples ran with). A model that runs in a worker process
+(agent/backends/isolated.py) offers more: ``IsolatedCapable``. Callers ask with ``isinstance``
+(both protocols are runtime-checkable), never by probing attributes.
 
 numpy and the runtimes are imported lazily, only when a model needs them.
 """
@@ -14,15 +17,20 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from agent import errors
 
 if TYPE_CHECKING:
+    import socket
+    from array import array
+
     import numpy as np
 
+    from agent.backends.wire import DeathReason
     from agent.bundles.manifest import TensorSpec
 
 
@@ -98,14 +106,47 @@ def auto_threads() -> int:
     return max(1, min(AUTO_THREADS_MAX, n))
 
 
+@runtime_checkable
 class LoadedModel(Protocol):
+    """A model loaded on one backend target, ready for ``infer``; ``close`` frees it."""
+
     backend_id: str
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
+    details: dict[str, Any]  # how it runs: runtime version, compute precision, threads, caches
+    known_shapes: list[Any]  # input shapes its golden samples ran with (agent/serving/admission.py)
 
     def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
 
     def close(self) -> None: ...
+
+
+# Where a worker's own calls go: calls, errors, latencies of the answered and the failed ones
+# (packed doubles), and input shapes newly seen to compute (agent/serving/registry.py).
+Sink = Callable[[int, int, "array[float]", "array[float]", Any], None]
+
+
+@runtime_checkable
+class IsolatedCapable(LoadedModel, Protocol):
+    """A LoadedModel in its own worker process (agent/backends/isolated.py): it can die apart from
+    the daemon, runs golden checks where the model is, and answers HTTP connections itself."""
+
+    pid: int
+    death: str  # what ended the worker, for logs and events ("" while it lives)
+    death_reason: DeathReason | None  # why: what cut-short calls and connections end with
+
+    @property
+    def alive(self) -> bool: ...
+
+    def rss_bytes(self) -> int: ...
+
+    def golden(self, inputs: Path, expected: Path, rtol: float, atol: float, plan: Any) -> dict[str, Any]: ...
+
+    def bind(self, name: str, version: int, sink: Sink, serving: dict[str, Any] | None = None) -> None: ...
+
+    def adopt(self, sock: socket.socket, prefix: bytes, host: Any) -> bool: ...
+
+    def retire(self) -> None: ...
 
 
 class Backend(Protocol):

@@ -9,7 +9,6 @@ call it directly. Light imports only: a worker imports this module, not the daem
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
@@ -17,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from agent import errors
+from agent.backends.base import IsolatedCapable, LoadedModel
 
 
 @dataclass(frozen=True)
@@ -133,7 +133,7 @@ def time_runs(model: Any, inputs: dict[str, Any], plan: TimingPlan) -> list[floa
     return times
 
 
-def run(model: Any, inputs: Path, expected: Path, rtol: float, atol: float,
+def run(model: LoadedModel, inputs: Path, expected: Path, rtol: float, atol: float,
         plan: TimingPlan) -> dict[str, Any]:
     """One checked run of the golden inputs, then the timed ones: ``max_abs_error``, ``times_s``."""
     ins, exp = load_samples(inputs, expected)
@@ -143,15 +143,12 @@ def run(model: Any, inputs: Path, expected: Path, rtol: float, atol: float,
         raise errors.RejectError(errors.VALIDATION_FAILED, f"golden inputs rejected: {e.message}") from e
     worst = max_error(out, exp, rtol, atol, model.backend_id)
     shapes = [[(k, list(a.shape)) for k, a in sorted(ins.items())]]
-    with contextlib.suppress(AttributeError):  # shapes this version computes: agent/serving/admission.py
-        model.known_shapes = shapes
+    model.known_shapes = shapes  # shapes this version computes: agent/serving/admission.py
     return {"max_abs_error": worst, "times_s": time_runs(model, ins, plan), "input_shapes": shapes}
 
 
-def check(model: Any, inputs: Path, expected: Path, rtol: float, atol: float, plan: TimingPlan) -> dict[str, Any]:
+def check(model: LoadedModel, inputs: Path, expected: Path, rtol: float, atol: float, plan: TimingPlan) -> dict[str, Any]:
     """``run()`` where the model is: inside its worker when it has one, else here."""
-    remote = getattr(model, "golden", None)
-    if remote is not None:
-        result: dict[str, Any] = remote(inputs, expected, rtol, atol, plan)
-        return result
+    if isinstance(model, IsolatedCapable):
+        return model.golden(inputs, expected, rtol, atol, plan)
     return run(model, inputs, expected, rtol, atol, plan)

@@ -30,12 +30,11 @@ import sys
 import threading
 import time
 from array import array
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from agent import errors
-from agent.backends.base import LoadOptions, check_inputs
+from agent.backends.base import LoadOptions, Sink, check_inputs
 from agent.backends.wire import (  # noqa: F401 (the worker side imports these from here)
     BACK,
     CTL_MAX_BYTES,
@@ -45,8 +44,23 @@ from agent.backends.wire import (  # noqa: F401 (the worker side imports these f
     PENDING,
     READING,
     WRITING,
+    Adopt,
+    Back,
     Channel,
+    CtlMessage,
+    DeathReason,
+    Done,
+    Err,
+    Golden,
+    Load,
+    Ok,
+    Preload,
+    Ready,
+    Retire,
+    Retired,
+    Serve,
     SlotTable,
+    Stats,
     recv_ctl,
     send_ctl,
 )
@@ -70,7 +84,6 @@ WORKER_CRASHED = errors.WORKER_CRASHED
 WORKER_HUNG = errors.WORKER_HUNG
 
 
-Sink = Callable[[int, int, "array[float]", "array[float]", Any], None]
 
 
 def _unsent(sock: socket.socket) -> int:
@@ -129,7 +142,7 @@ class Spare:
 
     def preload(self) -> Spare:
         with contextlib.suppress(OSError):
-            self.conns[0].send(("preload", self.runtime))
+            self.conns[0].send(Preload(self.runtime))
         return self
 
     def claim(self) -> bool:
@@ -174,7 +187,9 @@ class IsolatedModel:
                  channels: int = DEFAULT_CHANNELS, infer_timeout_s: float = DEFAULT_INFER_TIMEOUT_S,
                  start_timeout_s: float = START_TIMEOUT_S, spare: Spare | None = None) -> None:
         self.infer_timeout_s = infer_timeout_s
-        self.death: str = ""
+        self.backend_id: str = f"{runtime}:{target}"  # the worker's own word once it has loaded
+        self.death: str = ""  # what happened, for logs and events ("" while the worker lives)
+        self.death_reason: DeathReason | None = None  # why: what calls and connections end with
         self._lock = threading.Lock()
         self._send_lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
@@ -202,7 +217,7 @@ class IsolatedModel:
             self._pollers[id(c)] = po
         first = self._conns[0]
         try:
-            first.send(("load", runtime, target, str(path), options.threads, options.allow_spinning, options.extra))
+            first.send(Load(runtime, target, str(path), options.threads, options.allow_spinning, options.extra))
             if not first.poll(start_timeout_s):
                 self._kill()
                 raise errors.RejectError(errors.LOAD_FAILED, f"{path.name}: worker did not load the model within {start_timeout_s:.0f} s")
@@ -212,13 +227,16 @@ class IsolatedModel:
             self._close_channels()
             raise errors.RejectError(errors.LOAD_FAILED,
                                      f"{path.name}: worker died while loading (exit code {self._proc.returncode})") from e
-        if hello[0] != "ready":
+        if not isinstance(hello, Ready):
             self._kill()
             self._close_channels()
-            raise errors.RejectError(hello[1], hello[2])
-        _, self.backend_id, inputs, outputs, _pid = hello
-        self.inputs: tuple[TensorSpec, ...] = inputs
-        self.outputs: tuple[TensorSpec, ...] = outputs
+            if isinstance(hello, Err):
+                raise errors.RejectError(hello.code, hello.message)
+            raise errors.RejectError(errors.LOAD_FAILED, f"{path.name}: worker answered {type(hello).__name__}")
+        self.backend_id = hello.backend_id
+        self.details: dict[str, Any] = dict(hello.details)
+        self.inputs: tuple[TensorSpec, ...] = hello.inputs
+        self.outputs: tuple[TensorSpec, ...] = hello.outputs
         self.start_s = time.monotonic() - t0
         self._free: queue.Queue[Any] = queue.Queue()
         for c in self._conns:
@@ -258,30 +276,31 @@ class IsolatedModel:
     def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         feed = check_inputs(self.inputs, inputs)
         reply = self._call(feed, self.infer_timeout_s)
-        if reply[0] == "ok":
-            out: dict[str, np.ndarray] = reply[1]
+        if isinstance(reply, Ok):
+            out: dict[str, np.ndarray] = reply.result
             return out
-        if reply[1] == errors.INVALID_INPUT:
-            raise errors.RejectError(reply[1], reply[2])
-        raise errors.RetryableError(reply[1], reply[2])
+        if reply.code == errors.INVALID_INPUT:
+            raise errors.RejectError(reply.code, reply.message)
+        raise errors.RetryableError(reply.code, reply.message)
 
     def golden(self, inputs: Path, expected: Path, rtol: float, atol: float, plan: Any) -> dict[str, Any]:
         """Golden-sample check and timings run inside the worker (agent/backends/golden.py): the
         samples never enter the daemon. Bounded by ``plan.bound_s(infer_timeout_s)``."""
-        reply = self._call(("golden", str(inputs), str(expected), rtol, atol, plan.to_dict()),
+        reply = self._call(Golden(str(inputs), str(expected), rtol, atol, plan.to_dict()),
                            plan.bound_s(self.infer_timeout_s))
-        if reply[0] == "ok":
-            result: dict[str, Any] = reply[1]
+        if isinstance(reply, Ok):
+            result: dict[str, Any] = reply.result
             self.known_shapes = result.get("input_shapes", [])  # agent/serving/admission.py
             return result
-        if reply[1] in (errors.VALIDATION_FAILED, errors.INVALID_INPUT):
-            raise errors.RejectError(reply[1], reply[2])
-        raise errors.RetryableError(reply[1], reply[2])
+        if reply.code in (errors.VALIDATION_FAILED, errors.INVALID_INPUT):
+            raise errors.RejectError(reply.code, reply.message)
+        raise errors.RetryableError(reply.code, reply.message)
 
-    def _call(self, msg: Any, timeout_s: float) -> tuple[Any, ...]:
+    def _call(self, msg: Any, timeout_s: float) -> Ok | Err:
         """One request on a free pipe; a worker that does not answer within ``timeout_s`` is hung."""
-        if self.death:
-            raise errors.RetryableError(WORKER_CRASHED if "crash" in self.death else WORKER_HUNG, self.death)
+        reason = self.death_reason
+        if reason is not None:
+            raise errors.RetryableError(reason.code, self.death)
         try:
             conn = self._free.get(timeout=self.infer_timeout_s)
         except queue.Empty as e:
@@ -290,13 +309,13 @@ class IsolatedModel:
         try:
             conn.send(msg)
             if not self._pollers[id(conn)].poll(timeout_s * 1000):
-                self._mark_dead(f"worker {self.pid} hung: no answer within {timeout_s:.1f} s; killed")
+                self._mark_dead(DeathReason.HUNG, f"worker {self.pid} hung: no answer within {timeout_s:.1f} s; killed")
                 raise errors.RetryableError(WORKER_HUNG, self.death)
-            reply: tuple[Any, ...] = conn.recv()
+            reply: Ok | Err = conn.recv()
             healthy = True
         except (EOFError, OSError, BrokenPipeError) as e:
             self._wait(0.2)
-            self._mark_dead(f"worker {self.pid} crashed (exit code {self._proc.returncode})")
+            self._mark_dead(DeathReason.CRASHED, f"worker {self.pid} crashed (exit code {self._proc.returncode})")
             raise errors.RetryableError(WORKER_CRASHED, self.death) from e
         finally:
             if healthy:
@@ -325,10 +344,11 @@ class IsolatedModel:
             with self._send_lock:
                 if not self._serving_sent:
                     name, version, _, serving = self._bound
-                    send_ctl(self._ctl, ("serve", name, version, MAX_ADOPTED, host.max_body_bytes,
-                                         host.server_name, host.server_version, host.policy, serving), self._slots_fd)
+                    send_ctl(self._ctl, Serve(name, version, MAX_ADOPTED, host.max_body_bytes,
+                                              host.server_name, host.server_version, host.policy, serving),
+                             self._slots_fd)
                     self._serving_sent = True
-                send_ctl(self._ctl, ("adopt", slot, prefix), sock.fileno())
+                send_ctl(self._ctl, Adopt(slot, prefix), sock.fileno())
         except OSError as e:
             log.debug("worker %d: cannot hand a connection over: %s", self.pid, e)
             self._release(slot)
@@ -374,23 +394,22 @@ class IsolatedModel:
             return
         self._on_ctl(*got)
 
-    def _on_ctl(self, msg: tuple[Any, ...] | None, fds: list[int]) -> None:
-        kind = msg[0] if msg is not None else None
-        if msg is not None and kind == "stats":
+    def _on_ctl(self, msg: CtlMessage | None, fds: list[int]) -> None:
+        if isinstance(msg, Stats):
             bound = self._bound
             if bound is not None:
                 ok, bad = array("d"), array("d")
-                ok.frombytes(msg[3])
-                bad.frombytes(msg[4])
-                bound[2](msg[1], msg[2], ok, bad, msg[5] if len(msg) > 5 else ())
-        elif kind == "retired":
+                ok.frombytes(msg.ok)
+                bad.frombytes(msg.bad)
+                bound[2](msg.calls, msg.errors, ok, bad, msg.shapes)
+        elif isinstance(msg, Retired):
             self._retire_ack.set()
-        elif msg is not None and kind in ("back", "done"):
-            entry = self._release(msg[1])
+        elif isinstance(msg, (Back, Done)):
+            entry = self._release(msg.slot)
             if entry is not None:
                 entry[0].close()  # the daemon's copy; a given-back connection comes with a fresh one
-                if kind == "back" and fds:
-                    entry[2].resume_connection(socket.socket(fileno=fds.pop(0)), msg[2])
+                if isinstance(msg, Back) and fds:
+                    entry[2].resume_connection(socket.socket(fileno=fds.pop(0)), msg.unread)
         for fd in fds:
             os.close(fd)
 
@@ -424,7 +443,8 @@ class IsolatedModel:
                 continue
             if now - since > limit_ns and suspect.get(slot) == (sock, since, since):
                 what = "a handed-over request was not taken" if state == PENDING else "a request got no answer"
-                self._mark_dead(f"worker {self.pid} hung: {what} within {self.infer_timeout_s:.1f} s; killed")
+                self._mark_dead(DeathReason.HUNG,
+                                f"worker {self.pid} hung: {what} within {self.infer_timeout_s:.1f} s; killed")
                 return
             suspect[slot] = (sock, since, since)
         if idle:  # bytes waiting on a connection the worker should be reading
@@ -441,8 +461,8 @@ class IsolatedModel:
                 elif seen is None or seen[1] != since:  # new, or the worker moved on in between
                     suspect[key] = (held[slot], since, now)
                 elif now - seen[2] > limit_ns:
-                    self._mark_dead(f"worker {self.pid} hung: a request waited unread for "
-                                    f"{self.infer_timeout_s:.1f} s; killed")
+                    self._mark_dead(DeathReason.HUNG, f"worker {self.pid} hung: a request waited unread for "
+                                                      f"{self.infer_timeout_s:.1f} s; killed")
                     return
 
     def _on_exit(self) -> None:
@@ -459,9 +479,9 @@ class IsolatedModel:
                 self._on_ctl(msg, fds)
         self._wait(KILL_WAIT_S)
         if not self._closed:
-            self._mark_dead(f"worker {self.pid} crashed (exit code {self._proc.returncode})")
+            self._mark_dead(DeathReason.CRASHED, f"worker {self.pid} crashed (exit code {self._proc.returncode})")
         why = self.death or "model version retired with a request in flight"
-        code = WORKER_HUNG if "hung" in why else WORKER_CRASHED if self.death else errors.TIMEOUT
+        code = (self.death_reason or DeathReason.RETIRED).code
         with self._lock:
             held = list(self._held)
         for slot in held:
@@ -486,11 +506,12 @@ class IsolatedModel:
                 sock.close()
 
     # -- lifecycle ------------------------------------------------------------------------------
-    def _mark_dead(self, why: str) -> None:
+    def _mark_dead(self, reason: DeathReason, why: str) -> None:
         with self._lock:
-            if not self.death:
+            if self.death_reason is None:
+                self.death_reason = reason
                 self.death = why
-                log.error("%s (%s)", why, getattr(self, "backend_id", "?"))
+                log.error("%s (%s)", why, self.backend_id)
         self._kill()
 
     def _wait(self, timeout_s: float) -> None:
@@ -524,7 +545,7 @@ class IsolatedModel:
             return
         try:
             with self._send_lock:
-                send_ctl(self._ctl, ("retire",))
+                send_ctl(self._ctl, Retire())
         except OSError:
             return
         self._retire_ack.wait(CTL_SEND_TIMEOUT_S)
@@ -553,3 +574,11 @@ class IsolatedModel:
             os.close(self._pidfd)
         os.close(self._slots_fd)
         self._slots.close()
+
+
+if TYPE_CHECKING:
+    from agent.backends.base import IsolatedCapable
+
+    def _declares(m: IsolatedModel) -> IsolatedCapable:
+        """mypy checks here that IsolatedModel offers every capability the protocol declares."""
+        return m

@@ -173,6 +173,7 @@ class OrtModel:
         self._sess = sess
         self.backend_id = f"{RUNTIME}:{provider}"
         self.details = details or {}
+        self.known_shapes: list[Any] = []  # set by its golden check (agent/deploy/golden.py)
         self.inputs = _specs(sess.get_inputs())
         self.outputs = _specs(sess.get_outputs())
         self._out_names = [o.name for o in self.outputs]
@@ -181,11 +182,11 @@ class OrtModel:
         feed = check_inputs(self.inputs, inputs)
         sess = self._sess
         if sess is None:
-            raise errors.RetryableError("inference_failed", f"{self.backend_id}: the model was closed")
+            raise errors.RetryableError(errors.INFERENCE_FAILED, f"{self.backend_id}: the model was closed")
         try:
             res = sess.run(self._out_names, feed)
         except Exception as e:
-            raise errors.RetryableError("inference_failed", f"onnxruntime run failed: {e}") from e
+            raise errors.RetryableError(errors.INFERENCE_FAILED, f"onnxruntime run failed: {e}") from e
         return dict(zip(self._out_names, res, strict=True))
 
     def close(self) -> None:

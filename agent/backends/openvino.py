@@ -212,6 +212,7 @@ class OvModel:
         self._compiled = compiled
         self.backend_id = f"{RUNTIME}:{device}"
         self.details = details or {}
+        self.known_shapes: list[Any] = []  # set by its golden check (agent/deploy/golden.py)
         ins, outs = names or ([], [])
         self.inputs = tuple(_spec(p, ins[i] if i < len(ins) else None) for i, p in enumerate(compiled.inputs))
         self.outputs = tuple(_spec(p, outs[i] if i < len(outs) else None) for i, p in enumerate(compiled.outputs))
@@ -227,14 +228,14 @@ class OvModel:
             pass
         with self._lock:
             if self._compiled is None:
-                raise errors.RetryableError("inference_failed", f"{self.backend_id}: the model was closed")
+                raise errors.RetryableError(errors.INFERENCE_FAILED, f"{self.backend_id}: the model was closed")
             if self._created < MAX_INFER_REQUESTS:
                 self._created += 1
                 return self._compiled.create_infer_request()
         try:
             return self._pool.get(timeout=REQUEST_WAIT_S)
         except queue.Empty as e:
-            raise errors.RetryableError("inference_failed",
+            raise errors.RetryableError(errors.INFERENCE_FAILED,
                                         f"{self.backend_id}: all {MAX_INFER_REQUESTS} infer requests busy for {REQUEST_WAIT_S:g} s") from e
 
     def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -250,7 +251,7 @@ class OvModel:
             req.infer()
             out = {spec.name: req.get_output_tensor(i).data.copy() for i, spec in enumerate(self.outputs)}
         except Exception as e:
-            raise errors.RetryableError("inference_failed", f"openvino infer failed on {self.backend_id}: {e}") from e
+            raise errors.RetryableError(errors.INFERENCE_FAILED, f"openvino infer failed on {self.backend_id}: {e}") from e
         finally:
             self._pool.put(req)
         return out

@@ -232,6 +232,7 @@ class TfliteModel:
         self._in_q = [_quant(d) for d in self._in]
         self._out_q = [_quant(d) for d in self._out]
         self.details = dict(details or {})
+        self.known_shapes: list[Any] = []  # set by its golden check (agent/deploy/golden.py)
         if any(self._in_q) or any(self._out_q):
             self.details["io_quantized"] = "float32 in and out, (de)quantized with each tensor's scale/zero point"
 
@@ -242,7 +243,7 @@ class TfliteModel:
         with self._lock:
             interp = self._interp
             if interp is None:
-                raise errors.RetryableError("inference_failed", f"{self.backend_id}: the model was closed")
+                raise errors.RetryableError(errors.INFERENCE_FAILED, f"{self.backend_id}: the model was closed")
             try:
                 resized = False
                 for d in self._in:
@@ -267,7 +268,7 @@ class TfliteModel:
             except errors.AgentError:
                 raise
             except Exception as e:
-                raise errors.RetryableError("inference_failed", f"tflite invoke failed on {self.backend_id}: {e}") from e
+                raise errors.RetryableError(errors.INFERENCE_FAILED, f"tflite invoke failed on {self.backend_id}: {e}") from e
         return out
 
     def close(self) -> None:

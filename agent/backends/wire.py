@@ -2,6 +2,10 @@
 agent/serving/adopted.py): length-prefixed pickles on stream sockets, control messages with
 descriptors on a SOCK_SEQPACKET socket, and the slot table both sides map.
 
+Every message is a typed record below (a frozen dataclass, pickled as its class and fields), so
+each side reads fields by name and mypy checks both ends. The one exception is the hottest: an
+inference request on a pipe is the dict of input arrays itself, and ``None`` asks a worker to stop.
+
 Why its own module: both processes use it, and neither needs the other's machinery for it.
 """
 
@@ -17,7 +21,11 @@ import socket
 import struct
 import time
 from array import array
+from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any
+
+from agent import errors
 
 CTL_MAX_BYTES = 256 * 1024  # largest control message: a request head and the bytes read ahead
 # Slot states of an adopted connection (SlotTable).
@@ -27,6 +35,151 @@ _LEN = struct.Struct("!Q")
 SMALL_MESSAGE_BYTES = 64 * 1024  # messages up to this size go out in one send with their length
 MAX_MESSAGE_BYTES = 1 << 31  # a longer claimed length means a broken (or hostile) worker
 _SLOT_BYTES = 16  # state (int32), padding, since (int64 CLOCK_MONOTONIC ns)
+
+
+class DeathReason(str, Enum):
+    """Why a worker's connections and calls end: read from this, never from the message text."""
+
+    HUNG = "hung"  # a call or request got no answer within the deadline; the worker was killed
+    CRASHED = "crashed"  # the worker exited on its own (a runtime crash, an OOM kill)
+    RETIRED = "retired"  # the daemon closed the version with a request still in flight
+
+    @property
+    def code(self) -> errors.Code:
+        """The error code a call or request cut short by this ends with."""
+        return {DeathReason.HUNG: errors.WORKER_HUNG, DeathReason.CRASHED: errors.WORKER_CRASHED,
+                DeathReason.RETIRED: errors.TIMEOUT}[self]
+
+
+class _Record:
+    """Base of the wire records: pickled as (class, fields), so frozen slotted dataclasses
+    round-trip on every supported Python (3.10 cannot unpickle them by default)."""
+
+    __slots__ = ()
+    __match_args__: tuple[str, ...] = ()
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        return type(self), tuple([getattr(self, f) for f in self.__match_args__])
+
+
+# -- on the pipes (Channel): loading, calls through the daemon, golden samples -------------------
+@dataclass(frozen=True, slots=True)
+class Preload(_Record):
+    """Sent to a worker started ahead of its model: import ``runtime`` while the bundle downloads."""
+
+    runtime: str
+
+
+@dataclass(frozen=True, slots=True)
+class Load(_Record):
+    """Load the model at ``path`` on ``runtime:target``; answered with Ready or Err."""
+
+    runtime: str
+    target: str
+    path: str
+    threads: int
+    allow_spinning: bool
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Ready(_Record):
+    """The model is loaded: its backend and tensors, and the worker's process id."""
+
+    backend_id: str
+    inputs: tuple[Any, ...]
+    outputs: tuple[Any, ...]
+    pid: int
+    details: dict[str, Any] = field(default_factory=dict)  # the loaded model's own (LoadedModel.details)
+
+
+@dataclass(frozen=True, slots=True)
+class Golden(_Record):
+    """Run the golden-sample check and timings inside the worker (agent/deploy/golden.py)."""
+
+    inputs: str
+    expected: str
+    rtol: float
+    atol: float
+    plan: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Ok(_Record):
+    """A call's result: the output arrays, or the golden check's figures."""
+
+    result: Any
+
+
+@dataclass(frozen=True, slots=True)
+class Err(_Record):
+    """A call or load that failed, with its stable code."""
+
+    code: str
+    message: str
+
+
+# -- on the control socket: connections handed over and back ------------------------------------
+@dataclass(frozen=True, slots=True)
+class Serve(_Record):
+    """The first control message (with the slot table's descriptor): what the worker serves."""
+
+    name: str
+    version: int
+    n_slots: int
+    max_body: int
+    server_name: str
+    server_version: str
+    policy: Any  # agent.serving.guard.ApiPolicy (the backends layer does not import serving)
+    serving: dict[str, Any] = field(default_factory=dict)  # admission limits and known shapes
+
+
+@dataclass(frozen=True, slots=True)
+class Adopt(_Record):
+    """A connection (its descriptor rides along) whose next request begins with ``prefix``."""
+
+    slot: int
+    prefix: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Retire(_Record):
+    """A newer version serves: give every connection back at its next request boundary."""
+
+
+@dataclass(frozen=True, slots=True)
+class Retired(_Record):
+    """The worker took note of Retire (and flushed its statistics first)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Back(_Record):
+    """A connection given back to the daemon (a fresh descriptor rides along) with bytes read ahead."""
+
+    slot: int
+    unread: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Done(_Record):
+    """The worker closed the connection in ``slot``."""
+
+    slot: int
+
+
+@dataclass(frozen=True, slots=True)
+class Stats(_Record):
+    """Calls and errors since the last report, latencies (packed doubles) and new input shapes."""
+
+    calls: int
+    errors: int
+    ok: bytes
+    bad: bytes
+    shapes: tuple[Any, ...] = ()
+
+
+PipeMessage = Preload | Load | Ready | Golden | Ok | Err
+CtlMessage = Serve | Adopt | Retire | Retired | Back | Done | Stats
 
 
 class SlotTable:
@@ -56,7 +209,7 @@ class SlotTable:
             self._mm.close()
 
 
-def send_ctl(sock: socket.socket, msg: tuple[Any, ...], fd: int | None = None) -> None:
+def send_ctl(sock: socket.socket, msg: CtlMessage, fd: int | None = None) -> None:
     """One control message (SOCK_SEQPACKET keeps it whole), optionally with a descriptor."""
     data = pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL)
     if len(data) > CTL_MAX_BYTES:
@@ -65,7 +218,7 @@ def send_ctl(sock: socket.socket, msg: tuple[Any, ...], fd: int | None = None) -
     sock.sendmsg([data], anc)
 
 
-def recv_ctl(sock: socket.socket) -> tuple[tuple[Any, ...] | None, list[int]]:
+def recv_ctl(sock: socket.socket) -> tuple[CtlMessage | None, list[int]]:
     """The next control message and the descriptors it carries; (None, []) at EOF."""
     data, anc, _flags, _ = sock.recvmsg(CTL_MAX_BYTES, socket.CMSG_SPACE(4 * array("i").itemsize))
     fds: list[int] = []
@@ -78,7 +231,7 @@ def recv_ctl(sock: socket.socket) -> tuple[tuple[Any, ...] | None, list[int]]:
         for fd in fds:
             os.close(fd)
         return None, []
-    msg: tuple[Any, ...] = pickle.loads(data)  # from our own parent or child process
+    msg: CtlMessage = pickle.loads(data)  # from our own parent or child process
     return msg, fds
 
 

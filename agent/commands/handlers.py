@@ -237,9 +237,8 @@ class Handlers:
                         model = load_model(a.backends, t.runtime, t.target, vdir / variant.main_file.path,
                                            s, precision=variant.precision, sealed=sealed_spec(m, variant, vdir, s))
                     out[t.id] = _time_model(model, inputs, n)
-                    details = getattr(model, "details", None)
-                    if isinstance(details, dict) and details.get("compute_precision"):
-                        out[t.id]["compute_precision"] = details["compute_precision"]
+                    if model.details.get("compute_precision"):
+                        out[t.id]["compute_precision"] = model.details["compute_precision"]
                 except errors.AgentError as e:
                     out[t.id] = {"usable": False, "reason": e.message}
                 finally:

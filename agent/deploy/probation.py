@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from agent import errors
+from agent.backends.wire import DeathReason
 from agent.deploy.jobs import JobReporter
 from agent.serving.registry import Registry, ServingVersion
 from agent.state import StateDB
@@ -68,6 +69,11 @@ class _Health:
 
 Reload = Callable[[str, int], ServingVersion]
 Recheck = Callable[[str, int], ServingVersion]  # a fresh worker that passed the golden samples
+
+
+def _death(sv: ServingVersion) -> str:
+    """What ended ``sv``'s worker, for events and job errors."""
+    return (sv.worker.death if sv.worker is not None else "") or "worker died"
 
 
 class Supervisor:
@@ -142,11 +148,12 @@ class Supervisor:
 
     def _verdict(self, w: Watch, sv: ServingVersion) -> tuple[str, str] | None:
         if not sv.alive:
-            death = getattr(sv.model, "death", "") or "worker died"
+            death = _death(sv)
             failed = self._restart_checked(sv, death)
             if failed is None:
                 return None  # traffic's doing: the fresh worker passed; probation goes on
-            return (errors.WORKER_HUNG if "hung" in death else errors.WORKER_CRASHED), f"{death}; {failed}"
+            hung = sv.worker is not None and sv.worker.death_reason is DeathReason.HUNG
+            return (errors.WORKER_HUNG if hung else errors.WORKER_CRASHED), f"{death}; {failed}"
         s = self.settings()
         calls, errs = sv.calls - w.calls0, sv.errors - w.errors0
         if errs >= s.max_errors and calls >= MIN_CALLS_FOR_ERROR_RATE and errs / max(1, calls) >= s.max_error_ratio:
@@ -184,7 +191,7 @@ class Supervisor:
         for sv in self.registry.all():
             if sv.alive or self.in_probation(sv.name):
                 continue
-            death = getattr(sv.model, "death", "") or "worker died"
+            death = _death(sv)
             failed = self._restart_checked(sv, death)
             if failed is None:
                 continue
@@ -212,7 +219,7 @@ class Supervisor:
         if ceiling <= 0:
             return
         for sv in self.registry.all():
-            rss = getattr(sv.model, "rss_bytes", lambda: 0)()
+            rss = sv.worker.rss_bytes() if sv.worker is not None else 0
             if not sv.alive or rss <= ceiling:
                 self._over.pop(sv.name, None)
                 continue
@@ -236,8 +243,8 @@ class Supervisor:
             log.warning("%s v%d: worker RSS %d MB above %d MB; replaced", sv.name, sv.version,
                         rss >> 20, int(ceiling) >> 20)
             self.reporter.event("worker_recycled", model=sv.name, version=sv.version, rss_mb=rss >> 20,
-                                limit_mb=int(ceiling) >> 20, pid=getattr(sv.model, "pid", None),
-                                new_pid=getattr(fresh.model, "pid", None))
+                                limit_mb=int(ceiling) >> 20, pid=sv.worker.pid if sv.worker else None,
+                                new_pid=fresh.worker.pid if fresh.worker else None)
 
     def _rollback(self, bad: ServingVersion, to: int, reason: str) -> None:
         try:

@@ -31,16 +31,25 @@ import threading
 import time
 from array import array
 from types import SimpleNamespace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from agent.backends.isolated import (
+from agent.backends.base import LoadedModel
+from agent.backends.wire import (
     BACK,
     CTL_MAX_BYTES,
     IDLE,
     INFER,
     READING,
     WRITING,
+    Adopt,
+    Back,
+    CtlMessage,
+    Done,
+    Retire,
+    Retired,
+    Serve,
     SlotTable,
+    Stats,
     recv_ctl,
     send_ctl,
 )
@@ -48,6 +57,9 @@ from agent.serving.guard import ApiPolicy
 from agent.serving.handler import IDLE_TIMEOUT_S, Handler
 from agent.serving.httpconn import HEAD_TIMEOUT_S, Request
 from agent.serving.kserve import KServeServer, infer_target
+
+if TYPE_CHECKING:
+    import numpy as np
 
 log = logging.getLogger(__name__)
 
@@ -60,14 +72,19 @@ class _SlotMarking:
     """The model, with each runtime call marked INFER in the connection's slot: the daemon's
     hung-worker deadline covers the runtime call only, not reading or decoding the request."""
 
-    def __init__(self, model: Any, owner: Adopted) -> None:
+    def __init__(self, model: LoadedModel, owner: Adopted) -> None:
         self._model = model
         self._owner = owner
+        self.backend_id = model.backend_id
+        self.inputs = model.inputs
+        self.outputs = model.outputs
+        self.details = model.details
+        self.known_shapes = model.known_shapes
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._model, name)
+    def close(self) -> None:
+        self._model.close()
 
-    def infer(self, inputs: Any) -> Any:
+    def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         owner = self._owner
         slot = getattr(owner.local, "slot", None)
         slots = owner.slots
@@ -138,7 +155,7 @@ class _AdoptedHandler(Handler):
 class Adopted:
     """Connections the daemon handed to this worker, and the control channel they come on."""
 
-    def __init__(self, model: Any, ctl: socket.socket) -> None:
+    def __init__(self, model: LoadedModel, ctl: socket.socket) -> None:
         self.model = model
         self.ctl = ctl
         self.slots: SlotTable | None = None
@@ -169,39 +186,36 @@ class Adopted:
                 return
             self.handle(msg, fds)
 
-    def handle(self, msg: tuple[Any, ...], fds: list[int]) -> None:
-        kind = msg[0]
-        if kind == "serve":
+    def handle(self, msg: CtlMessage, fds: list[int]) -> None:
+        if isinstance(msg, Serve):
             self._start_serving(msg, fds.pop(0))
-        elif kind == "adopt":
-            _, slot, prefix = msg
+        elif isinstance(msg, Adopt):
             sock = socket.socket(fileno=fds.pop(0))
-            threading.Thread(target=self._serve_conn, args=(sock, slot, prefix),
-                             name=f"conn-{slot}", daemon=True).start()
-        elif kind == "retire":
+            threading.Thread(target=self._serve_conn, args=(sock, msg.slot, msg.prefix),
+                             name=f"conn-{msg.slot}", daemon=True).start()
+        elif isinstance(msg, Retire):
             self.retiring = True
             os.write(self._wake_w, b"r")  # never drained: every idle connection wakes
             self.flush_stats()  # before the acknowledgement: the daemon has every call answered so far
-            send_ctl(self.ctl, ("retired",))
+            send_ctl(self.ctl, Retired())
         for fd in fds:
             os.close(fd)
 
-    def _start_serving(self, msg: tuple[Any, ...], slots_fd: int) -> None:
+    def _start_serving(self, msg: Serve, slots_fd: int) -> None:
         from agent.serving.admission import Limits
         from agent.serving.registry import Registry, ServingVersion
 
-        _, name, version, n_slots, max_body, server_name, server_version, *rest = msg
-        policy = rest[0] if rest and isinstance(rest[0], ApiPolicy) else ApiPolicy()
-        serving: dict[str, Any] = rest[1] if len(rest) > 1 else {}
-        self.slots = SlotTable(slots_fd, n_slots)
+        name, version, serving = msg.name, msg.version, msg.serving
+        policy = msg.policy if isinstance(msg.policy, ApiPolicy) else ApiPolicy()
+        self.slots = SlotTable(slots_fd, msg.n_slots)
         os.close(slots_fd)
         reg = Registry(observer=self._observe, limits=Limits(**serving.get("limits", {})))
         reg.shapes.add(name, serving.get("shapes", ()))  # computable shapes the daemon knows of
         self._sv = ServingVersion(name, int(version), "", _SlotMarking(self.model, self))
         self._reg = reg
         reg.activate(self._sv)
-        self.app = KServeServer(reg, max_body_bytes=max_body, server_name=server_name,
-                                server_version=server_version, policy=policy)
+        self.app = KServeServer(reg, max_body_bytes=msg.max_body, server_name=msg.server_name,
+                                server_version=msg.server_version, policy=policy)
         self.name, self.version = name, str(version)
         threading.Thread(target=self._flush_loop, name="stats", daemon=True).start()
 
@@ -227,7 +241,7 @@ class Adopted:
                 with contextlib.suppress(OSError):
                     sock.shutdown(socket.SHUT_WR)
                 with contextlib.suppress(OSError):
-                    send_ctl(self.ctl, ("done", slot))
+                    send_ctl(self.ctl, Done(slot))
             sock.close()
 
     def waiter(self, sock: socket.socket) -> select.poll:
@@ -243,7 +257,7 @@ class Adopted:
             return False  # too much read ahead to send back: the connection closes instead
         self.slots.set(slot, BACK)
         try:
-            send_ctl(self.ctl, ("back", slot, unread), sock.fileno())
+            send_ctl(self.ctl, Back(slot, unread), sock.fileno())
         except OSError:
             return False
         return True
@@ -280,10 +294,10 @@ class Adopted:
             if not (dc or de or ok or bad or shapes):
                 return
             self._sent = (calls, errs)
-            send_ctl(self.ctl, ("stats", dc, de, ok.tobytes(), bad.tobytes(), shapes))
+            send_ctl(self.ctl, Stats(dc, de, ok.tobytes(), bad.tobytes(), tuple(shapes)))
 
 
-def serve_adopted(model: Any, ctl: socket.socket, first: tuple[Any, ...], fds: list[int],
+def serve_adopted(model: LoadedModel, ctl: socket.socket, first: CtlMessage, fds: list[int],
                   owners: list[Adopted]) -> None:
     """Take over a worker's control socket at its first message (agent/serving/worker.py); the
     owner goes into ``owners`` so that the worker can flush its statistics when it exits."""

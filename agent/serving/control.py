@@ -50,7 +50,6 @@ SOCKET_UMASK = 0o117  # socket file mode 0660: owner and group only
 LISTEN_BACKLOG = 16
 SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # Linux >= 4.13; 59 on every Linux arch
 PEER_GROUPS_MAX = 4096  # buffer for SO_PEERGROUPS; a peer in more groups falls back to the group database
-PERMISSION_DENIED = "permission_denied"
 
 Emit = Callable[[dict[str, Any]], None]
 Handler = Callable[..., Any]  # handler(params) or, registered with streaming=True, handler(params, emit)
@@ -156,29 +155,29 @@ class ControlServer:
         folder.mkdir(parents=True, exist_ok=True, mode=0o755)
         st = folder.stat()
         if st.st_mode & stat.S_IWOTH and not st.st_mode & stat.S_ISVTX:
-            raise errors.AgentError("unsafe_socket", f"{folder} is writable by others without the sticky bit; "
+            raise errors.AgentError(errors.UNSAFE_SOCKET, f"{folder} is writable by others without the sticky bit; "
                                                      "put the control socket in a folder the agent owns")
 
     def _take_lock(self) -> None:
         try:
             fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         except OSError as e:
-            raise errors.AgentError("unsafe_socket", f"cannot open lock file {self.lock_path}: {e.strerror or e}") from e
+            raise errors.AgentError(errors.UNSAFE_SOCKET, f"cannot open lock file {self.lock_path}: {e.strerror or e}") from e
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
             os.close(fd)
-            raise errors.AgentError("already_running",
+            raise errors.AgentError(errors.ALREADY_RUNNING,
                                     f"another edge-agent holds {self.lock_path} and serves {self.path}") from e
         self._lock_fd = fd
 
     def _clear_stale(self) -> None:
         if self.path.is_symlink():
-            raise errors.AgentError("unsafe_socket", f"{self.path} is a symlink; refusing to use it")
+            raise errors.AgentError(errors.UNSAFE_SOCKET, f"{self.path} is a symlink; refusing to use it")
         if not self.path.exists():
             return
         if not stat.S_ISSOCK(self.path.lstat().st_mode):
-            raise errors.AgentError("unsafe_socket", f"{self.path} exists and is not a socket")
+            raise errors.AgentError(errors.UNSAFE_SOCKET, f"{self.path} exists and is not a socket")
         # We hold the lock, so a live socket here is a daemon that does not use locks (an older
         # version); a dead one is left over from a crash.
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
@@ -188,11 +187,11 @@ class ControlServer:
             except OSError:
                 self.path.unlink()
             else:
-                raise errors.AgentError("already_running", f"another edge-agent is serving {self.path}")
+                raise errors.AgentError(errors.ALREADY_RUNNING, f"another edge-agent is serving {self.path}")
 
     def start(self) -> None:
         if self.path.is_symlink():
-            raise errors.AgentError("unsafe_socket", f"{self.path} is a symlink; refusing to use it")
+            raise errors.AgentError(errors.UNSAFE_SOCKET, f"{self.path} is a symlink; refusing to use it")
         self._check_folder()
         self._take_lock()
         try:
@@ -255,7 +254,7 @@ class ControlServer:
                 continue
             if not self._slots.acquire(blocking=False):
                 with conn, contextlib.suppress(OSError):
-                    conn.sendall(_line({"ok": False, "error": {"code": "busy", "message": f"more than {MAX_CONNECTIONS} agentctl clients connected"}}))
+                    conn.sendall(_line({"ok": False, "error": {"code": errors.BUSY, "message": f"more than {MAX_CONNECTIONS} agentctl clients connected"}}))
                 continue
             threading.Thread(target=self._serve, args=(conn,), name="control-conn", daemon=True).start()
 
@@ -292,7 +291,7 @@ class ControlServer:
 
     def _handle(self, line: bytes, peer: Peer, send: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
         if len(line) > MAX_REQUEST_BYTES:
-            return {"ok": False, "error": {"code": "invalid_request", "message": f"request over {MAX_REQUEST_BYTES} bytes"}}
+            return {"ok": False, "error": {"code": errors.INVALID_REQUEST, "message": f"request over {MAX_REQUEST_BYTES} bytes"}}
         try:
             req = json.loads(line)
             op = req["op"]
@@ -300,13 +299,13 @@ class ControlServer:
             if not isinstance(params, dict):
                 raise TypeError("params is not an object")
         except (ValueError, KeyError, TypeError) as e:
-            return {"ok": False, "error": {"code": "invalid_request", "message": f"bad request: {e}"}}
+            return {"ok": False, "error": {"code": errors.INVALID_REQUEST, "message": f"bad request: {e}"}}
         entry = self._handlers.get(op)
         if entry is None and op != "hello":
             known = ", ".join(sorted([*self._handlers, "hello"]))
-            return {"ok": False, "error": {"code": "unknown_op", "message": f"unknown operation {op!r} (known: {known})"}}
+            return {"ok": False, "error": {"code": errors.UNKNOWN_OP, "message": f"unknown operation {op!r} (known: {known})"}}
         if not self.may_read(peer):
-            return {"ok": False, "error": {"code": PERMISSION_DENIED,
+            return {"ok": False, "error": {"code": errors.PERMISSION_DENIED,
                                            "message": f"{op}: permission denied: join group {self.group!r} to read, "
                                                       f"or {self.admin_group or 'root'!r} to change the device"}}
         if entry is None:
@@ -318,7 +317,7 @@ class ControlServer:
             changes = True  # a predicate that cannot decide errs on the safe side
         if changes and not self.is_admin(peer):
             who = f"a member of group {self.admin_group!r}" if self.admin_group else "the agent's user"
-            return {"ok": False, "error": {"code": PERMISSION_DENIED,
+            return {"ok": False, "error": {"code": errors.PERMISSION_DENIED,
                                            "message": f"{op} changes the device: permission denied for uid {peer.uid}; "
                                                       f"run it as root or as {who}"}}
 

@@ -40,11 +40,6 @@ CRLF2 = b"\r\n\r\n"
 VERSIONS = ("1.0", "1.1")
 _METHODS = {m.encode(): m for m in ("GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH")}
 
-# Error codes of the HTTP layer (agent.errors holds the agent's own).
-NOT_FOUND = "not_found"
-METHOD_NOT_ALLOWED = "method_not_allowed"
-NOT_READY = "not_ready"
-
 _PARSER_ERRORS = (httptools.HttpParserError, httptools.HttpParserUpgrade)
 REASONS = {s.value: s.phrase for s in HTTPStatus}
 Headers = Sequence[tuple[str, str]]
@@ -55,16 +50,16 @@ def body_deadline_s(n: int) -> float:
     return BODY_BASE_S + n / BODY_MIN_RATE_BPS
 
 
-class HttpFail(Exception):
+class HttpFail(errors.RejectError):
     """A request refused at the HTTP layer: its status, stable code and message. ``close``: the
-    connection cannot go on (its framing is lost)."""
+    connection cannot go on (its framing is lost). A refusal of bad input like any other
+    (``RejectError``: never retried); the HTTP handlers catch it first, for its status and
+    framing."""
 
     def __init__(self, status: int, code: str, message: str, close: bool = True,
                  headers: Headers = ()) -> None:
-        super().__init__(message)
+        super().__init__(code, message)
         self.status = status
-        self.code = code
-        self.message = message
         self.close = close
         self.headers = headers
 
@@ -206,7 +201,7 @@ class HttpConn:
         if isinstance(e, httptools.HttpParserUpgrade):
             return  # Upgrade/CONNECT: never honoured; the request is answered as a plain one
         if isinstance(e, httptools.HttpParserInvalidMethodError):
-            raise HttpFail(405, METHOD_NOT_ALLOWED, f"unknown method: {e}") from e
+            raise HttpFail(405, errors.METHOD_NOT_ALLOWED, f"unknown method: {e}") from e
         if self._ev.fail is not None:
             raise self._ev.fail from e
         if "HTTP version" in str(e):
@@ -364,7 +359,7 @@ def status_of(code: str) -> int:
     return STATUS_BY_CODE.get(code, 500)
 
 
-STATUS_BY_CODE = {errors.INVALID_INPUT: 400, errors.UNAUTHORIZED: 401, errors.ORIGIN_NOT_ALLOWED: 403,
-                  errors.UNKNOWN_MODEL: 404, NOT_FOUND: 404, METHOD_NOT_ALLOWED: 405,
-                  errors.TOO_LARGE: 413, errors.SIZE_EXCEEDED: 413, errors.UNSUPPORTED_MEDIA_TYPE: 415,
-                  errors.HOST_NOT_ALLOWED: 421, errors.BUSY: 503, NOT_READY: 503}
+STATUS_BY_CODE: dict[str, int] = {errors.INVALID_INPUT: 400, errors.UNAUTHORIZED: 401, errors.ORIGIN_NOT_ALLOWED: 403,
+                                  errors.UNKNOWN_MODEL: 404, errors.NOT_FOUND: 404, errors.METHOD_NOT_ALLOWED: 405,
+                                  errors.TOO_LARGE: 413, errors.SIZE_EXCEEDED: 413, errors.UNSUPPORTED_MEDIA_TYPE: 415,
+                                  errors.HOST_NOT_ALLOWED: 421, errors.BUSY: 503, errors.NOT_READY: 503}

@@ -49,8 +49,6 @@ from agent.serving.admission import RETRY_AFTER_S
 from agent.serving.guard import ApiPolicy, LogGate
 from agent.serving.handler import IDLE_TIMEOUT_S, Handler, Response, error_response
 from agent.serving.httpconn import (
-    METHOD_NOT_ALLOWED,
-    NOT_FOUND,
     HttpFail,
     Request,
     reply_head,
@@ -429,13 +427,13 @@ class KServeServer:
         if t is None or self.stopping:
             return False
         sv = self.registry.get(t[0])
-        adopt = getattr(sv.model, "adopt", None) if sv is not None else None
-        if adopt is None or sv is None or (t[1] is not None and t[1] != str(sv.version)):
+        worker = sv.worker if sv is not None else None
+        if worker is None or sv is None or (t[1] is not None and t[1] != str(sv.version)):
             return False
         sock = h.conn.sock
         prefix = req.raw_head + h.conn.unread()
         self._handed[sock] = True
-        if not adopt(sock, prefix, self):
+        if not worker.adopt(sock, prefix, self):
             self._handed.pop(sock, None)
             return False
         h.handed = True
@@ -549,16 +547,16 @@ class KServeServer:
         elif parts[0] == "metrics" and n == 1:
             self._allow(get, "GET")
             if self._metrics_fn is None:
-                raise HttpFail(404, NOT_FOUND, "metrics are not enabled", close=False)
+                raise HttpFail(404, errors.NOT_FOUND, "metrics are not enabled", close=False)
             data, ctype = self._metrics_fn()
             return Response(200, data, ctype)
-        raise HttpFail(404, NOT_FOUND, f"no such endpoint: {path[:200]}", close=False)
+        raise HttpFail(404, errors.NOT_FOUND, f"no such endpoint: {path[:200]}", close=False)
 
     @staticmethod
     def _allow(ok: bool, allowed: str) -> None:
         if not ok:
             allow = "GET, HEAD" if allowed == "GET" else allowed
-            raise HttpFail(405, METHOD_NOT_ALLOWED, f"method not allowed; use {allowed}", close=False,
+            raise HttpFail(405, errors.METHOD_NOT_ALLOWED, f"method not allowed; use {allowed}", close=False,
                            headers=(("Allow", allow),))
 
     def _ready(self) -> bool:

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from agent import errors
-from agent.backends.base import InflightGate, LoadedModel
+from agent.backends.base import InflightGate, IsolatedCapable, LoadedModel
 from agent.serving import admission
 from agent.serving.admission import CALLER_CODES, Admission, Limits, ShapeBook
 
@@ -51,11 +51,17 @@ class ServingVersion:
     calls: int = 0
     errors: int = 0  # failures of the model itself (not bad requests): probation counts these
     size_check: admission.SizeCheck | None = None  # its inputs' bound (made at the first call)
+    # The model again when it runs in a worker process (IsolatedCapable), else None: asked once
+    # here, not on every request.
+    worker: IsolatedCapable | None = field(init=False, default=None, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self.worker = self.model if isinstance(self.model, IsolatedCapable) else None
 
     @property
     def alive(self) -> bool:
         """False once an isolated worker crashed or hung; in-process models are always alive."""
-        return bool(getattr(self.model, "alive", True))
+        return self.worker is None or self.worker.alive
 
     @property
     def backend(self) -> str:
@@ -199,18 +205,17 @@ class Registry:
 
     def activate(self, sv: ServingVersion) -> ServingVersion | None:
         """Make ``sv`` the serving version; the previous one drains and closes in the background."""
-        self.shapes.add(sv.name, getattr(sv.model, "known_shapes", ()))  # its golden samples
-        bind = getattr(sv.model, "bind", None)
-        if bind is not None:  # a worker that answers HTTP itself reports its calls back here
-            bind(sv.name, sv.version, lambda c, e, ok, bad, shapes=(): self._remote_calls(sv, c, e, ok, bad, shapes),
-                 {"limits": self.limits.to_dict(), "shapes": self.shapes.shapes(sv.name)})
+        self.shapes.add(sv.name, sv.model.known_shapes)  # its golden samples
+        if sv.worker is not None:  # a worker that answers HTTP itself reports its calls back here
+            sv.worker.bind(sv.name, sv.version,
+                           lambda c, e, ok, bad, shapes: self._remote_calls(sv, c, e, ok, bad, shapes),
+                           {"limits": self.limits.to_dict(), "shapes": self.shapes.shapes(sv.name)})
         with self._lock:
             old = self._serving.get(sv.name)
             self._serving[sv.name] = sv
         if old is not None and old is not sv:
-            retire = getattr(old.model, "retire", None)
-            if retire is not None:  # a worker serving connections itself: none after this returns
-                retire()
+            if old.worker is not None:  # a worker serving connections itself: none after this returns
+                old.worker.retire()
             self._retire(old)
         log.info("serving %s v%d (%s, %s)", sv.name, sv.version, sv.variant, sv.backend)
         return old

@@ -5,14 +5,12 @@ take the daemon — and its MQTT session, its other models and its local API —
 daemon talks to the worker through ``IsolatedModel`` (agent/backends/isolated.py), which starts it
 as ``main("FD,FD,…,CTL")``: the descriptors are socket pairs it inherited.
 
-Protocol on each pipe (``Channel``: pickled messages after their length): the parent first sends
-``("load", runtime, target, path, threads, allow_spinning, extra)`` on the first pipe (a worker
-started ahead of its model gets ``("preload", runtime)`` before it, and imports meanwhile); the worker
-answers ``("ready", backend_id, inputs, outputs, pid)`` or ``("err", code, message)``. Then the
+Protocol on each pipe (``Channel``: pickled records of agent/backends/wire.py after their length):
+the parent first sends ``Load`` on the first pipe (a worker started ahead of its model gets
+``Preload`` before it, and imports meanwhile); the worker answers ``Ready`` or ``Err``. Then the
 parent sends dicts of numpy arrays (already checked against the model's inputs); the worker answers
-``("ok", outputs)`` or ``("err", code, message)``; ``("golden", inputs_path, expected_path, rtol, atol,
-plan)`` runs agent/backends/golden.py here and answers its figures. The worker exits when every pipe is closed (the
-daemon went away) or says ``None``. The last descriptor is the control socket on which the daemon
+``Ok`` (the outputs) or ``Err``; ``Golden`` runs agent/backends/golden.py here and answers its figures.
+The worker exits when every pipe is closed (the daemon went away) or says ``None``. The last descriptor is the control socket on which the daemon
 hands over HTTP connections (agent/serving/adopted.py).
 """
 
@@ -26,7 +24,13 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from agent import errors
+from agent.backends.wire import Channel, Err, Golden, Load, Ok, Preload, Ready
+
+if TYPE_CHECKING:
+    from agent.backends.base import LoadedModel
 
 PARENT_POLL_S = 1.0
 
@@ -48,9 +52,7 @@ def _die_with_parent() -> None:
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
-def _serve(conn: Any, model: Any) -> None:
-    from agent import errors
-
+def _serve(conn: Channel, model: LoadedModel) -> None:
     while True:
         try:
             msg = conn.recv()
@@ -59,18 +61,18 @@ def _serve(conn: Any, model: Any) -> None:
         if msg is None:
             return
         try:
-            if type(msg) is tuple and msg[0] == "golden":  # the samples load here, not in the daemon
+            if isinstance(msg, Golden):  # the samples load here, not in the daemon
                 from agent.backends.golden import TimingPlan, run
 
-                out: Any = run(model, Path(msg[1]), Path(msg[2]), msg[3], msg[4], TimingPlan(**msg[5]))
+                out: Any = run(model, Path(msg.inputs), Path(msg.expected), msg.rtol, msg.atol, TimingPlan(**msg.plan))
             else:
                 out = model.infer(msg)
         except errors.AgentError as e:
-            reply: tuple[Any, ...] = ("err", e.code, e.message)
+            reply: Ok | Err = Err(e.code, e.message)
         except Exception as e:  # the runtime's own errors: reported, the worker lives on
-            reply = ("err", "inference_failed", f"{type(e).__name__}: {e}")
+            reply = Err(errors.INFERENCE_FAILED, f"{type(e).__name__}: {e}")
         else:
-            reply = ("ok", out)
+            reply = Ok(out)
         try:
             conn.send(reply)
         except (OSError, ValueError):
@@ -90,9 +92,9 @@ def _preload(runtime: str) -> None:
         pass
 
 
-def _control(ctl: socket.socket, model: Any, owners: list[Any]) -> None:
+def _control(ctl: socket.socket, model: LoadedModel, owners: list[Any]) -> None:
     """The HTTP machinery loads only once the daemon hands a first connection over."""
-    from agent.backends.isolated import recv_ctl
+    from agent.backends.wire import recv_ctl
 
     try:
         msg, fds = recv_ctl(ctl)
@@ -109,38 +111,35 @@ def main(fds_arg: str) -> None:
     """Entry point in the child process."""
     _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the daemon decides when we stop
-    from agent import errors
     from agent.backends import find_backend  # not agent.deploy.runner: the daemon's stack stays out
     from agent.backends.base import LoadOptions
     from agent.backends.unseal import load as sealed_load
 
     fds = [int(x) for x in fds_arg.split(",")]
-    from agent.backends.isolated import Channel
-
     conns = [Channel(socket.socket(fileno=fd)) for fd in fds[:-1]]
     ctl = socket.socket(fileno=fds[-1])
     try:
         load = conns[0].recv()
-        if load[0] == "preload":  # started ahead of its model (while the bundle downloads)
-            _preload(load[1])
+        if isinstance(load, Preload):  # started ahead of its model (while the bundle downloads)
+            _preload(load.runtime)
             load = conns[0].recv()
     except (EOFError, OSError):
         return
-    if load is None:
+    if not isinstance(load, Load):
         return
-    _, runtime, target, path, threads, allow_spinning, extra = load
     try:
-        backend = find_backend(runtime)
-        model = sealed_load(backend, Path(path), target, LoadOptions(threads=threads, allow_spinning=allow_spinning, extra=extra))
+        backend = find_backend(load.runtime)
+        model = sealed_load(backend, Path(load.path), load.target,
+                            LoadOptions(threads=load.threads, allow_spinning=load.allow_spinning, extra=load.extra))
     except errors.AgentError as e:
-        conns[0].send(("err", e.code, e.message))
+        conns[0].send(Err(e.code, e.message))
         return
     except Exception as e:
-        conns[0].send(("err", errors.LOAD_FAILED, f"{type(e).__name__}: {e}"))
+        conns[0].send(Err(errors.LOAD_FAILED, f"{type(e).__name__}: {e}"))
         return
     owners: list[Any] = []  # the direct path's owner, once the daemon hands a connection over
     threading.Thread(target=_control, args=(ctl, model, owners), name="control", daemon=True).start()
-    conns[0].send(("ready", model.backend_id, model.inputs, model.outputs, os.getpid()))
+    conns[0].send(Ready(model.backend_id, model.inputs, model.outputs, os.getpid(), model.details))
     workers = [threading.Thread(target=_serve, args=(c, model), daemon=True) for c in conns]
     for w in workers:
         w.start()

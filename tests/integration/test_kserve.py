@@ -79,6 +79,8 @@ class FakeModel:
     """A LoadedModel that sleeps or fails, for the server's own behaviour."""
 
     backend_id = "fake:cpu"
+    details: dict[str, Any] = {}  # LoadedModel: nothing to report
+    known_shapes: list[Any] = []  # LoadedModel: a golden check assigns it
 
     def __init__(self, delay_s: float = 0.0, fail: bool = False) -> None:
         self.inputs: tuple[TensorSpec, ...] = (TensorSpec("x", "float32", (None, 4)),)

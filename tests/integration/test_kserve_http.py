@@ -39,6 +39,8 @@ class Echo:
     """y = 2x; ``gate`` (when set) holds each call until released."""
 
     backend_id = "echo:cpu"
+    details: dict[str, Any] = {}  # LoadedModel: nothing to report
+    known_shapes: list[Any] = []  # LoadedModel: a golden check assigns it
 
     def __init__(self) -> None:
         self.inputs = (TensorSpec("x", "float32", (None, 4)),)

@@ -25,6 +25,7 @@ from conftest import make_linear_onnx
 from agent.backends.base import LoadOptions
 from agent.backends.isolated import IDLE, IsolatedModel
 from agent.backends.onnxruntime import CPU
+from agent.backends.wire import DeathReason
 from agent.serving.kserve import KServeServer
 from agent.serving.registry import Registry, ServingVersion
 
@@ -174,7 +175,7 @@ def test_idle_connection_survives_a_worker_crash(env: Env) -> None:
     _wait(lambda: m._slots.get(next(iter(m._held)))[0] == IDLE, "the worker back to waiting")
     os.kill(m.pid, signal.SIGSEGV)  # a native crash while the connection waits for its next request
     _wait(lambda: not m.alive and not m._held, "the crash noticed and the connection taken over")
-    assert "crashed" in m.death
+    assert m.death_reason is DeathReason.CRASHED and "crashed" in m.death
     status, doc = _post(c)  # the daemon now holds the connection; the model is dead
     assert status == 500 and doc["code"] == "worker_crashed"
     env.serve("lin", 2, seed=2)  # what the supervisor does: a replacement
@@ -194,7 +195,7 @@ def test_hung_worker_answers_the_waiting_request_with_worker_hung(env: Env) -> N
         status, doc = _post(c)
         assert status == 500 and doc["code"] == "worker_hung", doc
         assert time.monotonic() - t0 < 3.0, "cut off by infer_timeout_s"
-        assert not m.alive and "hung" in m.death
+        assert not m.alive and m.death_reason is DeathReason.HUNG
     finally:
         if m._proc.poll() is None:
             os.kill(m.pid, signal.SIGCONT)
@@ -244,6 +245,34 @@ def test_worker_death_is_noticed_on_kernels_without_pidfd(env: Env, monkeypatch:
     assert _post(c)[0] == 200
     _wait(lambda: m._slots.get(next(iter(m._held)))[0] == IDLE, "the worker back to waiting")
     os.kill(m.pid, signal.SIGKILL)
-    _wait(lambda: "crashed" in m.death and not m._held, "the death noticed and the connection taken over")
+    _wait(lambda: m.death_reason is DeathReason.CRASHED and not m._held, "the death noticed and the connection taken over")
     status, doc = _post(c)
     assert status == 500 and doc["code"] == "worker_crashed"
+
+
+def test_a_worker_model_declares_its_capabilities_and_why_it_died(env: Env, tmp_path: Path) -> None:
+    """What a caller may ask of a model is what the protocols declare (agent/backends/base.py):
+    a model in a worker is IsolatedCapable, an in-process one only a LoadedModel, and why a
+    worker died is its DeathReason, whatever its message says."""
+    from agent import errors
+    from agent.backends.base import IsolatedCapable, LoadedModel
+    from agent.backends.onnxruntime import OnnxRuntimeBackend
+
+    m, path = env.serve("lin", 1, seed=3)
+    sv = env.registry.get("lin")
+    assert sv is not None and sv.worker is m and isinstance(m, IsolatedCapable)
+    assert m.details.get("compute_precision") == "fp32", "the worker's model details reach the daemon"
+    local = OnnxRuntimeBackend().load(path, CPU, LoadOptions(threads=1))
+    try:
+        assert isinstance(local, LoadedModel) and not isinstance(local, IsolatedCapable)
+        in_process = ServingVersion("loc", 1, "onnx-fp32", local)
+        assert in_process.worker is None and in_process.alive
+    finally:
+        local.close()
+    assert m.death_reason is None and sv.alive
+    os.kill(m.pid, signal.SIGKILL)
+    _wait(lambda: m.death_reason is not None, "the worker's death noticed")
+    assert m.death_reason is DeathReason.CRASHED and not sv.alive
+    with pytest.raises(errors.RetryableError) as ei:
+        m.infer({"x": X})
+    assert ei.value.code == errors.WORKER_CRASHED

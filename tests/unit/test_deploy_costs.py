@@ -75,6 +75,7 @@ class SlowModel:
     """Answers y = 2x after ``delays`` seconds per call (the last one repeats)."""
 
     backend_id = "fake:cpu"
+    known_shapes: list[Any] = []  # LoadedModel: a golden check assigns it
     inputs = (TensorSpec("x", "float32", (None, 2)),)
     outputs = (TensorSpec("y", "float32", (None, 2)),)
 

@@ -34,6 +34,7 @@ from typing import Any
 import paho.mqtt.client as mqtt
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from agent import errors
 from agent.fsutil import atomic_write
 from fleetctl import commands, mqttc
 
@@ -90,7 +91,7 @@ class GroupWatcher:
 def effective(update: dict[str, Any]) -> dict[str, Any]:
     """A ``replayed`` refusal stands for the recorded outcome of the original job."""
     err = update.get("error")
-    if update.get("state") == "REJECTED" and isinstance(err, dict) and err.get("code") == "replayed":
+    if update.get("state") == "REJECTED" and isinstance(err, dict) and err.get("code") == errors.REPLAYED:
         raw = update.get("recorded")
         rec: dict[str, Any] = raw if isinstance(raw, dict) else {}
         return {**update, "state": rec.get("state") or "IN_PROGRESS", "error": rec.get("error"),
@@ -361,7 +362,7 @@ class Rollout:
         for d in sorted(pending):
             dev = self.devices[d]
             dev[field] = "TIMED_OUT"
-            err = {"code": "timeout", "message": f"no final job update within {plan.job_timeout_s:g} s"}
+            err = {"code": errors.TIMEOUT, "message": f"no final job update within {plan.job_timeout_s:g} s"}
             dev["error" if field == "state" else "rollback_error"] = err
             emit({"event": "result", "device": d, "type": ctype, "state": "TIMED_OUT", "wave": wave, "error": err})
         self.save(force=True)

@@ -515,7 +515,7 @@ def check_variant(bundle: Path, v: BuiltVariant, feeds: Mapping[str, np.ndarray]
         model = backend.load(bundle / v.files[0], target, LoadOptions(precision=v.precision))
         try:
             err = max_error(model.infer(dict(feeds)), expected, r, a, model.backend_id)
-            details = dict(getattr(model, "details", {}) or {})
+            details = dict(model.details)
         finally:
             model.close()
     except errors.AgentError as e:
