@@ -8,6 +8,7 @@ step finish (bounded) → final status ``online: false`` → disconnect → stat
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import logging
 import os
@@ -16,7 +17,6 @@ import signal
 import sys
 import threading
 import time
-import types
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout  # not the builtin before Python 3.11
@@ -154,11 +154,10 @@ class Agent:
         self.policy: Any = None
         self.hw_facts: dict[str, Any] | None = None
         try:
-            # hw_report_once: the detection code is dropped afterwards (~0.3 MB of an idle daemon)
             from agent.backends.selection import policy_from_report
-            from agent.hardware import hw_report_once
+            from agent.hardware import hw_report
 
-            rep = hw_report_once("/", self.cfg.hardware.profiles_dirs, self.cfg.hardware.profile, probe_runtimes=False)
+            rep = hw_report("/", self.cfg.hardware.profiles_dirs, self.cfg.hardware.profile, probe_runtimes=False)
             self.policy = policy_from_report(rep)
             self.hw_facts = rep.get("facts")
             return str(rep.get("profile", "unknown"))
@@ -645,13 +644,7 @@ def run(cfg: config.Config) -> int:
 
 
 LOG_FORMATS = ("text", "json")
-# subcommand → its options (all take a value); the fast path below and the parser agree on these.
-_OPTIONS = {"run": ("--config", "--log-format", "--log-level"), "check-config": ("--config",)}
-
-
-def _parser() -> Any:
-    import argparse  # only for --help, --version and malformed command lines (_simple_args): ~0.2 MB idle
-
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="edge-agent", description="Edge ML agent daemon")
     ap.add_argument("--version", action="version", version=f"edge-agent {__version__}")
     sub = ap.add_subparsers(dest="cmd")
@@ -665,34 +658,6 @@ def _parser() -> Any:
 
     devinit.add_parser(sub)
     return ap
-
-
-def _simple_args(argv: list[str]) -> Any:
-    """The well-formed command lines (``run --config X``, ``--opt=value``) parsed as ``_parser()``
-    would parse them, without importing argparse; None for anything else (help, version, errors,
-    abbreviations), which ``_parser()`` then handles."""
-    if not argv or argv[0] not in _OPTIONS:
-        return None
-    cmd, allowed = argv[0], _OPTIONS[argv[0]]
-    values: dict[str, str | None] = dict.fromkeys(allowed)
-    if cmd == "run":
-        values["--log-format"] = "text"
-        values["--log-level"] = os.environ.get("EDGE_AGENT_LOG_LEVEL", "info")
-    i = 1
-    while i < len(argv):
-        opt, eq, value = argv[i].partition("=")
-        if opt not in allowed:
-            return None
-        if not eq:
-            if i + 1 >= len(argv) or argv[i + 1].startswith("-"):
-                return None
-            i += 1
-            value = argv[i]
-        if opt == "--log-format" and value not in LOG_FORMATS:
-            return None
-        values[opt] = value
-        i += 1
-    return types.SimpleNamespace(cmd=cmd, **{k[2:].replace("-", "_"): v for k, v in values.items()})
 
 
 def check_config(path: str | None) -> int:
@@ -723,13 +688,11 @@ def check_config(path: str | None) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = _simple_args(argv)
-    if args is None:
-        ap = _parser()
-        args = ap.parse_args(argv)
-        if args.cmd is None:
-            ap.print_help(sys.stderr)
-            return 2
+    ap = _parser()
+    args = ap.parse_args(argv)
+    if args.cmd is None:
+        ap.print_help(sys.stderr)
+        return 2
     if args.cmd == "init":
         from agent import devinit
 
