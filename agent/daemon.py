@@ -286,6 +286,8 @@ def run(cfg: config.Config) -> int:
 
 
 LOG_FORMATS = ("text", "json")
+
+
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="edge-agent", description="Edge ML agent daemon")
     ap.add_argument("--version", action="version", version=f"edge-agent {__version__}")
