@@ -100,14 +100,7 @@ class BoardSteps(DetectionState):
             gen_src = (f"file:proc/cpuinfo CPU part {parts[0]} ({ARM_PARTS.get(('0x41', parts[0]))}) "
                        "on a Raspberry Pi")
             confidence = confidence if confidence == CONFIRMED else INFERRED
-        soc = decoded["processor"] if decoded and decoded.get("style") == "new" else None
-        if soc is None and hardware in RPI_SOC_GENERATION:
-            soc = hardware
-        soc = soc or next((c.split(",", 1)[1].upper() for c in f.dt_compatible if c.startswith("brcm,bcm")), None)
-        soc = soc or RPI_GENERATION_SOC.get(generation or 0)
-        if hardware == "BCM2835" and soc and soc != "BCM2835":
-            f.notes.append(f"cpuinfo Hardware 'BCM2835' is the generic name the Raspberry Pi kernel prints for "
-                           f"every model; the SoC is {soc}")
+        soc = self._rpi_soc(decoded, hardware, generation)
         info: dict[str, Any] = {"confidence": confidence, "generation": generation,
                                 "generation_source": gen_src or None, "model": model,
                                 "revision": revision, "revision_decoded": decoded, "soc": soc,
@@ -121,6 +114,20 @@ class BoardSteps(DetectionState):
             f.unknown["raspberry_pi_model"] = ("no device-tree model and no cpuinfo Model line"
                                                + (" (cpuinfo looks truncated before its Revision/Model lines)"
                                                   if self.cpuinfo_present and not revision else ""))
+
+    def _rpi_soc(self, decoded: dict[str, Any] | None, hardware: str | None, generation: int | None) -> str | None:
+        """The Pi's SoC: from a new-style revision code, the cpuinfo Hardware line, the device tree
+        or the generation, in that order."""
+        f = self.f
+        soc = decoded["processor"] if decoded and decoded.get("style") == "new" else None
+        if soc is None and hardware in RPI_SOC_GENERATION:
+            soc = hardware
+        soc = soc or next((c.split(",", 1)[1].upper() for c in f.dt_compatible if c.startswith("brcm,bcm")), None)
+        soc = soc or RPI_GENERATION_SOC.get(generation or 0)
+        if hardware == "BCM2835" and soc and soc != "BCM2835":
+            f.notes.append(f"cpuinfo Hardware 'BCM2835' is the generic name the Raspberry Pi kernel prints for "
+                           f"every model; the SoC is {soc}")
+        return soc
 
     def _rpi_usb_hint(self) -> None:
         ids = set(self.f.usb_ids())
