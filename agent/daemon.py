@@ -4,10 +4,15 @@ Start: config → state → trust (refused if writable by others) → serving mo
 local API and control socket → MQTT (birth status, subscriptions) → telemetry timers → READY.
 Stop (SIGTERM/SIGINT): STOPPING → no new commands → in-flight requests and the running deploy
 step finish (bounded) → final status ``online: false`` → disconnect → state closed.
+
+`Agent` wires the parts here; its other methods are grouped by concern in daemon_status.py
+(status documents, telemetry timers), daemon_commands.py (command routing, deploy queue, crash
+recovery) and daemon_control.py (the agentctl control API).
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import logging
 import os
@@ -16,10 +21,8 @@ import signal
 import sys
 import threading
 import time
-import types
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from concurrent.futures import TimeoutError as FutureTimeout  # not the builtin before Python 3.11
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +33,10 @@ from agent.bundles.store import Store
 from agent.bundles.trust import TrustStore, describe_writable, folder_problem
 from agent.commands.handlers import REMOTE_CONFIG_FILE, Handlers, apply_remote_overrides
 from agent.commands.intake import CommandIntake
-from agent.commands.verify import Command, CommandVerifier
+from agent.commands.verify import CommandVerifier
+from agent.daemon_commands import DEPLOY_QUEUE_MAX, CommandRouting
+from agent.daemon_control import LOCAL_BENCH_MAX, ControlApi
+from agent.daemon_status import StatusReports
 from agent.deploy.jobs import JobReporter
 from agent.deploy.probation import ProbationSettings, Supervisor
 from agent.deploy.runner import DeployContext, DeployRunner, DeploySettings, check_clock, recheck
@@ -47,24 +53,18 @@ from agent.telemetry.outbox import Outbox
 from agent.telemetry.reporting import TelemetryReporter, manifest_max_p95_ms
 from agent.telemetry.system import release_free_memory
 from agent.telemetry.windows import LatencyWindows
-from agent.timeutil import now_rfc3339
 
 log = logging.getLogger("agent.daemon")
 
 STOP_TIMEOUT_S = 5.0  # SIGTERM to exit, in-flight work included
 STOP_FLUSH_S = 1.0  # at most this long of the stop sends what is still queued (the last window)
 REGISTRY_CLOSE_S = 2.0  # at most this long of the stop waits for in-flight calls before models close
-LOCAL_OP_TIMEOUT_S = 120.0  # an agentctl rollback/remove/config waits this long for the ops worker
-BENCH_OP_TIMEOUT_S = 280.0  # agentctl bench: under the control client's 300 s; the handler bounds each run
-LOCAL_BENCH_MAX = 4  # agentctl bench calls running or waiting on their own worker; more are "busy"
-LOCAL_JOB_KEEP_S = 7 * 86400  # local jobs are kept (for `agentctl jobs`) like fleet jobs
-DEPLOY_QUEUE_MAX = 64
 TICK_LOG_INTERVAL_S = 60.0  # a failing heartbeat or window (a full disk) is logged once per this
 EXIT_CONFIG = 2
 EXIT_UNSAFE = 3
 
 
-class Agent:
+class Agent(StatusReports, CommandRouting, ControlApi):
     """All long-lived parts of one running agent."""
 
     def __init__(self, cfg: config.Config) -> None:
@@ -154,11 +154,10 @@ class Agent:
         self.policy: Any = None
         self.hw_facts: dict[str, Any] | None = None
         try:
-            # hw_report_once: the detection code is dropped afterwards (~0.3 MB of an idle daemon)
             from agent.backends.selection import policy_from_report
-            from agent.hardware import hw_report_once
+            from agent.hardware import hw_report
 
-            rep = hw_report_once("/", self.cfg.hardware.profiles_dirs, self.cfg.hardware.profile, probe_runtimes=False)
+            rep = hw_report("/", self.cfg.hardware.profiles_dirs, self.cfg.hardware.profile, probe_runtimes=False)
             self.policy = policy_from_report(rep)
             self.hw_facts = rep.get("facts")
             return str(rep.get("profile", "unknown"))
@@ -187,365 +186,6 @@ class Agent:
             return False
         self.supervisor.begin(ctx.job_id, ctx.model, ctx.manifest.version, ctx.previous, result)
         return True
-
-    # -- status ------------------------------------------------------------------------------
-    def models_status(self) -> list[dict[str, Any]]:
-        out = []
-        for rec in self.db.models():
-            sv = self.registry.get(rec["name"])
-            if sv is None and rec["state"] == "removed":
-                continue  # its row stays only for the version high-water mark
-            entry: dict[str, Any] = {"name": rec["name"], "version": rec["serving"], "state": rec["state"] if sv else "not_loaded",
-                                     "previous": rec["previous"]}
-            if sv is not None:
-                entry.update(variant=sv.variant, backend=sv.backend)
-                if self.supervisor.in_probation(rec["name"]):
-                    entry["state"] = "probation"
-            out.append(entry)
-        return out
-
-    def status_doc(self, online: bool, reason: str = "") -> dict[str, Any]:
-        doc: dict[str, Any] = {"v": 1, "device": self.cfg.device_id, "online": online, "ts": now_rfc3339(),
-                               "seq": self.outbox.next_seq("status"), "agent": __version__, "boot_id": self.boot_id,
-                               "profile": self.profile, "groups": list(self.cfg.groups),
-                               "models": self.models_status()}
-        if reason:
-            doc["reason"] = reason
-        clock = self.db.get("clock_untrusted")
-        if clock:
-            doc["clock"] = "untrusted"
-            if isinstance(clock, str):
-                doc["clock_reason"] = clock
-        return doc
-
-    def publish_status(self) -> None:
-        self.mqtt.publish_status(self.status_doc(True))
-
-    def full_status(self) -> dict[str, Any]:
-        """What `agentctl status` and the `status` command report."""
-        return {"device": self.cfg.device_id, "agent": __version__, "boot_id": self.boot_id,
-                "uptime_s": round(time.time() - self.started, 1), "profile": self.profile,
-                "groups": self.cfg.groups, "mqtt": self.mqtt.state.to_dict(), "outbox": self.outbox.stats(),
-                "budget": self.telemetry.budget_status(),
-                "commands": {"refused_unauthenticated": self.intake.refused()},
-                "models": self.models_status(), "config": self.cfg.source,
-                "api": self.kserve.address if self.kserve else None,
-                "deploying": self._current.job_id if self._current else None}
-
-    # -- commands ----------------------------------------------------------------------------
-    def on_command(self, topic: str, raw: bytes, dup: bool = False) -> bool:
-        """Verify, record and route one command (on the command worker, never the network
-        thread). True once it may be acknowledged to the broker (agent/commands/intake.py)."""
-        return self.intake.handle(topic, raw, dup)
-
-    def _route(self, cmd: Command) -> None:
-        p = cmd.params
-        if cmd.type == "ping":
-            self.reporter.update(cmd.id, "ping", "SUCCEEDED", result={"pong": now_rfc3339()})
-        elif cmd.type == "status":
-            self.reporter.update(cmd.id, "status", "SUCCEEDED", result=self.full_status())
-        elif cmd.type == "deploy":
-            model, url = p.get("model"), p.get("manifest_url")
-            if not isinstance(model, str) or not isinstance(url, str):
-                raise errors.RejectError(errors.INVALID_COMMAND, "deploy needs params.model and params.manifest_url (strings)")
-            pin = p.get("backend")
-            sha = p.get("manifest_sha256")
-            self.submit_deploy(DeployContext(cmd.id, model, url, sha if isinstance(sha, str) else None,
-                                             pin if isinstance(pin, str) else None))
-        elif cmd.type in ("config", "trust", "cancel"):
-            result = getattr(self.handlers, cmd.type)(p)
-            self.reporter.update(cmd.id, cmd.type, "SUCCEEDED", result=result)
-        elif cmd.type in ("rollback", "remove", "bench"):
-            self.reporter.update(cmd.id, cmd.type, "IN_PROGRESS")
-            self._ops.submit(self._run_op, cmd)
-        else:  # the verifier knows every type; this is a bug guard
-            raise errors.RejectError(errors.UNKNOWN_COMMAND, f"command type {cmd.type!r} is not supported by agent {__version__}")
-
-    def _run_op(self, cmd: Command) -> None:
-        try:
-            result = getattr(self.handlers, cmd.type)(cmd.params)
-        except errors.AgentError as e:
-            self.reporter.update(cmd.id, cmd.type, "REJECTED" if isinstance(e, errors.RejectError) else "FAILED", error=e)
-        except Exception as e:
-            log.exception("%s %s failed", cmd.type, cmd.id)
-            self.reporter.update(cmd.id, cmd.type, "FAILED", error=errors.AgentError(errors.INTERNAL, f"{type(e).__name__}: {e}"))
-        else:
-            self.reporter.update(cmd.id, cmd.type, "SUCCEEDED", result=result)
-
-    def _supersede(self, new: DeployContext) -> None:
-        """A newer deploy of the same model cancels the running or queued one (CANCELED, superseded)."""
-        with self._queue_lock:
-            olds = [c for c in self._queued.values() if c.model == new.model]
-        cur = self._current
-        if cur is not None and cur.model == new.model and cur not in olds:
-            olds.append(cur)
-        for old in olds:
-            old.cancel_code = errors.SUPERSEDED
-            old.cancel.set()
-
-    def submit_deploy(self, ctx: DeployContext) -> None:
-        """Queue a deploy (a fleet command, ``agentctl install`` or a resumed one); a newer deploy
-        of the same model supersedes the running or queued one."""
-        self._supersede(ctx)
-        with self._queue_lock:  # registered before the worker can see it, so it can be canceled
-            self._queued[ctx.job_id] = ctx
-        try:
-            self._deploys.put_nowait(ctx)
-        except queue.Full as e:
-            with self._queue_lock:
-                self._queued.pop(ctx.job_id, None)
-            raise errors.RetryableError(errors.BUSY, f"{DEPLOY_QUEUE_MAX} deploys already queued") from e
-
-    def cancel_deploy(self, job_id: str, code: str) -> bool:
-        with self._queue_lock:
-            ctx = self._queued.get(job_id)
-        if ctx is None and self._current is not None and self._current.job_id == job_id:
-            ctx = self._current
-        if ctx is None:
-            return False
-        ctx.cancel_code = code
-        ctx.cancel.set()
-        return True
-
-    def config_changed(self, keys: set[str]) -> None:
-        """Apply remotely changed settings that live parts hold copies of."""
-        if "groups" in keys:
-            self.verifier.groups = self.cfg.groups
-            self.mqtt.set_subscriptions([self.topics.cmd] + [self.topics.group_cmd(g) for g in self.cfg.groups])
-        if "telemetry.outbox_max_mb" in keys:
-            self.outbox.max_bytes = int(self.cfg.telemetry.outbox_max_mb * 2**20)
-        if "telemetry.drain_rate_per_s" in keys:
-            self.mqtt.drain_rate_per_s = self.cfg.telemetry.drain_rate_per_s
-
-    def _deploy_loop(self) -> None:
-        while True:
-            ctx = self._deploys.get()
-            if ctx is None or self.stopping.is_set():
-                return
-            with self._queue_lock:
-                self._queued.pop(ctx.job_id, None)
-            self._current = ctx
-            try:
-                self.runner.run(ctx)
-            finally:
-                self._current = None
-            self.publish_status()
-
-    # -- restore -----------------------------------------------------------------------------
-    def restore(self) -> list[DeployContext]:
-        """Bring back what served, then settle every job the last run left unfinished.
-
-        Returns the deploys to run again (their downloads resume from the partial files).
-        """
-        clean = bool(self.db.get("clean_shutdown", True))
-        self.db.put("clean_shutdown", False)
-        for rec in self.db.models():
-            for version in (rec["serving"], rec["previous"]):
-                if version is None or self.db.version(rec["name"], version) is None:
-                    continue
-                try:
-                    sv = self.handlers.load_version(rec["name"], version, validate_samples=False)
-                except (errors.AgentError, ValueError) as e:
-                    log.error("%s v%s could not be restored: %s", rec["name"], version, e)
-                    self.reporter.event("restore_failed", model=rec["name"], version=version, error=str(e))
-                    continue
-                self.registry.activate(sv)
-                if version != rec["serving"]:
-                    self.db.set_serving(rec["name"], version, None)
-                    self.reporter.event("rollback", model=rec["name"], frm=rec["serving"], to=version,
-                                        reason="serving version failed to load at start")
-                break
-        resume: dict[str, DeployContext] = {}
-        for job in self.db.unfinished_jobs():
-            ctx = self._settle(job, clean)
-            if ctx is None:
-                continue
-            older = resume.pop(ctx.model, None)
-            if older is not None:
-                self.reporter.update(older.job_id, "deploy", "CANCELED", error=errors.RejectError(
-                    errors.SUPERSEDED, f"superseded by {ctx.job_id} while the agent was down"))
-            resume[ctx.model] = ctx
-        return list(resume.values())
-
-    def _settle(self, job: dict[str, Any], clean: bool) -> DeployContext | None:
-        """One unfinished job after a restart: finish, fail, hand to probation, or resume."""
-        jid, step = job["id"], job["step"]
-        reported = self.outbox.reported(jid)
-        if reported is not None:  # its end went out just before the crash: record it
-            self.db.update_job(jid, str(reported["state"]), reported.get("step"), reported.get("error"),
-                               reported.get("result"))
-            return None
-        if job["type"] != "deploy":
-            self.reporter.update(jid, job["type"], "FAILED", step, error=errors.AgentError(
-                errors.INTERRUPTED, f"the agent restarted while {job['type']} was running; run it again"))
-            return None
-        params = job["params"] or {}
-        model = str(params.get("model", ""))
-        version = self.db.get(f"job_version:{jid}")
-        rec = self.db.model(model) or {}
-        if step in ("activating", "probation") and version is not None and rec.get("serving") == version:
-            info = self.db.version(model, version) or {}
-            result = {"name": model, "version": version, "variant": info.get("variant"),
-                      "backend": info.get("backend"), "previous": rec.get("previous"), "resumed": True}
-            if rec.get("previous") is None:
-                self.reporter.update(jid, "deploy", "SUCCEEDED", step, result=result)
-            elif not clean and self.cfg.backends.isolation == "none":
-                # In-process runtime and an unclean stop during probation: the new version may
-                # have crashed the daemon. Go back to the version that served before it.
-                prev = rec["previous"]
-                try:
-                    sv = self.handlers.load_version(model, prev, validate_samples=False)
-                except errors.AgentError as e:
-                    log.error("%s: cannot roll back to v%s: %s", model, prev, e)
-                else:
-                    with self.runner.activation_lock:
-                        self.db.set_serving(model, prev, None)
-                        self.registry.activate(sv)
-                    self.reporter.event("rollback", model=model, frm=version, to=prev,
-                                        reason="the agent died during probation")
-                self.reporter.update(jid, "deploy", "FAILED", step, error=errors.AgentError(
-                    errors.PROBATION_FAILED, f"{model} v{version}: the agent died during probation; rolled back to v{prev}"))
-            else:
-                self.supervisor.begin(jid, model, version, rec["previous"], result)
-            return None
-        resumes = int(self.db.get(f"resumes:{jid}", 0)) + 1
-        self.db.put(f"resumes:{jid}", resumes)
-        if resumes > self.cfg.deploy.max_resumes:
-            self.reporter.update(jid, "deploy", "FAILED", step, error=errors.AgentError(
-                errors.INTERRUPTED, f"interrupted by {resumes - 1} restarts; giving up"))
-            return None
-        pin, sha = params.get("backend"), params.get("manifest_sha256")
-        log.info("resuming deploy %s of %s (was at %s)", jid, model, step or "QUEUED")
-        return DeployContext(jid, model, str(params.get("manifest_url", "")), sha if isinstance(sha, str) else None,
-                             pin if isinstance(pin, str) else None)
-
-    # -- telemetry ---------------------------------------------------------------------------
-    def _heartbeat_loop(self) -> None:
-        while not self.stopping.wait(self.cfg.telemetry.heartbeat_s):
-            try:
-                self.telemetry.heartbeat()
-            except Exception as e:  # e.g. a full disk: said once per interval, not every tick
-                if self._tick_log.allow() is not None:
-                    log.error("heartbeat failed: %s", e, exc_info=e)
-
-    def _window_loop(self) -> None:
-        while not self.stopping.wait(self.cfg.telemetry.window_s):
-            self._flush_window()
-
-    def _flush_window(self, final: bool = False) -> None:
-        try:
-            self.telemetry.window(final=final)
-        except Exception as e:
-            if self._tick_log.allow() is not None:
-                log.error("telemetry window failed: %s", e, exc_info=e)
-
-    def _watchdog_loop(self) -> None:
-        interval = self.notifier.watchdog_s / 2
-        while not self.stopping.wait(interval):
-            self.notifier.watchdog()
-
-    # -- local API ---------------------------------------------------------------------------
-    def _control_handlers(self, control: ControlServer) -> None:
-        from agent import tensors
-
-        def models(_: dict[str, Any]) -> Any:
-            out = []
-            for m in self.models_status():
-                m["kept"] = self.db.versions(m["name"])
-                sv = self.registry.get(m["name"])
-                if sv is not None:
-                    m["io"] = sv.describe()
-                    m["worker_pid"] = sv.worker.pid if sv.worker is not None else None
-                out.append(m)
-            return out
-
-        def infer(p: dict[str, Any]) -> Any:
-            name = p.get("model")
-            if not isinstance(name, str):
-                raise errors.RejectError(errors.INVALID_INPUT, "infer needs a model name")
-            raw = p.get("inputs") or {}
-            if not isinstance(raw, dict):
-                raise errors.RejectError(errors.INVALID_INPUT, "inputs must be an object of tensors")
-            inputs = {k: tensors.decode(v, k) for k, v in raw.items()}
-            t0 = time.perf_counter()
-            sv, out = self.registry.infer(name, inputs)
-            return {"model": name, "version": sv.version, "backend": sv.backend,
-                    "latency_ms": round((time.perf_counter() - t0) * 1000, 3),
-                    "outputs": {k: tensors.encode(v) for k, v in out.items()}}
-
-        def explain(p: dict[str, Any]) -> Any:
-            job = self.db.job(str(p.get("job", "")))
-            if job is None:
-                raise errors.RejectError(errors.UNKNOWN_JOB, f"no job {p.get('job')!r} on this device")
-            job["timeline"] = self.db.job_timeline(job["id"])
-            return job
-
-        def hw(_: dict[str, Any]) -> Any:
-            from agent.backends.selection import merge_live_targets
-            from agent.hardware import hw_report
-
-            return hw_report("/", self.cfg.hardware.profiles_dirs, self.cfg.hardware.profile, reconcile=merge_live_targets)
-
-        control.register("status", lambda _: self.full_status())
-        control.register("models", models)
-        control.register("jobs", lambda p: self.db.jobs(int(p.get("limit", 20))))
-        control.register("explain", explain)
-        control.register("infer", infer)
-        control.register("hw", hw)
-        control.register("bench", lambda p: self._local_bench({
-            k: v for k, v in p.items() if k in ("model", "iterations", "backends")}))
-        def local_op(type_: str) -> Any:
-            """A mutating call from agentctl: a local job (visible in `jobs`, reported to the fleet),
-            run on the ops worker so it is ordered with the fleet's rollback/remove/bench."""
-            def run(p: dict[str, Any]) -> Any:
-                params = {k: v for k, v in p.items() if k in ("model", "to_version", "set")}
-                job_id = f"local-{type_}-{uuid.uuid4().hex[:12]}"
-                model = params.get("model") if isinstance(params.get("model"), str) else None
-                self.db.create_job(job_id, type_, model, params, time.time() + LOCAL_JOB_KEEP_S, state="IN_PROGRESS")
-                self.reporter.update(job_id, type_, "IN_PROGRESS", persist=False, extra={"origin": "agentctl"})
-                try:
-                    result = self._ops.submit(getattr(self.handlers, type_), params).result(LOCAL_OP_TIMEOUT_S)
-                except errors.AgentError as e:
-                    self.reporter.update(job_id, type_, "REJECTED" if isinstance(e, errors.RejectError) else "FAILED", error=e)
-                    raise
-                except FutureTimeout as e:
-                    err = errors.AgentError(errors.TIMEOUT, f"{type_} did not finish within {LOCAL_OP_TIMEOUT_S:g} s")
-                    self.reporter.update(job_id, type_, "TIMED_OUT", error=err)
-                    raise err from e
-                self.reporter.update(job_id, type_, "SUCCEEDED", result=result)
-                if type_ == "config":
-                    return result
-                return {"job": job_id, **result}
-            return run
-
-        set_config = local_op("config")
-        control.register("config", lambda p: set_config(p) if p.get("set") else self.cfg.to_dict(),
-                         mutating=lambda p: bool(p.get("set")))
-        control.register("rollback", local_op("rollback"), mutating=True)
-        control.register("remove", local_op("remove"), mutating=True)
-
-        def install(p: dict[str, Any], emit: Any) -> Any:
-            from agent.deploy.offline import install_op  # and the archive reader: at first use
-
-            return install_op(self, p, emit)
-
-        control.register("install", install, mutating=True, streaming=True)
-
-    def _local_bench(self, params: dict[str, Any]) -> Any:
-        """``agentctl bench`` on the bench worker; refused ``busy`` past ``LOCAL_BENCH_MAX``."""
-        if not self._bench_slots.acquire(blocking=False):
-            raise errors.RetryableError(errors.BUSY, f"{LOCAL_BENCH_MAX} bench calls are already running or waiting; "
-                                        "try again when they finish")
-        try:
-            fut = self._bench.submit(self.handlers.bench, params)
-        except BaseException:
-            self._bench_slots.release()
-            raise
-        fut.add_done_callback(lambda _: self._bench_slots.release())
-        try:
-            return fut.result(BENCH_OP_TIMEOUT_S)
-        except FutureTimeout as e:
-            raise errors.AgentError(errors.TIMEOUT, f"bench did not finish within {BENCH_OP_TIMEOUT_S:g} s") from e
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -651,13 +291,9 @@ def run(cfg: config.Config) -> int:
 
 
 LOG_FORMATS = ("text", "json")
-# subcommand → its options (all take a value); the fast path below and the parser agree on these.
-_OPTIONS = {"run": ("--config", "--log-format", "--log-level"), "check-config": ("--config",)}
 
 
-def _parser() -> Any:
-    import argparse  # only for --help, --version and malformed command lines (_simple_args): ~0.2 MB idle
-
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="edge-agent", description="Edge ML agent daemon")
     ap.add_argument("--version", action="version", version=f"edge-agent {__version__}")
     sub = ap.add_subparsers(dest="cmd")
@@ -671,34 +307,6 @@ def _parser() -> Any:
 
     devinit.add_parser(sub)
     return ap
-
-
-def _simple_args(argv: list[str]) -> Any:
-    """The well-formed command lines (``run --config X``, ``--opt=value``) parsed as ``_parser()``
-    would parse them, without importing argparse; None for anything else (help, version, errors,
-    abbreviations), which ``_parser()`` then handles."""
-    if not argv or argv[0] not in _OPTIONS:
-        return None
-    cmd, allowed = argv[0], _OPTIONS[argv[0]]
-    values: dict[str, str | None] = dict.fromkeys(allowed)
-    if cmd == "run":
-        values["--log-format"] = "text"
-        values["--log-level"] = os.environ.get("EDGE_AGENT_LOG_LEVEL", "info")
-    i = 1
-    while i < len(argv):
-        opt, eq, value = argv[i].partition("=")
-        if opt not in allowed:
-            return None
-        if not eq:
-            if i + 1 >= len(argv) or argv[i + 1].startswith("-"):
-                return None
-            i += 1
-            value = argv[i]
-        if opt == "--log-format" and value not in LOG_FORMATS:
-            return None
-        values[opt] = value
-        i += 1
-    return types.SimpleNamespace(cmd=cmd, **{k[2:].replace("-", "_"): v for k, v in values.items()})
 
 
 def check_config(path: str | None) -> int:
@@ -732,13 +340,11 @@ def check_config(path: str | None) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = _simple_args(argv)
-    if args is None:
-        ap = _parser()
-        args = ap.parse_args(argv)
-        if args.cmd is None:
-            ap.print_help(sys.stderr)
-            return 2
+    ap = _parser()
+    args = ap.parse_args(argv)
+    if args.cmd is None:
+        ap.print_help(sys.stderr)
+        return 2
     if args.cmd == "init":
         from agent import devinit
 

@@ -305,6 +305,16 @@ def tune(decision: Decision, indices: Sequence[int], manifest: Manifest, vdir: P
                 best[1].close()
             raise
         pos += len(wave)
+    order = _promote(decision, top, ok, failed, rows, manifest.version, kv, key, layout)
+    return TuneResult(best[1] if best is not None else None, last_error, len(order) - len(top),
+                      best[2] if best is not None else None)
+
+
+def _promote(decision: Decision, top: list[Candidate], ok: list[tuple[float, int, Candidate]],
+             failed: list[Candidate], rows: list[dict[str, Any]], version: int, kv: KV, key: str,
+             layout: str) -> list[Candidate]:
+    """Reorder ``decision`` (fastest correct first, then the unmeasured in rank order, then the
+    failed), record the verdict on it and cache it under ``key`` (and ``layout``); the new order."""
     ok.sort(key=lambda x: (x[0], x[1]))
     measured = {id(c) for c in top}
     order = [c for _, _, c in ok] + [c for c in decision.candidates if id(c) not in measured] + failed
@@ -314,10 +324,9 @@ def tune(decision: Decision, indices: Sequence[int], manifest: Manifest, vdir: P
     if ok:
         w = ok[0][2]
         state["winner"] = {"variant": w.variant.id, "backend": w.target.id}
-        entry = {"winner": state["winner"], "measured": rows, "at": state["measured_at"], "version": manifest.version}
+        entry = {"winner": state["winner"], "measured": rows, "at": state["measured_at"], "version": version}
         kv.put(key, entry)
         if layout:
             kv.put(layout, entry)
     decision.autotune = state
-    return TuneResult(best[1] if best is not None else None, last_error, len(order) - len(top),
-                      best[2] if best is not None else None)
+    return order

@@ -266,10 +266,11 @@ class IsolatedModel:
 
     def rss_bytes(self) -> int:
         """The worker's resident memory (0 when unknown): its memory ceiling is checked on this."""
+        import psutil  # here: the daemon asks, the worker (which imports this module) never does
+
         try:
-            with open(f"/proc/{self.pid}/statm", "rb") as f:
-                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-        except (OSError, ValueError, IndexError):
+            return int(psutil.Process(self.pid).memory_info().rss)
+        except (psutil.Error, OSError):
             return 0
 
     # -- calls through the pipe (validation, agentctl, requests the daemon answers itself) -------

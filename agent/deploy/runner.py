@@ -310,7 +310,6 @@ class DeployRunner:
                 self.db.put("last_trusted_time", created)
         min_mem = m.requires.get("min_free_memory_mb")
         if isinstance(min_mem, (int, float)):
-            # psutil's figure, without psutil in the daemon
             from agent.telemetry.system import memory
 
             avail_mb = memory()[1] / 2**20

@@ -4,8 +4,6 @@
 * `load_profiles(dirs)` / `match_profile(facts, profiles, forced)` (profiles.py): TOML hardware profiles.
 * `probe_runtimes()` (runtimes.py): lazy probes of onnxruntime / openvino / TFLite.
 * `hw_report(...)` (report.py): all of the above as one JSON-able dict.
-* `hw_report_once(...)`: the same for a one-off caller (the daemon), which drops the detection
-  modules again afterwards.
 
 Importing this package imports no inference runtime.
 """
@@ -47,30 +45,6 @@ def __getattr__(name: str) -> Any:
     return value
 
 
-# The detection code a daemon runs once at start; `hw_report_once` drops it again.
-_DETECTION_MODULES = ("report", "profiles", "probe")
-
-
-def hw_report_once(*args: Any, **kwargs: Any) -> dict[str, Any]:
-    """``hw_report(*args, **kwargs)`` for a caller that needs it once (the daemon at start): the
-    detection modules this call imported (probe, profiles, report: ~0.3 MB of code and classes in
-    an idle daemon) are dropped from ``sys.modules`` again, so they are freed. Modules loaded
-    before the call are left as they are, and a later ``hw_report`` simply imports them again."""
-    import gc
-    import sys
-
-    fresh = [m for m in _DETECTION_MODULES if f"{__name__}.{m}" not in sys.modules]
-    try:
-        report: dict[str, Any] = importlib.import_module(f"{__name__}.report").hw_report(*args, **kwargs)
-    finally:
-        for m in fresh:
-            sys.modules.pop(f"{__name__}.{m}", None)
-            globals().pop(m, None)  # the submodule attribute the import set on this package
-        if fresh:
-            gc.collect()  # their functions and classes are in reference cycles
-    return report
-
-
 __all__ = [
     "HardwareFacts",
     "Match",
@@ -79,7 +53,6 @@ __all__ = [
     "default_profile_dirs",
     "detect",
     "hw_report",
-    "hw_report_once",
     "load_profiles",
     "match_profile",
     "probe_runtimes",

@@ -1,8 +1,8 @@
 """System figures for the heartbeat, including Pi and Jetson thermal zones.
 
-Read from /proc and /sys as psutil reads them (same figures and formulas), without importing
-psutil: ≈ 0.7 MB of an idle daemon's resident memory for five numbers a minute. psutil is still
-the fallback where /proc lacks a figure (a kernel before 3.14 has no MemAvailable; not Linux).
+CPU, memory, hwmon sensors and the agent's own RSS come from psutil; thermal zones are read from
+/sys here because Pi and Jetson zones need sorting and filtering (trip flags, derived zones,
+disabled sensors) that psutil does not do.
 """
 
 from __future__ import annotations
@@ -11,6 +11,8 @@ import os
 import shutil
 from pathlib import Path
 from typing import Any
+
+import psutil
 
 THERMAL_ROOT = Path("/sys/class/thermal")
 HWMON_ROOT = Path("/sys/class/hwmon")
@@ -48,93 +50,36 @@ def temperatures_c() -> dict[str, float]:
 
 
 def _hwmon_temperatures_c() -> dict[str, float]:
-    """hwmon sensors (x86 boards), as psutil.sensors_temperatures() lists them: up to four per chip."""
-    bases = {str(p).split("_")[0] for p in HWMON_ROOT.glob("hwmon*/temp*_*")}
-    bases |= {str(p).split("_")[0] for p in HWMON_ROOT.glob("hwmon*/device/temp*_*")}  # CentOS
-    chips: dict[str, list[tuple[str, float]]] = {}
-    for base in sorted(bases):
-        try:
-            current = float(Path(base + "_input").read_bytes()) / 1000.0
-            name = (Path(base).parent / "name").read_text().strip()
-        except (OSError, ValueError):
-            continue
-        try:
-            label = Path(base + "_label").read_text().strip()
-        except OSError:
-            label = ""
-        chips.setdefault(name, []).append((label, current))
+    """hwmon sensors (x86 boards), up to four per chip."""
+    sensors = getattr(psutil, "sensors_temperatures", None)  # absent where psutil has no sensors
+    try:
+        chips = sensors() if sensors else {}
+    except OSError:
+        chips = {}
     out: dict[str, float] = {}
     for name, entries in chips.items():
-        for label, current in entries[:4]:
-            out[f"{name}:{label}" if label else name] = round(current, 1)
+        for e in entries[:4]:
+            out[f"{name}:{e.label}" if e.label else name] = round(e.current, 1)
     return out
 
 
-def _meminfo() -> dict[str, int]:
-    out = {}
-    with open("/proc/meminfo", "rb") as f:
-        for line in f:
-            key, _, rest = line.partition(b":")
-            fields = rest.split()
-            if fields:
-                out[key.decode()] = int(fields[0]) * 1024
-    return out
-
-
-def _cpu_times() -> tuple[float, float]:
-    """(busy, all) jiffies of the whole machine: psutil's cpu_percent arithmetic."""
-    with open("/proc/stat", "rb") as f:
-        t = [float(x) for x in f.readline().split()[1:]]
-    t = (t + [0.0] * 10)[:10]  # user nice system idle iowait irq softirq steal guest guest_nice
-    idle, iowait, guest, guest_nice = t[3], t[4], t[8], t[9]
-    total = sum(t) - guest - guest_nice  # guest time is already in user and nice
-    return total - idle - iowait, total
-
-
-try:
-    _last_cpu: tuple[float, float] | None = _cpu_times()  # cpu_pct: since the agent started, then per heartbeat
-except (OSError, ValueError):
-    _last_cpu = None
+psutil.cpu_percent(interval=None)  # cpu_pct: since the agent started, then per heartbeat
 
 
 def cpu_percent() -> float:
     """Machine CPU use since the previous call (the first: since this module was imported), %."""
-    global _last_cpu
-    try:
-        busy, total = _cpu_times()
-    except (OSError, ValueError):  # no /proc (not Linux)
-        import psutil
-
-        return float(psutil.cpu_percent(interval=None))
-    last, _last_cpu = _last_cpu, (busy, total)
-    if last is None or total - last[1] <= 0:
-        return 0.0
-    return round(min(100.0, max(0.0, (busy - last[0]) / (total - last[1]) * 100.0)), 1)
+    return round(float(psutil.cpu_percent(interval=None)), 1)
 
 
 def memory() -> tuple[float, int]:
-    """(percent used, bytes available), as psutil.virtual_memory()."""
-    try:
-        info = _meminfo()
-    except (OSError, ValueError):  # no /proc (not Linux)
-        info = {}
-    total, avail = info.get("MemTotal", 0), info.get("MemAvailable")
-    if avail is None or not total:
-        import psutil  # an old kernel: psutil estimates what is available
-
-        vm = psutil.virtual_memory()
-        return float(vm.percent), int(vm.available)
-    return round((total - avail) / total * 100.0, 1), avail
+    """(percent used, bytes available) of the machine."""
+    vm = psutil.virtual_memory()
+    return round(float(vm.percent), 1), int(vm.available)
 
 
 def rss_bytes() -> int:
-    try:
-        with open("/proc/self/statm", "rb") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError):  # no /proc (not Linux)
-        import psutil
-
-        return int(psutil.Process().memory_info().rss)
+    """The agent process's resident memory."""
+    return int(psutil.Process().memory_info().rss)
 
 
 def release_free_memory() -> bool:

@@ -16,14 +16,14 @@ from test_selection_profiles import DictKV, samples_bundle, targets
 from agent import errors
 from agent.backends import autotune
 from agent.backends.selection import Candidate, select
-from agent.bundles import fetch
+from agent.bundles import streaming
 from agent.bundles.fetch import Fetcher, StreamHash
 from agent.bundles.manifest import Manifest, TensorSpec, parse_document
 from agent.deploy import runner
 
 # -- sha256 while streaming ----------------------------------------------------------------------
 
-@pytest.mark.parametrize("size", [0, 1000, fetch.HASH_THREAD_MIN_BYTES + 12345])
+@pytest.mark.parametrize("size", [0, 1000, streaming.HASH_THREAD_MIN_BYTES + 12345])
 def test_stream_hash_matches_hashlib_inline_and_threaded(size: int, tmp_path: Path) -> None:
     data = np.random.default_rng(size).integers(0, 256, size, dtype=np.uint8).tobytes()
     h = StreamHash(size=size)
@@ -39,7 +39,7 @@ def test_stream_hash_matches_hashlib_inline_and_threaded(size: int, tmp_path: Pa
 
 
 def test_stream_hash_close_stops_the_thread_after_a_failure() -> None:
-    h = StreamHash(size=fetch.HASH_THREAD_MIN_BYTES)
+    h = StreamHash(size=streaming.HASH_THREAD_MIN_BYTES)
     h.update(b"x" * 100)
     worker = h._thread
     assert worker is not None and worker.is_alive()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -109,3 +110,118 @@ def test_dsse_verify_of_a_signed_envelope_stays_without_cryptography(tmp_path: P
     out = subprocess.run([sys.executable, "-c", code, str(folder), str(tmp_path / "env.json"), str(tmp_path / "bad.json")],
                          capture_output=True, text=True, timeout=60, check=True)
     assert out.stdout.splitlines() == ['{"cmd": "status"}', "bad_signature", "False"], out.stderr
+
+
+# "Taming the many EdDSAs" (Chalkias, Garillot, Nikolaenko, SSR 2020): the edge-case vectors of
+# https://github.com/novifinancial/ed25519-speccheck, cases.json, cases 0-9 as (message, key,
+# signature): small-order A and R, mixed-order A and R, non-canonical R, cofactored-only
+# equations. Implementations differ on some of them; the check here must say what
+# ``cryptography`` says on each.
+SPECCHECK = [
+    ("8c93255d71dcab10e8f379c26200f3c7bd5f09d9bc3068d3ef4edeb4853022b6",
+     "c7176a703d4dd84fba3c0b760d10670f2a2053fa2c39ccc64ec7fd7792ac03fa",
+     "c7176a703d4dd84fba3c0b760d10670f2a2053fa2c39ccc64ec7fd7792ac037a"
+     "0000000000000000000000000000000000000000000000000000000000000000"),
+    ("9bd9f44f4dcc75bd531b56b2cd280b0bb38fc1cd6d1230e14861d861de092e79",
+     "c7176a703d4dd84fba3c0b760d10670f2a2053fa2c39ccc64ec7fd7792ac03fa",
+     "f7badec5b8abeaf699583992219b7b223f1df3fbbea919844e3f7c554a43dd43"
+     "a5bb704786be79fc476f91d3f3f89b03984d8068dcf1bb7dfc6637b45450ac04"),
+    ("aebf3f2601a0c8c5d39cc7d8911642f740b78168218da8471772b35f9d35b9ab",
+     "f7badec5b8abeaf699583992219b7b223f1df3fbbea919844e3f7c554a43dd43",
+     "c7176a703d4dd84fba3c0b760d10670f2a2053fa2c39ccc64ec7fd7792ac03fa"
+     "8c4bd45aecaca5b24fb97bc10ac27ac8751a7dfe1baff8b953ec9f5833ca260e"),
+    ("9bd9f44f4dcc75bd531b56b2cd280b0bb38fc1cd6d1230e14861d861de092e79",
+     "cdb267ce40c5cd45306fa5d2f29731459387dbf9eb933b7bd5aed9a765b88d4d",
+     "9046a64750444938de19f227bb80485e92b83fdb4b6506c160484c016cc1852f"
+     "87909e14428a7a1d62e9f22f3d3ad7802db02eb2e688b6c52fcd6648a98bd009"),
+    ("e47d62c63f830dc7a6851a0b1f33ae4bb2f507fb6cffec4011eaccd55b53f56c",
+     "cdb267ce40c5cd45306fa5d2f29731459387dbf9eb933b7bd5aed9a765b88d4d",
+     "160a1cb0dc9c0258cd0a7d23e94d8fa878bcb1925f2c64246b2dee1796bed512"
+     "5ec6bc982a269b723e0668e540911a9a6a58921d6925e434ab10aa7940551a09"),
+    ("e47d62c63f830dc7a6851a0b1f33ae4bb2f507fb6cffec4011eaccd55b53f56c",
+     "cdb267ce40c5cd45306fa5d2f29731459387dbf9eb933b7bd5aed9a765b88d4d",
+     "21122a84e0b5fca4052f5b1235c80a537878b38f3142356b2c2384ebad4668b7"
+     "e40bc836dac0f71076f9abe3a53f9c03c1ceeeddb658d0030494ace586687405"),
+    ("85e241a07d148b41e47d62c63f830dc7a6851a0b1f33ae4bb2f507fb6cffec40",
+     "442aad9f089ad9e14647b1ef9099a1ff4798d78589e66f28eca69c11f582a623",
+     "e96f66be976d82e60150baecff9906684aebb1ef181f67a7189ac78ea23b6c0e"
+     "547f7690a0e2ddcd04d87dbc3490dc19b3b3052f7ff0538cb68afb369ba3a514"),
+    ("85e241a07d148b41e47d62c63f830dc7a6851a0b1f33ae4bb2f507fb6cffec40",
+     "442aad9f089ad9e14647b1ef9099a1ff4798d78589e66f28eca69c11f582a623",
+     "8ce5b96c8f26d0ab6c47958c9e68b937104cd36e13c33566acd2fe8d38aa1942"
+     "7e71f98a473474f2f13f06f97c20d58cc3f54b8bd0d272f42b695dd7e89a8c22"),
+    ("fdaebc429f4a735932a160da1301080c13280eea8bc280d1b392c6b9e6ba3a5a",
+     "f7badec5b8abeaf699583992219b7b223f1df3fbbea919844e3f7c554a43dd43",
+     "edffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f"
+     "454d370c8d9fc323a41450f8d513eafeb5b0697390c1e505a0d4ddc71f566607"),
+    ("84b698d39be126ff55fe45079e6c8bf64a0d7db6994560b4e96b7021eb39c1a1",
+     "f7badec5b8abeaf699583992219b7b223f1df3fbbea919844e3f7c554a43dd43",
+     "edffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f"
+     "084d5b99c2a9463d9c8bd5026916996984eeec87ddf1d3be329006ace1b37b09"),
+]
+
+# The encodings of the eight points of small order (and non-canonical aliases of them), as in
+# libsodium's ed25519 blocklist (crypto_sign/ed25519/ref10/open.c) and the speccheck paper:
+# as a public key or as R they must be judged the same way by both bindings.
+SMALL_ORDER = [
+    "0100000000000000000000000000000000000000000000000000000000000000",  # identity, order 1
+    "ecffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",  # order 2
+    "0000000000000000000000000000000000000000000000000000000000000000",  # order 4
+    "0000000000000000000000000000000000000000000000000000000000000080",  # order 4
+    "c7176a703d4dd84fba3c0b760d10670f2a2053fa2c39ccc64ec7fd7792ac037a",  # order 8
+    "c7176a703d4dd84fba3c0b760d10670f2a2053fa2c39ccc64ec7fd7792ac03fa",  # order 8
+    "26e8958fc2b227b045c3f489f2ef98f0d5dfac05d3c63339b13802886d53fc05",  # order 8
+    "26e8958fc2b227b045c3f489f2ef98f0d5dfac05d3c63339b13802886d53fc85",  # order 8
+    "0100000000000000000000000000000000000000000000000000000000000080",  # identity, sign bit set
+    "edffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",  # y = p: non-canonical 0
+    "eeffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",  # y = p + 1: non-canonical 1
+    "ecffffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff",  # order 2, sign bit set
+]
+
+
+@pytest.mark.parametrize(("msg", "key", "sig"), SPECCHECK)
+def test_agrees_with_cryptography_on_speccheck_vectors(msg: str, key: str, sig: str) -> None:
+    k, s, m = bytes.fromhex(key), bytes.fromhex(sig), bytes.fromhex(msg)
+    assert ed25519.verify(k, s, m) == _crypto_ok(k, s, m)
+
+
+def test_agrees_with_cryptography_on_small_order_keys_and_r() -> None:
+    """Small-order points as the key, as R, and both, with S = 0, S = 1 and S = L."""
+    cases = 0
+    for a in SMALL_ORDER:
+        for r in SMALL_ORDER:
+            for s in (0, 1, L):
+                k, sig = bytes.fromhex(a), bytes.fromhex(r) + s.to_bytes(32, "little")
+                for m in (b"", b"deploy"):
+                    assert ed25519.verify(k, sig, m) == _crypto_ok(k, sig, m), (a, r, s, m)
+                    cases += 1
+    assert cases == len(SMALL_ORDER) ** 2 * 6
+
+
+def test_agrees_with_cryptography_on_a_few_hundred_random_keys_and_messages() -> None:
+    """Valid signatures, S + L and S + 2^253 (same equation, S out of range), R and A swapped,
+    a flipped bit anywhere in the signature or key: each judged alike by both bindings."""
+    rng = random.Random(8032)
+    agree = valid = 0
+    for i in range(300):
+        priv = Ed25519PrivateKey.generate()
+        key = _raw(priv.public_key())
+        msg = rng.randbytes(rng.randrange(0, 300))
+        sig = priv.sign(msg)
+        s = int.from_bytes(sig[32:], "little")
+        bit = rng.randrange(512)
+        flipped = bytearray(sig)
+        flipped[bit // 8] ^= 1 << (bit % 8)
+        kbit = rng.randrange(256)
+        kflip = bytearray(key)
+        kflip[kbit // 8] ^= 1 << (kbit % 8)
+        cases = [(key, sig, msg), (key, sig[:32] + (s + L).to_bytes(32, "little"), msg),
+                 (key, sig[:32] + (s + 2**253).to_bytes(32, "little")[:32], msg),
+                 (sig[:32], key + sig[32:], msg), (key, bytes(flipped), msg), (bytes(kflip), sig, msg)]
+        for k, sg, m in cases:
+            mine = ed25519.verify(k, sg, m)
+            assert mine == _crypto_ok(k, sg, m), (i, k.hex(), sg.hex(), m.hex())
+            agree += 1
+            valid += mine
+    assert agree == 300 * 6
+    assert valid >= 300  # the genuine signatures at least
