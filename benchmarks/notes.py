@@ -202,7 +202,7 @@ Second round (the changes behind the figures above):
 
 First round:
 
-- **No runtime in the idle daemon** (`agent/backends/probed.py`, `agent/daemon.py`): listing the
+- **No runtime in the idle daemon** (`agent/backends/probed.py`, `agent/daemon/`): listing the
   backends' targets imported onnxruntime, OpenVINO and LiteRT (and numpy) into the daemon for its
   whole life: 114 MB idle RSS. Targets now come from a short-lived child process, cached in memory
   and in `state_dir/cache/backend-targets.json` under a key of the runtime versions, device nodes

@@ -71,7 +71,7 @@ def in_process(ctx: Context, tiny_dir: Path) -> dict[str, Any]:
     sess, names = model._sess, model._out_names
     bare = Registry()
     bare.activate(ServingVersion("tiny", 1, "onnx-fp32", model))
-    # The daemon's wiring (agent/daemon.py): the registry records each call once, into the
+    # The daemon's wiring (agent/daemon/): the registry records each call once, into the
     # windows, and the metrics read their totals from the same windows when scraped.
     windows = LatencyWindows()
     metrics = Metrics(lambda: {}, lambda: {}, windows=windows)

@@ -44,7 +44,7 @@ def _model_param(params: dict[str, Any]) -> str:
 
 
 class CommandHost(Protocol):
-    """What the handlers use of the daemon that wires them (agent/daemon.py implements it): the
+    """What the handlers use of the daemon that wires them (agent/daemon/ implements it): the
     seam is declared here, below the daemon, so that commands never import the daemon."""
 
     @property

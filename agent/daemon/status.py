@@ -19,7 +19,7 @@ log = logging.getLogger("agent.daemon")
 
 
 class StatusReports:
-    """Methods of `Agent` (agent/daemon.py): the status documents and the telemetry timers."""
+    """Methods of `Agent` (agent/daemon/__init__.py): the status documents and the telemetry timers."""
 
     # -- status ------------------------------------------------------------------------------
     def models_status(self: Agent) -> list[dict[str, Any]]:

@@ -5,9 +5,9 @@ local API and control socket → MQTT (birth status, subscriptions) → telemetr
 Stop (SIGTERM/SIGINT): STOPPING → no new commands → in-flight requests and the running deploy
 step finish (bounded) → final status ``online: false`` → disconnect → state closed.
 
-`Agent` wires the parts here; its other methods are grouped by concern in daemon_status.py
-(status documents, telemetry timers), daemon_commands.py (command routing, deploy queue, crash
-recovery) and daemon_control.py (the agentctl control API).
+`Agent` wires the parts here; its other methods are grouped by concern in daemon/status.py
+(status documents, telemetry timers), daemon/commands.py (command routing, deploy queue, crash
+recovery) and daemon/control.py (the agentctl control API).
 """
 
 from __future__ import annotations
@@ -34,9 +34,9 @@ from agent.bundles.trust import TrustStore, describe_writable, folder_problem
 from agent.commands.handlers import REMOTE_CONFIG_FILE, Handlers, apply_remote_overrides
 from agent.commands.intake import CommandIntake
 from agent.commands.verify import CommandVerifier
-from agent.daemon_commands import DEPLOY_QUEUE_MAX, CommandRouting
-from agent.daemon_control import LOCAL_BENCH_MAX, ControlApi
-from agent.daemon_status import StatusReports
+from agent.daemon.commands import DEPLOY_QUEUE_MAX, CommandRouting
+from agent.daemon.control import LOCAL_BENCH_MAX, ControlApi
+from agent.daemon.status import StatusReports
 from agent.deploy.jobs import JobReporter
 from agent.deploy.probation import ProbationSettings, Supervisor
 from agent.deploy.runner import DeployContext, DeployRunner, DeploySettings, check_clock, recheck

@@ -26,7 +26,7 @@ LOCAL_JOB_KEEP_S = 7 * 86400  # local jobs are kept (for `agentctl jobs`) like f
 
 
 class ControlApi:
-    """Methods of `Agent` (agent/daemon.py): the local control API (agentctl) handlers."""
+    """Methods of `Agent` (agent/daemon/__init__.py): the local control API (agentctl) handlers."""
 
     # -- local API ---------------------------------------------------------------------------
     def _control_handlers(self: Agent, control: ControlServer) -> None:

@@ -23,7 +23,7 @@ DEPLOY_QUEUE_MAX = 64
 
 
 class CommandRouting:
-    """Methods of `Agent` (agent/daemon.py): commands routed to handlers, the deploy queue and crash recovery."""
+    """Methods of `Agent` (agent/daemon/__init__.py): commands routed to handlers, the deploy queue and crash recovery."""
 
     # -- commands ----------------------------------------------------------------------------
     def on_command(self: Agent, topic: str, raw: bytes, dup: bool = False) -> bool:
