@@ -186,8 +186,13 @@ def test_install_and_uninstall_into_a_staging_root(tmp_path: Path) -> None:
     conf = root / "etc/edge-agent/agent.toml"
     assert stat.S_IMODE(conf.stat().st_mode) == 0o640
     assert "edge-agent:" in (root / "etc/passwd").read_text()
-    # The installed programs run, and the starter config is valid.
-    r = subprocess.run([str(venv / "bin/edge-agent"), "check-config", "--config", str(conf)], capture_output=True,
+    # The installed programs run, and the starter config is valid as it would be on the device: its
+    # absolute paths (the trust folder the install made) are read inside the staging root.
+    trust = root / "etc/edge-agent/trust"
+    assert trust.is_dir() and not stat.S_IMODE(trust.stat().st_mode) & 0o022
+    staged = tmp_path / "agent-staged.toml"
+    staged.write_text(conf.read_text() + f'\n[trust]\nkeys_dir = "{trust}"\n')
+    r = subprocess.run([str(venv / "bin/edge-agent"), "check-config", "--config", str(staged)], capture_output=True,
                        text=True, timeout=TOOL_TIMEOUT_S, env=env)
     assert r.returncode == 0, r.stderr
     r = subprocess.run([str(venv / "bin/agentctl"), "--help"], capture_output=True, text=True, timeout=TOOL_TIMEOUT_S,
