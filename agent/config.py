@@ -83,6 +83,7 @@ class ApiConfig:
     admin_group: str = "edge-agent-admin"  # may use the mutating control calls (install, rollback, config, remove)
     # The local inference API's callers (docs/security.md, "Local threat model").
     max_connections: int = 256  # served at once; fewer where RLIMIT_NOFILE is tight
+    max_body_inflight_mb: int = 256  # request bodies read or held at once, per process (daemon, each worker)
     allowed_hosts: list[str] = field(default_factory=list)  # Host names beside loopback names and IP literals
     allowed_origins: list[str] = field(default_factory=list)  # browser Origins allowed ("*": any); none by default
     token_file: str = ""  # a bearer token every request but the health checks must carry; empty: none
@@ -314,6 +315,8 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"api.listen: {cfg.api.listen!r} must be host:port (or empty to disable)")
     if not 1 <= cfg.api.max_connections <= 65536:
         raise ConfigError(f"api.max_connections: {cfg.api.max_connections} not in 1..65536")
+    if not 1 <= cfg.api.max_body_inflight_mb <= 65536:
+        raise ConfigError(f"api.max_body_inflight_mb: {cfg.api.max_body_inflight_mb} not in 1..65536")
     if cfg.hardware.profile != "auto" and not NAME_RE.match(cfg.hardware.profile):
         raise ConfigError(f"hardware.profile: {cfg.hardware.profile!r} is not a profile name")
     for p in cfg.backends.prefer:

@@ -12,6 +12,9 @@ Invariants:
 - A runtime failure counts against a version only on input shapes known to be computable: the
   version's golden samples, or shapes a version of the model answered before (``ShapeBook``).
   On any other shape it is the caller's ``invalid_input`` (the shape, and the runtime's words).
+- Request bodies being read or held in one process total at most ``BodyBudget.limit`` bytes
+  (``api.max_body_inflight_mb``), reserved before a body is read: beyond it ``busy``. One body
+  alone always fits, so the bound is the larger of the budget and one body limit.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ DEFAULT_MAX_BATCH = 64
 DEFAULT_MAX_INFLIGHT = 4
 DEFAULT_MAX_QUEUE = 64
 DEFAULT_QUEUE_WAIT_S = 10.0
+DEFAULT_BODY_INFLIGHT_BYTES = 256 * 1024 * 1024  # request bodies held at once per process
 RETRY_AFTER_S = 1  # what a ``busy`` answer asks the caller to wait
 MAX_SHAPES = 256  # known-computable input shapes kept per model (more are not learned)
 JSON_BYTES_PER_ELEMENT = 32  # worst case of one number written out in a JSON body ("-1.2345678e-05, ")
@@ -200,3 +204,35 @@ class Admission:
             self._running -= 1
             if self._waiting:
                 self._cv.notify()
+
+
+class BodyBudget:
+    """Bytes of request bodies read or being read at once in this process, across all models.
+
+    Why: the per-model bounds act once a body is read; a model with dynamic non-batch dimensions
+    takes bodies up to the global limit, and many connections could each hold one meanwhile."""
+
+    def __init__(self, limit: int = DEFAULT_BODY_INFLIGHT_BYTES) -> None:
+        self.limit = limit
+        self._lock = threading.Lock()
+        self._used = 0
+
+    @property
+    def used(self) -> int:
+        return self._used
+
+    def reserve(self, n: int) -> bool:
+        """Take ``n`` bytes; False (nothing taken) when they do not fit beside what is held."""
+        if n <= 0:
+            return True
+        with self._lock:
+            if self._used and self._used + n > self.limit:
+                return False
+            self._used += n
+            return True
+
+    def release(self, n: int) -> None:
+        if n <= 0:
+            return
+        with self._lock:
+            self._used = max(0, self._used - n)

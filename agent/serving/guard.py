@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass, field
 
 from agent import errors
+from agent.serving.admission import DEFAULT_BODY_INFLIGHT_BYTES
 from agent.serving.httpconn import HttpFail, Request
 
 LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost", "ip6-loopback"})
@@ -41,6 +42,7 @@ class ApiPolicy:
     allowed_hosts: frozenset[str] = frozenset()  # names beside loopback names and IP literals
     allowed_origins: frozenset[str] = frozenset()  # exact origins; "*" allows any
     token: bytes | None = field(default=None, repr=False)
+    body_inflight_bytes: int = DEFAULT_BODY_INFLIGHT_BYTES  # request bodies held at once per process
     hosts_seen: dict[str, bool] = field(default_factory=dict, compare=False, hash=False, repr=False)
 
 

@@ -11,6 +11,9 @@ Invariants:
   FIELD-NOTES, ~44 ms per keep-alive request otherwise).
 - A refused body is read and dropped (up to ``DISCARD_MAX_BYTES``) so keep-alive survives, or the
   connection closes after lingering briefly, so the client sees the reply rather than a reset.
+- A body is read only once its bytes are reserved in the process's body budget
+  (agent/serving/admission.py ``BodyBudget``), released when the request is answered; otherwise
+  503 ``busy`` with Retry-After, the body unread.
 - The connection's tracking slot says "busy" from a complete head to the end of its reply; only
   a connection that is not busy may be evicted for a new one (agent/serving/kserve.py).
 """
@@ -26,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from agent import errors
 from agent.serving import guard
+from agent.serving.admission import RETRY_AFTER_S
 from agent.serving.httpconn import (
     HEAD_TIMEOUT_S,
     HttpConn,
@@ -46,6 +50,15 @@ DISCARD_MAX_BYTES = 8 * 1024 * 1024  # a refused body up to this size is read an
 LINGER_MAX_BYTES = 8 * 1024 * 1024  # after a refusal that closes, read at most this much before closing
 LINGER_TIMEOUT_S = 1.0  # ... and for at most this long
 WRITE_JOIN_MAX_BYTES = 64 * 1024  # bodies up to this size go out in the same send as the headers
+
+
+def body_need(req: Request, limit: int) -> int:
+    """Body bytes to reserve before reading: the declared length (at most ``limit``), or
+    ``limit`` for a chunked body (its length is unknown until read)."""
+    if "transfer-encoding" in req.headers:
+        return limit
+    cl = req.headers.get("content-length")
+    return min(int(cl), limit) if cl else 0
 
 
 class Response:
@@ -145,6 +158,20 @@ class Handler(socketserver.BaseRequestHandler):
         try:
             guard.check(app.policy, req, path, self.local_socket)
             limit = app.body_limit(req.method, req.target)  # a model's own bound, if it has one
+        except HttpFail as e:
+            self._skip_body(req, e)
+            return error_response(e.status, e.code, e.message, e.headers)
+        need = body_need(req, limit)
+        if not app.body_budget.reserve(need):  # before a byte of the body is read
+            return self._over_budget(req)
+        try:
+            return self._read_and_respond(req, limit)
+        finally:
+            app.body_budget.release(need)
+
+    def _read_and_respond(self, req: Request, limit: int) -> Response:
+        app = self._app
+        try:
             if req.version == "1.1" and req.headers.get("expect", "").lower() == "100-continue":
                 cl = req.headers.get("content-length")
                 if cl and int(cl) > limit:
@@ -161,6 +188,23 @@ class Handler(socketserver.BaseRequestHandler):
             self.close_connection = True
             return error_response(408, errors.TIMEOUT, "request body did not arrive within its deadline")
         return app.respond(req, body)
+
+    def _over_budget(self, req: Request) -> Response:
+        """503 ``busy`` without reading the body: dropped unread when small, else the connection closes."""
+        app = self._app
+        app.gate.log(log, logging.WARNING, "body_budget", "inference API: request bodies in flight are at "
+                     "the limit of %d bytes (api.max_body_inflight_mb); refusing (503)", app.body_budget.limit)
+        cl = req.headers.get("content-length")
+        if "expect" in req.headers or "transfer-encoding" in req.headers or not cl:
+            self.close_connection = True  # an Expect client waits for a 100; a chunked body is not skipped
+            self._unread_body = "expect" not in req.headers
+        else:
+            self.conn.body_left = int(cl)
+            if not self.conn.discard_body(DISCARD_MAX_BYTES):
+                self.close_connection = True
+                self._unread_body = True
+        return error_response(503, errors.BUSY, f"request bodies in flight are at this process's limit of "
+                              f"{app.body_budget.limit} bytes; retry", (("Retry-After", str(RETRY_AFTER_S)),))
 
     def _skip_body(self, req: Request, e: HttpFail) -> None:
         """After a refusal: drop the body so the connection can go on, or close it."""

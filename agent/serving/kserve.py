@@ -45,7 +45,7 @@ from urllib.parse import unquote
 import agent
 from agent import errors
 from agent.serving import guard
-from agent.serving.admission import RETRY_AFTER_S
+from agent.serving.admission import RETRY_AFTER_S, BodyBudget
 from agent.serving.guard import ApiPolicy, LogGate
 from agent.serving.handler import IDLE_TIMEOUT_S, Handler, Response, error_response
 from agent.serving.httpconn import (
@@ -140,7 +140,7 @@ def api_options(api: Any) -> dict[str, Any]:
             raise errors.ConfigError(f"api.token_file: {api.token_file} holds {len(token)} byte(s); "
                                      f"a token needs at least {MIN_TOKEN_BYTES}")
     policy = ApiPolicy(frozenset(h.lower().rstrip(".") for h in api.allowed_hosts),
-                       frozenset(api.allowed_origins), token)
+                       frozenset(api.allowed_origins), token, api.max_body_inflight_mb * 1024 * 1024)
     return {"policy": policy, "max_connections": api.max_connections, "unix_socket": api.unix_socket}
 
 
@@ -253,6 +253,7 @@ class KServeServer:
         self.server_header = f"{server_name}/{server_version}"
         self.max_body_bytes = max_body_bytes
         self.policy = policy or ApiPolicy()
+        self.body_budget = BodyBudget(self.policy.body_inflight_bytes)  # this process's bodies in flight
         self.max_connections = max_connections
         self.unix_socket = unix_socket
         self.gate = LogGate()

@@ -501,3 +501,35 @@ def test_a_stalled_body_is_answered_408_at_its_deadline(monkeypatch: pytest.Monk
         assert (status, doc["code"]) == (408, "timeout")
     finally:
         s.stop()
+
+
+def test_bodies_beyond_the_budget_are_refused_busy_unread() -> None:
+    """While other bodies hold the process's budget, a request is answered 503 ``busy`` with
+    Retry-After without its body being parsed: a small Content-Length body is dropped and
+    keep-alive goes on; an Expect client gets no 100 and a chunked one the connection closed.
+    Answered requests give their bytes back."""
+    s, _ = serve(policy=ApiPolicy(body_inflight_bytes=1000))
+    try:
+        b = body()
+        assert s.body_budget.reserve(990)  # another request's body being read
+        with socket.create_connection(("127.0.0.1", s.port), timeout=TIMEOUT_S) as c:
+            c.sendall(infer_head(len(b)) + b)
+            head = c.recv(65536)
+            assert head.startswith(b"HTTP/1.1 503 ") and b"Retry-After: 1\r\n" in head, head
+            assert replies(head)[0][1]["code"] == "busy"
+            s.body_budget.release(990)
+            c.sendall(infer_head(len(b)) + b)  # the same connection: the refused body was skipped
+            assert c.recv(65536).startswith(b"HTTP/1.1 200 ")
+        assert s.body_budget.used == 0
+        assert s.body_budget.reserve(990)
+        raw = exchange(s, infer_head(len(b), "Expect: 100-continue\r\n"), shut=False)  # no body sent
+        [(status, doc)] = replies(raw)  # no 100 first; answered, then closed
+        assert (status, doc["code"]) == (503, "busy")
+        chunked = (b"POST /v2/models/m/infer HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+                   b"Transfer-Encoding: chunked\r\n\r\n" + f"{len(b):x}\r\n".encode() + b + b"\r\n0\r\n\r\n")
+        [(status, doc)] = replies(exchange(s, chunked))  # answered, then closed
+        assert (status, doc["code"]) == (503, "busy")
+        s.body_budget.release(990)
+        assert s.body_budget.used == 0
+    finally:
+        s.stop()

@@ -393,3 +393,78 @@ def test_worker_over_its_memory_ceiling_is_replaced_without_failing_a_request(
         assert infer(agent)[0] == 1
     finally:
         agent.stop()
+
+
+BUDGET_MB = 16  # api.max_body_inflight_mb in this test
+BUDGET_MARGIN_MB = 32  # allocator slack and one request's decoded input and output beside the budget
+BUDGET_CLIENTS = 24  # concurrent large requests: together ~8× the budget
+BUDGET_SIDE = 1200  # 1200×1200 float32 images: ~5.8 MB binary bodies (dynamic h, w: only the global bound)
+BUDGET_ROUNDS = 3
+
+
+def _peak_rss_mb(pid: int) -> float:
+    """The process's peak resident set (VmHWM), in MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError(f"no VmHWM for {pid}")
+
+
+def test_bodies_in_flight_are_bounded_per_process(fleet: Fleet, mosquitto: Mosquitto) -> None:
+    """Many concurrent large binary requests to a model with dynamic h, w (no per-model body
+    bound): bodies beyond ``api.max_body_inflight_mb`` are refused 503 ``busy`` with Retry-After
+    before they are read; the rest are answered. The peak memory of the daemon and the worker
+    grows by less than the budget plus a margin; no worker is killed, no version moves."""
+    agent = fleet.agent("dev", mosquitto.url,  # the first line continues the [api] table
+                        f"max_body_inflight_mb = {BUDGET_MB}\n\n[backends]\nisolation = \"process\"\n"
+                        f"autotune = false\ninfer_timeout_s = {INFER_TIMEOUT_S}\nmax_inflight = 1\n")
+    agent.start()
+    try:
+        _deploy_conv(fleet, 1)
+        pid = models(agent)["conv"]["worker_pid"]
+        x = np.random.default_rng(11).standard_normal((1, 1, BUDGET_SIDE, BUDGET_SIDE)).astype(np.float32)
+        head = json.dumps({"inputs": [{"name": "x", "shape": list(x.shape), "datatype": "FP32",
+                                       "parameters": {"binary_data_size": x.nbytes}}],
+                           "parameters": {"binary_data_output": True}}).encode()
+        body = head + x.tobytes()
+        headers = {"Inference-Header-Content-Length": str(len(head)), "Content-Type": "application/octet-stream"}
+
+        def one(_: int) -> tuple[int, dict[str, str], dict[str, Any] | int]:
+            c = _conn(agent)
+            try:
+                c.request("POST", "/v2/models/conv/infer", body=body, headers=headers)
+                r = c.getresponse()
+                raw = r.read()
+                hs = {k.lower(): v for k, v in r.getheaders()}
+                return r.status, hs, (json.loads(raw) if r.status != 200 else len(raw))
+            finally:
+                c.close()
+
+        for _ in range(2):  # the runtime's own buffers are in the baseline
+            status, _, _ = one(0)
+            assert status == 200
+        base = {p: _peak_rss_mb(p) for p in (agent.proc.pid, pid)}
+        answered = refused = 0
+        for _ in range(BUDGET_ROUNDS):
+            for got in _concurrently(BUDGET_CLIENTS, one):
+                assert not isinstance(got, Exception), got
+                status, hs, doc = got
+                if status == 503:
+                    assert isinstance(doc, dict) and doc["code"] == "busy" and hs.get("retry-after") == "1", (hs, doc)
+                    refused += 1
+                else:
+                    assert status == 200 and doc == int(hs["inference-header-content-length"]) + \
+                        4 * (BUDGET_SIDE - 2) ** 2, (status, hs, doc)
+                    answered += 1
+            if refused:
+                break
+        assert answered >= 1 and refused >= 1, (answered, refused)
+        growth = {p: _peak_rss_mb(p) - base[p] for p in base}
+        assert all(g < BUDGET_MB + BUDGET_MARGIN_MB for g in growth.values()), (growth, base)
+        m = models(agent)["conv"]
+        assert (m["worker_pid"], m["version"]) == (pid, 1)
+        assert fleet.events("worker_restarted") == [] and fleet.events("rollback") == []
+        status, _, _ = one(0)
+        assert status == 200
+    finally:
+        agent.stop()

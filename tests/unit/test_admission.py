@@ -86,3 +86,44 @@ def test_shape_book_is_bounded_and_reports_what_it_learned() -> None:
     assert book.fresh() == [("m", key)] and book.fresh() == []
     book.add("m", ([("x", [i, 4])] for i in range(3, 3 + 2 * admission.MAX_SHAPES)))
     assert len(book.shapes("m")) == admission.MAX_SHAPES
+
+
+def test_body_budget_reserves_releases_and_never_goes_negative() -> None:
+    b = admission.BodyBudget(100)
+    assert b.reserve(60) and b.used == 60
+    assert not b.reserve(41) and b.used == 60  # a refusal takes nothing
+    assert b.reserve(40) and b.used == 100
+    assert b.reserve(0)  # a request without a body always passes
+    b.release(100)
+    assert b.used == 0
+    b.release(5)  # more than held: stays at zero
+    assert b.used == 0
+    assert b.reserve(500) and b.used == 500  # one body alone always fits, even over the limit
+    assert not b.reserve(1)
+    b.release(500)
+    assert b.reserve(1)
+
+
+def test_body_budget_is_thread_safe() -> None:
+    b = admission.BodyBudget(1000)
+    over: list[int] = []
+    lock = threading.Lock()
+    held = [0]
+
+    def worker() -> None:
+        for _ in range(2000):
+            if b.reserve(300):
+                with lock:
+                    held[0] += 300
+                    if held[0] > 1000:
+                        over.append(held[0])
+                with lock:
+                    held[0] -= 300
+                b.release(300)
+
+    threads = [threading.Thread(target=worker) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(WAIT_S * 6)
+    assert over == [] and b.used == 0
