@@ -36,6 +36,7 @@ from agent.deploy.probation import ProbationSettings, Supervisor
 from agent.deploy.runner import DeployContext, DeployRunner, DeploySettings, check_clock, recheck
 from agent.mqtt.connection import Connection
 from agent.mqtt.topics import Topics
+from agent.retention import Sweeper
 from agent.sdnotify import Notifier
 from agent.serving.admission import Limits
 from agent.serving.control import ControlServer
@@ -101,6 +102,7 @@ class Agent:
         self.intake = CommandIntake(self.verifier, self.db, self.reporter, self._route, self.mqtt.publish_now,
                                     clock_flag_changed=lambda: self.publish_status())
         self.reporter.publish_now = self.mqtt.publish_now
+        self.sweeper = Sweeper(self.db, self.outbox, cfg.retention, lambda: self.verifier.max_clock_skew_s)
         self._telemetry_parts()
         self.notifier = Notifier()
         self.stopping = threading.Event()
@@ -227,6 +229,7 @@ class Agent:
                 "groups": self.cfg.groups, "mqtt": self.mqtt.state.to_dict(), "outbox": self.outbox.stats(),
                 "budget": self.telemetry.budget_status(),
                 "commands": {"refused_unauthenticated": self.intake.refused()},
+                "retention": self.sweeper.status(),
                 "models": self.models_status(), "config": self.cfg.source,
                 "api": self.kserve.address if self.kserve else None,
                 "deploying": self._current.job_id if self._current else None}
@@ -577,7 +580,7 @@ class Agent:
         self.telemetry.report_recoveries()  # a corrupt outbox replaced at open: say so
         self.mqtt.start()
         for target, name in ((self._deploy_loop, "deploy"), (self._heartbeat_loop, "heartbeat"),
-                             (self._window_loop, "telemetry")):
+                             (self._window_loop, "telemetry"), (lambda: self.sweeper.run(self.stopping), "retention")):
             t = threading.Thread(target=target, name=name, daemon=True)
             t.start()
             self._threads.append(t)

@@ -20,6 +20,7 @@ BUSY_TIMEOUT_S = 5.0
 CACHE_KIB = 512  # SQLite's page cache (default 2 MiB): small tables, read through the OS's file cache
 TRUSTED_TIME_KEY = "last_trusted_time"  # kv: the latest verified signed time; the clock never goes back past it
 TERMINAL = ("SUCCEEDED", "FAILED", "REJECTED", "CANCELED", "TIMED_OUT")
+RECOVERY_PREFIXES = ("job_version:", "resumes:")  # kv entries a deploy's recovery keeps per job id
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -160,18 +161,43 @@ class StateDB:
                                     (job_id,)).fetchall()
         return [{"ts": r[0], "state": r[1], "step": r[2], "detail": _l(r[3])} for r in rows]
 
-    def forget_expired_jobs(self, now: float | None = None, keep_s: float = 7 * 86400) -> int:
-        """Drop finished jobs whose command expired more than ``keep_s`` ago (replay ids
-        only need remembering until expiry; the margin keeps `agentctl jobs` useful)."""
-        cutoff = (time.time() if now is None else now) - keep_s
-        with self.tx():
-            ids = [r[0] for r in self._db.execute(
-                f"SELECT id FROM jobs WHERE expires_at < ? AND state IN ({','.join('?' * len(TERMINAL))})",
-                (cutoff, *TERMINAL)).fetchall()]
-            for i in ids:
-                self._db.execute("DELETE FROM job_events WHERE job = ?", (i,))
-                self._db.execute("DELETE FROM jobs WHERE id = ?", (i,))
+    def forget_expired_jobs(self, now: float | None = None, keep_s: float = 7 * 86400,
+                            skew_s: float = 0.0, max_rows: int | None = None) -> int:
+        """Drop finished jobs (with their timelines) whose command expired more than ``skew_s +
+        keep_s`` ago, then the oldest finished expired ones past ``max_rows`` rows. A job whose
+        command has not expired plus the skew is never dropped: its id is what refuses a replay
+        (commands valid over 30 days are refused, so every id becomes forgettable)."""
+        now = time.time() if now is None else now
+        done = f"state IN ({','.join('?' * len(TERMINAL))})"
+        with self.tx() as db:
+            ids = [r[0] for r in db.execute(
+                f"SELECT id FROM jobs WHERE expires_at + ? < ? AND {done}", (skew_s + keep_s, now, *TERMINAL))]
+            if max_rows is not None:
+                over = db.execute("SELECT COUNT(*) FROM jobs").fetchone()[0] - len(ids) - max_rows
+                if over > 0:
+                    ids += [r[0] for r in db.execute(
+                        f"SELECT id FROM jobs WHERE expires_at + ? < ? AND expires_at + ? >= ? AND {done} "
+                        "ORDER BY expires_at LIMIT ?", (skew_s, now, skew_s + keep_s, now, *TERMINAL, over))]
+            db.executemany("DELETE FROM job_events WHERE job = ?", [(i,) for i in ids])
+            db.executemany("DELETE FROM jobs WHERE id = ?", [(i,) for i in ids])
+            self._forget_recovery_locked(db)
         return len(ids)
+
+    def _forget_recovery_locked(self, db: sqlite3.Connection) -> None:
+        """Recovery entries (``job_version:``, ``resumes:``) of jobs that ended or are gone."""
+        for prefix in RECOVERY_PREFIXES:
+            db.execute(
+                f"DELETE FROM kv WHERE key GLOB ? AND substr(key, ?) NOT IN "
+                f"(SELECT id FROM jobs WHERE state NOT IN ({','.join('?' * len(TERMINAL))}))",
+                (prefix + "*", len(prefix) + 1, *TERMINAL))
+
+    def sizes(self) -> dict[str, int]:
+        """Rows per table that grows with traffic (for `agentctl status`)."""
+        with self._lock:
+            jobs = self._db.execute("SELECT COUNT(*) FROM jobs").fetchone()[0]
+            events = self._db.execute("SELECT COUNT(*) FROM job_events").fetchone()[0]
+            kv = self._db.execute("SELECT COUNT(*) FROM kv").fetchone()[0]
+        return {"jobs": int(jobs), "job_events": int(events), "kv": int(kv)}
 
     # -- models and versions -----------------------------------------------------------------
     def model(self, name: str) -> dict[str, Any] | None:

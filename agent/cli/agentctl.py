@@ -88,6 +88,13 @@ def cmd_status(args: argparse.Namespace) -> int:
     if refused:
         lines.append(f"refused    {sum(refused.values())} unauthenticated message(s), not answered ("
                      + ", ".join(f"{k} {n}" for k, n in sorted(refused.items())) + ")")
+    ret = s.get("retention")
+    if ret:
+        by_state = ", ".join(f"{k} {n}" for k, n in sorted(ret["reported"].items())) or "none"
+        lines.append(f"state      jobs {ret['jobs']}/{ret['jobs_max']} (expired ones past the bound swept every "
+                     f"{ret['sweep_interval_s']:g} s), job events {ret['job_events']}")
+        lines.append(f"           outbox: {ret['outbox_depth']} queued, final updates "
+                     f"{sum(ret['reported'].values())}/{ret['reported_max']} ({by_state})")
     if s.get("deploying"):
         lines.append(f"deploying  {s['deploying']}")
     if s["models"]:
