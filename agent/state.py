@@ -134,13 +134,17 @@ class StateDB:
     def update_job(self, job_id: str, state: str, step: str | None = None,
                    error: dict[str, Any] | None = None, result: dict[str, Any] | None = None,
                    detail: dict[str, Any] | None = None) -> None:
-        """Persist a job's new state/step before the step runs (and its outcome after)."""
+        """Persist a job's new state/step before the step runs (and its outcome after). A job's
+        end also drops its recovery entries (``job_version:``, ``resumes:``) in the same
+        transaction: only an unfinished job is ever recovered."""
         now = time.time()
         with self.tx():
             self._db.execute("UPDATE jobs SET state = ?, step = ?, error = ?, result = ?, updated = ? WHERE id = ?",
                              (state, step, _j(error), _j(result), now, job_id))
             self._db.execute("INSERT INTO job_events(job, ts, state, step, detail) VALUES (?, ?, ?, ?, ?)",
                              (job_id, now, state, step, _j(detail or error)))
+            if state in TERMINAL:
+                self._db.executemany("DELETE FROM kv WHERE key = ?", [(p + job_id,) for p in RECOVERY_PREFIXES])
 
     def jobs(self, limit: int = 50) -> list[dict[str, Any]]:
         with self._lock:

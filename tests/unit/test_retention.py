@@ -98,3 +98,14 @@ def test_reported_records_swept_by_age(parts: tuple[StateDB, Outbox]) -> None:
     assert ob.forget_reported(3600.0) == 0
     assert ob.forget_reported(-1.0) == 1  # older than "one second from now": all of them
     assert ob.reported_sizes() == {}
+
+
+def test_a_jobs_end_drops_its_recovery_entries(parts: tuple[StateDB, Outbox]) -> None:
+    db, _ = parts
+    assert db.create_job("d1", "deploy", "m", {}, time.time() + 600)
+    db.put("job_version:d1", 4)
+    db.put("resumes:d1", 2)
+    db.update_job("d1", "IN_PROGRESS", "activating")
+    assert (db.get("job_version:d1"), db.get("resumes:d1")) == (4, 2)  # still recoverable
+    db.update_job("d1", "FAILED", "activating")
+    assert (db.get("job_version:d1"), db.get("resumes:d1")) == (None, None)
