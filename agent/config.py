@@ -274,6 +274,17 @@ def set_dotted(cfg: Config, key: str, value: Any) -> None:
     validate(cfg)
 
 
+def _validate_retention(r: RetentionConfig) -> None:
+    if not 0.05 <= r.sweep_interval_s <= 86400:
+        raise ConfigError(f"retention.sweep_interval_s: {r.sweep_interval_s} not in 0.05..86400")
+    for key in ("jobs_max", "reported_max"):
+        if not 1 <= getattr(r, key) <= 10_000_000:
+            raise ConfigError(f"retention.{key}: {getattr(r, key)} not in 1..10000000")
+    for key in ("jobs_keep_s", "reported_keep_s"):
+        if not 0 <= getattr(r, key) <= 365 * 86400:
+            raise ConfigError(f"retention.{key}: {getattr(r, key)} not in 0..31536000")
+
+
 def validate(cfg: Config) -> None:
     """Range and format checks; each error names the key."""
     if not NAME_RE.match(cfg.device_id):
@@ -298,15 +309,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError("mqtt.session_expiry_s: must be >= 0")
     if not 1 <= cfg.trust.threshold <= 16:
         raise ConfigError(f"trust.threshold: {cfg.trust.threshold} not in 1..16")
-    r = cfg.retention
-    if not 0.05 <= r.sweep_interval_s <= 86400:
-        raise ConfigError(f"retention.sweep_interval_s: {r.sweep_interval_s} not in 0.05..86400")
-    for key in ("jobs_max", "reported_max"):
-        if not 1 <= getattr(r, key) <= 10_000_000:
-            raise ConfigError(f"retention.{key}: {getattr(r, key)} not in 1..10000000")
-    for key in ("jobs_keep_s", "reported_keep_s"):
-        if not 0 <= getattr(r, key) <= 365 * 86400:
-            raise ConfigError(f"retention.{key}: {getattr(r, key)} not in 0..31536000")
+    _validate_retention(cfg.retention)
     if not 0 <= cfg.trust.max_clock_skew_s <= 86400:
         raise ConfigError(f"trust.max_clock_skew_s: {cfg.trust.max_clock_skew_s} not in 0..86400")
     if not 0.05 <= cfg.telemetry.heartbeat_s <= 86400:

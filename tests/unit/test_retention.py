@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.config import RetentionConfig
+from agent.config import ConfigError, RetentionConfig, from_dict
 from agent.retention import Sweeper
 from agent.state import StateDB
 from agent.telemetry.outbox import Outbox
@@ -109,3 +109,10 @@ def test_a_jobs_end_drops_its_recovery_entries(parts: tuple[StateDB, Outbox]) ->
     assert (db.get("job_version:d1"), db.get("resumes:d1")) == (4, 2)  # still recoverable
     db.update_job("d1", "FAILED", "activating")
     assert (db.get("job_version:d1"), db.get("resumes:d1")) == (None, None)
+
+
+@pytest.mark.parametrize("key, value", [("sweep_interval_s", 0.0), ("jobs_max", 0), ("reported_max", 0),
+                                        ("jobs_keep_s", -1.0), ("reported_keep_s", 400 * 86400.0)])
+def test_retention_settings_out_of_range_are_refused_by_name(key: str, value: float) -> None:
+    with pytest.raises(ConfigError, match=f"retention.{key}"):
+        from_dict({"device_id": "d", "retention": {key: value}})
