@@ -91,10 +91,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     ret = s.get("retention")
     if ret:
         by_state = ", ".join(f"{k} {n}" for k, n in sorted(ret["reported"].items())) or "none"
-        lines.append(f"state      jobs {ret['jobs']}/{ret['jobs_max']} (expired ones past the bound swept every "
-                     f"{ret['sweep_interval_s']:g} s), job events {ret['job_events']}")
-        lines.append(f"           outbox: {ret['outbox_depth']} queued, final updates "
-                     f"{sum(ret['reported'].values())}/{ret['reported_max']} ({by_state})")
+        lines.append(f"jobs       {ret['jobs']} kept (bound {ret['jobs_max']} once expired), "
+                     f"{ret['job_events']} timeline rows; swept every {ret['sweep_interval_s']:g} s")
+        lines.append(f"reported   {sum(ret['reported'].values())} final updates (bound {ret['reported_max']}): {by_state}")
     if s.get("deploying"):
         lines.append(f"deploying  {s['deploying']}")
     if s["models"]:
