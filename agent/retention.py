@@ -31,6 +31,7 @@ from agent.telemetry.outbox import Outbox
 log = logging.getLogger(__name__)
 
 FAIL_LOG_INTERVAL_S = 60.0  # a failing sweep (a full disk) is logged once per this
+SWEEP_BATCH = 1000  # jobs forgotten per transaction (a long-running device's first sweep may hold many)
 
 
 class Sweeper:
@@ -50,8 +51,13 @@ class Sweeper:
     def sweep(self) -> dict[str, int]:
         """One pass; returns how many rows of each kind it dropped."""
         c = self.cfg
-        jobs = self.db.forget_expired_jobs(now=self._clock(), keep_s=c.jobs_keep_s, skew_s=self._skew_s(),
-                                           max_rows=c.jobs_max)
+        jobs = 0
+        while True:  # in batches: the command worker waits for the database at most one batch
+            n = self.db.forget_expired_jobs(now=self._clock(), keep_s=c.jobs_keep_s, skew_s=self._skew_s(),
+                                            max_rows=c.jobs_max, batch=SWEEP_BATCH)
+            jobs += n
+            if n < SWEEP_BATCH:
+                break
         reported = self.outbox.forget_reported(c.reported_keep_s, max_rows=c.reported_max)
         with self._lock:
             self._forgotten["jobs"] += jobs

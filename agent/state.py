@@ -166,18 +166,22 @@ class StateDB:
         return [{"ts": r[0], "state": r[1], "step": r[2], "detail": _l(r[3])} for r in rows]
 
     def forget_expired_jobs(self, now: float | None = None, keep_s: float = 7 * 86400,
-                            skew_s: float = 0.0, max_rows: int | None = None) -> int:
+                            skew_s: float = 0.0, max_rows: int | None = None, batch: int = -1) -> int:
         """Drop finished jobs (with their timelines) whose command expired more than ``skew_s +
-        keep_s`` ago, then the oldest finished expired ones past ``max_rows`` rows. A job whose
-        command has not expired plus the skew is never dropped: its id is what refuses a replay
-        (commands valid over 30 days are refused, so every id becomes forgettable)."""
+        keep_s`` ago, then the oldest finished expired ones past ``max_rows`` rows; at most
+        ``batch`` in this transaction (-1: all). A job whose command has not expired plus the
+        skew is never dropped: its id is what refuses a replay (commands valid over 30 days are
+        refused, so every id becomes forgettable)."""
         now = time.time() if now is None else now
         done = f"state IN ({','.join('?' * len(TERMINAL))})"
         with self.tx() as db:
             ids = [r[0] for r in db.execute(
-                f"SELECT id FROM jobs WHERE expires_at + ? < ? AND {done}", (skew_s + keep_s, now, *TERMINAL))]
-            if max_rows is not None:
+                f"SELECT id FROM jobs WHERE expires_at + ? < ? AND {done} LIMIT ?",
+                (skew_s + keep_s, now, *TERMINAL, batch))]
+            if max_rows is not None and (batch < 0 or len(ids) < batch):
                 over = db.execute("SELECT COUNT(*) FROM jobs").fetchone()[0] - len(ids) - max_rows
+                if batch >= 0:
+                    over = min(over, batch - len(ids))
                 if over > 0:
                     ids += [r[0] for r in db.execute(
                         f"SELECT id FROM jobs WHERE expires_at + ? < ? AND expires_at + ? >= ? AND {done} "

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from agent import retention
 from agent.config import ConfigError, RetentionConfig, from_dict
 from agent.retention import Sweeper
 from agent.state import StateDB
@@ -116,3 +117,15 @@ def test_a_jobs_end_drops_its_recovery_entries(parts: tuple[StateDB, Outbox]) ->
 def test_retention_settings_out_of_range_are_refused_by_name(key: str, value: float) -> None:
     with pytest.raises(ConfigError, match=f"retention.{key}"):
         from_dict({"device_id": "d", "retention": {key: value}})
+
+
+def test_a_large_backlog_is_swept_in_batches(parts: tuple[StateDB, Outbox], monkeypatch: pytest.MonkeyPatch) -> None:
+    db, ob = parts
+    now = time.time()
+    for i in range(25):
+        _done(db, f"b{i}", now - SKEW_S - 10 - i)
+    _done(db, "valid", now + 600)
+    monkeypatch.setattr(retention, "SWEEP_BATCH", 4)
+    assert db.forget_expired_jobs(now=now, keep_s=0.0, skew_s=SKEW_S, batch=4) == 4  # one batch
+    assert Sweeper(db, ob, RetentionConfig(jobs_keep_s=0.0), lambda: SKEW_S, clock=lambda: now).sweep()["jobs"] == 21
+    assert db.sizes()["jobs"] == 1 and db.job("valid") is not None
