@@ -137,6 +137,16 @@ class DeployConfig:
 
 
 @dataclass
+class RetentionConfig:
+    # What the agent remembers, swept on a timer (agent/retention.py, docs/deployments.md "Retention").
+    sweep_interval_s: float = 300.0
+    jobs_max: int = 10000  # finished jobs kept whose commands expired (plus the skew); the oldest go first
+    jobs_keep_s: float = 7 * 86400.0  # ... and none longer than this after the expiry
+    reported_max: int = 10000  # final job updates remembered by the outbox (restart reconciliation)
+    reported_keep_s: float = 86400.0
+
+
+@dataclass
 class Config:
     device_id: str = ""
     groups: list[str] = field(default_factory=list)
@@ -151,6 +161,7 @@ class Config:
     storage: StorageConfig = field(default_factory=StorageConfig)
     downloads: DownloadsConfig = field(default_factory=DownloadsConfig)
     deploy: DeployConfig = field(default_factory=DeployConfig)
+    retention: RetentionConfig = field(default_factory=RetentionConfig)
     source: str = "defaults"
 
     def to_dict(self) -> dict[str, Any]:
@@ -173,7 +184,7 @@ REMOTE_SETTABLE = {
 _SECTIONS: dict[str, type] = {
     "mqtt": MqttConfig, "trust": TrustConfig, "telemetry": TelemetryConfig, "api": ApiConfig,
     "hardware": HardwareConfig, "backends": BackendsConfig, "storage": StorageConfig,
-    "downloads": DownloadsConfig, "deploy": DeployConfig,
+    "downloads": DownloadsConfig, "deploy": DeployConfig, "retention": RetentionConfig,
 }
 
 
@@ -267,6 +278,17 @@ def set_dotted(cfg: Config, key: str, value: Any) -> None:
     validate(cfg)
 
 
+def _validate_retention(r: RetentionConfig) -> None:
+    if not 0.05 <= r.sweep_interval_s <= 86400:
+        raise ConfigError(f"retention.sweep_interval_s: {r.sweep_interval_s} not in 0.05..86400")
+    for key in ("jobs_max", "reported_max"):
+        if not 1 <= getattr(r, key) <= 10_000_000:
+            raise ConfigError(f"retention.{key}: {getattr(r, key)} not in 1..10000000")
+    for key in ("jobs_keep_s", "reported_keep_s"):
+        if not 0 <= getattr(r, key) <= 365 * 86400:
+            raise ConfigError(f"retention.{key}: {getattr(r, key)} not in 0..31536000")
+
+
 def validate(cfg: Config) -> None:
     """Range and format checks; each error names the key."""
     if not NAME_RE.match(cfg.device_id):
@@ -291,6 +313,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError("mqtt.session_expiry_s: must be >= 0")
     if not 1 <= cfg.trust.threshold <= 16:
         raise ConfigError(f"trust.threshold: {cfg.trust.threshold} not in 1..16")
+    _validate_retention(cfg.retention)
     if not 0 <= cfg.trust.max_clock_skew_s <= 86400:
         raise ConfigError(f"trust.max_clock_skew_s: {cfg.trust.max_clock_skew_s} not in 0..86400")
     if not 0.05 <= cfg.telemetry.heartbeat_s <= 86400:

@@ -20,6 +20,7 @@ BUSY_TIMEOUT_S = 5.0
 CACHE_KIB = 512  # SQLite's page cache (default 2 MiB): small tables, read through the OS's file cache
 TRUSTED_TIME_KEY = "last_trusted_time"  # kv: the latest verified signed time; the clock never goes back past it
 TERMINAL = ("SUCCEEDED", "FAILED", "REJECTED", "CANCELED", "TIMED_OUT")
+RECOVERY_PREFIXES = ("job_version:", "resumes:")  # kv entries a deploy's recovery keeps per job id
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -133,13 +134,17 @@ class StateDB:
     def update_job(self, job_id: str, state: str, step: str | None = None,
                    error: dict[str, Any] | None = None, result: dict[str, Any] | None = None,
                    detail: dict[str, Any] | None = None) -> None:
-        """Persist a job's new state/step before the step runs (and its outcome after)."""
+        """Persist a job's new state/step before the step runs (and its outcome after). A job's
+        end also drops its recovery entries (``job_version:``, ``resumes:``) in the same
+        transaction: only an unfinished job is ever recovered."""
         now = time.time()
         with self.tx():
             self._db.execute("UPDATE jobs SET state = ?, step = ?, error = ?, result = ?, updated = ? WHERE id = ?",
                              (state, step, _j(error), _j(result), now, job_id))
             self._db.execute("INSERT INTO job_events(job, ts, state, step, detail) VALUES (?, ?, ?, ?, ?)",
                              (job_id, now, state, step, _j(detail or error)))
+            if state in TERMINAL:
+                self._db.executemany("DELETE FROM kv WHERE key = ?", [(p + job_id,) for p in RECOVERY_PREFIXES])
 
     def jobs(self, limit: int = 50) -> list[dict[str, Any]]:
         with self._lock:
@@ -160,18 +165,47 @@ class StateDB:
                                     (job_id,)).fetchall()
         return [{"ts": r[0], "state": r[1], "step": r[2], "detail": _l(r[3])} for r in rows]
 
-    def forget_expired_jobs(self, now: float | None = None, keep_s: float = 7 * 86400) -> int:
-        """Drop finished jobs whose command expired more than ``keep_s`` ago (replay ids
-        only need remembering until expiry; the margin keeps `agentctl jobs` useful)."""
-        cutoff = (time.time() if now is None else now) - keep_s
-        with self.tx():
-            ids = [r[0] for r in self._db.execute(
-                f"SELECT id FROM jobs WHERE expires_at < ? AND state IN ({','.join('?' * len(TERMINAL))})",
-                (cutoff, *TERMINAL)).fetchall()]
-            for i in ids:
-                self._db.execute("DELETE FROM job_events WHERE job = ?", (i,))
-                self._db.execute("DELETE FROM jobs WHERE id = ?", (i,))
+    def forget_expired_jobs(self, now: float | None = None, keep_s: float = 7 * 86400,
+                            skew_s: float = 0.0, max_rows: int | None = None, batch: int = -1) -> int:
+        """Drop finished jobs (with their timelines) whose command expired more than ``skew_s +
+        keep_s`` ago, then the oldest finished expired ones past ``max_rows`` rows; at most
+        ``batch`` in this transaction (-1: all). A job whose command has not expired plus the
+        skew is never dropped: its id is what refuses a replay (commands valid over 30 days are
+        refused, so every id becomes forgettable)."""
+        now = time.time() if now is None else now
+        done = f"state IN ({','.join('?' * len(TERMINAL))})"
+        with self.tx() as db:
+            ids = [r[0] for r in db.execute(
+                f"SELECT id FROM jobs WHERE expires_at + ? < ? AND {done} LIMIT ?",
+                (skew_s + keep_s, now, *TERMINAL, batch))]
+            if max_rows is not None and (batch < 0 or len(ids) < batch):
+                over = db.execute("SELECT COUNT(*) FROM jobs").fetchone()[0] - len(ids) - max_rows
+                if batch >= 0:
+                    over = min(over, batch - len(ids))
+                if over > 0:
+                    ids += [r[0] for r in db.execute(
+                        f"SELECT id FROM jobs WHERE expires_at + ? < ? AND expires_at + ? >= ? AND {done} "
+                        "ORDER BY expires_at LIMIT ?", (skew_s, now, skew_s + keep_s, now, *TERMINAL, over))]
+            db.executemany("DELETE FROM job_events WHERE job = ?", [(i,) for i in ids])
+            db.executemany("DELETE FROM jobs WHERE id = ?", [(i,) for i in ids])
+            self._forget_recovery_locked(db)
         return len(ids)
+
+    def _forget_recovery_locked(self, db: sqlite3.Connection) -> None:
+        """Recovery entries (``job_version:``, ``resumes:``) of jobs that ended or are gone."""
+        for prefix in RECOVERY_PREFIXES:
+            db.execute(
+                f"DELETE FROM kv WHERE key GLOB ? AND substr(key, ?) NOT IN "
+                f"(SELECT id FROM jobs WHERE state NOT IN ({','.join('?' * len(TERMINAL))}))",
+                (prefix + "*", len(prefix) + 1, *TERMINAL))
+
+    def sizes(self) -> dict[str, int]:
+        """Rows per table that grows with traffic (for `agentctl status`)."""
+        with self._lock:
+            jobs = self._db.execute("SELECT COUNT(*) FROM jobs").fetchone()[0]
+            events = self._db.execute("SELECT COUNT(*) FROM job_events").fetchone()[0]
+            kv = self._db.execute("SELECT COUNT(*) FROM kv").fetchone()[0]
+        return {"jobs": int(jobs), "job_events": int(events), "kv": int(kv)}
 
     # -- models and versions -----------------------------------------------------------------
     def model(self, name: str) -> dict[str, Any] | None:

@@ -88,6 +88,12 @@ def cmd_status(args: argparse.Namespace) -> int:
     if refused:
         lines.append(f"refused    {sum(refused.values())} unauthenticated message(s), not answered ("
                      + ", ".join(f"{k} {n}" for k, n in sorted(refused.items())) + ")")
+    ret = s.get("retention")
+    if ret:
+        by_state = ", ".join(f"{k} {n}" for k, n in sorted(ret["reported"].items())) or "none"
+        lines.append(f"jobs       {ret['jobs']} kept (bound {ret['jobs_max']} once expired), "
+                     f"{ret['job_events']} timeline rows; swept every {ret['sweep_interval_s']:g} s")
+        lines.append(f"reported   {sum(ret['reported'].values())} final updates (bound {ret['reported_max']}): {by_state}")
     if s.get("deploying"):
         lines.append(f"deploying  {s['deploying']}")
     if s["models"]:

@@ -42,6 +42,7 @@ from agent.deploy.probation import ProbationSettings, Supervisor
 from agent.deploy.runner import DeployContext, DeployRunner, DeploySettings, check_clock, recheck
 from agent.mqtt.connection import Connection
 from agent.mqtt.topics import Topics
+from agent.retention import Sweeper
 from agent.sdnotify import Notifier
 from agent.serving.admission import Limits
 from agent.serving.control import ControlServer
@@ -101,6 +102,7 @@ class Agent(StatusReports, CommandRouting, ControlApi):
         self.intake = CommandIntake(self.verifier, self.db, self.reporter, self._route, self.mqtt.publish_now,
                                     clock_flag_changed=lambda: self.publish_status())
         self.reporter.publish_now = self.mqtt.publish_now
+        self.sweeper = Sweeper(self.db, self.outbox, cfg.retention, lambda: self.verifier.max_clock_skew_s)
         self._telemetry_parts()
         self.notifier = Notifier()
         self.stopping = threading.Event()
@@ -223,7 +225,7 @@ class Agent(StatusReports, CommandRouting, ControlApi):
         self.telemetry.report_recoveries()  # a corrupt outbox replaced at open: say so
         self.mqtt.start()
         for target, name in ((self._deploy_loop, "deploy"), (self._heartbeat_loop, "heartbeat"),
-                             (self._window_loop, "telemetry")):
+                             (self._window_loop, "telemetry"), (lambda: self.sweeper.run(self.stopping), "retention")):
             t = threading.Thread(target=target, name=name, daemon=True)
             t.start()
             self._threads.append(t)

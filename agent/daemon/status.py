@@ -61,6 +61,7 @@ class StatusReports:
                 "groups": self.cfg.groups, "mqtt": self.mqtt.state.to_dict(), "outbox": self.outbox.stats(),
                 "budget": self.telemetry.budget_status(),
                 "commands": {"refused_unauthenticated": self.intake.refused()},
+                "retention": self.sweeper.status(),
                 "models": self.models_status(), "config": self.cfg.source,
                 "api": self.kserve.address if self.kserve else None,
                 "deploying": self._current.job_id if self._current else None}

@@ -63,6 +63,7 @@ CREATE TABLE IF NOT EXISTS dropped (kind TEXT PRIMARY KEY, n INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS reported (job TEXT PRIMARY KEY, state TEXT NOT NULL, doc BLOB NOT NULL,
   ts REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS reported_ts ON reported(ts);
 """
 
 AddListener = Callable[[str, str, dict[str, Any]], None]  # (kind, topic, doc)
@@ -324,9 +325,24 @@ class Outbox:
             row = self._db.execute("SELECT doc FROM reported WHERE job = ?", (job,)).fetchone()
         return None if row is None else dict(json.loads(row[0]))
 
-    def forget_reported(self, older_than_s: float) -> None:
+    def forget_reported(self, older_than_s: float, max_rows: int | None = None) -> int:
+        """Drop final-update records older than ``older_than_s``, then the oldest past ``max_rows``.
+        A record matters only until state.db holds the job's end (restart reconciliation copies it
+        from here when a crash fell in between), which is moments after it is written."""
         with self._lock:
-            self._db.execute("DELETE FROM reported WHERE ts < ?", (time.time() - older_than_s,))
+            n = self._db.execute("DELETE FROM reported WHERE ts < ?", (time.time() - older_than_s,)).rowcount
+            if max_rows is not None:
+                over = self._db.execute("SELECT COUNT(*) FROM reported").fetchone()[0] - max_rows
+                if over > 0:
+                    n += self._db.execute("DELETE FROM reported WHERE job IN "
+                                          "(SELECT job FROM reported ORDER BY ts LIMIT ?)", (over,)).rowcount
+        return int(n)
+
+    def reported_sizes(self) -> dict[str, int]:
+        """Final-update records by job state (for `agentctl status`)."""
+        with self._lock:
+            rows = self._db.execute("SELECT state, COUNT(*) FROM reported GROUP BY state").fetchall()
+        return {str(r[0]): int(r[1]) for r in rows}
 
     def peek(self, after_id: int, limit: int) -> list[Row]:
         """Up to ``limit`` rows with id > ``after_id``, oldest first."""
