@@ -56,10 +56,12 @@ def test_will_after_kill_and_online_after_restart_order_by_session(tmp_path: Pat
         agent.start()
         online = obs.wait(lambda t, d: t == TOPIC and d.get("online") is True, WAIT_S, "online status")
         assert isinstance(online["session"], int) and online["session"] >= 1
+        assert online["groups"] == list(agent.groups)  # what a fleet collector labels the device by
 
         agent.stop(signal.SIGKILL)
         will = obs.wait(lambda t, d: t == TOPIC and d.get("online") is False, WAIT_S, "the Last Will")
         assert will["reason"] == "connection lost" and will["session"] == online["session"]
+        assert will["groups"] == list(agent.groups)
         # Why seq/ts cannot order them: the Will was stamped when the connection opened.
         assert will["seq"] < online["seq"] and will["ts"] <= online["ts"]
         check_every_order([online, will], will)
