@@ -146,12 +146,29 @@ def echo(port: int) -> None:
     httpd.shutdown()
 
 
+def _fetch(s: Any, manifest_url: str, f: dict[str, Any], dest: str) -> str:
+    """One bundle file: streamed with sha256 while writing, fsynced, checked; its path."""
+    import hashlib
+    from urllib.parse import urljoin
+
+    path = os.path.join(dest, f["path"].replace("/", "_"))
+    h = hashlib.sha256()
+    with s.get(urljoin(manifest_url, f["path"]), stream=True, timeout=30) as r, open(path, "wb") as out:
+        r.raise_for_status()
+        for chunk in r.iter_content(CHUNK_BYTES):
+            h.update(chunk)
+            out.write(chunk)
+        out.flush()
+        os.fsync(out.fileno())
+    if h.hexdigest() != f["sha256"]:
+        raise SystemExit(f"{f['path']}: sha256 mismatch")
+    return path
+
+
 def deploy(manifest_url: str, dest: str) -> None:
     """Download + sha256 + fsync of every bundle file, then load the model: the clock starts after
     the imports (a running daemon has its code loaded too)."""
     import base64
-    import hashlib
-    from urllib.parse import urljoin
 
     import requests
 
@@ -166,17 +183,7 @@ def deploy(manifest_url: str, dest: str) -> None:
     files = list(doc.get("files", [])) + [f for v in doc["variants"][:1] for f in v["files"]]
     model_path = ""
     for f in files:
-        path = os.path.join(dest, f["path"].replace("/", "_"))
-        h = hashlib.sha256()
-        with s.get(urljoin(manifest_url, f["path"]), stream=True, timeout=30) as r, open(path, "wb") as out:
-            r.raise_for_status()
-            for chunk in r.iter_content(CHUNK_BYTES):
-                h.update(chunk)
-                out.write(chunk)
-            out.flush()
-            os.fsync(out.fileno())
-        if h.hexdigest() != f["sha256"]:
-            raise SystemExit(f"{f['path']}: sha256 mismatch")
+        path = _fetch(s, manifest_url, f, dest)
         if f["path"].endswith(".onnx"):
             model_path = path
     t_dl = time.perf_counter() - t0
@@ -191,7 +198,6 @@ def sealed_deploy(manifest_url: str, dest: str, identity: str) -> None:
     with pyrage into memory + plaintext sha256, then the onnxruntime session from those bytes."""
     import base64
     import hashlib
-    from urllib.parse import urljoin
 
     import pyrage
     import requests
@@ -210,17 +216,7 @@ def sealed_deploy(manifest_url: str, dest: str, identity: str) -> None:
     files = list(doc.get("files", [])) + [f for v in doc["variants"][:1] for f in v["files"]]
     sealed: tuple[str, dict[str, Any]] | None = None
     for f in files:
-        path = os.path.join(dest, f["path"].replace("/", "_"))
-        h = hashlib.sha256()
-        with s.get(urljoin(manifest_url, f["path"]), stream=True, timeout=30) as r, open(path, "wb") as out:
-            r.raise_for_status()
-            for chunk in r.iter_content(CHUNK_BYTES):
-                h.update(chunk)
-                out.write(chunk)
-            out.flush()
-            os.fsync(out.fileno())
-        if h.hexdigest() != f["sha256"]:
-            raise SystemExit(f"{f['path']}: sha256 mismatch")
+        path = _fetch(s, manifest_url, f, dest)
         if "encryption" in f:
             sealed = (path, f["encryption"])
     t_dl = time.perf_counter() - t0
