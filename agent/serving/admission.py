@@ -174,12 +174,12 @@ class Admission:
     def __init__(self, name: str, limits: Limits) -> None:
         self.name = name
         self.limits = limits
-        self._cv = threading.Condition()
+        self._cv = threading.Condition(threading.Lock())  # not re-entered: a plain lock is cheaper
         self._running = 0
         self._waiting = 0
 
     def slot(self) -> Admission:
-        """``with gate.slot():`` holds one in-flight slot (``busy`` when none frees up in time)."""
+        """``with gate.slot():`` (or ``with gate:``) holds one in-flight slot (``busy`` when none frees up in time)."""
         return self
 
     def __enter__(self) -> None:

@@ -161,7 +161,7 @@ class Registry:
         if getattr(self._local, "admitted", None) == sv.name:  # the HTTP layer holds the slot
             out = self._run(sv, inputs, key)
         else:
-            with self.admit(sv.name):
+            with self._gate(sv.name):
                 out = self._run(sv, inputs, key)
         if not self.shapes.knows(sv.name, key):
             self.shapes.add(sv.name, (key,), report=True)
@@ -180,18 +180,22 @@ class Registry:
         """Hold one of ``name``'s in-flight slots (``busy`` when none frees up in time): the HTTP
         layer holds it from decoding a request to encoding its answer, so that decoding, too, is
         bounded per model (and cannot starve the runtime calls of the worker's interpreter)."""
-        gate = self._admission.get(name)
-        if gate is None:
-            if self.get(name) is None:  # not serving: the call is refused (no table entry per name asked)
-                yield
-                return
-            gate = self._admission.setdefault(name, Admission(name, self.limits))
-        with gate.slot():
+        if self.get(name) is None:  # not serving: the call is refused (no table entry per name asked)
+            yield
+            return
+        with self._gate(name):
             self._local.admitted = name
             try:
                 yield
             finally:
                 self._local.admitted = None
+
+    def _gate(self, name: str) -> Admission:
+        """``name``'s admission (a serving model's: made on its first call)."""
+        gate = self._admission.get(name)
+        if gate is None:
+            gate = self._admission.setdefault(name, Admission(name, self.limits))
+        return gate
 
     def body_limit(self, name: str, cap: int) -> int:
         """The largest request body worth reading for ``name`` (its admission bound), at most ``cap``."""
