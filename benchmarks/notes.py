@@ -98,6 +98,18 @@ hashes the plaintext, then creates the onnxruntime session from the bytes: every
 must do, alone in one warm process. The agent additionally starts the worker, checks the device
 is a recipient, and validates on the golden samples."""
 
+JSONCODEC = """\
+The KServe v2 codec alone, in one process, without HTTP: `decode_request` turns the JSON body of
+the PP-OCR classifier's request (a [1,3,48,192] float32 tensor written as JSON numbers) into the
+numpy feed; `encode_response` writes the [1,2] reply. The standard library's `json` spends most of
+the decode building one Python float per number; orjson (a core dependency; wheels for x86_64,
+aarch64 and armv7) parses the same text in a fraction of that, and numpy's conversion to a float32
+array then dominates. Both paths give identical tensors and errors (tests/unit/test_json_tensors.py):
+what orjson refuses (NaN, Infinity, lone surrogates, bad text) is decided by the standard library,
+and a refused request is read again by it, so the error is the same; the one difference is an
+integer beyond 64 bits, which orjson reads as a float. The body here is 570 KB (the issue's figure
+of 574 KB came from another random tensor: the same shape, digits differ)."""
+
 SWAP = """\
 Four keep-alive clients send tiny-model JSON requests back to back. The steady window has nothing
 else running; the swap window runs that many signed deploys of new versions one after the other

@@ -124,6 +124,11 @@ def aims(res: dict[str, Any]) -> list[list[str]]:
         v, fl = se["agent"]["sealed"]["total_s"]["median"], se["floor"]["sealed"]["total_s"]["median"]
         rows.append([f"encrypted deploy {se['size_mb']:g} MB ≤ 1.2× floor + 0.5 s (process, pinned)", f"{v:.2f} s",
                      f"{fl:.2f} s (download+sha256+decrypt+load; limit {1.2 * fl + 0.5:.2f})", _ok(v <= 1.2 * fl + 0.5)])
+    jc = s.get("jsoncodec", {})
+    if jc and "error" not in jc:
+        o, st = jc["orjson"]["decode"]["median"], jc["stdlib"]["decode"]["median"]
+        rows.append([f"a {jc['body_bytes'] / 1000:.0f} KB JSON request decoded ≥ 3× faster (orjson)",
+                     f"{o:.2f} ms ({st / o:.1f}× faster)", f"standard library {st:.2f} ms", _ok(st >= 3 * o)])
     sw = s.get("swap", {})
     if sw and "error" not in sw:
         for mode, row in sw.items():
@@ -193,7 +198,7 @@ def render(res: dict[str, Any], images: dict[str, str]) -> str:
     d.add(notes.AIMS, "")
     for name, fn in (("footprint", _footprint), ("serving", _serving), ("deploy", _deploy), ("swap", _swap),
                      ("telemetry", _telemetry), ("fleet", _fleet), ("collect", _collect),
-                     ("sources", _sources), ("sealed", _sealed)):
+                     ("sources", _sources), ("sealed", _sealed), ("jsoncodec", _jsoncodec)):
         sec = s.get(name)
         if sec is None:
             continue
@@ -335,6 +340,19 @@ def _sealed(d: Doc, se: dict[str, Any], images: dict[str, str]) -> None:
     if "load_avg_1m" in se:
         d.add(f"Load average at the end of this section: {se['load_avg_1m']:g} on {se['cores']} cores (a shared "
               "machine: single deploys vary 2–3× under such load, so the medians of the pairs are compared).", "")
+
+
+def _jsoncodec(d: Doc, jc: dict[str, Any], images: dict[str, str]) -> None:
+    from benchmarks import notes
+
+    d.add("## 10. JSON tensors", "", notes.JSONCODEC, "")
+    rows = [[label, _s(jc[path]["decode"], 2, " ms"), _s(jc[path]["encode"], 3, " ms")]
+            for path, label in (("stdlib", "standard library `json` (before; the fallback)"),
+                                ("orjson", f"orjson {jc.get('orjson_version', '')} (now)"))]
+    d.table([f"{jc['body_bytes']:,}-byte request, {jc['shape']} FP32", "decode_request", "encode_response ([1,2] reply)"],
+            rows)
+    d.add(f"Decode {jc['decode_speedup']:.1f}× faster through orjson ({jc['repeats']} decodes per path, alternating; "
+          f"load average {jc['load_avg_1m']:g} on {jc['cores']} cores).", "")
 
 
 def _swap(d: Doc, sw: dict[str, Any], images: dict[str, str]) -> None:
