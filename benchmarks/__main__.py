@@ -21,7 +21,7 @@ from benchmarks import harness as h
 from benchmarks.context import SCALES, Context
 
 SECTIONS = ("footprint", "serving", "deploy", "swap", "telemetry", "fleet", "collect", "sources", "sealed",
-            "jsoncodec")
+            "jsoncodec", "batching")
 RESULTS_NAME = "results.json"
 
 

@@ -13,7 +13,8 @@ Invariants:
 - A request waits in the queue at most until its deadline: then it leaves with ``busy`` and the
   others are untouched. Once taken into a batch it waits for that call (bounded by the hung-worker
   deadline of the runtime call itself).
-- The first request of a batch runs it, in its own thread, after at most ``delay_s``: no thread
+- The first request of a batch runs it, in its own thread, after at most ``delay_s`` (sooner when
+  the batch is full in rows, or holds every request admission lets in at once): no thread
   of the batcher's own, no table beyond the requests already admitted (admission bounds them).
 """
 
@@ -72,9 +73,11 @@ def batch_key(feed: Feed) -> tuple[BatchKey, int] | None:
 class Batcher:
     """One model version's batch queue: ``infer`` as the runtime's, shared with concurrent callers."""
 
-    def __init__(self, run: Callable[[Feed], Feed], max_rows: int, delay_s: float, wait_s: float) -> None:
+    def __init__(self, run: Callable[[Feed], Feed], max_rows: int, delay_s: float, wait_s: float,
+                 max_requests: int = 0) -> None:
         self._run = run
         self.max_rows = max_rows
+        self.max_requests = max_requests  # admission's in-flight bound: no more can come (0: unknown)
         self.delay_s = delay_s
         self.wait_s = wait_s
         self._lock = threading.Lock()
@@ -96,7 +99,7 @@ class Batcher:
             assert g is not None
             g.items.append(item)
             g.rows += rows
-            if g.rows >= self.max_rows:
+            if g.rows >= self.max_rows or len(g.items) == self.max_requests:
                 del self._pending[key]
                 g.closed.set()
         if leader:

@@ -223,7 +223,8 @@ class Registry:
         if lim.batch_rows <= 1 or not specs or not all(s.shape and (s.shape[0] is None or s.shape[0] < 0)
                                                         for s in specs):
             return None
-        return Batcher(sv.model.infer, min(lim.batch_rows, lim.max_batch), lim.batch_delay_us / 1e6, lim.queue_wait_s)
+        return Batcher(sv.model.infer, min(lim.batch_rows, lim.max_batch), lim.batch_delay_us / 1e6, lim.queue_wait_s,
+                       lim.max_inflight)
 
     def activate(self, sv: ServingVersion) -> ServingVersion | None:
         """Make ``sv`` the serving version; the previous one drains and closes in the background."""
