@@ -125,3 +125,57 @@ def test_off_without_a_batch_dimension_or_when_disabled(tmp_path: Path) -> None:
     _, by_manifest_on = _registry(linear, rows=1, manifest={"serving": {"max_batch": 4, "max_queue_delay_us": 100}})
     assert by_manifest_on.batcher is not None and by_manifest_on.batcher.max_rows == 4
     assert by_manifest_on.batcher.delay_s == pytest.approx(1e-4)
+
+
+def test_process_isolation_each_request_its_own_rows(tmp_path: Path) -> None:
+    """With the model in a worker process (which answers the HTTP requests itself, with the
+    batching settings the daemon hands it), concurrent clients each get their own rows."""
+    import http.client
+    import json
+
+    from agent.backends.isolated import IsolatedModel
+    from agent.serving.kserve import KServeServer
+
+    path = make_linear_onnx(tmp_path / "linear.onnx", in_dim=4, out_dim=3, seed=9)
+    reg = Registry(limits=Limits(batch_rows=8, batch_delay_us=20_000, max_inflight=CLIENTS))
+    server = KServeServer(reg, "127.0.0.1", 0)
+    server.start()
+    model = IsolatedModel("onnxruntime", CPU, path, LoadOptions(threads=1), infer_timeout_s=JOIN_S)
+    try:
+        reg.activate(ServingVersion("m", 1, "onnx-fp32", model))
+        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        rng = np.random.default_rng(4)
+        xs = [rng.standard_normal((1 + i % 3, 4)).astype(np.float32) for i in range(CLIENTS)]
+        got: list[Any] = [None] * CLIENTS
+        start = threading.Barrier(CLIENTS)
+
+        def client(i: int) -> None:
+            c = http.client.HTTPConnection("127.0.0.1", server.port, timeout=JOIN_S)
+            body = json.dumps({"inputs": [{"name": "x", "shape": list(xs[i].shape), "datatype": "FP32",
+                                           "data": xs[i].ravel().tolist()}]}).encode()
+            start.wait(JOIN_S)
+            answers = []
+            for _ in range(5):  # keep-alive: after the first, the worker answers
+                c.request("POST", "/v2/models/m/infer", body=body, headers={"Content-Type": "application/json"})
+                r = c.getresponse()
+                answers.append((r.status, json.loads(r.read())))
+            c.close()
+            got[i] = answers
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(CLIENTS)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(JOIN_S)
+        for x, answers in zip(xs, got, strict=True):
+            want = sess.run(None, {"x": x})[0]
+            assert answers is not None and len(answers) == 5
+            for status, doc in answers:
+                assert status == 200, doc
+                out = doc["outputs"][0]
+                assert out["shape"] == list(want.shape)
+                np.testing.assert_allclose(np.asarray(out["data"], np.float32).reshape(want.shape), want,
+                                           rtol=1e-5, atol=1e-6)
+    finally:
+        server.stop(timeout_s=2)
+        reg.close(timeout_s=2)
+        model.close()
