@@ -113,6 +113,14 @@ class BackendsConfig:
 
 
 @dataclass
+class ServingConfig:
+    # Dynamic batching (agent/serving/batcher.py), for models whose inputs and outputs have a dynamic
+    # first dimension; a manifest's "serving" object may set both per model.
+    max_batch: int = 1  # rows per runtime call of concurrent requests run together; ≤ 1: off
+    max_queue_delay_us: int = 500  # how long the first request of a batch waits for more
+
+
+@dataclass
 class StorageConfig:
     max_disk_mb: float = 4096.0
     keep_versions: int = 2
@@ -158,6 +166,7 @@ class Config:
     api: ApiConfig = field(default_factory=ApiConfig)
     hardware: HardwareConfig = field(default_factory=HardwareConfig)
     backends: BackendsConfig = field(default_factory=BackendsConfig)
+    serving: ServingConfig = field(default_factory=ServingConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
     downloads: DownloadsConfig = field(default_factory=DownloadsConfig)
     deploy: DeployConfig = field(default_factory=DeployConfig)
@@ -183,7 +192,7 @@ REMOTE_SETTABLE = {
 
 _SECTIONS: dict[str, type] = {
     "mqtt": MqttConfig, "trust": TrustConfig, "telemetry": TelemetryConfig, "api": ApiConfig,
-    "hardware": HardwareConfig, "backends": BackendsConfig, "storage": StorageConfig,
+    "hardware": HardwareConfig, "backends": BackendsConfig, "serving": ServingConfig, "storage": StorageConfig,
     "downloads": DownloadsConfig, "deploy": DeployConfig, "retention": RetentionConfig,
 }
 
@@ -354,6 +363,10 @@ def validate(cfg: Config) -> None:
                               ("max_queue", b.max_queue, 0, 65536)):
         if not lo <= ival <= hi:
             raise ConfigError(f"backends.{key}: {ival} not in {lo}..{hi}")
+    if not 0 <= cfg.serving.max_batch <= b.max_batch:
+        raise ConfigError(f"serving.max_batch: {cfg.serving.max_batch} not in 0..{b.max_batch} (backends.max_batch)")
+    if not 0 <= cfg.serving.max_queue_delay_us <= 1_000_000:
+        raise ConfigError(f"serving.max_queue_delay_us: {cfg.serving.max_queue_delay_us} not in 0..1000000")
     if not 0 <= b.worker_memory_max_mb <= 1 << 30:
         raise ConfigError(f"backends.worker_memory_max_mb: {b.worker_memory_max_mb} must be 0 (off) or positive")
     if not 0 <= cfg.backends.threads <= 256:

@@ -20,7 +20,8 @@ from typing import Any
 from benchmarks import harness as h
 from benchmarks.context import SCALES, Context
 
-SECTIONS = ("footprint", "serving", "deploy", "swap", "telemetry", "fleet", "collect", "sources", "sealed")
+SECTIONS = ("footprint", "serving", "deploy", "swap", "telemetry", "fleet", "collect", "sources", "sealed",
+            "jsoncodec", "batching")
 RESULTS_NAME = "results.json"
 
 

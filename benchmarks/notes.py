@@ -98,6 +98,33 @@ hashes the plaintext, then creates the onnxruntime session from the bytes: every
 must do, alone in one warm process. The agent additionally starts the worker, checks the device
 is a recipient, and validates on the golden samples."""
 
+JSONCODEC = """\
+The KServe v2 codec alone, in one process, without HTTP: `decode_request` turns the JSON body of
+the PP-OCR classifier's request (a [1,3,48,192] float32 tensor written as JSON numbers) into the
+numpy feed; `encode_response` writes the [1,2] reply. The standard library's `json` spends most of
+the decode building one Python float per number; orjson (a core dependency; wheels for x86_64,
+aarch64 and armv7) parses the same text in a fraction of that, and numpy's conversion to a float32
+array then dominates. Both paths give identical tensors and errors (tests/unit/test_json_tensors.py):
+what orjson refuses (NaN, Infinity, lone surrogates, bad text) is decided by the standard library,
+and a refused request is read again by it, so the error is the same; the one difference is an
+integer beyond 64 bits, which orjson reads as a float. The body here is 570 KB (the issue's figure
+of 574 KB came from another random tensor: the same shape, digits differ)."""
+
+BATCHING = """\
+A CNN shaped like the PP-OCR text classifier (input [N,3,48,192], four 3×3 convolutions 32→256
+channels, ≈ 130 M multiply-adds per image, a 2-way softmax) with a dynamic first dimension, served
+by `Registry.infer` in one process (no HTTP: the codec and connection cost is the same either way)
+to 8 client threads, batching off and on alternating, admission at its defaults (4 requests of a
+model in flight, so a batch holds at most 4). On this shared 2-vCPU machine the aim of 1.3× the
+unbatched throughput is missed: the convolutions are compute-bound, and onnxruntime already keeps
+both cores busy with 4 concurrent single-image calls, so one call of 4 images does the same work in
+no less time, and the calls of one batch no longer overlap the next batch's concatenation and wait
+(0.67× to 1.0× of the unbatched throughput across runs at load averages of 8 to 11); what batching
+buys here is the tail (p99 about half: fewer calls competing for the cores).
+The gain the aim expects comes where a call has a large fixed cost next to its arithmetic: an
+accelerator (GPU, NPU) or a model of small per-row work; `serving.max_batch` stays off by default
+and is set per model from the manifest where it helps."""
+
 SWAP = """\
 Four keep-alive clients send tiny-model JSON requests back to back. The steady window has nothing
 else running; the swap window runs that many signed deploys of new versions one after the other

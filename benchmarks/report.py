@@ -124,6 +124,20 @@ def aims(res: dict[str, Any]) -> list[list[str]]:
         v, fl = se["agent"]["sealed"]["total_s"]["median"], se["floor"]["sealed"]["total_s"]["median"]
         rows.append([f"encrypted deploy {se['size_mb']:g} MB ≤ 1.2× floor + 0.5 s (process, pinned)", f"{v:.2f} s",
                      f"{fl:.2f} s (download+sha256+decrypt+load; limit {1.2 * fl + 0.5:.2f})", _ok(v <= 1.2 * fl + 0.5)])
+    jc = s.get("jsoncodec", {})
+    if jc and "error" not in jc:
+        o, st = jc["orjson"]["decode"]["median"], jc["stdlib"]["decode"]["median"]
+        rows.append([f"a {jc['body_bytes'] / 1000:.0f} KB JSON request decoded ≥ 3× faster (orjson)",
+                     f"{o:.2f} ms ({st / o:.1f}× faster)", f"standard library {st:.2f} ms", _ok(st >= 3 * o)])
+    bt = s.get("batching", {})
+    if bt and "error" not in bt:
+        on, off = bt["on"], bt["off"]
+        ratio = on["rps"]["median"] / off["rps"]["median"]
+        p99_on, p99_off = on["latency_ms"]["p99"], off["latency_ms"]["p99"]
+        rows.append([f"dynamic batching, CNN at {bt['clients']} clients: ≥ 1.3× unbatched req/s, p99 ≤ 2× unbatched",
+                     f"{on['rps']['median']:,.0f} req/s ({ratio:.2f}×), p99 {p99_on:.1f} ms",
+                     f"unbatched {off['rps']['median']:,.0f} req/s, p99 {p99_off:.1f} ms",
+                     _ok(ratio >= 1.3 and p99_on <= 2 * p99_off)])
     sw = s.get("swap", {})
     if sw and "error" not in sw:
         for mode, row in sw.items():
@@ -193,7 +207,8 @@ def render(res: dict[str, Any], images: dict[str, str]) -> str:
     d.add(notes.AIMS, "")
     for name, fn in (("footprint", _footprint), ("serving", _serving), ("deploy", _deploy), ("swap", _swap),
                      ("telemetry", _telemetry), ("fleet", _fleet), ("collect", _collect),
-                     ("sources", _sources), ("sealed", _sealed)):
+                     ("sources", _sources), ("sealed", _sealed), ("jsoncodec", _jsoncodec),
+                     ("batching", _batching)):
         sec = s.get(name)
         if sec is None:
             continue
@@ -335,6 +350,32 @@ def _sealed(d: Doc, se: dict[str, Any], images: dict[str, str]) -> None:
     if "load_avg_1m" in se:
         d.add(f"Load average at the end of this section: {se['load_avg_1m']:g} on {se['cores']} cores (a shared "
               "machine: single deploys vary 2–3× under such load, so the medians of the pairs are compared).", "")
+
+
+def _jsoncodec(d: Doc, jc: dict[str, Any], images: dict[str, str]) -> None:
+    from benchmarks import notes
+
+    d.add("## 10. JSON tensors", "", notes.JSONCODEC, "")
+    rows = [[label, _s(jc[path]["decode"], 2, " ms"), _s(jc[path]["encode"], 3, " ms")]
+            for path, label in (("stdlib", "standard library `json` (before; the fallback)"),
+                                ("orjson", f"orjson {jc.get('orjson_version', '')} (now)"))]
+    d.table([f"{jc['body_bytes']:,}-byte request, {jc['shape']} FP32", "decode_request", "encode_response ([1,2] reply)"],
+            rows)
+    d.add(f"Decode {jc['decode_speedup']:.1f}× faster through orjson ({jc['repeats']} decodes per path, alternating; "
+          f"load average {jc['load_avg_1m']:g} on {jc['cores']} cores).", "")
+
+
+def _batching(d: Doc, bt: dict[str, Any], images: dict[str, str]) -> None:
+    from benchmarks import notes
+
+    d.add("## 11. Dynamic batching", "", notes.BATCHING, "")
+    rows = [[label, _s(bt[mode]["rps"], 0), _s(bt[mode]["latency_ms"], 2, " ms"), str(bt[mode]["errors"])]
+            for mode, label in (("off", "off (serving.max_batch = 1)"),
+                                ("on", f"on (max_batch {bt['max_batch']}, delay {bt['delay_us']} µs)"))]
+    d.table([f"{bt['clients']} clients × {bt['requests_per_client']} requests, {bt['repeats']} repeats",
+             "req/s", "latency", "errors"], rows)
+    d.add(f"{bt['batched_calls']} runtime calls carried more than one request. Load average at the end: "
+          f"{bt['load_avg_1m']:g} on {bt['cores']} cores.", "")
 
 
 def _swap(d: Doc, sw: dict[str, Any], images: dict[str, str]) -> None:

@@ -86,7 +86,8 @@ class Agent(StatusReports, CommandRouting, ControlApi):
         # Each call recorded once, by the windows: /metrics reads its totals from them at scrape time.
         bc = cfg.backends
         self.registry = Registry(observer=self.windows.observe,
-                                 limits=Limits(bc.max_batch, bc.max_inflight, bc.max_queue, bc.infer_timeout_s))
+                                 limits=Limits(bc.max_batch, bc.max_inflight, bc.max_queue, bc.infer_timeout_s,
+                                               cfg.serving.max_batch, cfg.serving.max_queue_delay_us))
         self.reporter = JobReporter(self.db, self.outbox, self.topics)
         # Targets listed by a child process (cached under state_dir): no runtime import in an idle daemon.
         self.backends = probed_backends(self._backends(), self.state_dir / "cache" / "backend-targets.json")

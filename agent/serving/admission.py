@@ -33,6 +33,8 @@ DEFAULT_MAX_BATCH = 64
 DEFAULT_MAX_INFLIGHT = 4
 DEFAULT_MAX_QUEUE = 64
 DEFAULT_QUEUE_WAIT_S = 10.0
+DEFAULT_BATCH_DELAY_US = 500
+MAX_BATCH_DELAY_US = 1_000_000  # a batch never waits a second for company
 DEFAULT_BODY_INFLIGHT_BYTES = 256 * 1024 * 1024  # request bodies held at once per process
 RETRY_AFTER_S = 1  # what a ``busy`` answer asks the caller to wait
 MAX_SHAPES = 256  # known-computable input shapes kept per model (more are not learned)
@@ -55,9 +57,23 @@ class Limits:
     max_inflight: int = DEFAULT_MAX_INFLIGHT
     max_queue: int = DEFAULT_MAX_QUEUE
     queue_wait_s: float = DEFAULT_QUEUE_WAIT_S
+    batch_rows: int = 1  # dynamic batching (config serving.max_batch): at most this many rows per call; ≤ 1 off
+    batch_delay_us: int = DEFAULT_BATCH_DELAY_US  # how long a batch waits for more requests (serving.max_queue_delay_us)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def batch_settings(override: Mapping[str, Any], limits: Limits) -> tuple[int, int]:
+    """(rows per batch, delay in µs): the manifest's ``serving.max_batch`` and
+    ``serving.max_queue_delay_us`` where given and valid, else the config's (``limits``)."""
+    rows, delay = limits.batch_rows, limits.batch_delay_us
+    r, d = override.get("max_batch"), override.get("max_queue_delay_us")
+    if isinstance(r, int) and not isinstance(r, bool) and 0 <= r <= limits.max_batch:
+        rows = r
+    if isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= MAX_BATCH_DELAY_US:
+        delay = d
+    return rows, delay
 
 
 def item_bytes(dtype: str) -> int:

@@ -14,6 +14,7 @@ Invariants:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import threading
 import time
@@ -25,6 +26,7 @@ from agent import errors
 from agent.backends.base import InflightGate, IsolatedCapable, LoadedModel
 from agent.serving import admission
 from agent.serving.admission import CALLER_CODES, Admission, Limits, ShapeBook
+from agent.serving.batcher import Batcher
 
 if TYPE_CHECKING:
     import numpy as np
@@ -51,6 +53,7 @@ class ServingVersion:
     calls: int = 0
     errors: int = 0  # failures of the model itself (not bad requests): probation counts these
     size_check: admission.SizeCheck | None = None  # its inputs' bound (made at the first call)
+    batcher: Batcher | None = field(default=None, repr=False, compare=False)  # dynamic batching, when on
     # The model again when it runs in a worker process (IsolatedCapable), else None: asked once
     # here, not on every request.
     worker: IsolatedCapable | None = field(init=False, default=None, repr=False, compare=False)
@@ -169,6 +172,9 @@ class Registry:
 
     def _run(self, sv: ServingVersion, inputs: dict[str, Any], key: admission.ShapeKey) -> dict[str, np.ndarray]:
         try:
+            b = sv.batcher
+            if b is not None:
+                return b.infer(inputs)
             return sv.model.infer(inputs)
         except errors.AgentError as e:
             if e.code == errors.INFERENCE_FAILED and not self.shapes.knows(sv.name, key):
@@ -207,13 +213,32 @@ class Registry:
             hit = self._body_limits[name] = (sv, admission.body_bound(sv.model.inputs, self.limits.max_batch, 1 << 62))
         return min(cap, hit[1])
 
+    def _model_limits(self, sv: ServingVersion) -> Limits:
+        """The config's limits with the manifest's ``serving.max_batch`` / ``max_queue_delay_us``
+        (a worker gets these, so both isolation modes batch alike)."""
+        raw = sv.manifest.get("serving")
+        rows, delay_us = admission.batch_settings(raw if isinstance(raw, dict) else {}, self.limits)
+        return dataclasses.replace(self.limits, batch_rows=rows, batch_delay_us=delay_us)
+
+    @staticmethod
+    def _batcher(sv: ServingVersion, lim: Limits) -> Batcher | None:
+        """A batch queue when batching is on and every input and output has a dynamic first dimension."""
+        specs = (*sv.model.inputs, *sv.model.outputs)
+        if lim.batch_rows <= 1 or not specs or not all(s.shape and (s.shape[0] is None or s.shape[0] < 0)
+                                                        for s in specs):
+            return None
+        return Batcher(sv.model.infer, min(lim.batch_rows, lim.max_batch), lim.batch_delay_us / 1e6, lim.queue_wait_s,
+                       lim.max_inflight)
+
     def activate(self, sv: ServingVersion) -> ServingVersion | None:
         """Make ``sv`` the serving version; the previous one drains and closes in the background."""
+        limits = self._model_limits(sv)
+        sv.batcher = self._batcher(sv, limits)
         self.shapes.add(sv.name, sv.model.known_shapes)  # its golden samples
         if sv.worker is not None:  # a worker that answers HTTP itself reports its calls back here
             sv.worker.bind(sv.name, sv.version,
                            lambda c, e, ok, bad, shapes: self._remote_calls(sv, c, e, ok, bad, shapes),
-                           {"limits": self.limits.to_dict(), "shapes": self.shapes.shapes(sv.name)})
+                           {"limits": limits.to_dict(), "shapes": self.shapes.shapes(sv.name)})
         with self._lock:
             old = self._serving.get(sv.name)
             self._serving[sv.name] = sv

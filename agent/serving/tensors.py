@@ -9,6 +9,13 @@ Invariants:
 - Bad input of any shape (deep nesting, shapes whose product overflows, values out of range) is
   ``invalid_input`` with a message naming the tensor, never an internal error.
 - numpy is imported lazily, only when a request needs it.
+- JSON goes through orjson where installed and through the standard library otherwise; both give
+  the same values and the same errors: whatever orjson refuses (NaN, Infinity, lone surrogates,
+  bad text) the standard library decides, a request refused is refused as the
+  standard library's values show, and a reply holding a value orjson would write differently (a
+  non-finite float) is written by the standard library. One difference remains: through orjson an
+  integer beyond 64 bits in an accepted request is a float (a FP64 tensor takes 1e30 written as
+  digits; the standard library's values refuse it as non-numeric).
 """
 
 from __future__ import annotations
@@ -18,6 +25,11 @@ import math
 from typing import TYPE_CHECKING, Any
 
 from agent import errors
+
+try:  # a maintained parser built for large number arrays; the standard library is the fallback
+    import orjson as _orjson
+except ImportError:  # pragma: no cover - a core dependency; absent only in a stripped install
+    _orjson = None  # type: ignore[assignment]
 
 if TYPE_CHECKING:
     import numpy as np
@@ -47,8 +59,31 @@ _ENCODER = json.JSONEncoder(separators=(",", ":"))
 _DECODER = json.JSONDecoder()
 
 
-def to_json(obj: Any) -> bytes:
+def to_json(obj: Any, exact: bool = False) -> bytes:
+    """Compact JSON. ``exact``: the standard library's text, for values orjson would write
+    differently (NaN and ±Infinity, which orjson writes as null)."""
+    if _orjson is not None and not exact:
+        try:
+            return _orjson.dumps(obj)
+        except (_orjson.JSONEncodeError, TypeError):
+            pass  # integers beyond 64 bits, very deep values: the standard library writes or refuses them
     return _ENCODER.encode(obj).encode()
+
+
+def from_json(text: bytes | memoryview, fast: bool = True) -> Any:
+    """UTF-8 JSON text → Python values; orjson first (unless not ``fast``), the standard library
+    for all it refuses.
+
+    Raises what the standard library raises (``ValueError``, ``UnicodeDecodeError``,
+    ``RecursionError``), so both paths accept the same documents and fail with the same messages.
+    One difference in values: orjson reads an integer beyond 64 bits as a float."""
+    if fast and _orjson is not None:
+        try:
+            return _orjson.loads(text)
+        except _orjson.JSONDecodeError:
+            pass
+    # UTF-8 (RFC 8259): decoded here rather than by json.loads' encoding sniffing
+    return _DECODER.decode(str(text, "utf-8"))
 
 
 def _invalid(message: str) -> errors.RejectError:
@@ -244,7 +279,20 @@ def _tensor_to_binary(a: np.ndarray) -> bytes:
 
 
 def decode_request(headers: dict[str, str], body: bytes) -> InferRequest:
-    """An infer request's body (JSON, or JSON then binary tensors) → the model's feed and wishes."""
+    """An infer request's body (JSON, or JSON then binary tensors) → the model's feed and wishes.
+
+    A request refused after orjson read it is read again by the standard library alone, so a
+    refusal names what the standard library's values show (an integer beyond 64 bits is out of
+    range, not a float). That costs a refused request no more than before orjson."""
+    try:
+        return _decode_request(headers, body, True)
+    except errors.RejectError:
+        if _orjson is None:
+            raise
+    return _decode_request(headers, body, False)
+
+
+def _decode_request(headers: dict[str, str], body: bytes, fast: bool) -> InferRequest:
     hlen_s = headers.get(HEADER_LENGTH_KEY)
     binary: memoryview | None = None
     if hlen_s is not None:
@@ -257,8 +305,8 @@ def decode_request(headers: dict[str, str], body: bytes) -> InferRequest:
         binary = view[hlen:]
     else:
         header_b = body
-    try:  # UTF-8 (RFC 8259): decoded here rather than by json.loads' encoding sniffing
-        req = _DECODER.decode(str(header_b, "utf-8"))
+    try:
+        req = from_json(header_b, fast)
     except RecursionError as e:
         raise _invalid("request body nests JSON too deeply") from e
     except (ValueError, UnicodeDecodeError) as e:
@@ -340,6 +388,7 @@ def encode_response(sv: ServingVersion, results: dict[str, Any], r: InferRequest
             raise _invalid(f"unknown output(s) {missing}; the model gives {list(results)}")
     out_meta: list[dict[str, Any]] = []
     blobs: list[bytes] = []
+    exact = not isinstance(r.id, (str, int, type(None)))  # an id as sent: a NaN in it stays NaN
     for oname, as_binary in wanted:
         a = results[oname]
         dt = _out_datatype(a.dtype)
@@ -361,13 +410,17 @@ def encode_response(sv: ServingVersion, results: dict[str, Any], r: InferRequest
             out_meta.append({"name": oname, "datatype": dt, "shape": list(a.shape),
                              "parameters": {"binary_data_size": len(blob)}})
         else:
+            if a.dtype.kind in "fc" and a.size and not exact:
+                import numpy as np
+
+                exact = not bool(np.isfinite(a).all())  # NaN/Infinity are written as the stdlib does
             out_meta.append({"name": oname, "datatype": dt, "shape": list(a.shape),
                              "data": a.ravel().tolist()})
     resp: dict[str, Any] = {"model_name": sv.name, "model_version": str(sv.version)}
     if r.id is not None:
         resp["id"] = r.id
     resp["outputs"] = out_meta
-    head = to_json(resp)
+    head = to_json(resp, exact)
     if not blobs:
         return head, JSON_TYPE, ()
     return [head, *blobs], BINARY_TYPE, ((HEADER_LENGTH, str(len(head))),)

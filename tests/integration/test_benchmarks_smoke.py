@@ -73,3 +73,18 @@ def test_sources(tmp_path: Path) -> None:
     assert sr["agent_json"]["errors"] == 0 and sr["agent_binary"]["errors"] == 0
     assert sr["framework"]["ms"]["median"] > 0 and sr["onnxruntime"]["ms"]["median"] > 0
     assert "## 8. A tree ensemble" in doc
+
+
+def test_jsoncodec(tmp_path: Path) -> None:
+    res, doc = smoke(tmp_path, "jsoncodec")
+    jc = res["jsoncodec"]
+    assert jc["body_bytes"] > 500_000 and jc["stdlib"]["decode"]["n"] == jc["orjson"]["decode"]["n"] > 0
+    assert "## 10. JSON tensors" in doc and "JSON request decoded" in doc
+
+
+def test_batching(tmp_path: Path) -> None:
+    res, doc = smoke(tmp_path, "batching")
+    bt = res["batching"]
+    assert bt["on"]["errors"] == 0 and bt["off"]["errors"] == 0
+    assert bt["on"]["rps"]["median"] > 0 and bt["off"]["rps"]["median"] > 0
+    assert "## 11. Dynamic batching" in doc

@@ -89,6 +89,9 @@ def test_fractional_values_accepted_for_float_keys() -> None:
     ({"telemetry": {"window_s": 0.01}}, "telemetry.window_s"),
     ({"telemetry": {"window_s": 86401}}, "telemetry.window_s"),
     ({"storage": {"keep_versions": 0}}, "storage.keep_versions"),
+    ({"serving": {"max_batch": 65}}, "serving.max_batch"),  # above backends.max_batch (64)
+    ({"serving": {"max_batch": -1}}, "serving.max_batch"),
+    ({"serving": {"max_queue_delay_us": 1_000_001}}, "serving.max_queue_delay_us"),
 ])
 def test_out_of_range_names_the_key(data: dict[str, Any], key: str) -> None:
     assert key in _err(data)
@@ -100,6 +103,7 @@ def test_out_of_range_names_the_key(data: dict[str, Any], key: str) -> None:
     {"trust": {"threshold": 16}},
     {"telemetry": {"window_s": 0.05}},
     {"telemetry": {"window_s": 86400}},
+    {"serving": {"max_batch": 64, "max_queue_delay_us": 1_000_000}},
 ])
 def test_range_bounds_are_inclusive(data: dict[str, Any]) -> None:
     cfg = from_dict(data)
