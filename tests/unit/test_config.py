@@ -89,6 +89,9 @@ def test_fractional_values_accepted_for_float_keys() -> None:
     ({"telemetry": {"window_s": 0.01}}, "telemetry.window_s"),
     ({"telemetry": {"window_s": 86401}}, "telemetry.window_s"),
     ({"storage": {"keep_versions": 0}}, "storage.keep_versions"),
+    ({"backends": {"autotune_concurrency": 0}}, "backends.autotune_concurrency"),
+    ({"backends": {"autotune_concurrency": 65}}, "backends.autotune_concurrency"),
+    ({"backends": {"autotune_objective": "fastest"}}, "backends.autotune_objective"),
 ])
 def test_out_of_range_names_the_key(data: dict[str, Any], key: str) -> None:
     assert key in _err(data)
@@ -100,6 +103,8 @@ def test_out_of_range_names_the_key(data: dict[str, Any], key: str) -> None:
     {"trust": {"threshold": 16}},
     {"telemetry": {"window_s": 0.05}},
     {"telemetry": {"window_s": 86400}},
+    {"backends": {"autotune_concurrency": 1, "autotune_objective": "throughput"}},
+    {"backends": {"autotune_concurrency": 64, "autotune_objective": "latency"}},
 ])
 def test_range_bounds_are_inclusive(data: dict[str, Any]) -> None:
     cfg = from_dict(data)
