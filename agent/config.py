@@ -101,6 +101,8 @@ class HardwareConfig:
 class BackendsConfig:
     prefer: list[str] = field(default_factory=list)
     autotune: bool = True
+    autotune_objective: str = "latency"  # "latency": lowest single-call median; "throughput": most requests/s
+    autotune_concurrency: int = 4  # callers at once when measuring throughput (the expected load)
     threads: int = 0  # 0: the runtime's default
     allow_spinning: bool = False  # onnxruntime busy-wait pools burn a core; off by default
     isolation: str = "process"  # "process": a runtime crash or hang cannot take the daemon down; "none": in-process
@@ -179,13 +181,17 @@ class Config:
         return d
 
 
+AUTOTUNE_OBJECTIVES = ("latency", "throughput")  # agent/backends/autotune.py
+MAX_AUTOTUNE_CONCURRENCY = 64  # measuring threads in a model's worker
+
 # Keys a signed remote ``config`` command may change; everything else needs local access.
 REMOTE_SETTABLE = {
     "telemetry.heartbeat_s", "telemetry.window_s", "telemetry.outbox_max_mb",
     "telemetry.daily_budget_mb", "telemetry.thin_period_s", "telemetry.drain_rate_per_s",
     "telemetry.disk_low_mb", "telemetry.memory_pressure_pct", "telemetry.error_rate_pct",
     "telemetry.slo_p99_ms",
-    "backends.prefer", "backends.autotune", "backends.threads", "backends.allow_spinning",
+    "backends.prefer", "backends.autotune", "backends.autotune_objective",
+    "backends.autotune_concurrency", "backends.threads", "backends.allow_spinning",
     "storage.keep_versions", "storage.max_disk_mb", "groups",
     "deploy.probation_s", "deploy.probation_max_errors", "deploy.probation_max_error_ratio",
 }
@@ -359,7 +365,11 @@ def validate(cfg: Config) -> None:
     if not 0.1 <= cfg.backends.infer_timeout_s <= 3600:
         raise ConfigError(f"backends.infer_timeout_s: {cfg.backends.infer_timeout_s} not in 0.1..3600")
     b = cfg.backends
-    for key, ival, lo, hi in (("max_batch", b.max_batch, 1, 1 << 20), ("max_inflight", b.max_inflight, 1, 1024),
+    if b.autotune_objective not in AUTOTUNE_OBJECTIVES:
+        raise ConfigError(f"backends.autotune_objective: {b.autotune_objective!r} not one of "
+                          f"{', '.join(AUTOTUNE_OBJECTIVES)}")
+    for key, ival, lo, hi in (("autotune_concurrency", b.autotune_concurrency, 1, MAX_AUTOTUNE_CONCURRENCY),
+                              ("max_batch", b.max_batch, 1, 1 << 20), ("max_inflight", b.max_inflight, 1, 1024),
                               ("max_queue", b.max_queue, 0, 65536)):
         if not lo <= ival <= hi:
             raise ConfigError(f"backends.{key}: {ival} not in {lo}..{hi}")

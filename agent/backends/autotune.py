@@ -24,7 +24,12 @@ Invariants:
   that verdict too (``"basis": "layout"`` in the explanation). A cached winner is still validated
   before it serves, and a failed one falls back in rank order. Entries older than
   ``CACHE_TTL_S`` are measured again.
-- The measurements, the winner and whether they came from the cache are in the decision's
+- Each candidate gets both figures: the median single-call latency and the requests/s of
+  ``concurrency`` callers at once (``THROUGHPUT_CALLS`` calls or ``THROUGHPUT_BUDGET_S`` at most),
+  measured where the model runs. The objective (``backends.autotune_objective``) says which one
+  picks the winner: ``latency`` (lowest median) or ``throughput`` (most requests/s). A cached
+  verdict counts only for the objective and concurrency it was measured for.
+- The measurements, the winner, the objective and why the winner won are in the decision's
   explanation (``Decision.autotune``).
 """
 
@@ -61,6 +66,12 @@ CACHE_PREFIX = "autotune/"
 RUNTIME_DISTS = ("onnxruntime", "onnxruntime-gpu", "onnxruntime-openvino", "openvino", "ai-edge-litert", "tflite-runtime")
 FINGERPRINT_HEX = 16
 MAX_LOADED = 2  # models autotune holds at once: the best so far and the one being measured
+OBJECTIVES = ("latency", "throughput")
+DEFAULT_CONCURRENCY = 4
+THROUGHPUT_CALLS = 200  # per candidate, all callers together: enough to settle a pool of 4-8 callers
+THROUGHPUT_BUDGET_S = 0.5  # per candidate: the larger models stop on time, not on calls
+METRICS = {"latency": "median_ms on the golden inputs, one call at a time",
+           "throughput": "requests/s on the golden inputs, {n} callers at once"}
 
 
 class KV(Protocol):
@@ -133,12 +144,14 @@ def _find(decision: Decision, variant: str, backend: str) -> Candidate | None:
 
 
 def plan(decision: Decision, manifest: Manifest, kv: KV, key: str, *, enabled: bool, pinned: bool,
-         now: float | None = None, layout: str = "") -> list[int]:
+         now: float | None = None, layout: str = "", objective: str = "latency",
+         concurrency: int = DEFAULT_CONCURRENCY) -> list[int]:
     """Indices of the candidates to measure; [] when there is nothing to measure or a cached
     verdict applies (then the decision is already reordered). Fills ``decision.autotune``.
 
     ``layout`` (``layout_key``): the verdict of another version with the same layout applies
-    when none is cached for these exact files."""
+    when none is cached for these exact files. A verdict cached for another ``objective`` (or,
+    for throughput, another ``concurrency``) does not apply."""
     n = len(decision.candidates)
     skip = ("backends.autotune is off" if not enabled else "the deploy command pins the backend" if pinned
             else "one candidate" if n < 2 else "the bundle has no golden inputs to measure with"
@@ -150,7 +163,8 @@ def plan(decision: Decision, manifest: Manifest, kv: KV, key: str, *, enabled: b
     for k, basis in ((key, "files"), (layout, "layout")):
         cached = kv.get(k) if k else None
         if not (isinstance(cached, dict) and isinstance(cached.get("winner"), dict)
-                and t - float(cached.get("at", 0)) < CACHE_TTL_S):
+                and t - float(cached.get("at", 0)) < CACHE_TTL_S
+                and _same_objective(cached, objective, concurrency)):
             continue
         w = cached["winner"]
         c = _find(decision, str(w.get("variant")), str(w.get("backend")))
@@ -159,7 +173,8 @@ def plan(decision: Decision, manifest: Manifest, kv: KV, key: str, *, enabled: b
             continue
         decision.promote([c, *(x for x in decision.candidates if x is not c)])
         decision.autotune = {"state": "cached", "key": k, "basis": basis, "measured_at": cached.get("at"),
-                             "winner": w, "measured": cached.get("measured", [])}
+                             "winner": w, "measured": cached.get("measured", []),
+                             "objective": objective, "concurrency": concurrency, "won": cached.get("won", "")}
         if basis == "layout":
             decision.autotune["measured_version"] = cached.get("version")
             decision.autotune["why"] = ("measured on another version of this model with the same layout "
@@ -179,10 +194,34 @@ def plan(decision: Decision, manifest: Manifest, kv: KV, key: str, *, enabled: b
     return picked
 
 
-def _plan() -> Any:
+def _same_objective(cached: Mapping[str, Any], objective: str, concurrency: int) -> bool:
+    """Whether a cached verdict was measured for ``objective`` (older entries: latency)."""
+    was = cached.get("objective", "latency")
+    return bool(was == objective and (objective == "latency" or cached.get("concurrency") == concurrency))
+
+
+def _plan(concurrency: int = 0) -> Any:
     from agent.backends.golden import TimingPlan
 
-    return TimingPlan(warmup=WARMUP_RUNS, min_runs=MIN_RUNS, max_runs=MAX_RUNS, budget_s=BUDGET_S)
+    return TimingPlan(warmup=WARMUP_RUNS, min_runs=MIN_RUNS, max_runs=MAX_RUNS, budget_s=BUDGET_S,
+                      concurrency=concurrency, tp_calls=THROUGHPUT_CALLS if concurrency else 0,
+                      tp_budget_s=THROUGHPUT_BUDGET_S if concurrency else 0.0)
+
+
+def score(row: Mapping[str, Any], objective: str) -> float:
+    """Lower is better: the median latency, or the negated requests/s."""
+    return -float(row["throughput_rps"]) if objective == "throughput" else float(row["median_ms"])
+
+
+def why_won(rows: Sequence[Mapping[str, Any]], winner: Mapping[str, Any], objective: str) -> str:
+    """One line saying why ``winner`` won against the runner-up under ``objective``."""
+    ok = sorted((r for r in rows if "error" not in r), key=lambda r: score(r, objective))
+    fig = (lambda r: f"{r['throughput_rps']:g} req/s") if objective == "throughput" else (lambda r: f"{r['median_ms']:g} ms")
+    head = f"objective {objective}: {winner['backend']} ({winner['variant']}) {fig(winner)}"
+    if len(ok) < 2:
+        return head + ", the only correct candidate"
+    second = ok[1]
+    return (f"{head}, best of {len(ok)}; next {second['backend']} ({second['variant']}) {fig(second)}")
 
 
 def figures(times_s: Sequence[float]) -> dict[str, Any]:
@@ -235,14 +274,16 @@ def _load_wave(wave: Sequence[Candidate], load: Callable[[Candidate], LoadedMode
 
 def tune(decision: Decision, indices: Sequence[int], manifest: Manifest, vdir: Path,
          load: Callable[[Candidate], LoadedModel], on_failure: Callable[[Candidate, errors.AgentError], None],
-         kv: KV, key: str, layout: str = "", concurrent_loads: int = 1) -> TuneResult:
+         kv: KV, key: str, layout: str = "", concurrent_loads: int = 1, objective: str = "latency",
+         concurrency: int = DEFAULT_CONCURRENCY) -> TuneResult:
     """Measure ``decision.candidates[i]`` for i in ``indices``; reorder the decision (fastest
     correct first, then the unmeasured in rank order, then the failed) and cache the verdict
     (under ``key`` and, when given, ``layout``).
 
     ``concurrent_loads`` = 2 loads two candidates at once when no best one is held yet (models
     in worker processes load in parallel; at most two are loaded at any time either way). The
-    golden checks and timings always run one candidate at a time."""
+    golden checks and timings always run one candidate at a time. Every candidate gets both
+    figures (median latency, requests/s at ``concurrency``); ``objective`` picks by one of them."""
     from agent.backends import golden
 
     top = [decision.candidates[i] for i in indices]
@@ -271,9 +312,10 @@ def tune(decision: Decision, indices: Sequence[int], manifest: Manifest, vdir: P
                     assert model is not None
                     row["load_ms"] = load_ms
                     rtol, atol = variant_tolerance(manifest, c.variant)
-                    res = golden.check(model, *samples, rtol, atol, _plan())  # where the model runs
+                    res = golden.check(model, *samples, rtol, atol, _plan(concurrency))  # where the model runs
                     row["max_abs_error"] = res["max_abs_error"]
                     row.update(figures(res["times_s"]))
+                    row.update({k: res[k] for k in ("throughput_rps", "concurrency", "throughput_calls") if k in res})
                     if model.details.get("compute_precision"):
                         row["compute_precision"] = model.details["compute_precision"]
                 except errors.AgentError as e:
@@ -290,11 +332,11 @@ def tune(decision: Decision, indices: Sequence[int], manifest: Manifest, vdir: P
                         model.close()
                     raise
                 rows.append(row)
-                ok.append((row["median_ms"], pos + i, c))
-                if best is None or row["median_ms"] < best[0]:
+                ok.append((score(row, objective), pos + i, c))
+                if best is None or score(row, objective) < best[0]:
                     if best is not None:
                         best[1].close()
-                    best = (row["median_ms"], model, row)
+                    best = (score(row, objective), model, row)
                 else:
                     model.close()
         except BaseException:  # a bug, not a candidate's failure: free every model before it propagates
@@ -305,14 +347,14 @@ def tune(decision: Decision, indices: Sequence[int], manifest: Manifest, vdir: P
                 best[1].close()
             raise
         pos += len(wave)
-    order = _promote(decision, top, ok, failed, rows, manifest.version, kv, key, layout)
+    order = _promote(decision, top, ok, failed, rows, manifest.version, kv, key, layout, objective, concurrency)
     return TuneResult(best[1] if best is not None else None, last_error, len(order) - len(top),
                       best[2] if best is not None else None)
 
 
 def _promote(decision: Decision, top: list[Candidate], ok: list[tuple[float, int, Candidate]],
              failed: list[Candidate], rows: list[dict[str, Any]], version: int, kv: KV, key: str,
-             layout: str) -> list[Candidate]:
+             layout: str, objective: str, concurrency: int) -> list[Candidate]:
     """Reorder ``decision`` (fastest correct first, then the unmeasured in rank order, then the
     failed), record the verdict on it and cache it under ``key`` (and ``layout``); the new order."""
     ok.sort(key=lambda x: (x[0], x[1]))
@@ -320,11 +362,15 @@ def _promote(decision: Decision, top: list[Candidate], ok: list[tuple[float, int
     order = [c for _, _, c in ok] + [c for c in decision.candidates if id(c) not in measured] + failed
     decision.promote(order)
     state: dict[str, Any] = {"state": "measured", "key": key, "measured_at": time.time(), "measured": rows,
-                             "metric": "median_ms on the golden inputs"}
+                             "metric": METRICS[objective].format(n=concurrency), "objective": objective,
+                             "concurrency": concurrency}
     if ok:
         w = ok[0][2]
         state["winner"] = {"variant": w.variant.id, "backend": w.target.id}
-        entry = {"winner": state["winner"], "measured": rows, "at": state["measured_at"], "version": version}
+        row = next(r for r in rows if r["variant"] == w.variant.id and r["backend"] == w.target.id and "error" not in r)
+        state["won"] = why_won(rows, row, objective)
+        entry = {"winner": state["winner"], "measured": rows, "at": state["measured_at"], "version": version,
+                 "objective": objective, "concurrency": concurrency, "won": state["won"]}
         kv.put(key, entry)
         if layout:
             kv.put(layout, entry)

@@ -9,6 +9,7 @@ call it directly. Light imports only: a worker imports this module, not the daem
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
@@ -24,7 +25,8 @@ class TimingPlan:
     """How often to time the golden inputs: ``warmup`` untimed runs, then at least ``min_runs``
     and at most ``max_runs`` timed ones, stopping once ``budget_s`` has passed. With ``quick_runs``,
     also stop after that many runs and ``quick_budget_s`` when the p95 could no longer pass
-    ``slo_ms`` (or there is no SLO to check)."""
+    ``slo_ms`` (or there is no SLO to check). With ``concurrency`` > 0, then also ``concurrency``
+    callers at once for at most ``tp_calls`` calls in all or ``tp_budget_s`` seconds (requests/s)."""
 
     warmup: int = 0
     min_runs: int = 3
@@ -33,13 +35,17 @@ class TimingPlan:
     quick_runs: int = 0
     quick_budget_s: float = 0.0
     slo_ms: float | None = None
+    concurrency: int = 0
+    tp_calls: int = 0
+    tp_budget_s: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     def bound_s(self, per_run_s: float) -> float:
         """Longest the whole plan may take when no run takes longer than ``per_run_s``."""
-        return per_run_s * (2 + self.warmup + self.min_runs) + self.budget_s
+        throughput = per_run_s * (1 + self.concurrency) + self.tp_budget_s if self.concurrency else 0.0
+        return per_run_s * (2 + self.warmup + self.min_runs) + self.budget_s + throughput
 
 
 def load_samples(inputs: Path, expected: Path) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -133,6 +139,47 @@ def time_runs(model: Any, inputs: dict[str, Any], plan: TimingPlan) -> list[floa
     return times
 
 
+def throughput(model: Any, inputs: dict[str, Any], plan: TimingPlan) -> dict[str, Any]:
+    """Requests/s of ``plan.concurrency`` callers calling ``model`` at once, as a loaded server's
+    workers would: each caller loops until ``tp_calls`` calls were started in all or
+    ``tp_budget_s`` has passed (every caller runs at least one call). A failing call ends the
+    measurement with its error."""
+    lock = threading.Lock()
+    started = [0]
+    done = [0]
+    failure: list[BaseException] = []
+    t_end = time.monotonic() + plan.tp_budget_s
+
+    def caller(first: bool) -> None:
+        while True:
+            with lock:
+                if failure or (not first and (started[0] >= plan.tp_calls or time.monotonic() >= t_end)):
+                    return
+                started[0] += 1
+            first = False
+            try:
+                model.infer(inputs)
+            except BaseException as e:  # re-raised by the measuring thread below
+                with lock:
+                    failure.append(e)
+                return
+            with lock:
+                done[0] += 1
+
+    threads = [threading.Thread(target=caller, args=(True,), name=f"golden-tp-{i}", daemon=True)
+               for i in range(plan.concurrency)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - t0
+    if failure:
+        raise failure[0]
+    return {"throughput_rps": round(done[0] / elapsed, 1) if elapsed > 0 else 0.0,
+            "concurrency": plan.concurrency, "throughput_calls": done[0]}
+
+
 def run(model: LoadedModel, inputs: Path, expected: Path, rtol: float, atol: float,
         plan: TimingPlan) -> dict[str, Any]:
     """One checked run of the golden inputs, then the timed ones: ``max_abs_error``, ``times_s``."""
@@ -144,7 +191,10 @@ def run(model: LoadedModel, inputs: Path, expected: Path, rtol: float, atol: flo
     worst = max_error(out, exp, rtol, atol, model.backend_id)
     shapes = [[(k, list(a.shape)) for k, a in sorted(ins.items())]]
     model.known_shapes = shapes  # shapes this version computes: agent/serving/admission.py
-    return {"max_abs_error": worst, "times_s": time_runs(model, ins, plan), "input_shapes": shapes}
+    out_doc: dict[str, Any] = {"max_abs_error": worst, "times_s": time_runs(model, ins, plan), "input_shapes": shapes}
+    if plan.concurrency > 0:
+        out_doc.update(throughput(model, ins, plan))
+    return out_doc
 
 
 def check(model: LoadedModel, inputs: Path, expected: Path, rtol: float, atol: float, plan: TimingPlan) -> dict[str, Any]:

@@ -123,6 +123,26 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def autotune_lines(result: Any) -> list[str]:
+    """Autotune's verdict in a deploy's result: each measured candidate's latency and throughput,
+    the objective and why the winner won; [] when autotune did not run."""
+    tune = (result.get("selection") or {}).get("autotune") if isinstance(result, dict) else None
+    if not isinstance(tune, dict) or tune.get("state") not in ("measured", "cached"):
+        return []
+    w = tune.get("winner") or {}
+    head = (f"autotune ({tune['state']}, objective {tune.get('objective', 'latency')}, "
+            f"{tune.get('concurrency', '-')} callers for throughput):")
+    rows = []
+    for r in tune.get("measured") or []:
+        won = "*" if (r.get("backend"), r.get("variant")) == (w.get("backend"), w.get("variant")) else ""
+        err = (r.get("error") or {}).get("code", "")
+        rows.append([won + str(r.get("backend")), str(r.get("variant")),
+                     f"{r['median_ms']:g} ms" if "median_ms" in r else "-",
+                     f"{r['throughput_rps']:g} req/s" if "throughput_rps" in r else "-", err])
+    table = _table(rows, ["BACKEND", "VARIANT", "P50", "THROUGHPUT", "ERROR"]) if rows else "  nothing measured"
+    return [head, *("  " + line for line in table.splitlines()), f"  won: {tune.get('won') or '-'}"]
+
+
 def cmd_explain(args: argparse.Namespace) -> int:
     j = _call(args, "explain", job=args.job)
     lines = [f"job {j['id']} ({j['type']}{', ' + j['model'] if j.get('model') else ''}): {j['state']}"]
@@ -132,6 +152,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
         why = f"  {detail.get('code')}: {detail.get('message')}" if isinstance(detail, dict) and detail.get("code") else ""
         lines.append(f"  +{ev['ts'] - t0:8.3f}s  {ev['state']:<11} {ev.get('step') or '':<18}{why}")
     if j.get("result"):
+        lines += autotune_lines(j["result"])
         lines.append("result: " + json.dumps(j["result"], default=str)[:2000])
     _out(args, j, "\n".join(lines))
     return EXIT_OK if j["state"] in ("SUCCEEDED", "QUEUED", "IN_PROGRESS") else EXIT_FAILED

@@ -175,7 +175,8 @@ class Agent(StatusReports, CommandRouting, ControlApi):
                               allow_spinning=c.backends.allow_spinning, keep_versions=c.storage.keep_versions,
                               max_disk_bytes=int(c.storage.max_disk_mb * 2**20),
                               isolation=c.backends.isolation, infer_timeout_s=c.backends.infer_timeout_s,
-                              autotune=c.backends.autotune, policy=self.policy, hw_facts=self.hw_facts,
+                              autotune=c.backends.autotune, autotune_objective=c.backends.autotune_objective,
+                              autotune_concurrency=c.backends.autotune_concurrency, policy=self.policy, hw_facts=self.hw_facts,
                               cache_dir=str(self.state_dir / "cache"),
                               decryption_keys=tuple(c.trust.decryption_keys))
 

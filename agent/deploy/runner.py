@@ -169,6 +169,8 @@ class DeploySettings:
     isolation: str = "none"  # "process": each model runs in a worker process the daemon survives
     infer_timeout_s: float = 30.0
     autotune: bool = False  # measure the top candidates on the golden inputs (config backends.autotune)
+    autotune_objective: str = "latency"  # what picks the winner: "latency" or "throughput" (agent/backends/autotune.py)
+    autotune_concurrency: int = 4  # callers at once when measuring throughput
     policy: Policy | None = None  # the hardware profile's ranking; None: the default ranking
     hw_facts: dict[str, Any] | None = None  # detected hardware (hw_report facts): part of the autotune cache key
     hw_fingerprint: str = ""  # overrides the key's hardware part (tests); "": from hw_facts and the targets
@@ -331,7 +333,8 @@ class DeployRunner:
 
         hw = s.hw_fingerprint or autotune.fingerprint(s.hw_facts, targets)
         ctx.tune = autotune.plan(ctx.decision, ctx.manifest, self.db, autotune.cache_key(ctx.manifest, hw),
-                                 enabled=s.autotune, pinned=bool(ctx.pin), layout=autotune.layout_key(ctx.manifest, hw))
+                                 enabled=s.autotune, pinned=bool(ctx.pin), layout=autotune.layout_key(ctx.manifest, hw),
+                                 objective=s.autotune_objective, concurrency=s.autotune_concurrency)
         if s.isolation == "process":  # their interpreters start and import the runtime during the download
             from agent.backends.isolated import prestart
 
@@ -431,7 +434,8 @@ class DeployRunner:
 
         res = autotune.tune(d, indices, m, vdir, load, failed, self.db, str(planned.get("key", "")),
                             str(planned.get("layout_key", "")),
-                            concurrent_loads=2 if s.isolation == "process" else 1)  # workers load in parallel
+                            concurrent_loads=2 if s.isolation == "process" else 1,  # workers load in parallel
+                            objective=s.autotune_objective, concurrency=s.autotune_concurrency)
         ctx.candidate_index = 0
         if res.loaded is None:  # every measured candidate failed: an unmeasured one goes through download
             if res.unmeasured == 0:

@@ -86,7 +86,14 @@ def test_every_command_against_a_running_daemon(tmp_path: Path, mosquitto: Mosqu
     r = daemon.agentctl("explain", deploy_id)
     ok(r)
     assert "validating" in r.stdout and "activating" in r.stdout
-    assert json.loads(daemon.agentctl("explain", deploy_id, "--json").stdout)["state"] == "SUCCEEDED"
+    doc = json.loads(daemon.agentctl("explain", deploy_id, "--json").stdout)
+    assert doc["state"] == "SUCCEEDED"
+    tune = doc["result"]["selection"]["autotune"]
+    assert tune["state"] in ("measured", "cached"), tune  # the daemon's default objective, both figures each
+    assert f"autotune ({tune['state']}, objective latency, 4 callers for throughput)" in r.stdout
+    assert f"won: {tune['won']}" in r.stdout
+    for row in tune["measured"]:
+        assert f"{row['median_ms']:g} ms" in r.stdout and f"{row['throughput_rps']:g} req/s" in r.stdout
     r = daemon.agentctl("explain", "no-such-job")
     assert r.returncode == EXIT_FAILED and "unknown_job" in r.stderr
 

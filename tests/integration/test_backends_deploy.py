@@ -229,6 +229,75 @@ def test_autotune_reports_a_failing_candidate_and_never_picks_it(env: Env, mlp: 
     assert len(ev) == 1 and ev[0]["during"] == "autotune" and ev[0]["failed"]["variant"] == "ov-broken"
 
 
+def make_cnn(path: Path) -> Path:
+    """A small CNN (conv, relu, global pool, dense, softmax) on [batch, 3, 24, 24] images."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(5)
+
+    def w(*shape: int) -> np.ndarray:
+        return (rng.standard_normal(shape) * 0.2).astype(np.float32)
+
+    nodes = [helper.make_node("Conv", ["x", "k1", "c1b"], ["c1"], kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c1"], ["r1"]),
+             helper.make_node("Conv", ["r1", "k2", "c2b"], ["c2"], kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c2"], ["r2"]),
+             helper.make_node("GlobalAveragePool", ["r2"], ["p"]),
+             helper.make_node("Flatten", ["p"], ["f"]),
+             helper.make_node("Gemm", ["f", "d", "db"], ["logits"], transB=1),
+             helper.make_node("Softmax", ["logits"], ["probs"], axis=-1)]
+    graph = helper.make_graph(
+        nodes, "cnn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, 24, 24])],
+        [helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["batch", 5])],
+        initializer=[numpy_helper.from_array(w(8, 3, 3, 3), "k1"), numpy_helper.from_array(w(8), "c1b"),
+                     numpy_helper.from_array(w(16, 8, 3, 3), "k2"), numpy_helper.from_array(w(16), "c2b"),
+                     numpy_helper.from_array(w(5, 16), "d"), numpy_helper.from_array(w(5), "db")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(path))
+    return path
+
+
+@pytest.mark.parametrize(("objective", "isolation"), [("latency", "none"), ("throughput", "process")])
+def test_autotune_objective_picks_by_its_figure(env: Env, objective: str, isolation: str) -> None:
+    from agent.cli.agentctl import autotune_lines
+
+    env.settings = replace(env.settings, autotune=True, autotune_objective=objective, autotune_concurrency=3,
+                           isolation=isolation)
+    cnn = make_cnn(env.tmp / "src" / "cnn.onnx")
+    m1 = build(env, cnn, "b1", variants=["openvino-fp32"])
+    final = env.deploy("j1", m1)
+    assert final["state"] == "SUCCEEDED", final
+    tune = final["result"]["selection"]["autotune"]
+    assert (tune["state"], tune["objective"], tune["concurrency"]) == ("measured", objective, 3)
+    rows = tune["measured"]
+    assert len(rows) == 3 and all("error" not in r for r in rows)
+    for r in rows:  # both figures for every candidate, whatever the objective
+        assert r["median_ms"] > 0 and r["throughput_rps"] > 0 and r["concurrency"] == 3 and r["throughput_calls"] >= 3
+    best = (max(rows, key=lambda r: r["throughput_rps"]) if objective == "throughput"
+            else min(rows, key=lambda r: r["median_ms"]))
+    assert tune["winner"] == {"backend": best["backend"], "variant": best["variant"]}
+    assert (final["result"]["backend"], final["result"]["variant"]) == (best["backend"], best["variant"])
+    figure = f"{best['throughput_rps']:g} req/s" if objective == "throughput" else f"{best['median_ms']:g} ms"
+    assert tune["won"].startswith(f"objective {objective}: {best['backend']} ({best['variant']}) {figure}, best of 3")
+
+    text = "\n".join(autotune_lines(final["result"]))  # what `agentctl explain` prints for the job
+    assert f"objective {objective}, 3 callers" in text and tune["won"] in text
+    for r in rows:
+        mark = "*" if r is best else ""
+        assert any(line.split()[:4] == [mark + r["backend"], r["variant"], f"{r['median_ms']:g}", "ms"]
+                   and f"{r['throughput_rps']:g} req/s" in line for line in text.splitlines()), (r, text)
+
+    # The same files under the other objective: the cached verdict does not apply, measured again.
+    other = "latency" if objective == "throughput" else "throughput"
+    env.settings = replace(env.settings, autotune_objective=other)
+    final2 = env.deploy("j2", resign(env, m1, "b2", 2))
+    tune2 = final2["result"]["selection"]["autotune"]
+    assert (final2["state"], tune2["state"], tune2["objective"]) == ("SUCCEEDED", "measured", other), final2
+
+
 def _worker_pids() -> set[int]:
     import psutil
 

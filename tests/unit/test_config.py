@@ -92,6 +92,9 @@ def test_fractional_values_accepted_for_float_keys() -> None:
     ({"serving": {"max_batch": 65}}, "serving.max_batch"),  # above backends.max_batch (64)
     ({"serving": {"max_batch": -1}}, "serving.max_batch"),
     ({"serving": {"max_queue_delay_us": 1_000_001}}, "serving.max_queue_delay_us"),
+    ({"backends": {"autotune_concurrency": 0}}, "backends.autotune_concurrency"),
+    ({"backends": {"autotune_concurrency": 65}}, "backends.autotune_concurrency"),
+    ({"backends": {"autotune_objective": "fastest"}}, "backends.autotune_objective"),
 ])
 def test_out_of_range_names_the_key(data: dict[str, Any], key: str) -> None:
     assert key in _err(data)
@@ -104,6 +107,8 @@ def test_out_of_range_names_the_key(data: dict[str, Any], key: str) -> None:
     {"telemetry": {"window_s": 0.05}},
     {"telemetry": {"window_s": 86400}},
     {"serving": {"max_batch": 64, "max_queue_delay_us": 1_000_000}},
+    {"backends": {"autotune_concurrency": 1, "autotune_objective": "throughput"}},
+    {"backends": {"autotune_concurrency": 64, "autotune_objective": "latency"}},
 ])
 def test_range_bounds_are_inclusive(data: dict[str, Any]) -> None:
     cfg = from_dict(data)
