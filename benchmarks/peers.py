@@ -41,7 +41,9 @@ def pins() -> dict[str, list[str]]:
     """What each peer installs: current releases that install on Python 3.11, and the agent's own
     onnxruntime for the peers that call it (the same runtime on both sides)."""
     ort = f"onnxruntime=={metadata.version('onnxruntime')}"
-    return {"mlserver": ["mlserver==1.7.1", "mlserver-sklearn==1.7.1",
+    # uvloop 0.22 made asyncio.get_event_loop() raise in a fresh process, which MLServer 1.7.1's
+    # inference-pool workers call at start: with it no model loads.
+    return {"mlserver": ["mlserver==1.7.1", "mlserver-sklearn==1.7.1", "uvloop<0.22",
                          f"scikit-learn=={metadata.version('scikit-learn')}"],
             "kserve": ["kserve==0.21.0", ort],
             "fastapi": ["fastapi==0.165.0", "uvicorn==0.54.0", ort]}
@@ -124,7 +126,8 @@ class Peer:
                 _wait_ready(self.port, m, self.proc, READY_TIMEOUT_S)
         except Exception as e:
             self.stop()
-            raise RuntimeError(f"{peer} did not start ({e}): {self.log.read_text()[-1500:]}") from e
+            errors = [ln for ln in self.log.read_text(errors="replace").splitlines() if "Error" in ln]
+            raise RuntimeError(f"{peer} did not start ({e}): {errors[-1] if errors else 'no error logged'}") from e
         self.startup_s = time.monotonic() - t0
 
     def _mlserver_folder(self, work: Path, models: dict[str, Path]) -> Path:
@@ -153,7 +156,7 @@ def _measure(port: int, req: bytes, n: int, seconds: float) -> dict[str, Any]:
     row: dict[str, Any] = {"ms": h.stats([x * 1000 for x in lat]).to_dict(), "errors": errs, "rps": {}}
     for c in CLIENTS:
         tl, te, wall = h.drive(port, req, c, duration_s=seconds, warmup=3)
-        row["rps"][str(c)] = len(tl) / wall
+        row["rps"][str(c)] = (len(tl) - te) / wall  # answered requests only: errors do not count
         row["errors"] += te
     return row
 
@@ -215,7 +218,7 @@ def run(ctx: Context) -> dict[str, Any]:
     reqs = {"sk": lambda srv, port: _request("sk", "input", x_sk, port),
             "cnn": lambda srv, port: _request("cnn", "x", x_cnn, port)}
     n = {"sk": min(sc.tiny_requests, 1000), "cnn": sc.cnn_requests}
-    res: dict[str, Any] = {"repeats": repeats, "servers": {}, "not_installed": {}, "versions": pins(),
+    res: dict[str, Any] = {"repeats": repeats, "servers": {}, "not_installed": {}, "failed": {}, "versions": pins(),
                            "load_avg": [], "cnn_shape": list(CNN_SHAPE)}
     pys: dict[str, Path] = {}
     venvs = ctx.peers_cache or (ctx.work / "peer-venvs")
@@ -236,7 +239,11 @@ def run(ctx: Context) -> dict[str, Any]:
             else:
                 models = {"sk": sk} if srv == "mlserver" else {
                     "sk": sk_manifest.parent / "model.onnx", **({"cnn": cnn_onnx} if with_cnn else {})}
-                out = _peer_run(ctx, srv, pys[srv], models, reqs, n)
+                try:
+                    out = _peer_run(ctx, srv, pys[srv], models, reqs, n)
+                except RuntimeError as e:  # reported as it failed, never measured another way
+                    res["failed"][srv] = str(e).splitlines()[0][:300]
+                    continue
             res["servers"].setdefault(srv, []).append(out)
     res["summary"] = summarise(res["servers"])
     return res

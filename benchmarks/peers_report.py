@@ -51,6 +51,8 @@ def render(d: Any, pr: dict[str, Any]) -> None:
     for peer, err in pr.get("not_installed", {}).items():
         d.add(f"**{LABELS[peer]} could not be installed here** (`pip install {' '.join(pr['versions'][peer])}`): "
               f"`{err}` — not measured.", "")
+    for srv, err in pr.get("failed", {}).items():
+        d.add(f"**{LABELS[srv]} failed in this run**: `{err}` — its runs are left out.", "")
     d.add("Versions: " + "; ".join(f"{p}: {', '.join(v)}" for p, v in pr.get("versions", {}).items()) + ".", "")
     rows: list[list[str]] = []
     for m in ("sk", "cnn"):

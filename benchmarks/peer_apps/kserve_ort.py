@@ -8,6 +8,7 @@ import sys
 
 import onnxruntime as ort
 from kserve import InferOutput, InferRequest, InferResponse, Model, ModelServer
+from kserve.utils.utils import generate_uuid
 
 DATATYPES = {"float32": "FP32", "float64": "FP64", "int64": "INT64", "int32": "INT32"}
 
@@ -32,7 +33,7 @@ class OnnxModel(Model):
             out = InferOutput(name=n, shape=list(r.shape), datatype=DATATYPES.get(str(r.dtype), "BYTES"))
             out.set_data_from_numpy(r, binary_data=False)
             outputs.append(out)
-        return InferResponse(model_name=self.name, infer_outputs=outputs, response_id=payload.id)
+        return InferResponse(model_name=self.name, infer_outputs=outputs, response_id=payload.id or generate_uuid())
 
 
 if __name__ == "__main__":
