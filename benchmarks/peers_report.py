@@ -40,7 +40,9 @@ def render(d: Any, pr: dict[str, Any]) -> None:
           "wrapping onnxruntime), the FastAPI app and the agent serve the same pipeline converted to ONNX by "
           "`fleetctl bundle build model.joblib`, and a small CNN with a "
           f"{pr.get('cnn_shape')} input (MLServer has no ONNX runtime: —). The peers' processes run with their "
-          "defaults. Start-up: process start to every model answering ready for the peers; for the agent, "
+          "defaults, as their guides show them: onnxruntime's default session options in KServe and FastAPI (its "
+          "intra-op threads spin while they wait; the agent turns spinning off, which counts on a loaded "
+          "2-core machine), MLServer's one inference-pool worker process. Start-up: process start to every model answering ready for the peers; for the agent, "
           "to its API answering (its models then arrive by a deploy, measured in section 3). RSS: the whole "
           "process tree, idle (models loaded, no request yet) and after the load. Ratio: the agent over the "
           "best peer (below 1 is better for times and memory, above 1 for requests/s).", "")
