@@ -1,4 +1,4 @@
-"""``python -m benchmarks [--quick | --smoke] [--only SECTION,...]``: run the benchmarks on
+"""``python -m benchmarks [--quick | --smoke] [--only SECTION,...] [--peers]``: run the benchmarks on
 loopback and write docs/benchmarks.md, docs/benchmarks/*.png and benchmarks/results.json.
 
 Bounded: ``full`` ≈ 10 minutes, ``--quick`` ≤ 3 minutes, ``--smoke`` (CI) ≈ 30 seconds.
@@ -22,6 +22,7 @@ from benchmarks.context import SCALES, Context
 
 SECTIONS = ("footprint", "serving", "deploy", "swap", "telemetry", "fleet", "collect", "sources", "sealed",
             "jsoncodec", "batching")
+OPTIONAL = ("peers",)  # installs other servers from PyPI: only when asked (``--peers``)
 RESULTS_NAME = "results.json"
 
 
@@ -31,6 +32,9 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--quick", action="store_true", help="fewer repeats and sizes (≤ 3 minutes)")
     g.add_argument("--smoke", action="store_true", help="a minimal pass that checks the harness works (CI)")
     ap.add_argument("--only", default="", help=f"comma-separated sections of {', '.join(SECTIONS)}")
+    ap.add_argument("--peers", action="store_true", help="run the peers section (installs the peer servers from PyPI)")
+    ap.add_argument("--peer-set", default="", help="peers section: comma-separated of agent, mlserver, kserve, fastapi")
+    ap.add_argument("--peers-cache", type=Path, help="peers section: keep the peers' virtual environments here")
     ap.add_argument("--out", type=Path, default=h.REPO / "docs", help="where benchmarks.md and benchmarks/*.png go")
     ap.add_argument("--results", type=Path, help=f"raw results JSON (default benchmarks/{RESULTS_NAME})")
     ap.add_argument("--work", type=Path, help="work folder (default: a temporary one, removed after)")
@@ -45,8 +49,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {a.out / 'benchmarks.md'} from {a.from_results}")
         return 0
     scale = SCALES["smoke" if a.smoke else "quick" if a.quick else "full"]
-    only = [s.strip() for s in a.only.split(",") if s.strip()] or list(SECTIONS)
-    unknown = set(only) - set(SECTIONS)
+    only = [s.strip() for s in a.only.split(",") if s.strip()] or ([] if a.peers else list(SECTIONS))
+    if a.peers and "peers" not in only:
+        only.append("peers")
+    unknown = set(only) - set(SECTIONS) - set(OPTIONAL)
     if unknown:
         ap.error(f"unknown section(s): {', '.join(sorted(unknown))}")
     sys.path[:0] = [str(h.REPO), str(h.REPO / "tools")]
@@ -59,9 +65,10 @@ def main(argv: list[str] | None = None) -> int:
     results_path = a.results or (h.REPO / "benchmarks" / RESULTS_NAME)
     with tempfile.TemporaryDirectory(prefix="edge-bench-") as tmp:
         work = a.work or Path(tmp)
-        results = run(scale, only, work)
+        peer_set = tuple(p.strip() for p in a.peer_set.split(",") if p.strip())
+        results = run(scale, only, work, peer_set, a.peers_cache)
     results_path.parent.mkdir(parents=True, exist_ok=True)
-    if a.only and results_path.exists():  # a partial rerun replaces its sections, keeps the others
+    if (a.only or a.peers) and results_path.exists():  # a partial rerun replaces its sections, keeps the others
         old = json.loads(results_path.read_text())
         if old.get("scale") == results["scale"]:
             old["sections"].update(results["sections"])
@@ -78,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if failed else 0
 
 
-def run(scale: Any, only: list[str], work: Path) -> dict[str, Any]:
+def run(scale: Any, only: list[str], work: Path, peers: tuple[str, ...] = (),
+        peers_cache: Path | None = None) -> dict[str, Any]:
     t0 = time.monotonic()
     results: dict[str, Any] = {"scale": scale.name, "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
                                "machine": h.machine(), "sections": {}}
@@ -87,8 +95,8 @@ def run(scale: Any, only: list[str], work: Path) -> dict[str, Any]:
         fleet = h.Fleet(work / "fleet")
         bundles = work / "bundles"
         with h.ArtifactServer(bundles) as server:
-            ctx = Context(scale, work, broker, fleet, bundles, server)
-            for name in SECTIONS:
+            ctx = Context(scale, work, broker, fleet, bundles, server, peers=peers, peers_cache=peers_cache)
+            for name in (*SECTIONS, *OPTIONAL):
                 if name not in only:
                     continue
                 ts = time.monotonic()

@@ -74,6 +74,8 @@ class Context:
     bundles: Path
     server: h.ArtifactServer
     results: dict[str, Any] = field(default_factory=dict)
+    peers: tuple[str, ...] = ()  # the peers section: which servers (empty: all)
+    peers_cache: Path | None = None  # ... where their virtual environments are kept between runs
     _built: dict[str, Path] = field(default_factory=dict)
     _daemons: int = 0
 

@@ -575,9 +575,10 @@ def make_mlp(path: Path, seed: int = 0, d_in: int = 16, hidden: int = 32, d_out:
 CNN_INPUT = (1, 3, 224, 224)
 
 
-def make_cnn(path: Path, seed: int = 0) -> Path:
+def make_cnn(path: Path, seed: int = 0, shape: tuple[int, ...] = CNN_INPUT) -> Path:
     """A small image classifier shaped like the edge CNNs people deploy: 224×224×3 in, six strided
-    3×3 convolutions with ReLU (16→256 channels), global average pooling, a 1000-way softmax."""
+    3×3 convolutions with ReLU (16→256 channels), global average pooling, a 1000-way softmax
+    (``shape``: another [1,3,H,W] input, e.g. a text-line classifier's 48×192)."""
     import numpy as np
     import onnx
     from onnx import TensorProto, helper, numpy_helper
@@ -602,7 +603,7 @@ def make_cnn(path: Path, seed: int = 0) -> Path:
               helper.make_node("MatMul", ["feat", "fc"], ["mm"]),
               helper.make_node("Add", ["mm", "fcb"], ["logits"]),
               helper.make_node("Softmax", ["logits"], ["probs"], axis=-1)]
-    graph = helper.make_graph(nodes, "cnn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(CNN_INPUT))],
+    graph = helper.make_graph(nodes, "cnn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(shape))],
                               [helper.make_tensor_value_info("probs", TensorProto.FLOAT, [1, 1000])], initializer=inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8

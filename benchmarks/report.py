@@ -208,7 +208,7 @@ def render(res: dict[str, Any], images: dict[str, str]) -> str:
     for name, fn in (("footprint", _footprint), ("serving", _serving), ("deploy", _deploy), ("swap", _swap),
                      ("telemetry", _telemetry), ("fleet", _fleet), ("collect", _collect),
                      ("sources", _sources), ("sealed", _sealed), ("jsoncodec", _jsoncodec),
-                     ("batching", _batching)):
+                     ("batching", _batching), ("peers", _peers)):
         sec = s.get(name)
         if sec is None:
             continue
@@ -484,3 +484,9 @@ def _sources(d: Doc, sr: dict[str, Any], images: dict[str, str]) -> None:
         rows.append([label, _f(st["median"], 3), _f(st["p99"], 3),
                      _f(st["median"] / fw, 2) if fw else "–", str(sr[key].get("errors", 0))])
     d.table(["per call", "p50 ms", "p99 ms", "× framework", "errors"], rows)
+
+
+def _peers(d: Doc, pr: dict[str, Any], images: dict[str, str]) -> None:
+    from benchmarks import peers_report
+
+    peers_report.render(d, pr)

@@ -18,9 +18,9 @@ SMOKE_TIMEOUT_S = 100.0
 pytestmark = pytest.mark.skipif(mosquitto_binary() is None, reason="needs mosquitto (apt-get install -y mosquitto)")
 
 
-def smoke(tmp_path: Path, sections: str) -> tuple[dict[str, Any], str]:
+def smoke(tmp_path: Path, sections: str, *extra: str) -> tuple[dict[str, Any], str]:
     results = tmp_path / "results.json"
-    r = subprocess.run([sys.executable, "-m", "benchmarks", "--smoke", "--no-plots", "--only", sections,
+    r = subprocess.run([sys.executable, "-m", "benchmarks", "--smoke", "--no-plots", "--only", sections, *extra,
                         "--out", str(tmp_path / "docs"), "--results", str(results), "--work", str(tmp_path / "work")],
                        capture_output=True, text=True, timeout=SMOKE_TIMEOUT_S, cwd=REPO)
     assert r.returncode == 0, f"{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
@@ -88,3 +88,16 @@ def test_batching(tmp_path: Path) -> None:
     assert bt["on"]["errors"] == 0 and bt["off"]["errors"] == 0
     assert bt["on"]["rps"]["median"] > 0 and bt["off"]["rps"]["median"] > 0
     assert "## 11. Dynamic batching" in doc
+
+
+def test_peers_agent_side(tmp_path: Path) -> None:
+    """The agent's half of ``--peers`` (the converted sklearn pipeline served and measured); the peer
+    servers themselves install from PyPI, which a test does not do."""
+    pytest.importorskip("skl2onnx", reason="the peers section converts a scikit-learn pipeline ('edge-agent[test]')")
+    res, doc = smoke(tmp_path, "peers", "--peer-set", "agent")
+    pr = res["peers"]
+    assert list(pr["servers"]) == ["agent"] and not pr["not_installed"] and not pr["failed"]
+    s = pr["summary"]["agent"]
+    assert s["sk/errors"] == 0 and s["sk/p50_ms"] > 0 and s["sk/rps8"] > 0
+    assert s["rss_loaded_mb"] > 0 and s["startup_s"] > 0
+    assert "## 12. Peers" in doc and "agent (process)" in doc
