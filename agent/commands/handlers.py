@@ -92,7 +92,13 @@ class Handlers:
         if info is None:
             raise errors.RejectError(errors.ROLLBACK_REFUSED,
                                      f"{name} v{to} is not kept on this device (kept: {a.db.versions(name)})")
-        sv = self.load_version(name, to)
+        try:
+            sv = self.load_version(name, to)
+        except errors.AgentError as e:  # a deploy may have pruned it (or a remove taken it) meanwhile
+            if a.db.version(name, to) is None or a.runner.owner.serving(name) != rec["serving"]:
+                raise errors.RejectError(errors.SERVING_MOVED, f"{name} changed while v{to} loaded for the "
+                                         f"rollback (v{to} kept: {a.db.version(name, to) is not None})") from e
+            raise
         a.runner.owner.rollback(sv, rec["serving"], keep_previous=True)  # refused if it moved meanwhile
         a.reporter.event("rollback", model=name, frm=rec["serving"], to=to, reason="rollback command")
         a.publish_status()

@@ -9,6 +9,8 @@ Invariants:
   recorded serving version is not that one, the request is refused with ``serving_moved`` and
   changes nothing: a rollback judged against v2 never overwrites a v3 that a deploy activated
   meanwhile, and a remove never drops a version its sender did not see.
+- Only a kept version (a row in the versions table) is activated: a rollback that loaded a
+  version a deploy pruned meanwhile is refused.
 - A refused request's loaded model is closed here: the caller hands it over with the request.
 - A worker replacement (restart, memory recycle) swaps a worker of the same version and is
   applied only while the version it replaces is still the registry's entry.
@@ -87,6 +89,9 @@ class ServingOwner:
         with self._lock:
             try:
                 self._check(sv.name, expect, f"activation of v{sv.version}")
+                if self.db.version(sv.name, sv.version) is None:  # pruned or removed while it loaded
+                    raise errors.RejectError(errors.SERVING_MOVED,
+                                             f"activation of {sv.name} v{sv.version} refused: no longer kept")
             except errors.AgentError as e:
                 raise self._refuse(sv, e) from None
             self.db.set_serving(sv.name, sv.version, previous, backend)
