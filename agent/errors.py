@@ -46,6 +46,7 @@ class Code(str, Enum):
     UNKNOWN_MODEL = "unknown_model"
     UNKNOWN_COMMAND = "unknown_command"
     SUPERSEDED = "superseded"
+    SERVING_MOVED = "serving_moved"  # a change of what serves named a version that no longer serves (agent/deploy/owner.py)
     CANCELED = "canceled"
     TIMEOUT = "timeout"
     CLOCK_UNTRUSTED = "clock_untrusted"
@@ -116,6 +117,7 @@ INSUFFICIENT_MEMORY = Code.INSUFFICIENT_MEMORY
 UNKNOWN_MODEL = Code.UNKNOWN_MODEL
 UNKNOWN_COMMAND = Code.UNKNOWN_COMMAND
 SUPERSEDED = Code.SUPERSEDED
+SERVING_MOVED = Code.SERVING_MOVED
 CANCELED = Code.CANCELED
 TIMEOUT = Code.TIMEOUT
 CLOCK_UNTRUSTED = Code.CLOCK_UNTRUSTED

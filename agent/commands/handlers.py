@@ -92,10 +92,14 @@ class Handlers:
         if info is None:
             raise errors.RejectError(errors.ROLLBACK_REFUSED,
                                      f"{name} v{to} is not kept on this device (kept: {a.db.versions(name)})")
-        sv = self.load_version(name, to)
-        with self.agent.runner.activation_lock:
-            a.db.set_serving(name, to, rec["serving"])
-            a.registry.activate(sv)
+        try:
+            sv = self.load_version(name, to)
+        except errors.AgentError as e:  # a deploy may have pruned it (or a remove taken it) meanwhile
+            if a.db.version(name, to) is None or a.runner.owner.serving(name) != rec["serving"]:
+                raise errors.RejectError(errors.SERVING_MOVED, f"{name} changed while v{to} loaded for the "
+                                         f"rollback (v{to} kept: {a.db.version(name, to) is not None})") from e
+            raise
+        a.runner.owner.rollback(sv, rec["serving"], keep_previous=True)  # refused if it moved meanwhile
         a.reporter.event("rollback", model=name, frm=rec["serving"], to=to, reason="rollback command")
         a.publish_status()
         return {"name": name, "version": to, "backend": sv.backend, "previous": rec["serving"]}
@@ -129,17 +133,7 @@ class Handlers:
         rec = a.db.model(name)
         if rec is None or (rec["serving"] is None and not a.db.versions(name)):
             raise errors.RejectError(errors.UNKNOWN_MODEL, f"model {name!r} is not deployed here")
-        with self.agent.runner.activation_lock:
-            a.registry.remove(name)
-            with a.db.tx() as db:
-                db.execute("UPDATE models SET serving = NULL, previous = NULL, state = 'removed', updated = ? WHERE name = ?",
-                           (time.time(), name))
-                db.execute("DELETE FROM versions WHERE name = ?", (name,))
-            for vdir in sorted(a.store.versions.glob(f"{name}/*")):
-                if vdir.name.isdigit():
-                    a.store.remove_version(name, int(vdir.name))
-            referenced = {sha for files in a.db.all_version_files() for sha in files.values()}
-            freed = a.store.collect(referenced)
+        freed = a.runner.owner.remove(name, rec["serving"])  # refused if what serves moved meanwhile
         a.publish_status()
         return {"name": name, "freed_bytes": freed}
 

@@ -114,7 +114,7 @@ class Agent(StatusReports, CommandRouting, ControlApi):
         self.handlers = Handlers(self)
         self.supervisor = Supervisor(self.registry, self.db, self.reporter,
                                      lambda name, v: self.handlers.load_version(name, v, validate_samples=False),
-                                     self.runner.activation_lock, self.probation_settings, self.publish_status,
+                                     self.runner.owner, self.probation_settings, self.publish_status,
                                      recheck=lambda name, v: recheck(self.handlers.load_version(name, v, validate_samples=False),
                                                                      self.store.version_dir(name, v)))
         self._ops = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ops")  # fleet and admin changes, in order

@@ -142,9 +142,8 @@ class CommandRouting:
                     log.error("%s v%s could not be restored: %s", rec["name"], version, e)
                     self.reporter.event("restore_failed", model=rec["name"], version=version, error=str(e))
                     continue
-                self.registry.activate(sv)
+                self.runner.owner.restore(sv)
                 if version != rec["serving"]:
-                    self.db.set_serving(rec["name"], version, None)
                     self.reporter.event("rollback", model=rec["name"], frm=rec["serving"], to=version,
                                         reason="serving version failed to load at start")
                 break
@@ -188,12 +187,10 @@ class CommandRouting:
                 prev = rec["previous"]
                 try:
                     sv = self.handlers.load_version(model, prev, validate_samples=False)
+                    self.runner.owner.rollback(sv, version)
                 except errors.AgentError as e:
                     log.error("%s: cannot roll back to v%s: %s", model, prev, e)
                 else:
-                    with self.runner.activation_lock:
-                        self.db.set_serving(model, prev, None)
-                        self.registry.activate(sv)
                     self.reporter.event("rollback", model=model, frm=version, to=prev,
                                         reason="the agent died during probation")
                 self.reporter.update(jid, "deploy", "FAILED", step, error=errors.AgentError(

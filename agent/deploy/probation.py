@@ -28,6 +28,7 @@ from typing import Any
 from agent import errors
 from agent.backends.wire import DeathReason
 from agent.deploy.jobs import JobReporter
+from agent.deploy.owner import ServingOwner
 from agent.serving.registry import Registry, ServingVersion
 from agent.state import StateDB
 from agent.timeutil import now_rfc3339
@@ -78,14 +79,14 @@ def _death(sv: ServingVersion) -> str:
 
 class Supervisor:
     def __init__(self, registry: Registry, db: StateDB, reporter: JobReporter, reload: Reload,
-                 activation_lock: threading.Lock, settings: Callable[[], ProbationSettings],
+                 owner: ServingOwner, settings: Callable[[], ProbationSettings],
                  on_change: Callable[[], None], recheck: Recheck | None = None) -> None:
         self.registry = registry
         self.db = db
         self.reporter = reporter
         self.reload = reload
         self.recheck = recheck or reload
-        self.activation_lock = activation_lock
+        self.owner = owner  # the only writer of what serves (agent/deploy/owner.py)
         self.settings = settings
         self.on_change = on_change
         self._lock = threading.Lock()
@@ -135,9 +136,12 @@ class Supervisor:
                 code, message = reason
                 with self._lock:
                     self._watches.pop(w.name, None)
-                self._rollback(sv, w.previous, f"probation: {message}")
-                w.result["rolled_back_to"] = w.previous
-                self._finish(w, "FAILED", error=errors.AgentError(code, f"{w.name} v{w.version} {message}; rolled back to v{w.previous}"))
+                if self._rollback(sv, w.previous, f"probation: {message}"):
+                    w.result["rolled_back_to"] = w.previous
+                    outcome = f"rolled back to v{w.previous}"
+                else:
+                    outcome = "not rolled back (it no longer serves or the rollback failed)"
+                self._finish(w, "FAILED", error=errors.AgentError(code, f"{w.name} v{w.version} {message}; {outcome}"))
             elif now >= w.until:
                 with self._lock:
                     self._watches.pop(w.name, None)
@@ -170,11 +174,7 @@ class Supervisor:
             log.error("%s v%d: re-check on a fresh worker failed: %s", sv.name, sv.version, e)
             return f"re-check on a fresh worker failed: {e.code}: {e.message}"
         fresh.calls, fresh.errors = sv.calls, sv.errors  # probation counts on across the restart
-        with self.activation_lock:
-            if self.registry.get(sv.name) is sv:
-                self.registry.activate(fresh)
-            else:
-                fresh.model.close()
+        self.owner.replace_worker(sv, fresh)
         self.reporter.event("worker_restarted", model=sv.name, version=sv.version, reason=death, recheck="passed")
         self.on_change()
         return None
@@ -206,8 +206,8 @@ class Supervisor:
                 h.deaths.clear()
             elif len(h.deaths) >= CRASH_LOOP_MAX:
                 self.reporter.event("model_down", model=sv.name, version=sv.version, reason=f"{death}; {failed}")
-                self.registry.remove(sv.name)
-                self.on_change()
+                if self.owner.take_down(sv):
+                    self.on_change()
             else:
                 self.reporter.event("worker_restart_failed", model=sv.name, version=sv.version, reason=failed)
 
@@ -234,31 +234,28 @@ class Supervisor:
                 self.reporter.event("worker_recycle_failed", model=sv.name, version=sv.version, error=e.to_dict())
                 continue
             fresh.calls, fresh.errors = sv.calls, sv.errors
-            with self.activation_lock:
-                if self.registry.get(sv.name) is sv:
-                    self.registry.activate(fresh)
-                else:
-                    fresh.model.close()
-                    continue
+            if not self.owner.replace_worker(sv, fresh):
+                continue
             log.warning("%s v%d: worker RSS %d MB above %d MB; replaced", sv.name, sv.version,
                         rss >> 20, int(ceiling) >> 20)
             self.reporter.event("worker_recycled", model=sv.name, version=sv.version, rss_mb=rss >> 20,
                                 limit_mb=int(ceiling) >> 20, pid=sv.worker.pid if sv.worker else None,
                                 new_pid=fresh.worker.pid if fresh.worker else None)
 
-    def _rollback(self, bad: ServingVersion, to: int, reason: str) -> None:
+    def _rollback(self, bad: ServingVersion, to: int, reason: str) -> bool:
+        """Serve ``to`` in place of ``bad`` — only while ``bad`` still serves (a deploy that
+        replaced it meanwhile stays); True when it did."""
         try:
             good = self.reload(bad.name, to)
+            self.owner.rollback(good, bad.version)
         except errors.AgentError as e:
-            log.error("%s: rollback to v%d failed: %s", bad.name, to, e)
+            log.error("%s: rollback v%d → v%d not applied: %s", bad.name, bad.version, to, e)
             self.reporter.event("rollback_failed", model=bad.name, frm=bad.version, to=to, error=e.to_dict())
-            return
-        with self.activation_lock:
-            self.db.set_serving(bad.name, to, None)
-            self.registry.activate(good)
+            return False
         self.reporter.event("rollback", model=bad.name, frm=bad.version, to=to, reason=reason)
         log.warning("%s: rolled back v%d → v%d (%s)", bad.name, bad.version, to, reason)
         self.on_change()
+        return True
 
     # -- thread ---------------------------------------------------------------------------------
     def start(self) -> None:

@@ -38,6 +38,7 @@ from agent.bundles.sealed import SPEC_KEY, check_recipient, load_spec
 from agent.bundles.store import Store
 from agent.bundles.trust import TrustStore
 from agent.deploy.jobs import JobReporter
+from agent.deploy.owner import ServingOwner
 from agent.serving.registry import Registry, ServingVersion
 from agent.state import StateDB
 from agent.timeutil import parse_rfc3339
@@ -184,7 +185,8 @@ class DeployRunner:
     def __init__(self, db: StateDB, store: Store, fetcher: Fetcher, trust: Callable[[], TrustStore],
                  registry: Registry, backends: Sequence[Backend], reporter: JobReporter,
                  settings: Callable[[], DeploySettings],
-                 probation: Callable[[DeployContext, dict[str, Any]], bool] | None = None) -> None:
+                 probation: Callable[[DeployContext, dict[str, Any]], bool] | None = None,
+                 owner: ServingOwner | None = None) -> None:
         self.db = db
         self.store = store
         self.fetcher = fetcher
@@ -199,7 +201,7 @@ class DeployRunner:
             DOWNLOADING: self._download, INSTALLING: self._install, LOADING: self._load,
             VALIDATING: self._validate, ACTIVATING: self._activate, PROBATION: self._probation,
         }
-        self.activation_lock = threading.Lock()  # one activation at a time, deploy or rollback
+        self.owner = owner or ServingOwner(db, registry, store)  # the only writer of what serves
 
     def run(self, ctx: DeployContext) -> None:
         """Drive ``ctx`` to a terminal state (or to probation), reporting every step; ends
@@ -473,15 +475,13 @@ class DeployRunner:
     def _activate(self, ctx: DeployContext) -> str:
         m = ctx.manifest
         assert m is not None and ctx.loaded is not None
-        with self.activation_lock:
-            rec = self.db.model(m.name)
-            previous = rec["serving"] if rec else None
-            ctx.previous = previous if previous != m.version else None
-            sv = ServingVersion(m.name, m.version, ctx.candidate.variant.id, ctx.loaded, manifest=m.raw)
-            self.db.set_serving(m.name, m.version, previous, ctx.candidate.target.id)
-            self.registry.activate(sv)
-            ctx.loaded = None  # owned by the registry now
-            self._prune(m.name)
+        # The newest deploy replaces whatever serves when it gets here; the owner refuses it only
+        # if that changed between this read and the swap (another writer got in between).
+        previous = self.owner.serving(m.name)
+        ctx.previous = previous if previous != m.version else None
+        sv = ServingVersion(m.name, m.version, ctx.candidate.variant.id, ctx.loaded, manifest=m.raw)
+        ctx.loaded = None  # owned by the owner now (closed by it if refused)
+        self.owner.activate(sv, previous, previous, ctx.candidate.target.id, then=lambda: self._prune(m.name))
         return ON_PROBATION if ctx.previous is not None and self.probation is not None else OK
 
     def _probation(self, ctx: DeployContext) -> str:
