@@ -352,7 +352,7 @@ class DeployRunner:
                                          f"{m.name} needs {min_mem} MB free memory, {avail_mb:.0f} MB available")
         check_recipient(m.raw, s.decryption_keys)  # encrypted bundles: before any byte is downloaded
         ctx.manifest = m
-        self.db.put(f"job_version:{ctx.job_id}", m.version)
+        self.db.set_job_version(ctx.job_id, m.version)
         return OK
 
     def _select(self, ctx: DeployContext) -> str:
