@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from agent import __version__, errors
 from agent.commands.verify import Command
-from agent.deploy.runner import DeployContext
+from agent.deploy.runner import RECOVERY, RESUME, SETTLE, DeployContext
 from agent.timeutil import now_rfc3339
 
 if TYPE_CHECKING:
@@ -176,7 +176,7 @@ class CommandRouting:
         model = str(params.get("model", ""))
         version = job.get("version")
         rec = self.db.model(model) or {}
-        if step in ("activating", "probation") and version is not None and rec.get("serving") == version:
+        if RECOVERY.get(step, RESUME) == SETTLE and version is not None and rec.get("serving") == version:
             info = self.db.version(model, version) or {}
             result = {"name": model, "version": version, "variant": info.get("variant"),
                       "backend": info.get("backend"), "previous": rec.get("previous"), "resumed": True}

@@ -74,6 +74,16 @@ TRANSITIONS: dict[tuple[str, str], str] = {
     (PROBATION, OK): DONE,
     (PROBATION, DEFERRED): HANDED_OVER,
 }
+# Recovery after a restart: the event each persisted step (None: still queued) takes. RESUME runs
+# the deploy again from the start (downloads continue from their partial files; at most
+# deploy.max_resumes times); SETTLE ends it from what the database says serves: when the job's
+# version serves, probation continues (or the job succeeds, or rolls back after an unclean stop
+# with in-process runtimes); when it does not, the deploy never activated and RESUME applies.
+RESUME, SETTLE = "resume", "settle"
+RECOVERY: dict[str | None, str] = {
+    None: RESUME, FETCHING: RESUME, VERIFYING: RESUME, SELECTING: RESUME, DOWNLOADING: RESUME,
+    INSTALLING: RESUME, LOADING: RESUME, VALIDATING: RESUME, ACTIVATING: SETTLE, PROBATION: SETTLE,
+}
 REJECTING_STEPS = (FETCHING, VERIFYING, SELECTING)  # a refusal here is REJECTED, not FAILED
 MAX_STEP_ENTRIES = 8  # per step per job: fallbacks are bounded by the candidates, this by design
 # Each step runs under its deadline (seconds) and is cut off at it: the job ends TIMED_OUT and
