@@ -144,6 +144,9 @@ class DeployConfig:
     probation_max_errors: int = 5
     probation_max_error_ratio: float = 0.5
     max_resumes: int = 3  # a deploy interrupted by restarts this often fails instead of looping
+    download_timeout_s: float = 3600.0  # each deploy step's deadline: past it the job ends TIMED_OUT
+    load_timeout_s: float = 300.0  # ... (the step is cut off; what served keeps serving)
+    validate_timeout_s: float = 300.0
 
 
 @dataclass
@@ -360,6 +363,9 @@ def validate(cfg: Config) -> None:
     for p in cfg.backends.prefer:
         if ":" not in p:
             raise ConfigError(f"backends.prefer: {p!r} must be runtime:target, e.g. onnxruntime:CPUExecutionProvider")
+    for key in ("download_timeout_s", "load_timeout_s", "validate_timeout_s"):
+        if not 0.1 <= getattr(cfg.deploy, key) <= 86400:
+            raise ConfigError(f"deploy.{key}: {getattr(cfg.deploy, key)} not in 0.1..86400")
     if cfg.backends.isolation not in ("process", "none"):
         raise ConfigError(f"backends.isolation: {cfg.backends.isolation!r} not one of process, none")
     if not 0.1 <= cfg.backends.infer_timeout_s <= 3600:

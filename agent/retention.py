@@ -8,7 +8,7 @@ sweeper, started by the daemon, owns their forgetting:
   clock skew, and the oldest such jobs past ``retention.jobs_max`` rows. A job whose command has
   not expired plus the skew is never dropped, because its id is what refuses a replay (commands
   valid longer than 30 days are refused, so every id becomes forgettable).
-- recovery entries (``job_version:``, ``resumes:``) of jobs that ended or are gone.
+- a deploy's recovery state lives in its job's row (``version``, ``resumes``) and goes with it.
 - outbox final-update records older than ``retention.reported_keep_s`` or past
   ``retention.reported_max`` (they matter only until state.db records the job's end).
 

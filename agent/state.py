@@ -20,14 +20,14 @@ BUSY_TIMEOUT_S = 5.0
 CACHE_KIB = 512  # SQLite's page cache (default 2 MiB): small tables, read through the OS's file cache
 TRUSTED_TIME_KEY = "last_trusted_time"  # kv: the latest verified signed time; the clock never goes back past it
 TERMINAL = ("SUCCEEDED", "FAILED", "REJECTED", "CANCELED", "TIMED_OUT")
-RECOVERY_PREFIXES = ("job_version:", "resumes:")  # kv entries a deploy's recovery keeps per job id
+LEGACY_RECOVERY_PREFIXES = ("job_version:", "resumes:")  # kv entries older databases kept per job id
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS jobs (
   id TEXT PRIMARY KEY, type TEXT NOT NULL, model TEXT, state TEXT NOT NULL, step TEXT,
   params TEXT NOT NULL, error TEXT, result TEXT, expires_at REAL NOT NULL,
-  created REAL NOT NULL, updated REAL NOT NULL);
+  created REAL NOT NULL, updated REAL NOT NULL, version INTEGER, resumes INTEGER NOT NULL DEFAULT 0);
 CREATE TABLE IF NOT EXISTS job_events (
   job TEXT NOT NULL, ts REAL NOT NULL, state TEXT NOT NULL, step TEXT, detail TEXT);
 CREATE INDEX IF NOT EXISTS job_events_job ON job_events(job);
@@ -62,6 +62,23 @@ class StateDB:
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
         self._db.executescript(SCHEMA)
+        self._migrate()
+
+    def _migrate(self) -> None:
+        """Bring an older database up to ``SCHEMA`` (idempotent): a deploy's recovery state (the
+        version it installs, how often a restart resumed it) moved from kv entries
+        (``job_version:<id>``, ``resumes:<id>``) into columns of ``jobs``."""
+        with self.tx() as db:
+            have = {r[1] for r in db.execute("PRAGMA table_info(jobs)")}
+            if "version" not in have:
+                db.execute("ALTER TABLE jobs ADD COLUMN version INTEGER")
+            if "resumes" not in have:
+                db.execute("ALTER TABLE jobs ADD COLUMN resumes INTEGER NOT NULL DEFAULT 0")
+            for prefix, column in zip(LEGACY_RECOVERY_PREFIXES, ("version", "resumes"), strict=True):
+                rows = db.execute("SELECT key, value FROM kv WHERE key GLOB ?", (prefix + "*",)).fetchall()
+                db.executemany(f"UPDATE jobs SET {column} = ? WHERE id = ?",
+                               [(int(json.loads(v)), k[len(prefix):]) for k, v in rows])
+                db.executemany("DELETE FROM kv WHERE key = ?", [(k,) for k, _ in rows])
 
     def close(self) -> None:
         with self._lock:
@@ -97,13 +114,25 @@ class StateDB:
     def job(self, job_id: str) -> dict[str, Any] | None:
         with self._lock:
             r = self._db.execute(
-                "SELECT id, type, model, state, step, params, error, result, expires_at, created, updated "
-                "FROM jobs WHERE id = ?", (job_id,)).fetchone()
+                "SELECT id, type, model, state, step, params, error, result, expires_at, created, updated, "
+                "version, resumes FROM jobs WHERE id = ?", (job_id,)).fetchone()
         if r is None:
             return None
         return {"id": r[0], "type": r[1], "model": r[2], "state": r[3], "step": r[4],
                 "params": _l(r[5]), "error": _l(r[6]), "result": _l(r[7]), "expires_at": r[8],
-                "created": r[9], "updated": r[10]}
+                "created": r[9], "updated": r[10], "version": r[11], "resumes": r[12]}
+
+    def set_job_version(self, job_id: str, version: int) -> None:
+        """The version a deploy installs, once its manifest verified (recovery reads it)."""
+        with self._lock:
+            self._db.execute("UPDATE jobs SET version = ? WHERE id = ?", (version, job_id))
+
+    def count_resume(self, job_id: str) -> int:
+        """One more resume of an interrupted deploy after a restart; returns how many so far."""
+        with self.tx() as db:
+            db.execute("UPDATE jobs SET resumes = resumes + 1 WHERE id = ?", (job_id,))
+            row = db.execute("SELECT resumes FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return 0 if row is None else int(row[0])
 
     def create_job(self, job_id: str, type_: str, model: str | None, params: dict[str, Any],
                    expires_at: float, state: str = "QUEUED") -> bool:
@@ -134,17 +163,13 @@ class StateDB:
     def update_job(self, job_id: str, state: str, step: str | None = None,
                    error: dict[str, Any] | None = None, result: dict[str, Any] | None = None,
                    detail: dict[str, Any] | None = None) -> None:
-        """Persist a job's new state/step before the step runs (and its outcome after). A job's
-        end also drops its recovery entries (``job_version:``, ``resumes:``) in the same
-        transaction: only an unfinished job is ever recovered."""
+        """Persist a job's new state/step before the step runs (and its outcome after)."""
         now = time.time()
         with self.tx():
             self._db.execute("UPDATE jobs SET state = ?, step = ?, error = ?, result = ?, updated = ? WHERE id = ?",
                              (state, step, _j(error), _j(result), now, job_id))
             self._db.execute("INSERT INTO job_events(job, ts, state, step, detail) VALUES (?, ?, ?, ?, ?)",
                              (job_id, now, state, step, _j(detail or error)))
-            if state in TERMINAL:
-                self._db.executemany("DELETE FROM kv WHERE key = ?", [(p + job_id,) for p in RECOVERY_PREFIXES])
 
     def jobs(self, limit: int = 50) -> list[dict[str, Any]]:
         with self._lock:
@@ -188,16 +213,7 @@ class StateDB:
                         "ORDER BY expires_at LIMIT ?", (skew_s, now, skew_s + keep_s, now, *TERMINAL, over))]
             db.executemany("DELETE FROM job_events WHERE job = ?", [(i,) for i in ids])
             db.executemany("DELETE FROM jobs WHERE id = ?", [(i,) for i in ids])
-            self._forget_recovery_locked(db)
         return len(ids)
-
-    def _forget_recovery_locked(self, db: sqlite3.Connection) -> None:
-        """Recovery entries (``job_version:``, ``resumes:``) of jobs that ended or are gone."""
-        for prefix in RECOVERY_PREFIXES:
-            db.execute(
-                f"DELETE FROM kv WHERE key GLOB ? AND substr(key, ?) NOT IN "
-                f"(SELECT id FROM jobs WHERE state NOT IN ({','.join('?' * len(TERMINAL))}))",
-                (prefix + "*", len(prefix) + 1, *TERMINAL))
 
     def sizes(self) -> dict[str, int]:
         """Rows per table that grows with traffic (for `agentctl status`)."""

@@ -153,6 +153,13 @@ class Spare:
             self.claimed = True
             return True
 
+    def kill(self) -> None:
+        """Kill the worker now, claimed or not: a load into it that outlived its deploy step's
+        deadline then fails at once (the step ends ``TIMED_OUT``)."""
+        if self.proc.poll() is None:
+            with contextlib.suppress(OSError):
+                self.proc.kill()
+
     def close(self) -> None:
         """End the worker unless a model took it over."""
         if self.owned:
@@ -514,6 +521,11 @@ class IsolatedModel:
                 self.death = why
                 log.error("%s (%s)", why, self.backend_id)
         self._kill()
+
+    def kill(self, why: str) -> None:
+        """Kill the worker now (a call in flight fails at once): a validation that outlived its
+        deploy step's deadline. Counted as hung."""
+        self._mark_dead(DeathReason.HUNG, why)
 
     def _wait(self, timeout_s: float) -> None:
         with contextlib.suppress(subprocess.TimeoutExpired):

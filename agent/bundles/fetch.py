@@ -200,12 +200,13 @@ class Fetcher:
         return self._session
 
     # -- small documents ---------------------------------------------------------------------
-    def fetch_bytes(self, url: str, max_bytes: int, what: str = "document") -> bytes:
-        """A whole small document, refusing anything past ``max_bytes``."""
+    def fetch_bytes(self, url: str, max_bytes: int, what: str = "document", until: float | None = None) -> bytes:
+        """A whole small document, refusing anything past ``max_bytes``; ``until``: a
+        ``time.monotonic()`` instant the caller's own deadline ends at (the earlier one holds)."""
         scheme = urlsplit(url).scheme
         if scheme not in SCHEMES:
             raise errors.RejectError(errors.INVALID_COMMAND, f"{what} {url}: unsupported URL scheme {scheme!r}")
-        deadline = Deadline(self.limits.deadline_s(max_bytes))
+        deadline = self._deadline(max_bytes, until)
         if scheme == "file":
             with _open_regular(Path(unquote(urlsplit(url).path)), url) as f:
                 data = f.read(max_bytes + 1)
@@ -234,10 +235,13 @@ class Fetcher:
             resp.close()
 
     # -- files -------------------------------------------------------------------------------
-    def download(self, url: str, part: Path, size: int, sha256: str, progress: Progress | None = None) -> None:
+    def download(self, url: str, part: Path, size: int, sha256: str, progress: Progress | None = None,
+                 until: float | None = None) -> None:
         """Download into ``part`` (resuming what it holds), verify size and sha256, fsync.
 
         On return ``part`` holds exactly the listed bytes; the caller moves it into the store.
+        ``until``: a ``time.monotonic()`` instant the caller's deadline ends at (the deploy step's):
+        the file's deadline is the earlier one, and its watchdog cuts a stalled read at it.
         """
         scheme = urlsplit(url).scheme
         if scheme not in SCHEMES:
@@ -245,22 +249,30 @@ class Fetcher:
         part.parent.mkdir(parents=True, exist_ok=True)
         have = part.stat().st_size if part.exists() else 0
         self.check_disk(part.parent, size - have if have <= size else size, url)
-        streamed = self._fetch_into(url, part, size, progress)
+        streamed = self._fetch_into(url, part, size, progress, until)
         try:
             self._verify_part(url, part, size, sha256, streamed)
         except errors.RejectError as e:
             if not (0 < have <= size) or e.code != errors.HASH_MISMATCH:
                 raise
             log.warning("%s: the resumed download did not verify (%s); fetching it again from zero", url, e.message)
-            streamed = self._fetch_into(url, part, size, progress)
+            streamed = self._fetch_into(url, part, size, progress, until)
             self._verify_part(url, part, size, sha256, streamed)
 
-    def _fetch_into(self, url: str, part: Path, size: int, progress: Progress | None) -> Digest | None:
+    def _deadline(self, size: int, until: float | None) -> Deadline:
+        """The file's own deadline, or the caller's ``until`` when that comes first."""
+        seconds = self.limits.deadline_s(size)
+        if until is not None:
+            seconds = max(0.0, min(seconds, until - time.monotonic()))
+        return Deadline(seconds)
+
+    def _fetch_into(self, url: str, part: Path, size: int, progress: Progress | None,
+                    until: float | None = None) -> Digest | None:
         """Fill ``part``; returns its (size, sha256) when hashed on the way (None: read it back)."""
         scheme = urlsplit(url).scheme
         if scheme == "file":
             return self._copy_file(url, part, size, progress)
-        deadline = Deadline(self.limits.deadline_s(size))
+        deadline = self._deadline(size, until)
         to_part = self._ftp_to_part if scheme == "ftp" else self._http_to_part
 
         def attempt() -> Digest | None:

@@ -39,7 +39,17 @@ from agent.daemon.control import LOCAL_BENCH_MAX, ControlApi
 from agent.daemon.status import StatusReports
 from agent.deploy.jobs import JobReporter
 from agent.deploy.probation import ProbationSettings, Supervisor
-from agent.deploy.runner import DeployContext, DeployRunner, DeploySettings, check_clock, recheck
+from agent.deploy.runner import (
+    DOWNLOADING,
+    LOADING,
+    STEP_TIMEOUT_S,
+    VALIDATING,
+    DeployContext,
+    DeployRunner,
+    DeploySettings,
+    check_clock,
+    recheck,
+)
 from agent.mqtt.connection import Connection
 from agent.mqtt.topics import Topics
 from agent.retention import Sweeper
@@ -178,7 +188,10 @@ class Agent(StatusReports, CommandRouting, ControlApi):
                               autotune=c.backends.autotune, autotune_objective=c.backends.autotune_objective,
                               autotune_concurrency=c.backends.autotune_concurrency, policy=self.policy, hw_facts=self.hw_facts,
                               cache_dir=str(self.state_dir / "cache"),
-                              decryption_keys=tuple(c.trust.decryption_keys))
+                              decryption_keys=tuple(c.trust.decryption_keys),
+                              step_timeout_s={**STEP_TIMEOUT_S, DOWNLOADING: c.deploy.download_timeout_s,
+                                              LOADING: c.deploy.load_timeout_s,
+                                              VALIDATING: c.deploy.validate_timeout_s})
 
     def probation_settings(self) -> ProbationSettings:
         d = self.cfg.deploy

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from agent import __version__, errors
 from agent.commands.verify import Command
-from agent.deploy.runner import DeployContext
+from agent.deploy.runner import RECOVERY, RESUME, SETTLE, DeployContext
 from agent.timeutil import now_rfc3339
 
 if TYPE_CHECKING:
@@ -173,9 +173,9 @@ class CommandRouting:
             return None
         params = job["params"] or {}
         model = str(params.get("model", ""))
-        version = self.db.get(f"job_version:{jid}")
+        version = job.get("version")
         rec = self.db.model(model) or {}
-        if step in ("activating", "probation") and version is not None and rec.get("serving") == version:
+        if RECOVERY.get(step, RESUME) == SETTLE and version is not None and rec.get("serving") == version:
             info = self.db.version(model, version) or {}
             result = {"name": model, "version": version, "variant": info.get("variant"),
                       "backend": info.get("backend"), "previous": rec.get("previous"), "resumed": True}
@@ -198,8 +198,7 @@ class CommandRouting:
             else:
                 self.supervisor.begin(jid, model, version, rec["previous"], result)
             return None
-        resumes = int(self.db.get(f"resumes:{jid}", 0)) + 1
-        self.db.put(f"resumes:{jid}", resumes)
+        resumes = self.db.count_resume(jid)
         if resumes > self.cfg.deploy.max_resumes:
             self.reporter.update(jid, "deploy", "FAILED", step, error=errors.AgentError(
                 errors.INTERRUPTED, f"interrupted by {resumes - 1} restarts; giving up"))

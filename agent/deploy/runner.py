@@ -37,6 +37,7 @@ from agent.bundles.sealed import CODES as SEALED_CODES
 from agent.bundles.sealed import SPEC_KEY, check_recipient, load_spec
 from agent.bundles.store import Store
 from agent.bundles.trust import TrustStore
+from agent.deploy.deadline import StepRun, StepTimedOut
 from agent.deploy.jobs import JobReporter
 from agent.deploy.owner import ServingOwner
 from agent.serving.registry import Registry, ServingVersion
@@ -74,11 +75,24 @@ TRANSITIONS: dict[tuple[str, str], str] = {
     (PROBATION, OK): DONE,
     (PROBATION, DEFERRED): HANDED_OVER,
 }
+# Recovery after a restart: the event each persisted step (None: still queued) takes. RESUME runs
+# the deploy again from the start (downloads continue from their partial files; at most
+# deploy.max_resumes times); SETTLE ends it from what the database says serves: when the job's
+# version serves, probation continues (or the job succeeds, or rolls back after an unclean stop
+# with in-process runtimes); when it does not, the deploy never activated and RESUME applies.
+RESUME, SETTLE = "resume", "settle"
+RECOVERY: dict[str | None, str] = {
+    None: RESUME, FETCHING: RESUME, VERIFYING: RESUME, SELECTING: RESUME, DOWNLOADING: RESUME,
+    INSTALLING: RESUME, LOADING: RESUME, VALIDATING: RESUME, ACTIVATING: SETTLE, PROBATION: SETTLE,
+}
 REJECTING_STEPS = (FETCHING, VERIFYING, SELECTING)  # a refusal here is REJECTED, not FAILED
 MAX_STEP_ENTRIES = 8  # per step per job: fallbacks are bounded by the candidates, this by design
+# Each step runs under its deadline (seconds) and is cut off at it: the job ends TIMED_OUT and
+# what served keeps serving. Downloads, loads and validations have config keys (deploy.*_timeout_s).
 STEP_TIMEOUT_S = {FETCHING: 120.0, VERIFYING: 10.0, SELECTING: 30.0, DOWNLOADING: 3600.0,
                   INSTALLING: 60.0, LOADING: 300.0, VALIDATING: 300.0, ACTIVATING: 30.0,
                   PROBATION: 5.0}
+UNBOUNDED_STEPS = (ACTIVATING, PROBATION)  # they change what serves: run to their end, never abandoned
 PROGRESS_INTERVAL_S = 0.5
 SLO_RUNS_MIN = 20  # golden inputs are timed this often for the p95 (of 20 runs or fewer: the slowest) ...
 SLO_BUDGET_S = 3.0  # ... unless that takes longer than this (then at least 3 runs);
@@ -151,6 +165,8 @@ class DeployContext:
     tuned: dict[str, Any] | None = None  # autotune's row for ``loaded``: its golden check and timings
     spares: list[Any] = field(default_factory=list)  # workers started while the bundle downloads
     progress: DeployProgress = field(default_factory=DeployProgress)  # completed by ``DeployRunner.run``
+    until: float | None = None  # time.monotonic() at which the running step's deadline passes
+    step_lock: threading.Lock = field(default_factory=threading.Lock)  # ``loaded``/``spares`` hand-back
 
     @property
     def candidate(self) -> Candidate:
@@ -177,6 +193,7 @@ class DeploySettings:
     hw_fingerprint: str = ""  # overrides the key's hardware part (tests); "": from hw_facts and the targets
     cache_dir: str = ""  # compiled-model caches (OpenVINO, TensorRT); "": none
     decryption_keys: tuple[str, ...] = ()  # age identity files for encrypted bundles (trust.decryption_keys)
+    step_timeout_s: dict[str, float] = field(default_factory=lambda: dict(STEP_TIMEOUT_S))  # per step, seconds
 
 
 class DeployRunner:
@@ -227,7 +244,9 @@ class DeployRunner:
             ctx.progress.enter(step)
             t0 = time.monotonic()
             try:
-                outcome = self._steps[step](ctx)
+                outcome = self._run_step(ctx, step)
+            except StepTimedOut as e:
+                return self._end(ctx, "TIMED_OUT", step, e)
             except errors.AgentError as e:
                 if ctx.cancel.is_set():  # the step stopped because of the cancel, not a fault
                     return self._end(ctx, "CANCELED", step, errors.RejectError(
@@ -239,15 +258,40 @@ class DeployRunner:
                 return self._end(ctx, "FAILED", step, errors.AgentError(errors.INTERNAL, f"{step}: {type(e).__name__}: {e}"))
             elapsed = time.monotonic() - t0
             ctx.figures.setdefault("steps_s", {})[step] = round(elapsed, 4)
-            if elapsed > STEP_TIMEOUT_S[step] and step not in (ACTIVATING, PROBATION):
-                return self._end(ctx, "TIMED_OUT", step, errors.AgentError(
-                    errors.TIMEOUT, f"{step} took {elapsed:.0f} s (limit {STEP_TIMEOUT_S[step]:.0f} s)"))
             step = TRANSITIONS[(step, outcome)]
         ctx.figures["total_s"] = round(time.monotonic() - t_start, 4)
         self._close_spares(ctx)
         self.sweep()
         if step == DONE:
             self.reporter.update(ctx.job_id, "deploy", "SUCCEEDED", None, result=self.result(ctx))
+
+    def _run_step(self, ctx: DeployContext, step: str) -> str:
+        """Run one step under its deadline, cut off at it (agent/deploy/deadline.py): a download
+        by the fetcher's own watchdog (``ctx.until``), a load or validation in a worker process by
+        killing the worker. An in-process runtime call cannot be interrupted: the step still ends
+        at its deadline, and what its thread returns later is closed and discarded."""
+        if step in UNBOUNDED_STEPS:
+            return self._steps[step](ctx)
+        limit = self.settings().step_timeout_s.get(step, STEP_TIMEOUT_S[step])
+        ctx.until = time.monotonic() + limit
+
+        def discard() -> None:
+            self._close_unused(ctx)
+            self._close_spares(ctx)
+
+        try:
+            return StepRun().run(f"{step} of {ctx.model}", lambda: self._steps[step](ctx), ctx.until, limit,
+                                 lambda: self._cut_off(ctx, step, limit), discard)
+        finally:
+            ctx.until = None
+
+    def _cut_off(self, ctx: DeployContext, step: str, limit: float) -> None:
+        """Stop what a step that outlived its deadline still runs: the candidate's workers."""
+        for sp in ctx.spares:
+            sp.kill()
+        kill = getattr(ctx.loaded, "kill", None)
+        if kill is not None:
+            kill(f"{step} ran past its deadline of {limit:g} s; worker killed")
 
     def result(self, ctx: DeployContext) -> dict[str, Any]:
         """The final job update's ``result`` for a deploy that activated."""
@@ -284,7 +328,7 @@ class DeployRunner:
         import hashlib
 
         raw = (ctx.source.manifest_bytes() if ctx.source is not None
-               else self.fetcher.fetch_bytes(ctx.manifest_url, MAX_MANIFEST_BYTES, what="manifest"))
+               else self.fetcher.fetch_bytes(ctx.manifest_url, MAX_MANIFEST_BYTES, what="manifest", until=ctx.until))
         if ctx.manifest_sha256 and hashlib.sha256(raw).hexdigest() != ctx.manifest_sha256.lower():
             raise errors.RejectError(errors.HASH_MISMATCH,
                                      f"manifest {ctx.manifest_url}: sha256 differs from the command's manifest_sha256")
@@ -322,7 +366,7 @@ class DeployRunner:
                                          f"{m.name} needs {min_mem} MB free memory, {avail_mb:.0f} MB available")
         check_recipient(m.raw, s.decryption_keys)  # encrypted bundles: before any byte is downloaded
         ctx.manifest = m
-        self.db.put(f"job_version:{ctx.job_id}", m.version)
+        self.db.set_job_version(ctx.job_id, m.version)
         return OK
 
     def _select(self, ctx: DeployContext) -> str:
@@ -380,7 +424,7 @@ class DeployRunner:
                     last_report = now
                     self.reporter.progress(ctx.job_id, "deploy", DOWNLOADING, base + n, total)
 
-            self.fetcher.download(url, self.store.partial_path(f.sha256), f.size, f.sha256, progress)
+            self.fetcher.download(url, self.store.partial_path(f.sha256), f.size, f.sha256, progress, until=ctx.until)
             self.store.commit_partial(f.sha256)
             done_before += f.size
         ctx.files = {f.path: f.sha256 for f in files}
@@ -402,6 +446,11 @@ class DeployRunner:
         if ctx.tune:
             return self._autotune(ctx)
         c = ctx.candidate
+        if self.settings().isolation == "process" and not any(
+                sp.runtime == c.target.runtime and not sp.claimed for sp in ctx.spares):
+            from agent.backends.isolated import prestart  # a worker the step's deadline can kill
+
+            ctx.spares.extend(sp for sp in [prestart(c.target.runtime)] if sp is not None)
         path = self.store.version_dir(m.name, m.version) / c.variant.main_file.path
         try:
             t0 = time.monotonic()
@@ -510,13 +559,15 @@ class DeployRunner:
     @staticmethod
     def _close_unused(ctx: DeployContext) -> None:
         ctx.tuned = None
-        if ctx.loaded is not None:
-            ctx.loaded.close()
-            ctx.loaded = None
+        with ctx.step_lock:  # the deploy thread and an abandoned step's thread may both get here
+            loaded, ctx.loaded = ctx.loaded, None
+        if loaded is not None:
+            loaded.close()
 
     @staticmethod
     def _close_spares(ctx: DeployContext) -> None:
-        spares, ctx.spares = ctx.spares, []
+        with ctx.step_lock:
+            spares, ctx.spares = ctx.spares, []
         for sp in spares:
             sp.close()
 

@@ -60,23 +60,22 @@ def test_unexpired_ids_stay_even_past_the_count_bound(parts: tuple[StateDB, Outb
     assert db.sizes()["jobs"] == 6
 
 
-def test_age_bound_and_recovery_entries(parts: tuple[StateDB, Outbox]) -> None:
+def test_age_bound_keeps_recovery_state_in_the_rows_that_stay(parts: tuple[StateDB, Outbox]) -> None:
     db, ob = parts
     now = time.time()
     _done(db, "aged", now - SKEW_S - 200)
     _done(db, "young", now - SKEW_S - 50, state="FAILED")
     assert db.create_job("live", "deploy", "m", {}, now + 600)
     db.update_job("live", "IN_PROGRESS", "downloading")
-    for jid in ("aged", "young", "live", "gone"):
-        db.put(f"job_version:{jid}", 3)
-        db.put(f"resumes:{jid}", 1)
+    db.set_job_version("live", 3)
+    assert db.count_resume("live") == 1
     db.put("last_trusted_time", now)
     Sweeper(db, ob, RetentionConfig(jobs_keep_s=100.0), lambda: SKEW_S, clock=lambda: now).sweep()
     assert db.job("aged") is None and db.job("young") is not None
-    assert db.get("job_version:live") == 3 and db.get("resumes:live") == 1  # its job has not ended
-    for jid in ("aged", "young", "gone"):
-        assert db.get(f"job_version:{jid}") is None and db.get(f"resumes:{jid}") is None
+    live = db.job("live")
+    assert live is not None and (live["version"], live["resumes"]) == (3, 1)  # its job has not ended
     assert db.get("last_trusted_time") == now
+    assert db.sizes()["kv"] == 1  # nothing per job in kv
 
 
 def test_reported_records_swept_by_count_and_counted_by_state(parts: tuple[StateDB, Outbox]) -> None:
@@ -101,15 +100,32 @@ def test_reported_records_swept_by_age(parts: tuple[StateDB, Outbox]) -> None:
     assert ob.reported_sizes() == {}
 
 
-def test_a_jobs_end_drops_its_recovery_entries(parts: tuple[StateDB, Outbox]) -> None:
-    db, _ = parts
-    assert db.create_job("d1", "deploy", "m", {}, time.time() + 600)
-    db.put("job_version:d1", 4)
-    db.put("resumes:d1", 2)
-    db.update_job("d1", "IN_PROGRESS", "activating")
-    assert (db.get("job_version:d1"), db.get("resumes:d1")) == (4, 2)  # still recoverable
-    db.update_job("d1", "FAILED", "activating")
-    assert (db.get("job_version:d1"), db.get("resumes:d1")) == (None, None)
+def test_an_old_database_moves_its_recovery_entries_into_job_columns(tmp_path: Path) -> None:
+    """A state.db written before the columns existed: kv ``job_version:``/``resumes:`` entries
+    become ``jobs.version``/``jobs.resumes``; opening it again changes nothing."""
+    import sqlite3
+
+    path = tmp_path / "old.db"
+    old = sqlite3.connect(path)
+    old.executescript(
+        "CREATE TABLE kv (key TEXT PRIMARY KEY, value TEXT NOT NULL);"
+        "CREATE TABLE jobs (id TEXT PRIMARY KEY, type TEXT NOT NULL, model TEXT, state TEXT NOT NULL, step TEXT,"
+        " params TEXT NOT NULL, error TEXT, result TEXT, expires_at REAL NOT NULL,"
+        " created REAL NOT NULL, updated REAL NOT NULL);"
+        "INSERT INTO jobs VALUES ('d1', 'deploy', 'm', 'IN_PROGRESS', 'activating', '{}', NULL, NULL, 9e9, 1, 1);"
+        "INSERT INTO jobs VALUES ('d2', 'deploy', 'm', 'QUEUED', NULL, '{}', NULL, NULL, 9e9, 1, 1);"
+        "INSERT INTO kv VALUES ('job_version:d1', '4'), ('resumes:d1', '2'), ('resumes:gone', '1'),"
+        " ('last_trusted_time', '123.0');")
+    old.commit()
+    old.close()
+    for _ in range(2):  # the migration is idempotent
+        db = StateDB(path)
+        d1, d2 = db.job("d1"), db.job("d2")
+        assert d1 is not None and (d1["version"], d1["resumes"]) == (4, 2)
+        assert d2 is not None and (d2["version"], d2["resumes"]) == (None, 0)
+        assert db.get("job_version:d1") is None and db.get("resumes:gone") is None
+        assert db.get("last_trusted_time") == 123.0 and db.sizes()["kv"] == 1
+        db.close()
 
 
 @pytest.mark.parametrize("key, value", [("sweep_interval_s", 0.0), ("jobs_max", 0), ("reported_max", 0),
