@@ -6,7 +6,7 @@ common files, the variants that passed, and last ``manifest.json``, the signed D
 the manifest document.
 
 Invariants:
-- A build happens in a staging folder beside the output (``.OUT.partial-PID-XXXX``), fsynced and
+- A build happens in a staging folder beside the output (``.OUT.partial-PID-RANDOM``), fsynced and
   swapped into place in one step when complete (``renameat2(RENAME_EXCHANGE)``; two renames where
   the kernel lacks it). A failed or interrupted build leaves the previous output as it was; a
   published folder holds exactly the files its manifest lists. A build only replaces a bundle
@@ -92,8 +92,8 @@ DEFAULT_EXPIRES_IN_S = 90 * 24 * 3600.0
 REQUIRES_AGENT = ">=0.1"
 HASH_CHUNK_BYTES = 1024 * 1024
 RANDOM_INT_HIGH = 10  # random integer inputs stay small: they are often indices or token ids
-STAGING_TAG = "partial"  # .OUT.partial-PID-XXXX: a build in progress beside its output folder
-RETIRED_TAG = "old"  # .OUT.old-PID-XXXX: a replaced bundle being removed (no atomic swap here)
+STAGING_TAG = "partial"  # .OUT.partial-PID-RANDOM: a build in progress beside its output folder
+RETIRED_TAG = "old"  # .OUT.old-PID-RANDOM: a replaced bundle being removed (no atomic swap here)
 BUNDLE_DIR_MODE = 0o755
 AT_FDCWD = -100  # <fcntl.h>
 RENAME_EXCHANGE = 2  # <linux/fs.h>: renameat2 swaps the two paths
