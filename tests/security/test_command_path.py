@@ -172,7 +172,7 @@ def tmpfs(path: Path, size: int) -> Iterator[Path]:
     r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0750", "tmpfs", str(path)],
                        capture_output=True, text=True, check=False)
     if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
+        pytest.fail(f"cannot mount a tmpfs here (the test runs as root, as .ci/run does): {r.stderr.strip()}")
     try:
         yield path
     finally:
@@ -254,7 +254,7 @@ def test_Q03_clock_set_back_does_not_revive_refused_commands(tmp_path: Path, mos
     ones still work, and nothing changes what serves."""
     lib = _faketime_lib()
     if lib is None:
-        pytest.skip("libfaketime is not installed (apt-get install faketime)")
+        pytest.fail("libfaketime is not installed (apt-get install faketime; tools/test.sh checks for it)")
 
     def edit(text: str) -> str:
         # In-process runtime: under libfaketime with a real monotonic clock Python 3.11's

@@ -300,7 +300,7 @@ def test_fleetctl_and_agentctl_with_the_age_cli(tmp_path: Path) -> None:
     refuses it (not_a_recipient) for another identity."""
     age = shutil.which("age")
     if age is None:
-        pytest.skip("the age command-line tool is not installed (Debian: apt-get install age)")
+        pytest.fail("the age command-line tool is not installed (apt-get install age; tools/test.sh checks for it)")
     model = make_linear_onnx(tmp_path / "m.onnx", seed=3)
     for args in (("keygen", "--out", str(tmp_path / "k"), "--name", "fleet"),
                  ("keygen", "--age", "--out", str(tmp_path / "k"), "--name", "dev1"),
