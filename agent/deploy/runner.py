@@ -28,7 +28,6 @@ from agent.backends.selection import (
     Policy,
     all_targets,
     select,
-    variant_tolerance,
 )
 from agent.backends.unseal import load as sealed_load
 from agent.bundles.fetch import Fetcher, join_url
@@ -40,6 +39,7 @@ from agent.bundles.trust import TrustStore
 from agent.deploy.deadline import StepRun, StepTimedOut
 from agent.deploy.jobs import JobReporter
 from agent.deploy.owner import ServingOwner
+from agent.deploy.validation import SLO_RUNS_MIN, recheck, validate  # noqa: F401 (recheck re-exported)
 from agent.serving.registry import Registry, ServingVersion
 from agent.state import StateDB
 from agent.timeutil import parse_rfc3339
@@ -94,10 +94,6 @@ STEP_TIMEOUT_S = {FETCHING: 120.0, VERIFYING: 10.0, SELECTING: 30.0, DOWNLOADING
                   PROBATION: 5.0}
 UNBOUNDED_STEPS = (ACTIVATING, PROBATION)  # they change what serves: run to their end, never abandoned
 PROGRESS_INTERVAL_S = 0.5
-SLO_RUNS_MIN = 20  # golden inputs are timed this often for the p95 (of 20 runs or fewer: the slowest) ...
-SLO_BUDGET_S = 3.0  # ... unless that takes longer than this (then at least 3 runs);
-SLO_QUICK_RUNS = 5  # but a quick sample, this many runs and about this long, ends the timing when
-SLO_QUICK_BUDGET_S = 0.1  # the manifest sets no SLO (p95 only reported) or it already misses it
 
 
 CLOCK_UNTRUSTED_KEY = "clock_untrusted"  # kv: why installs are refused for the clock ("" when they are not)
@@ -616,43 +612,3 @@ def load_model(backends: Sequence[Backend], runtime: str, target: str, path: Pat
         if b.runtime == runtime:
             return sealed_load(b, path, target, options)
     raise AssertionError("unreachable")
-
-
-def validate(model: LoadedModel, vdir: Path, m: Manifest, variant: Variant | None = None) -> dict[str, Any]:
-    """Golden samples within rtol/atol (the variant's own tolerance when the manifest gives one),
-    and p95 latency under the SLO, on the serving backend (inside its worker, when it has one:
-    agent/backends/golden.py)."""
-    from agent.backends import golden
-
-    assert m.validation is not None
-    v = m.validation
-    rtol, atol = variant_tolerance(m, variant) if variant is not None else (v.rtol, v.atol)
-    plan = golden.TimingPlan(min_runs=3, max_runs=SLO_RUNS_MIN, budget_s=SLO_BUDGET_S, quick_runs=SLO_QUICK_RUNS,
-                             quick_budget_s=SLO_QUICK_BUDGET_S, slo_ms=v.max_p95_ms)
-    res = golden.check(model, vdir / v.inputs, vdir / v.expected, rtol, atol, plan)
-    times = sorted(res["times_s"])
-    p95 = times[min(len(times) - 1, int(0.95 * len(times)))] * 1000
-    if v.max_p95_ms is not None and p95 > v.max_p95_ms:
-        raise errors.RejectError(errors.SLO_FAILED,
-                                 f"p95 latency {p95:.2f} ms on {model.backend_id} exceeds max_p95_ms {v.max_p95_ms:g}")
-    return {"max_abs_error": res["max_abs_error"], "p95_ms": round(p95, 3), "runs": len(times)}
-
-
-def recheck(sv: ServingVersion, vdir: Path) -> ServingVersion:
-    """``sv`` (just loaded on a fresh worker) run on its golden samples within their tolerance,
-    without the latency SLO (traffic may be heavy right now): the re-check after a worker died
-    or hung while serving (agent/deploy/probation.py). Closes the model and raises when it fails."""
-    from agent.backends import golden
-    from agent.bundles.manifest import parse_document
-
-    try:
-        m = parse_document(sv.manifest)
-        if m.validation is not None:
-            variant = m.variant(sv.variant)
-            rtol, atol = variant_tolerance(m, variant)
-            plan = golden.TimingPlan(min_runs=1, max_runs=1, budget_s=0.0)
-            golden.check(sv.model, vdir / m.validation.inputs, vdir / m.validation.expected, rtol, atol, plan)
-    except errors.AgentError:
-        sv.model.close()
-        raise
-    return sv

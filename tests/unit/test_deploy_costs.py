@@ -19,7 +19,7 @@ from agent.backends.selection import Candidate, select
 from agent.bundles import streaming
 from agent.bundles.fetch import Fetcher, StreamHash
 from agent.bundles.manifest import Manifest, TensorSpec, parse_document
-from agent.deploy import runner
+from agent.deploy import validation
 
 # -- sha256 while streaming ----------------------------------------------------------------------
 
@@ -109,24 +109,24 @@ def golden(tmp_path: Path, max_p95_ms: float | None = None, variants: tuple[str,
 
 def test_validation_times_a_quick_sample_without_an_slo(tmp_path: Path) -> None:
     model = SlowModel(0.03)
-    fig = runner.validate(model, tmp_path, golden(tmp_path))  # type: ignore[arg-type]
-    assert fig["runs"] == runner.SLO_QUICK_RUNS and model.calls == 1 + runner.SLO_QUICK_RUNS
+    fig = validation.validate(model, tmp_path, golden(tmp_path))  # type: ignore[arg-type]
+    assert fig["runs"] == validation.SLO_QUICK_RUNS and model.calls == 1 + validation.SLO_QUICK_RUNS
     fast = SlowModel(0.0)  # a fast model still gets the full count: it costs nothing
-    assert runner.validate(fast, tmp_path, golden(tmp_path))["runs"] == runner.SLO_RUNS_MIN  # type: ignore[arg-type]
+    assert validation.validate(fast, tmp_path, golden(tmp_path))["runs"] == validation.SLO_RUNS_MIN  # type: ignore[arg-type]
 
 
 def test_validation_checks_a_met_slo_over_the_full_count_and_refuses_a_missed_one_early(tmp_path: Path) -> None:
-    fig = runner.validate(SlowModel(0.02), tmp_path, golden(tmp_path, max_p95_ms=1000))  # type: ignore[arg-type]
-    assert fig["runs"] == runner.SLO_RUNS_MIN
+    fig = validation.validate(SlowModel(0.02), tmp_path, golden(tmp_path, max_p95_ms=1000))  # type: ignore[arg-type]
+    assert fig["runs"] == validation.SLO_RUNS_MIN
     # A slow run after the quick sample is still caught, as before.
     late = SlowModel(*[0.02] * 12, 0.08, 0.001)
     with pytest.raises(errors.RejectError) as e:
-        runner.validate(late, tmp_path, golden(tmp_path, max_p95_ms=60))  # type: ignore[arg-type]
+        validation.validate(late, tmp_path, golden(tmp_path, max_p95_ms=60))  # type: ignore[arg-type]
     assert e.value.code == errors.SLO_FAILED
     slow = SlowModel(0.05)  # misses in the quick sample: refused without the other 15 runs
     with pytest.raises(errors.RejectError) as e:
-        runner.validate(slow, tmp_path, golden(tmp_path, max_p95_ms=10))  # type: ignore[arg-type]
-    assert e.value.code == errors.SLO_FAILED and slow.calls == 1 + runner.SLO_QUICK_RUNS
+        validation.validate(slow, tmp_path, golden(tmp_path, max_p95_ms=10))  # type: ignore[arg-type]
+    assert e.value.code == errors.SLO_FAILED and slow.calls == 1 + validation.SLO_QUICK_RUNS
 
 
 # -- autotune ------------------------------------------------------------------------------------
