@@ -6,13 +6,17 @@ tells which version computed it).
   sample the table and the registry agree, and every KServe answer comes from exactly the version
   it names.
 - A probation verdict against v2 that lands after a deploy activated v3 is refused: v3 keeps
-  serving and the job ends once.
+  serving and the job ends once; a deploy landing while v2 is judged keeps its own probation.
+- A change whose write the state database refuses leaves the table and the registry as they were
+  (and closes the model it was handed); a failed clean-up after an activation does not undo it.
 """
 
 from __future__ import annotations
 
+import errno
 import http.client
 import json
+import sqlite3
 import threading
 import time
 from collections import Counter
@@ -288,3 +292,46 @@ def test_verdict_after_a_remove_says_serving_moved(env: Env) -> None:
     assert len(failed) == 1 and failed[0]["error"]["code"] == errors.SERVING_MOVED, events
     assert not [e for e in events if e["event"] == "rollback"], events
     assert reporter.ends["j2"] == 1
+
+
+def _refuse_writes(db: StateDB, trigger: str) -> None:
+    """A write the state database itself refuses (from a second connection, as another process
+    would): ``trigger`` is ``BEFORE DELETE ON versions`` or the like."""
+    with sqlite3.connect(db.path) as other:
+        other.execute(f"CREATE TRIGGER refuse {trigger} BEGIN SELECT RAISE(ABORT, 'refused by a test trigger'); END")
+
+
+def test_remove_whose_write_fails_leaves_the_model_serving(env: Env) -> None:
+    env.owner.restore(env.load(1))
+    env.owner.activate(env.load(2), 1, 1)
+    _refuse_writes(env.db, "BEFORE DELETE ON versions")
+    with pytest.raises(sqlite3.Error):
+        env.owner.remove(NAME, 2)
+    assert env.owner.snapshot(NAME) == (2, 2)
+    c = http.client.HTTPConnection("127.0.0.1", env.server.port, timeout=TIMEOUT_S)
+    status, doc = _ask(c)
+    c.close()
+    assert status == 200 and int(doc["model_version"]) == 2, doc
+
+
+def test_activation_whose_write_fails_changes_nothing_and_closes_the_model(env: Env) -> None:
+    env.owner.restore(env.load(1))
+    env.owner.activate(env.load(2), 1, 1)
+    _refuse_writes(env.db, "BEFORE UPDATE ON models")
+    sv3 = env.load(3)
+    with pytest.raises(sqlite3.Error):
+        env.owner.activate(sv3, 2, 2)
+    assert env.owner.snapshot(NAME) == (2, 2)
+    with pytest.raises(Exception):  # noqa: B017 - closed: any failure will do, an answer would not
+        sv3.model.infer({"x": X})
+
+
+def test_a_failed_clean_up_after_activation_does_not_undo_it(env: Env) -> None:
+    env.owner.restore(env.load(1))
+
+    def prune() -> None:
+        raise OSError(errno.EIO, "the store's disk failed while old versions were removed")
+
+    applied = env.owner.activate(env.load(2), 1, 1, then=prune)
+    assert (applied.replaced, applied.serving) == (1, 2)
+    assert env.owner.snapshot(NAME) == (2, 2)
