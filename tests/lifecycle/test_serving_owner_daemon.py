@@ -39,11 +39,11 @@ from fleet import (
 )
 
 REQUEST_TIMEOUT_S = 30
-MAX_REQUESTS = 5000  # each client's bound
+MAX_REQUESTS = 20_000  # each client's bound
 CLIENTS = 2
 # What a racing command may end with besides success: its model moved or went away meanwhile.
 RACE_CODES = {"serving_moved", "unknown_model", "rollback_refused"}
-PROBATION_S = 5.0  # v3's probation, after the race (v2's verdict comes from errors, long before)
+PROBATION_S = 6.0  # v3's probation, after the race (v2's verdict comes from errors, long before)
 FREEZE_WAIT_S = 30.0
 BODY = {"inputs": [{"name": "x", "shape": [2, 4], "datatype": "FP32", "data": X.reshape(-1).tolist()}]}
 
@@ -223,9 +223,10 @@ def test_probation_verdict_races_deploy_rollback_remove(fleet: Fleet, mosquitto:
         rolled = [e for e in fleet.events("rollback") if str(e.get("reason", "")).startswith("probation")]
         refused = [e for e in fleet.events("rollback_failed") if e.get("frm") == 2]
         assert end2["state"] == "FAILED" and end2["error"]["code"] == "probation_failed", end2
-        if settled == 2:  # nothing moved v2 away: the verdict applies
-            assert len(rolled) == 1 and not refused and final == 1, (rolled, refused, final)
-            assert "rolled back to v1" in end2["error"]["message"], end2
+        if settled == 2:  # nothing moved v2 away: the verdict applies (unless v1 was pruned meanwhile)
+            applied = len(rolled) == 1 and not refused and final == 1
+            failed = not rolled and len(refused) == 1 and refused[0]["error"]["code"] != "serving_moved" and final == 2
+            assert applied or failed, (rolled, refused, final)
         else:  # the verdict must not overwrite what the commands left serving
             assert not rolled and len(refused) == 1, (rolled, refused)
             assert refused[0]["error"]["code"] == "serving_moved", refused
