@@ -5,9 +5,10 @@ local API and control socket → MQTT (birth status, subscriptions) → telemetr
 Stop (SIGTERM/SIGINT): STOPPING → no new commands → in-flight requests and the running deploy
 step finish (bounded) → final status ``online: false`` → disconnect → state closed.
 
-`Agent` wires the parts here; its other methods are grouped by concern in daemon/status.py
-(status documents, telemetry timers), daemon/commands.py (command routing, deploy queue, crash
-recovery) and daemon/control.py (the agentctl control API).
+`Agent` wires the parts here: the serving owner, the deploy queue and runner, recovery at start
+(agent/deploy/), and each command handler with only the parts it uses (``_handlers``). Its other
+methods are grouped by concern in daemon/status.py (status documents, telemetry timers),
+daemon/commands.py (command routing) and daemon/control.py (the agentctl control API).
 """
 
 from __future__ import annotations

@@ -11,8 +11,9 @@ Invariants:
   and by one writer.
 - Every wait has a deadline: the worker wakes at least every ``IDLE_WAIT_S`` to see a stop,
   ``join`` waits at most its timeout, a client waits on the deploy's ``DeployProgress`` with its own.
-- A stop cancels the running deploy and ends the progress of the queued ones (their jobs stay
-  queued in state.db and resume at the next start): no client waits on a queue that stopped.
+- A stop cancels the running deploy and ends the progress of the queued ones and of any queued
+  after it (their jobs stay queued in state.db and resume at the next start): no command is lost
+  and no client waits on a queue that stopped.
 """
 
 from __future__ import annotations
@@ -50,10 +51,12 @@ class DeployQueue:
     def submit(self, ctx: DeployContext) -> DeployProgress:
         """Queue ``ctx`` behind the running deploy, superseding the queued or running deploy of
         the same model; returns what a client waits on. Refused ``busy`` when the queue is full
-        (nothing is superseded then) or stopped."""
+        (nothing is superseded then). Once stopped, nothing more runs: the progress returned has
+        ended and the job, still queued in state.db, resumes at the next start."""
         with self._changed:
-            if self._stopping:
-                raise errors.RetryableError(errors.BUSY, "the agent is stopping; deploy again once it runs")
+            if self._stopping:  # not run now: its job keeps its QUEUED row and resumes at the next start
+                ctx.progress.end()
+                return ctx.progress
             same = self._pending.get(ctx.job_id) or (
                 self._running if self._running is not None and self._running.job_id == ctx.job_id else None)
             if same is not None:  # the same job again: it is queued once
