@@ -79,6 +79,7 @@ TRANSITIONS: dict[tuple[str, str], str] = {
 # deploy.max_resumes times); SETTLE ends it from what the database says serves: when the job's
 # version serves, probation continues (or the job succeeds, or rolls back after an unclean stop
 # with in-process runtimes); when it does not, the deploy never activated and RESUME applies.
+# agent/deploy/recovery.py applies it (``decide``: the event and the database → one action).
 RESUME, SETTLE = "resume", "settle"
 RECOVERY: dict[str | None, str] = {
     None: RESUME, FETCHING: RESUME, VERIFYING: RESUME, SELECTING: RESUME, DOWNLOADING: RESUME,
