@@ -122,6 +122,22 @@ def test_remove_stops_serving_and_frees_the_files(env: Env) -> None:  # noqa: F8
     assert changed.calls == 1
 
 
+def test_a_model_taken_down_is_refused_a_rollback_and_can_be_removed(env: Env) -> None:  # noqa: F811
+    m1 = build_bundle(env.tmp / "b1", env.key, version=1, seed=1)
+    assert env.deploy("job-1", m1)["state"] == "SUCCEEDED"
+    sv = env.registry.get("lin")
+    assert sv is not None and env.runner.owner.take_down(sv)
+    rollback = Rollback(env.db, loader(env), env.runner.owner, env.runner.reporter, Changes())
+    with pytest.raises(errors.RejectError) as e:
+        rollback({"model": "lin", "to_version": 1})
+    assert e.value.code == errors.ROLLBACK_REFUSED and "down" in e.value.message
+    out = Remove(env.db, env.runner.owner, Changes())({"model": "lin"})
+    assert out["freed_bytes"] > 0
+    rec = env.db.model("lin")
+    assert rec is not None and (rec["serving"], rec["state"]) == (None, "removed")
+    assert env.db.versions("lin") == []
+
+
 # -- cancel ----------------------------------------------------------------------------------
 def test_cancel_reaches_the_deploy_queue_and_names_a_job_that_is_not_running(env: Env) -> None:  # noqa: F811
     queue = DeployQueue(env.runner.run)  # not started: the deploy stays queued
