@@ -155,9 +155,11 @@ class ServingOwner:
         return False
 
     def take_down(self, sv: ServingVersion) -> bool:
-        """Stop serving ``sv`` (a crash loop with nothing to roll back to) while it still serves."""
+        """Stop serving ``sv`` (a crash loop with nothing to roll back to) while it still serves;
+        the models row says ``down`` (serving NULL, the version kept)."""
         with self._lock:
             if self.registry.get(sv.name) is not sv:
                 return False
+            self.db.set_down(sv.name, sv.version)  # the table says what the registry will: nothing serves
             self.registry.remove(sv.name)
             return True
