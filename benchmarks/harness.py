@@ -725,9 +725,9 @@ class KeepAlive:
 
 
 def drive(port: int, req: bytes, clients: int, duration_s: float, max_requests: int = 0,
-          warmup: int = 20) -> tuple[list[float], int, float]:
-    """``clients`` keep-alive connections, each sending ``req`` back to back for ``duration_s``
-    (or ``max_requests`` in all). Returns (latencies in s, errors, wall seconds)."""
+          warmup: int = 20, client: Callable[[int], KeepAlive] = KeepAlive) -> tuple[list[float], int, float]:
+    """``clients`` keep-alive connections (``client(port)`` each), each sending ``req`` back to back
+    for ``duration_s`` (or ``max_requests`` in all). Returns (latencies in s, errors, wall seconds)."""
     lat: list[list[float]] = [[] for _ in range(clients)]
     errs = [0] * clients
     stop_at = [0.0]
@@ -736,7 +736,7 @@ def drive(port: int, req: bytes, clients: int, duration_s: float, max_requests: 
     lock = threading.Lock()
 
     def one(i: int) -> None:
-        c = KeepAlive(port)
+        c = client(port)
         try:
             for _ in range(warmup):
                 c.request(req)
