@@ -21,7 +21,7 @@ from benchmarks import harness as h
 from benchmarks.context import SCALES, Context
 
 SECTIONS = ("footprint", "serving", "deploy", "swap", "telemetry", "fleet", "collect", "sources", "sealed",
-            "jsoncodec", "batching")
+            "jsoncodec", "batching", "autotune")
 OPTIONAL = ("peers",)  # installs other servers from PyPI: only when asked (``--peers``)
 RESULTS_NAME = "results.json"
 
