@@ -9,7 +9,7 @@ onnxruntime. The agent serves the same models as ONNX: the pipeline converted by
 build model.joblib`` (skl2onnx), and a small CNN with a [1,3,48,192] input built here. Per server and
 repeat (the servers alternate, three repeats): start-up to the model answering ready, RSS of the
 process tree idle (models loaded, no request yet) and loaded (after the load runs), single-client
-p50/p99, requests/s at 1 and 8 keep-alive clients, KServe v2 JSON, and binary tensors (KServe's
+p50/p99, requests/s at 1 and 8 keep-alive clients (and the server tree's CPU per request there), KServe v2 JSON, and binary tensors (KServe's
 binary tensor data extension, input and output) where the server speaks them: the agent and KServe's
 ModelServer; MLServer's REST API and the FastAPI app take JSON only. A peer that cannot be installed
 is reported with pip's last line, never measured in another way.
@@ -209,12 +209,18 @@ class Peer:
         h.stop_process(self.proc, group=True)
 
 
-def _measure(port: int, req: bytes, n: int, seconds: float) -> dict[str, Any]:
+def _measure(port: int, pid: int, req: bytes, n: int, seconds: float) -> dict[str, Any]:
+    """Single-client latency, then requests/s and the server's CPU per request (its whole process
+    tree: user + system) at each of CLIENTS."""
     lat, errs, _ = h.drive(port, req, 1, duration_s=600, max_requests=n, warmup=max(5, n // 20), client=Client)
-    row: dict[str, Any] = {"ms": h.stats([x * 1000 for x in lat]).to_dict(), "errors": errs, "rps": {}}
+    row: dict[str, Any] = {"ms": h.stats([x * 1000 for x in lat]).to_dict(), "errors": errs, "rps": {},
+                           "cpu_us": {}}
     for c in CLIENTS:
+        cpu0 = h.tree_cpu_s([pid])
         tl, te, wall = h.drive(port, req, c, duration_s=seconds, warmup=3, client=Client)
-        row["rps"][str(c)] = (len(tl) - te) / wall  # answered requests only: errors do not count
+        answered = len(tl) - te  # answered requests only: errors do not count
+        row["rps"][str(c)] = answered / wall
+        row["cpu_us"][str(c)] = (h.tree_cpu_s([pid]) - cpu0) / max(1, answered) * 1e6
         row["errors"] += te
     return row
 
@@ -238,7 +244,7 @@ def _agent_run(ctx: Context, manifests: dict[str, Path], reqs: dict[str, Any], n
         time.sleep(ctx.scale.settle_s)
         out["rss_idle_mb"] = d.footprint().rss_mb
         for kind in _kinds("agent", manifests):
-            out["models"][kind] = _measure(d.api_port, reqs[kind](d.api_port), n[kind], ctx.scale.throughput_s)
+            out["models"][kind] = _measure(d.api_port, d.pid, reqs[kind](d.api_port), n[kind], ctx.scale.throughput_s)
         out["rss_loaded_mb"] = d.footprint().rss_mb
         return out
     finally:
@@ -254,7 +260,7 @@ def _peer_run(ctx: Context, peer: str, py: Path, models: dict[str, Path], reqs: 
         time.sleep(ctx.scale.settle_s)
         out["rss_idle_mb"] = p.footprint().rss_mb
         for kind in _kinds(peer, models):
-            out["models"][kind] = _measure(p.port, reqs[kind](p.port), n[kind], ctx.scale.throughput_s)
+            out["models"][kind] = _measure(p.port, p.proc.pid, reqs[kind](p.port), n[kind], ctx.scale.throughput_s)
         out["rss_loaded_mb"] = p.footprint().rss_mb
         return out
     finally:
@@ -338,6 +344,12 @@ def summarise(servers: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, A
                 s[f"{m}/rps{c}"] = statistics.median(vals)
                 s[f"{m}/rps{c}_range"] = [min(vals), max(vals)]
                 s[f"{m}/rps{c}_spread_pct"] = spread_pct(vals)
+                s[f"{m}/rps{c}_repeats"] = vals
+                cpu = [r["models"][m].get("cpu_us", {}).get(str(c)) for r in runs]
+                if all(v is not None for v in cpu):
+                    s[f"{m}/cpu_us{c}"] = statistics.median(cpu)
+                    s[f"{m}/cpu_us{c}_range"] = [min(cpu), max(cpu)]
+                    s[f"{m}/cpu_us{c}_repeats"] = cpu
         out[srv] = s
     return out
 

@@ -11,7 +11,7 @@ LABELS = {"agent": "agent (process)", "mlserver": "MLServer + mlserver-sklearn",
 MODEL_LABELS = {"sk": "sklearn pipeline, JSON", "sk_bin": "sklearn pipeline, binary", "cnn": "CNN, JSON",
                 "cnn_bin": "CNN, binary"}
 NO_BINARY = {"mlserver": "no binary", "fastapi": "JSON only"}  # why a server has no binary rows
-LOWER_IS_BETTER = ("p50_ms", "p99_ms", "startup_s", "rss_idle_mb", "rss_loaded_mb")
+LOWER_IS_BETTER = ("p50_ms", "p99_ms", "startup_s", "rss_idle_mb", "rss_loaded_mb", "cpu_us1", "cpu_us8")
 
 
 def _f(x: float | None, nd: int) -> str:
@@ -29,6 +29,8 @@ def _ratio(key: str, summ: dict[str, dict[str, Any]]) -> str:
 
 
 def render(d: Any, pr: dict[str, Any]) -> None:
+    from benchmarks import notes
+
     summ: dict[str, dict[str, Any]] = pr.get("summary", {})
     servers = [s for s in SERVERS if s in summ]
     loads = pr.get("load_avg", [])
@@ -71,6 +73,9 @@ def render(d: Any, pr: dict[str, Any]) -> None:
         if repeats > 1:
             rows.append([f"{MODEL_LABELS[m]}: {SPREAD_CLIENTS}-client req/s spread over {repeats} repeats",
                          *(_spread(summ[s], f"{m}/rps{SPREAD_CLIENTS}", s, m) for s in servers), ""])
+        rows.append([f"{MODEL_LABELS[m]}: server CPU µs per request, {SPREAD_CLIENTS} clients",
+                     *(_cell(summ[s], f"{m}/cpu_us{SPREAD_CLIENTS}", 0, s, m) for s in servers),
+                     _ratio(f"{m}/cpu_us{SPREAD_CLIENTS}", summ)])
         rows.append([f"{MODEL_LABELS[m]}: errors",
                      *(str(summ[s].get(f"{m}/errors", _missing(s, m))) for s in servers), ""])
     for key, label, nd in (("startup_s", "start-up s", 2), ("rss_idle_mb", "RSS idle MiB", 1),
@@ -80,9 +85,14 @@ def render(d: Any, pr: dict[str, Any]) -> None:
     d.table(head, rows)
     d.add("Requests/s cells give the median and, in brackets, the range over the repeats. The spread rows give "
           "the farthest repeat from the median in % of the median (± that covers every repeat), then the range. "
+          "Server CPU per request: user + system time of the server's whole process tree during the "
+          f"{SPREAD_CLIENTS}-client run over the requests it answered (the clients' CPU is not in it): when "
+          "requests/s drop while this stays, the server got less of the machine; when it rises with them, the "
+          "server spent more per request. "
           "Binary rows: KServe v2 binary tensors in and out (`binary_data_size`, `binary_data_output`, "
           "`Inference-Header-Content-Length`), sent only to the servers that speak the extension "
-          f"({', '.join(LABELS[b] for b in BINARY)}); MLServer's REST API and the FastAPI app take JSON only.", "")
+          f"({', '.join(LABELS[b] for b in BINARY)}); MLServer's REST API and the FastAPI app take JSON only.", "",
+          notes.PEERS, "")
 
 
 def _missing(server: str, model: str) -> str:
@@ -127,9 +137,14 @@ def aims(pr: dict[str, Any]) -> list[list[str]]:
         peers = [f"{p} ±{summ[p][f'{m}/rps{c}_spread_pct']:.1f} %" for p in PEERS
                  if f"{m}/rps{c}_spread_pct" in summ.get(p, {})]
         verdict = "– (one repeat)" if repeats < 2 else ("✅ meets" if pct <= SPREAD_AIM_PCT else "❌ misses")
+        reps = " / ".join(f"{v:,.0f}" for v in a.get(f"{m}/rps{c}_repeats", []))
+        cpu = " / ".join(f"{v:,.0f}" for v in a.get(f"{m}/cpu_us{c}_repeats", []))
+        loads = " / ".join(f"{la[0]:.1f}" for la in pr.get("load_avg", []))
         rows.append([f"agent at {c} clients, {label}: req/s within ±{SPREAD_AIM_PCT:g} % across {repeats} repeats",
-                     f"±{pct:.1f} % ({rng[0]:,.0f}–{rng[1]:,.0f} req/s)",
-                     "peers (same run): " + (", ".join(peers) if peers else "none measured"), verdict])
+                     f"±{pct:.1f} % (per repeat {reps} req/s" + (f"; server CPU {cpu} µs per request" if cpu else "")
+                     + ")",
+                     "peers (same run): " + (", ".join(peers) if peers else "none measured")
+                     + (f"; load average at each repeat {loads}" if loads else ""), verdict])
     v = a.get(f"sk/rps{c}")
     best = max(((summ[p][f"sk/rps{c}"], p) for p in PEERS if f"sk/rps{c}" in summ.get(p, {})), default=None)
     if v is not None and best is not None:
