@@ -1,7 +1,7 @@
 """``python -m benchmarks [--quick | --smoke] [--only SECTION,...] [--peers]``: run the benchmarks on
 loopback and write docs/benchmarks.md, docs/benchmarks/*.png and benchmarks/results.json.
 
-Bounded: ``full`` ≈ 10 minutes, ``--quick`` ≤ 3 minutes, ``--smoke`` (CI) ≈ 30 seconds.
+Bounded: ``full`` ≈ 12 minutes, ``--quick`` ≤ 3 minutes, ``--smoke`` (CI) ≈ 30 seconds.
 """
 
 from __future__ import annotations

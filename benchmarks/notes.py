@@ -308,7 +308,16 @@ CPU) in the model's worker, checks each on the golden samples, and measures both
 every candidate: the median of single calls and the calls per second of 8 callers at once. The
 objective only decides which figure picks the winner; the table is the deploy's verdict as
 `agentctl explain JOB` prints it. The served figures then check the choice under the load it was
-made for, through the daemon's HTTP API."""
+made for, through the daemon's HTTP API.
+
+How to read it on this machine: the two deploys measure the same two candidates seconds apart,
+so their figures for one candidate show the measurement's own noise. In trial runs at load
+averages of 5 to 9 (other work sharing the 2 cores) they differed by up to 2.7× (OpenVINO's
+single-call median 2.1 against 5.7 ms); the latency objective picked onnxruntime in all three
+trial runs, the throughput objective OpenVINO in two of three, by margins (2–45 %) within that
+noise. Served over HTTP the two picks gave requests/s within 10 % of each other either way: the
+HTTP handling and the codec share the same two cores, which autotune's in-worker measurement
+leaves out."""
 
 PEERS = """\
 Binary tensors help KServe's ModelServer little on the CNN: `InferRequest.from_bytes` (kserve

@@ -239,7 +239,7 @@ def render(res: dict[str, Any], images: dict[str, str]) -> str:
           "program needs to do the same job, measured in the same run on the same machine. Tables give the "
           "median, then p99 and min–max over the repeats (one number when there was one repeat). "
           "Raw figures: `benchmarks/results.json`. Reproduce: `pip install -e '.[test,bench]' && python -m "
-          "benchmarks` (≈ 10 min; `--quick` ≤ 3 min).", "")
+          "benchmarks` (≈ 12 min; `--quick` ≤ 3 min).", "")
     d.add("## Machine", "")
     pk = m.get("packages", {})
     d.table(["", ""], [["CPU", f"{m.get('cpu')} ({m.get('cores')} cores, {m.get('usable_cores')} usable)"],
