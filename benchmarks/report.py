@@ -252,7 +252,7 @@ def render(res: dict[str, Any], images: dict[str, str]) -> str:
     for name, fn in (("footprint", _footprint), ("serving", _serving), ("deploy", _deploy), ("swap", _swap),
                      ("telemetry", _telemetry), ("fleet", _fleet), ("collect", _collect),
                      ("sources", _sources), ("sealed", _sealed), ("jsoncodec", _jsoncodec),
-                     ("batching", _batching), ("autotune", _autotune), ("peers", _peers)):
+                     ("batching", _batching), ("peers", _peers), ("autotune", _autotune)):
         sec = s.get(name)
         if sec is None:
             continue
