@@ -132,14 +132,14 @@ def aims(res: dict[str, Any]) -> list[list[str]]:
     bt = s.get("batching", {})
     if bt and "error" not in bt:
         rows += _batching_aims(bt)
-    at = s.get("autotune", {})
-    if at and "error" not in at:
-        rows += _autotune_aims(at)
     pr = s.get("peers", {})
     if pr and "error" not in pr:
         from benchmarks import peers_report
 
         rows += peers_report.aims(pr)
+    at = s.get("autotune", {})
+    if at and "error" not in at:
+        rows += _autotune_aims(at)
     sw = s.get("swap", {})
     if sw and "error" not in sw:
         for mode, row in sw.items():
