@@ -146,12 +146,12 @@ Why the aim of 1.3× is missed on this 2-vCPU machine, step by step, each with t
 checks it:
 - *One request already uses both cores.* onnxruntime's default intra-op pool (one thread per
   core) runs one image in about half the time one thread takes (the per-image line, batch 1,
-  default threads against one; ≈ 1.2 against ≈ 2.5 ms in trial runs). With batching off the 4
+  default threads against one: 0.70 against 1.23 ms and 1.18 against 2.53 ms in trial runs). With batching off the 4
   calls admission lets in at once keep both cores busy, so one thread per call serves about as
   many requests/s at 8 clients as the default (the two "off" rows).
 - *A batched call is no cheaper per image here.* The convolutions are compute-bound: 4 images in
   one call cost about what 4 single calls cost (the per-image line, batch 4 against batch 1:
-  within ≈ 10 % in trial runs, either way). Batching trades on a fixed cost per call to share,
+  within ≈ 15 % in trial runs, either way). Batching trades on a fixed cost per call to share,
   and on a CPU running this model there is almost none.
 - *What batching costs then shows.* With 4 requests admitted all 4 join one batch, so one
   runtime call runs where four overlapped, and the next requests' decoding waits behind it (the
@@ -160,9 +160,9 @@ checks it:
   call uses one core of two: the on/threads=1 row is the slowest.
 
 Across trial runs at load averages of 1 to 7 (other work shares the machine) batching on gave
-0.77× to 1.17× the unbatched throughput over HTTP, and in process 0.66× to 1.11×; its p99 at 8
-clients was never worse than unbatched and down to half of it (fewer calls competing for the
-cores). The gain the aim expects comes where a call has a large fixed cost next to its
+0.77× to 1.17× the unbatched throughput over HTTP, and in process 0.66× to 1.11×; with the
+default threads its p99 at 8 clients was never worse than unbatched and down to half of it
+(fewer calls competing for the cores). The gain the aim expects comes where a call has a large fixed cost next to its
 arithmetic: an accelerator (GPU, NPU) or a model of small per-row work; `serving.max_batch`
 stays off by default and is set per model from the manifest where it helps."""
 
