@@ -52,7 +52,8 @@ class ServingVersion:
     gate: InflightGate = field(default_factory=InflightGate)
     calls: int = 0
     errors: int = 0  # failures of the model itself (not bad requests): probation counts these
-    size_check: admission.SizeCheck | None = None  # its inputs' bound (made at the first call)
+    size_check: admission.SizeCheck | None = None  # its inputs' bound (made on activation)
+    admission_gate: Admission | None = field(default=None, repr=False, compare=False)  # its name's in-flight bound
     batcher: Batcher | None = field(default=None, repr=False, compare=False)  # dynamic batching, when on
     # The model again when it runs in a worker process (IsolatedCapable), else None: asked once
     # here, not on every request.
@@ -77,6 +78,12 @@ class ServingVersion:
                 "outputs": [t.to_dict() for t in self.model.outputs]}
 
 
+class _Admitted(threading.local):
+    """Per thread: the model whose in-flight slot the HTTP layer holds (``Registry.admit``)."""
+
+    admitted: str | None = None
+
+
 class Registry:
     """name → serving version; thread-safe."""
 
@@ -89,7 +96,7 @@ class Registry:
         self.shapes = ShapeBook()  # input shapes known to be computable, per model
         self._admission: dict[str, Admission] = {}
         self._body_limits: dict[str, tuple[ServingVersion, int]] = {}
-        self._local = threading.local()  # the model whose slot this thread holds (admit())
+        self._local = _Admitted()  # the model whose slot this thread holds (admit())
 
     def set_observer(self, observer: LatencyObserver | None) -> None:
         self._observer = observer
@@ -156,30 +163,28 @@ class Registry:
     def _call(self, sv: ServingVersion, inputs: dict[str, Any]) -> dict[str, np.ndarray]:
         """The runtime call behind the model's admission; a runtime failure on shapes not known
         to be computable is the caller's ``invalid_input``."""
-        size = sv.size_check
-        if size is None:
+        size, gate = sv.size_check, sv.admission_gate
+        if size is None or gate is None:  # a version not activated here
             size = sv.size_check = admission.SizeCheck(sv.model.inputs, self.limits.max_batch)
-        size(inputs)
-        key = admission.shape_key(inputs)
-        if getattr(self._local, "admitted", None) == sv.name:  # the HTTP layer holds the slot
-            out = self._run(sv, inputs, key)
+            gate = sv.admission_gate = self._gate(sv.name)
+        key = size(inputs)  # refuses a request over the bound, else its shape key
+        if self._local.admitted == sv.name:  # the HTTP layer holds the slot
+            gate = None
         else:
-            with self._gate(sv.name):
-                out = self._run(sv, inputs, key)
-        if not self.shapes.knows(sv.name, key):
-            self.shapes.add(sv.name, (key,), report=True)
-        return out
-
-    def _run(self, sv: ServingVersion, inputs: dict[str, Any], key: admission.ShapeKey) -> dict[str, np.ndarray]:
+            gate.enter()
         try:
             b = sv.batcher
-            if b is not None:
-                return b.infer(inputs)
-            return sv.model.infer(inputs)
+            out = sv.model.infer(inputs) if b is None else b.infer(inputs)
         except errors.AgentError as e:
             if e.code == errors.INFERENCE_FAILED and not self.shapes.knows(sv.name, key):
                 raise admission.runtime_failure(sv.name, inputs, e) from e
             raise
+        finally:
+            if gate is not None:
+                gate.leave()
+        if not self.shapes.knows(sv.name, key):
+            self.shapes.add(sv.name, (key,), report=True)
+        return out
 
     @contextlib.contextmanager
     def admit(self, name: str) -> Iterator[None]:
@@ -234,6 +239,8 @@ class Registry:
         """Make ``sv`` the serving version; the previous one drains and closes in the background."""
         limits = self._model_limits(sv)
         sv.batcher = self._batcher(sv, limits)
+        sv.size_check = admission.SizeCheck(sv.model.inputs, self.limits.max_batch)
+        sv.admission_gate = self._gate(sv.name)
         self.shapes.add(sv.name, sv.model.known_shapes)  # its golden samples
         if sv.worker is not None:  # a worker that answers HTTP itself reports its calls back here
             sv.worker.bind(sv.name, sv.version,
