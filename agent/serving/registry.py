@@ -13,12 +13,11 @@ Invariants:
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -54,6 +53,7 @@ class ServingVersion:
     errors: int = 0  # failures of the model itself (not bad requests): probation counts these
     size_check: admission.SizeCheck | None = None  # its inputs' bound (made on activation)
     admission_gate: Admission | None = field(default=None, repr=False, compare=False)  # its name's in-flight bound
+    body_bound: int | None = None  # the largest request body worth reading (made on activation)
     batcher: Batcher | None = field(default=None, repr=False, compare=False)  # dynamic batching, when on
     # The model again when it runs in a worker process (IsolatedCapable), else None: asked once
     # here, not on every request.
@@ -84,6 +84,28 @@ class _Admitted(threading.local):
     admitted: str | None = None
 
 
+class HttpSlot:
+    """``Registry.admit``: a model's in-flight slot held by the HTTP layer for one request (no
+    slot for a model not serving: its call is refused)."""
+
+    __slots__ = ("_gate", "_local", "_name")
+
+    def __init__(self, gate: Admission | None, local: _Admitted, name: str) -> None:
+        self._gate = gate
+        self._local = local
+        self._name = name
+
+    def __enter__(self) -> None:
+        if self._gate is not None:
+            self._gate.enter()
+            self._local.admitted = self._name
+
+    def __exit__(self, *exc: object) -> None:
+        if self._gate is not None:
+            self._local.admitted = None
+            self._gate.leave()
+
+
 class Registry:
     """name → serving version; thread-safe."""
 
@@ -95,7 +117,6 @@ class Registry:
         self.limits = limits or Limits()
         self.shapes = ShapeBook()  # input shapes known to be computable, per model
         self._admission: dict[str, Admission] = {}
-        self._body_limits: dict[str, tuple[ServingVersion, int]] = {}
         self._local = _Admitted()  # the model whose slot this thread holds (admit())
 
     def set_observer(self, observer: LatencyObserver | None) -> None:
@@ -186,20 +207,14 @@ class Registry:
             self.shapes.add(sv.name, (key,), report=True)
         return out
 
-    @contextlib.contextmanager
-    def admit(self, name: str) -> Iterator[None]:
+    def admit(self, name: str) -> HttpSlot:
         """Hold one of ``name``'s in-flight slots (``busy`` when none frees up in time): the HTTP
         layer holds it from decoding a request to encoding its answer, so that decoding, too, is
         bounded per model (and cannot starve the runtime calls of the worker's interpreter)."""
-        if self.get(name) is None:  # not serving: the call is refused (no table entry per name asked)
-            yield
-            return
-        with self._gate(name):
-            self._local.admitted = name
-            try:
-                yield
-            finally:
-                self._local.admitted = None
+        sv = self.get(name)
+        if sv is None:  # not serving: the call is refused (no table entry per name asked)
+            return HttpSlot(None, self._local, name)
+        return HttpSlot(sv.admission_gate or self._gate(name), self._local, name)
 
     def _gate(self, name: str) -> Admission:
         """``name``'s admission (a serving model's: made on its first call)."""
@@ -213,10 +228,10 @@ class Registry:
         sv = self.get(name)
         if sv is None:
             return cap
-        hit = self._body_limits.get(name)
-        if hit is None or hit[0] is not sv:
-            hit = self._body_limits[name] = (sv, admission.body_bound(sv.model.inputs, self.limits.max_batch, 1 << 62))
-        return min(cap, hit[1])
+        bound = sv.body_bound
+        if bound is None:  # a version not activated here
+            bound = sv.body_bound = admission.body_bound(sv.model.inputs, self.limits.max_batch, 1 << 62)
+        return min(cap, bound)
 
     def _model_limits(self, sv: ServingVersion) -> Limits:
         """The config's limits with the manifest's ``serving.max_batch`` / ``max_queue_delay_us``
@@ -241,6 +256,7 @@ class Registry:
         sv.batcher = self._batcher(sv, limits)
         sv.size_check = admission.SizeCheck(sv.model.inputs, self.limits.max_batch)
         sv.admission_gate = self._gate(sv.name)
+        sv.body_bound = admission.body_bound(sv.model.inputs, self.limits.max_batch, 1 << 62)
         self.shapes.add(sv.name, sv.model.known_shapes)  # its golden samples
         if sv.worker is not None:  # a worker that answers HTTP itself reports its calls back here
             sv.worker.bind(sv.name, sv.version,

@@ -26,10 +26,25 @@ from typing import TYPE_CHECKING, Any
 
 from agent import errors
 
-try:  # a maintained parser built for large number arrays; the standard library is the fallback
-    import orjson as _orjson
-except ImportError:  # pragma: no cover - a core dependency; absent only in a stripped install
-    _orjson = None  # type: ignore[assignment]
+# orjson, a maintained parser built for large number arrays (the standard library is the
+# fallback), imported at the first JSON body: an idle daemon has none. None: the standard
+# library only (orjson not installed: a core dependency, absent only in a stripped install).
+_UNLOADED: Any = object()
+_orjson: Any = _UNLOADED
+
+
+def _fast_json() -> Any:
+    """orjson (imported on first use), or None for the standard library."""
+    global _orjson
+    if _orjson is _UNLOADED:
+        try:
+            import orjson
+        except ImportError:  # pragma: no cover - see above
+            _orjson = None
+        else:
+            _orjson = orjson
+    return _orjson
+
 
 if TYPE_CHECKING:
     import numpy as np
@@ -62,10 +77,11 @@ _DECODER = json.JSONDecoder()
 def to_json(obj: Any, exact: bool = False) -> bytes:
     """Compact JSON. ``exact``: the standard library's text, for values orjson would write
     differently (NaN and ±Infinity, which orjson writes as null)."""
-    if _orjson is not None and not exact:
+    oj = _orjson if _orjson is not _UNLOADED else _fast_json()
+    if oj is not None and not exact:
         try:
-            return _orjson.dumps(obj)
-        except (_orjson.JSONEncodeError, TypeError):
+            return oj.dumps(obj)
+        except (oj.JSONEncodeError, TypeError):
             pass  # integers beyond 64 bits, very deep values: the standard library writes or refuses them
     return _ENCODER.encode(obj).encode()
 
@@ -77,10 +93,11 @@ def from_json(text: bytes | memoryview, fast: bool = True) -> Any:
     Raises what the standard library raises (``ValueError``, ``UnicodeDecodeError``,
     ``RecursionError``), so both paths accept the same documents and fail with the same messages.
     One difference in values: orjson reads an integer beyond 64 bits as a float."""
-    if fast and _orjson is not None:
+    oj = _orjson if _orjson is not _UNLOADED else _fast_json()
+    if fast and oj is not None:
         try:
-            return _orjson.loads(text)
-        except _orjson.JSONDecodeError:
+            return oj.loads(text)
+        except oj.JSONDecodeError:
             pass
     # UTF-8 (RFC 8259): decoded here rather than by json.loads' encoding sniffing
     return _DECODER.decode(str(text, "utf-8"))
@@ -287,7 +304,7 @@ def decode_request(headers: dict[str, str], body: bytes) -> InferRequest:
     try:
         return _decode_request(headers, body, True)
     except errors.RejectError:
-        if _orjson is None:
+        if _fast_json() is None:
             raise
     return _decode_request(headers, body, False)
 
