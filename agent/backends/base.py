@@ -260,31 +260,33 @@ class InflightGate:
     """Counts calls in progress so a model is closed only after the last one returns.
 
     One lock guards the count and the number of waiters; ``leave`` wakes ``wait_idle`` when the
-    count reaches zero while someone waits (every wait has a timeout besides)."""
+    count reaches zero while someone waits (every wait has a timeout besides). ``lock``: the
+    lock of the owner's own bookkeeping (the serving registry's), so that a call enters its
+    version and its other counts in one critical section (``enter_held``/``leave_held``)."""
 
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
+    def __init__(self, lock: threading.Lock | None = None) -> None:
+        self._lock = lock or threading.Lock()
         self._idle = threading.Condition(self._lock)
         self._calls = 0
         self._waiters = 0
 
     def enter(self) -> None:
-        lock = self._lock  # acquire/release rather than ``with``: this runs twice on every call
-        lock.acquire()
-        try:
+        with self._lock:
             self._calls += 1
-        finally:
-            lock.release()
 
     def leave(self) -> None:
-        lock = self._lock
-        lock.acquire()
-        try:
-            self._calls -= 1
-            if not self._calls and self._waiters:
-                self._idle.notify_all()
-        finally:
-            lock.release()
+        with self._lock:
+            self.leave_held()
+
+    def enter_held(self) -> None:
+        """``enter``, the caller holding the gate's lock."""
+        self._calls += 1
+
+    def leave_held(self) -> None:
+        """``leave``, the caller holding the gate's lock."""
+        self._calls -= 1
+        if not self._calls and self._waiters:
+            self._idle.notify_all()
 
     def wait_idle(self, timeout_s: float) -> bool:
         with self._lock:

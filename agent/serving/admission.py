@@ -195,13 +195,15 @@ def runtime_failure(name: str, feed: Mapping[str, Any], e: errors.AgentError) ->
 class Admission:
     """At most ``max_inflight`` calls at once, ``max_queue`` waiting (each ``queue_wait_s``).
 
-    One plain lock guards both counts; a call that finds a free slot takes it in one acquire,
-    only a call that has to queue waits on the condition (over the same lock)."""
+    One lock guards both counts: its own, or ``lock``, the owner's (the serving registry's), so
+    that a call takes its slot in the critical section where it looks the model up
+    (``take_held``/``give_held``). Only a call that has to queue waits, on a condition over that
+    lock (which the wait releases)."""
 
-    def __init__(self, name: str, limits: Limits) -> None:
+    def __init__(self, name: str, limits: Limits, lock: threading.Lock | None = None) -> None:
         self.name = name
         self.limits = limits
-        self._lock = threading.Lock()  # not re-entered: a plain lock is cheaper
+        self._lock = lock or threading.Lock()  # not re-entered: a plain lock is cheaper
         self._freed = threading.Condition(self._lock)
         self._running = 0
         self._waiting = 0
@@ -212,14 +214,24 @@ class Admission:
 
     def enter(self) -> None:
         """Take one in-flight slot (``busy`` when none frees up in time); ``leave()`` after."""
-        lock = self._lock
-        lock.acquire()
-        try:
-            if self._running >= self.limits.max_inflight:
-                self._queue()
-            self._running += 1
-        finally:
-            lock.release()
+        with self._lock:
+            self.take_held()
+
+    def leave(self) -> None:
+        with self._lock:
+            self.give_held()
+
+    def take_held(self) -> None:
+        """``enter``, the caller holding the lock (a wait for a slot releases it meanwhile)."""
+        if self._running >= self.limits.max_inflight:
+            self._queue()
+        self._running += 1
+
+    def give_held(self) -> None:
+        """``leave``, the caller holding the lock."""
+        self._running -= 1
+        if self._waiting:
+            self._freed.notify()
 
     def _queue(self) -> None:
         """Wait (the lock held) for a free slot, within the queue bound and ``queue_wait_s``."""
@@ -235,16 +247,6 @@ class Admission:
         if not ok:
             raise errors.RetryableError(errors.BUSY, f"{self.name}: no free slot within "
                                                      f"{lim.queue_wait_s:g} s; try again later")
-
-    def leave(self) -> None:
-        lock = self._lock
-        lock.acquire()
-        try:
-            self._running -= 1
-            if self._waiting:
-                self._freed.notify()
-        finally:
-            lock.release()
 
     def __enter__(self) -> None:
         self.enter()

@@ -9,6 +9,9 @@ Invariants:
 - Each call passes the model's admission (agent/serving/admission.py): size bound, in-flight and
   queue bounds. A failure the request caused is the caller's error and never counts in
   ``ServingVersion.errors`` (what probation judges).
+- One lock, the registry's, guards the table, each version's in-flight gate and each model's
+  admission counts (made with that lock on activation): a call binds to its version and takes
+  its slot in one critical section, and gives both back in another.
 """
 
 from __future__ import annotations
@@ -48,7 +51,7 @@ class ServingVersion:
     model: LoadedModel
     manifest: dict[str, Any] = field(default_factory=dict)
     loaded_at: float = field(default_factory=time.time)
-    gate: InflightGate = field(default_factory=InflightGate)
+    gate: InflightGate | None = field(default=None, repr=False, compare=False)  # its calls in flight (made on activation)
     calls: int = 0
     errors: int = 0  # failures of the model itself (not bad requests): probation counts these
     size_check: admission.SizeCheck | None = None  # its inputs' bound (made on activation)
@@ -134,37 +137,39 @@ class Registry:
         with self._lock:
             return [self._serving[n] for n in sorted(self._serving)]
 
-    def acquire(self, name: str, version: int | None = None) -> ServingVersion:
-        """Bind a request to the serving version (and count it in flight); release() after."""
-        with self._lock:
-            sv = self._serving.get(name)
-            if sv is None:
-                raise errors.RejectError(errors.UNKNOWN_MODEL, f"model {name!r} is not serving")
-            if version is not None and sv.version != version:
-                raise errors.RejectError(errors.UNKNOWN_MODEL,
-                                         f"model {name!r} version {version} is not serving (serving: {sv.version})")
-            sv.gate.enter()
-            return sv
+    @staticmethod
+    def _not_serving(name: str, version: int | None, sv: ServingVersion | None) -> errors.RejectError:
+        if sv is None:
+            return errors.RejectError(errors.UNKNOWN_MODEL, f"model {name!r} is not serving")
+        return errors.RejectError(errors.UNKNOWN_MODEL,
+                                  f"model {name!r} version {version} is not serving (serving: {sv.version})")
 
     def infer(self, name: str, inputs: dict[str, Any], version: int | None = None
               ) -> tuple[ServingVersion, dict[str, np.ndarray]]:
         """Run one inference on the serving version; records latency and errors."""
+        held = self._local.admitted == name  # the HTTP layer holds the model's slot (admit())
         lock = self._lock
-        lock.acquire()  # acquire(), inlined: this runs on every call
-        try:
+        lock.acquire()
+        try:  # bind to the version, then take a slot (a full queue: busy; a wait releases the lock)
             sv = self._serving.get(name)
-            if sv is not None and (version is None or sv.version == version):
-                sv.gate.enter()
-            else:
-                sv = None
+            if sv is None or (version is not None and sv.version != version):
+                raise self._not_serving(name, version, sv)
+            gate, slot, size = sv.gate, None if held else sv.admission_gate, sv.size_check
+            assert gate is not None and size is not None, "set on activation"
+            key = size(inputs)  # refuses a request over the bound (nothing taken), else its shape key
+            gate.enter_held()
+            if slot is not None:
+                try:
+                    slot.take_held()
+                except BaseException:
+                    gate.leave_held()
+                    raise
         finally:
             lock.release()
-        if sv is None:
-            sv = self.acquire(name, version)  # refuses with the precise reason (or it was just activated)
         t0 = _perf()
         ok = False
         try:
-            out = self._call(sv, inputs)
+            out = self._run(sv, inputs, key)
             ok = True
             return sv, out
         except errors.AgentError as e:
@@ -176,23 +181,20 @@ class Registry:
             raise
         finally:
             sv.calls += 1
-            sv.gate.leave()
+            lock.acquire()
+            try:
+                if slot is not None:
+                    slot.give_held()
+                gate.leave_held()
+            finally:
+                lock.release()
             obs = self._observer
             if obs is not None:
-                obs(sv.name, sv.version, sv.model.backend_id, _perf() - t0, ok)
+                obs(name, sv.version, sv.model.backend_id, _perf() - t0, ok)
 
-    def _call(self, sv: ServingVersion, inputs: dict[str, Any]) -> dict[str, np.ndarray]:
-        """The runtime call behind the model's admission; a runtime failure on shapes not known
-        to be computable is the caller's ``invalid_input``."""
-        size, gate = sv.size_check, sv.admission_gate
-        if size is None or gate is None:  # a version not activated here
-            size = sv.size_check = admission.SizeCheck(sv.model.inputs, self.limits.max_batch)
-            gate = sv.admission_gate = self._gate(sv.name)
-        key = size(inputs)  # refuses a request over the bound, else its shape key
-        if self._local.admitted == sv.name:  # the HTTP layer holds the slot
-            gate = None
-        else:
-            gate.enter()
+    def _run(self, sv: ServingVersion, inputs: dict[str, Any], key: admission.ShapeKey) -> dict[str, np.ndarray]:
+        """The runtime call; a runtime failure on shapes not known to be computable is the
+        caller's ``invalid_input``."""
         try:
             b = sv.batcher
             out = sv.model.infer(inputs) if b is None else b.infer(inputs)
@@ -200,9 +202,6 @@ class Registry:
             if e.code == errors.INFERENCE_FAILED and not self.shapes.knows(sv.name, key):
                 raise admission.runtime_failure(sv.name, inputs, e) from e
             raise
-        finally:
-            if gate is not None:
-                gate.leave()
         if not self.shapes.knows(sv.name, key):
             self.shapes.add(sv.name, (key,), report=True)
         return out
@@ -220,7 +219,7 @@ class Registry:
         """``name``'s admission (a serving model's: made on its first call)."""
         gate = self._admission.get(name)
         if gate is None:
-            gate = self._admission.setdefault(name, Admission(name, self.limits))
+            gate = self._admission.setdefault(name, Admission(name, self.limits, self._lock))
         return gate
 
     def body_limit(self, name: str, cap: int) -> int:
@@ -256,6 +255,8 @@ class Registry:
         sv.batcher = self._batcher(sv, limits)
         sv.size_check = admission.SizeCheck(sv.model.inputs, self.limits.max_batch)
         sv.admission_gate = self._gate(sv.name)
+        if sv.gate is None:  # (a version served again keeps its gate: a drain may wait on it)
+            sv.gate = InflightGate(self._lock)
         sv.body_bound = admission.body_bound(sv.model.inputs, self.limits.max_batch, 1 << 62)
         self.shapes.add(sv.name, sv.model.known_shapes)  # its golden samples
         if sv.worker is not None:  # a worker that answers HTTP itself reports its calls back here
@@ -295,9 +296,10 @@ class Registry:
 
     def _retire(self, old: ServingVersion) -> None:
         def drain() -> None:
-            if not old.gate.wait_idle(DRAIN_TIMEOUT_S):
+            gate = old.gate
+            if gate is not None and not gate.wait_idle(DRAIN_TIMEOUT_S):
                 log.warning("%s v%d: %d call(s) still in flight after %.0f s; closing anyway",
-                            old.name, old.version, old.gate.count, DRAIN_TIMEOUT_S)
+                            old.name, old.version, gate.count, DRAIN_TIMEOUT_S)
             old.model.close()
 
         t = threading.Thread(target=drain, name=f"drain-{old.name}-{old.version}", daemon=True)
@@ -311,7 +313,8 @@ class Registry:
             self._serving.clear()
         deadline = time.monotonic() + timeout_s
         for old in olds:
-            old.gate.wait_idle(max(0.0, deadline - time.monotonic()))
+            if old.gate is not None:
+                old.gate.wait_idle(max(0.0, deadline - time.monotonic()))
             old.model.close()
         for t in self._draining:
             t.join(max(0.0, deadline - time.monotonic()))
