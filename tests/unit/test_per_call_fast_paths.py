@@ -2,8 +2,10 @@
 
 ``check_inputs`` (agent/backends/base.py) returns the caller's dict when every input fits its
 spec, else the checks of ``_check_inputs``; ``SizeCheck`` (agent/serving/admission.py) takes a
-one-input request without building a list. Each is compared here with the straightforward
-version it stands for, over random shapes, dtypes and input names."""
+one-input request without building a list; a request's shape is read in one pass
+(``tensors._parse_shape``, else every check of ``_check_shape``); a small float output's
+finiteness is checked in Python (``tensors._all_finite``). Each is compared here with the
+straightforward version it stands for, over random shapes, dtypes, values and input names."""
 
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ import pytest
 from agent import errors
 from agent.backends.base import _check_inputs, check_inputs
 from agent.bundles.manifest import TensorSpec
-from agent.serving import admission
+from agent.serving import admission, tensors
 
 DTYPES = ("float32", "float64", "int64", "uint8", "bool", "float16")
 CASES = 3000
@@ -113,3 +115,41 @@ def test_size_check_answers_as_its_definition(seed: int) -> None:
         assert got == want, (specs, {k: getattr(v, "shape", v) for k, v in feed.items()})
         refused += got[0] != "ok"
     assert refused > CASES // 20, "refusals were exercised"
+
+
+def _random_shape(rng: random.Random) -> Any:
+    r = rng.random()
+    if r < 0.05:
+        return rng.choice([None, "3", {"a": 1}, (1, 2), 7])
+    dims: list[Any] = [rng.choice([0, 1, 2, 3, 16, 255, 2**16]) for _ in range(rng.randint(0, 6))]
+    if r < 0.3 and dims:
+        dims[rng.randrange(len(dims))] = rng.choice([-1, True, False, 1.0, "2", None, tensors.MAX_DIM,
+                                                     tensors.MAX_DIM + 1, 2**40])
+    if r > 0.97:
+        dims = [1] * (tensors.MAX_DIMS + rng.randint(0, 2))
+    return dims
+
+
+@pytest.mark.parametrize("seed", [5, 6])
+def test_shape_fast_path_answers_as_every_check(seed: int) -> None:
+    rng = random.Random(seed)
+    seen = {"ok": 0, "refused": 0}
+    for _ in range(CASES):
+        shape = _random_shape(rng)
+        got, want = _outcome(tensors._parse_shape, "x", shape), _outcome(tensors._check_shape, "x", shape)
+        assert got == want, shape
+        if got[0] == "ok":
+            assert got[1] is shape
+        seen["ok" if got[0] == "ok" else "refused"] += 1
+    assert min(seen.values()) > CASES // 20, seen
+
+
+@pytest.mark.parametrize("seed", [7, 8])
+def test_small_output_finiteness_answers_as_numpy(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    for _ in range(CASES):
+        n = int(rng.integers(1, 2 * tensors.SMALL_OUTPUT))
+        a = rng.standard_normal(n).astype(rng.choice(["float16", "float32", "float64"]))
+        if rng.random() < 0.5:
+            a[rng.integers(0, n)] = rng.choice([np.nan, np.inf, -np.inf])
+        assert tensors._all_finite(a, a.ravel().tolist()) == bool(np.isfinite(a).all())
