@@ -201,7 +201,7 @@ def check_inputs(specs: tuple[TensorSpec, ...], inputs: dict[str, Any]) -> dict[
     if plan is not None and len(inputs) == len(plan) and type(inputs) is dict:
         for name, dt, rank, fixed, ndarray in plan:
             a: Any = inputs.get(name)
-            if type(a) is not ndarray or a.dtype != dt:
+            if type(a) is not ndarray or (a.dtype is not dt and a.dtype != dt):  # (numpy's are singletons)
                 break
             shape = a.shape
             if len(shape) != rank:

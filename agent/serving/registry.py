@@ -169,7 +169,15 @@ class Registry:
         t0 = _perf()
         ok = False
         try:
-            out = self._run(sv, inputs, key)
+            try:
+                b = sv.batcher
+                out = sv.model.infer(inputs) if b is None else b.infer(inputs)
+            except errors.AgentError as e:  # on shapes not known to be computable: the caller's invalid_input
+                if e.code == errors.INFERENCE_FAILED and not self.shapes.knows(name, key):
+                    raise admission.runtime_failure(name, inputs, e) from e
+                raise
+            if not self.shapes.knows(name, key):
+                self.shapes.add(name, (key,), report=True)
             ok = True
             return sv, out
         except errors.AgentError as e:
@@ -191,20 +199,6 @@ class Registry:
             obs = self._observer
             if obs is not None:
                 obs(name, sv.version, sv.model.backend_id, _perf() - t0, ok)
-
-    def _run(self, sv: ServingVersion, inputs: dict[str, Any], key: admission.ShapeKey) -> dict[str, np.ndarray]:
-        """The runtime call; a runtime failure on shapes not known to be computable is the
-        caller's ``invalid_input``."""
-        try:
-            b = sv.batcher
-            out = sv.model.infer(inputs) if b is None else b.infer(inputs)
-        except errors.AgentError as e:
-            if e.code == errors.INFERENCE_FAILED and not self.shapes.knows(sv.name, key):
-                raise admission.runtime_failure(sv.name, inputs, e) from e
-            raise
-        if not self.shapes.knows(sv.name, key):
-            self.shapes.add(sv.name, (key,), report=True)
-        return out
 
     def admit(self, name: str) -> HttpSlot:
         """Hold one of ``name``'s in-flight slots (``busy`` when none frees up in time): the HTTP
