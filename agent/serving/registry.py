@@ -148,6 +148,8 @@ class Registry:
               ) -> tuple[ServingVersion, dict[str, np.ndarray]]:
         """Run one inference on the serving version; records latency and errors."""
         held = self._local.admitted == name  # the HTTP layer holds the model's slot (admit())
+        refused: Exception | None = None
+        key: admission.ShapeKey = ()
         lock = self._lock
         lock.acquire()
         try:  # bind to the version, then take a slot (a full queue: busy; a wait releases the lock)
@@ -156,19 +158,23 @@ class Registry:
                 raise self._not_serving(name, version, sv)
             gate, slot, size = sv.gate, None if held else sv.admission_gate, sv.size_check
             assert gate is not None and size is not None, "set on activation"
-            key = size(inputs)  # refuses a request over the bound (nothing taken), else its shape key
             gate.enter_held()
-            if slot is not None:
-                try:
+            try:
+                key = size(inputs)  # refuses a request over the bound, else its shape key
+                if slot is not None:
                     slot.take_held()
-                except BaseException:
-                    gate.leave_held()
-                    raise
+            except Exception as e:  # too_large, busy: counted and observed as a call, holding no slot
+                refused, slot = e, None
+            except BaseException:
+                gate.leave_held()
+                raise
         finally:
             lock.release()
         t0 = _perf()
         ok = False
         try:
+            if refused is not None:
+                raise refused
             try:
                 b = sv.batcher
                 out = sv.model.infer(inputs) if b is None else b.infer(inputs)

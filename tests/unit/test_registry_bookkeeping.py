@@ -133,7 +133,9 @@ def test_the_inflight_bound_holds_across_swaps() -> None:
 
 def test_too_large_is_refused_at_once_while_the_model_is_busy_and_busy_takes_nothing() -> None:
     (model,), _ = _models(1)
-    reg = Registry(limits=Limits(max_batch=4, max_inflight=1, max_queue=0, queue_wait_s=WAIT_S))
+    seen: list[bool] = []
+    reg = Registry(observer=lambda name, version, backend, latency_s, ok: seen.append(ok),
+                   limits=Limits(max_batch=4, max_inflight=1, max_queue=0, queue_wait_s=WAIT_S))
     reg.activate(ServingVersion("m", 1, "v", model))
     model.hold.clear()
     t = threading.Thread(target=lambda: reg.infer("m", X))
@@ -149,11 +151,13 @@ def test_too_large_is_refused_at_once_while_the_model_is_busy_and_busy_takes_not
     assert time.monotonic() - t0 < WAIT_S / 2, "neither refusal waited for a slot"
     assert big.value.code == errors.TOO_LARGE and busy.value.code == errors.BUSY
     assert sv.gate.count == 1 and sv.errors == 0  # the refused calls hold nothing, blame nothing
+    assert seen == [False, False] and sv.calls == 2  # ... and count as calls that failed
     model.hold.set()
     t.join(WAIT_S)
-    assert sv.gate.count == 0
+    assert sv.gate.count == 0 and seen == [False, False, True]
     assert reg.infer("m", X)[0] is sv  # the slot was given back
     with pytest.raises(errors.RejectError) as unknown:
         reg.infer("m", X, version=7)
     assert unknown.value.code == errors.UNKNOWN_MODEL and "serving: 1" in unknown.value.message
+    assert len(seen) == 4 and sv.calls == 4  # a call to no version is nobody's call
     reg.close()
