@@ -8,7 +8,6 @@ Search order: ``--config PATH``, then ``$EDGE_AGENT_CONFIG``, then /etc/edge-age
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import os
 import re
 import socket
@@ -211,6 +210,8 @@ TOP_LEVEL_KEYS = ("device_id", "groups", "state_dir", "log_format")
 
 def _closest(word: str, choices: list[str], fmt: str = "{}") -> str:
     """`` (did you mean X?)`` for the closest of ``choices`` (difflib), or an empty string."""
+    import difflib  # here: only a config with a mistake needs it
+
     match = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
     return f" (did you mean {fmt.format(match[0])}?)" if match else ""
 

@@ -33,7 +33,7 @@ def run(ctx: Context) -> dict[str, Any]:
 
     from agent.serving import tensors
 
-    fast = tensors._orjson
+    fast = tensors._fast_json()
     if fast is None:
         raise RuntimeError("orjson is not installed (a core dependency: pip install -e .)")
     body = _body()

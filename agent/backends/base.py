@@ -196,12 +196,12 @@ def check_inputs(specs: tuple[TensorSpec, ...], inputs: dict[str, Any]) -> dict[
     On every inference call: the common case (numpy arrays that fit) takes a precomputed plan,
     ~1 µs instead of ~5 µs (docs/benchmarks.md); anything else takes the checks below, which
     also word the refusals."""
-    plan = _plan(specs)
-    if plan is not None and len(inputs) == len(plan):
-        fast: dict[str, np.ndarray] = {}
+    last = _last_plan
+    plan = last[1] if last[0] is specs else _remember_plan(specs)
+    if plan is not None and len(inputs) == len(plan) and type(inputs) is dict:
         for name, dt, rank, fixed, ndarray in plan:
             a: Any = inputs.get(name)
-            if type(a) is not ndarray or a.dtype != dt:
+            if type(a) is not ndarray or (a.dtype is not dt and a.dtype != dt):  # (numpy's are singletons)
                 break
             shape = a.shape
             if len(shape) != rank:
@@ -210,12 +210,23 @@ def check_inputs(specs: tuple[TensorSpec, ...], inputs: dict[str, Any]) -> dict[
                 if shape[i] != d:
                     break
             else:
-                fast[name] = a
                 continue
             break
-        else:
-            return fast
+        else:  # every input present and fitting: what _check_inputs would return, key for key
+            return inputs
     return _check_inputs(specs, inputs)
+
+
+# The specs of the last call and their plan: held (not keyed by id()), so ``is`` cannot match
+# another tuple; a model's calls find it without hashing every TensorSpec (lru_cache's key).
+_last_plan: tuple[tuple[TensorSpec, ...] | None, _Plan | None] = (None, None)
+
+
+def _remember_plan(specs: tuple[TensorSpec, ...]) -> _Plan | None:
+    global _last_plan
+    plan = _plan(specs)
+    _last_plan = (specs, plan)
+    return plan
 
 
 def _check_inputs(specs: tuple[TensorSpec, ...], inputs: dict[str, Any]) -> dict[str, np.ndarray]:
@@ -249,10 +260,12 @@ class InflightGate:
     """Counts calls in progress so a model is closed only after the last one returns.
 
     One lock guards the count and the number of waiters; ``leave`` wakes ``wait_idle`` when the
-    count reaches zero while someone waits (every wait has a timeout besides)."""
+    count reaches zero while someone waits (every wait has a timeout besides). ``lock``: the
+    lock of the owner's own bookkeeping (the serving registry's), so that a call enters its
+    version and its other counts in one critical section (``enter_held``/``leave_held``)."""
 
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
+    def __init__(self, lock: threading.Lock | None = None) -> None:
+        self._lock = lock or threading.Lock()
         self._idle = threading.Condition(self._lock)
         self._calls = 0
         self._waiters = 0
@@ -263,9 +276,17 @@ class InflightGate:
 
     def leave(self) -> None:
         with self._lock:
-            self._calls -= 1
-            if not self._calls and self._waiters:
-                self._idle.notify_all()
+            self.leave_held()
+
+    def enter_held(self) -> None:
+        """``enter``, the caller holding the gate's lock."""
+        self._calls += 1
+
+    def leave_held(self) -> None:
+        """``leave``, the caller holding the gate's lock."""
+        self._calls -= 1
+        if not self._calls and self._waiters:
+            self._idle.notify_all()
 
     def wait_idle(self, timeout_s: float) -> bool:
         with self._lock:

@@ -108,7 +108,7 @@ def body_bound(specs: Iterable[TensorSpec], max_batch: int, cap: int) -> int:
 class SizeCheck:
     """``too_large`` for a request over the model's bound: more than ``max_batch`` rows on a
     dynamic batch dimension, or more tensor bytes than the model's largest request. Made once
-    per model version (it runs on every call)."""
+    per model version (it runs on every call); calling it also gives the request's shape key."""
 
     __slots__ = ("_batched", "_bound", "_max_batch")
 
@@ -117,20 +117,28 @@ class SizeCheck:
         self._max_batch = max_batch
         self._batched = tuple(s.name for s in specs if s.shape and (s.shape[0] is None or s.shape[0] < 0))
         b = request_bound(specs, max_batch)
-        self._bound = None if b is None else b[0]
+        self._bound = -1 if b is None else b[0]
 
-    def __call__(self, feed: Mapping[str, Any]) -> None:
-        mb = self._max_batch
+    def __call__(self, feed: Mapping[str, Any]) -> ShapeKey:
+        """Refuse a request over the bound; else its ``shape_key``."""
+        mb, bound = self._max_batch, self._bound
+        if len(feed) == 1:  # the common case in one step; anything to refuse is worded below
+            for name, a in feed.items():
+                shape = getattr(a, "shape", ())
+                if (name not in self._batched or not shape or shape[0] <= mb) and \
+                        not 0 <= bound < int(getattr(a, "nbytes", 0)):
+                    return ((name, tuple(shape)),)
         for name in self._batched:
             shape = getattr(feed.get(name), "shape", None)
             if shape and shape[0] > mb:
                 raise errors.RejectError(errors.TOO_LARGE, f"input {name!r}: a batch of {shape[0]} is more than "
                                                            f"the {mb} allowed (backends.max_batch)")
-        if self._bound is not None:
+        if bound >= 0:
             size = sum(int(getattr(a, "nbytes", 0)) for a in feed.values())
-            if size > self._bound:
+            if size > bound:
                 raise errors.RejectError(errors.TOO_LARGE, f"request tensors are {size} bytes; this model takes "
-                                                           f"at most {self._bound}")
+                                                           f"at most {bound}")
+        return shape_key(feed)
 
 
 def check_size(specs: Iterable[TensorSpec], feed: Mapping[str, Any], max_batch: int) -> None:
@@ -185,12 +193,18 @@ def runtime_failure(name: str, feed: Mapping[str, Any], e: errors.AgentError) ->
 
 
 class Admission:
-    """At most ``max_inflight`` calls at once, ``max_queue`` waiting (each ``queue_wait_s``)."""
+    """At most ``max_inflight`` calls at once, ``max_queue`` waiting (each ``queue_wait_s``).
 
-    def __init__(self, name: str, limits: Limits) -> None:
+    One lock guards both counts: its own, or ``lock``, the owner's (the serving registry's), so
+    that a call takes its slot in the critical section where it looks the model up
+    (``take_held``/``give_held``). Only a call that has to queue waits, on a condition over that
+    lock (which the wait releases)."""
+
+    def __init__(self, name: str, limits: Limits, lock: threading.Lock | None = None) -> None:
         self.name = name
         self.limits = limits
-        self._cv = threading.Condition(threading.Lock())  # not re-entered: a plain lock is cheaper
+        self._lock = lock or threading.Lock()  # not re-entered: a plain lock is cheaper
+        self._freed = threading.Condition(self._lock)
         self._running = 0
         self._waiting = 0
 
@@ -198,28 +212,47 @@ class Admission:
         """``with gate.slot():`` (or ``with gate:``) holds one in-flight slot (``busy`` when none frees up in time)."""
         return self
 
-    def __enter__(self) -> None:
+    def enter(self) -> None:
+        """Take one in-flight slot (``busy`` when none frees up in time); ``leave()`` after."""
+        with self._lock:
+            self.take_held()
+
+    def leave(self) -> None:
+        with self._lock:
+            self.give_held()
+
+    def take_held(self) -> None:
+        """``enter``, the caller holding the lock (a wait for a slot releases it meanwhile)."""
+        if self._running >= self.limits.max_inflight:
+            self._queue()
+        self._running += 1
+
+    def give_held(self) -> None:
+        """``leave``, the caller holding the lock."""
+        self._running -= 1
+        if self._waiting:
+            self._freed.notify()
+
+    def _queue(self) -> None:
+        """Wait (the lock held) for a free slot, within the queue bound and ``queue_wait_s``."""
         lim = self.limits
-        with self._cv:
-            if self._running >= lim.max_inflight:
-                if self._waiting >= lim.max_queue:
-                    raise errors.RetryableError(errors.BUSY, f"{self.name}: {self._running} calls running and "
-                                                             f"{self._waiting} waiting; try again later")
-                self._waiting += 1
-                try:
-                    ok = self._cv.wait_for(lambda: self._running < lim.max_inflight, lim.queue_wait_s)
-                finally:
-                    self._waiting -= 1
-                if not ok:
-                    raise errors.RetryableError(errors.BUSY, f"{self.name}: no free slot within "
-                                                             f"{lim.queue_wait_s:g} s; try again later")
-            self._running += 1
+        if self._waiting >= lim.max_queue:
+            raise errors.RetryableError(errors.BUSY, f"{self.name}: {self._running} calls running and "
+                                                     f"{self._waiting} waiting; try again later")
+        self._waiting += 1
+        try:
+            ok = self._freed.wait_for(lambda: self._running < lim.max_inflight, lim.queue_wait_s)
+        finally:
+            self._waiting -= 1
+        if not ok:
+            raise errors.RetryableError(errors.BUSY, f"{self.name}: no free slot within "
+                                                     f"{lim.queue_wait_s:g} s; try again later")
+
+    def __enter__(self) -> None:
+        self.enter()
 
     def __exit__(self, *exc: object) -> None:
-        with self._cv:
-            self._running -= 1
-            if self._waiting:
-                self._cv.notify()
+        self.leave()
 
 
 class BodyBudget:

@@ -603,7 +603,7 @@ class KServeServer:
 
     def _infer(self, name: str, version: int | None, req: Request, body: bytes) -> Response:
         guard.check_infer_type(req)
-        body = guard.decode_body(req, body, self.body_limit(req.method, req.target))
+        body = guard.decode_body(req, body, self.registry.body_limit(name, self.max_body_bytes))
         ir = decode_request(req.headers, body)
         sv, results = self.registry.infer(name, ir.feed, version)
         data, ctype, headers = encode_response(sv, results, ir)

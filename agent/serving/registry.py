@@ -9,16 +9,18 @@ Invariants:
 - Each call passes the model's admission (agent/serving/admission.py): size bound, in-flight and
   queue bounds. A failure the request caused is the caller's error and never counts in
   ``ServingVersion.errors`` (what probation judges).
+- One lock, the registry's, guards the table, each version's in-flight gate and each model's
+  admission counts (made with that lock on activation): a call binds to its version and takes
+  its slot in one critical section, and gives both back in another.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -49,10 +51,12 @@ class ServingVersion:
     model: LoadedModel
     manifest: dict[str, Any] = field(default_factory=dict)
     loaded_at: float = field(default_factory=time.time)
-    gate: InflightGate = field(default_factory=InflightGate)
+    gate: InflightGate | None = field(default=None, repr=False, compare=False)  # its calls in flight (made on activation)
     calls: int = 0
     errors: int = 0  # failures of the model itself (not bad requests): probation counts these
-    size_check: admission.SizeCheck | None = None  # its inputs' bound (made at the first call)
+    size_check: admission.SizeCheck | None = None  # its inputs' bound (made on activation)
+    admission_gate: Admission | None = field(default=None, repr=False, compare=False)  # its name's in-flight bound
+    body_bound: int | None = None  # the largest request body worth reading (made on activation)
     batcher: Batcher | None = field(default=None, repr=False, compare=False)  # dynamic batching, when on
     # The model again when it runs in a worker process (IsolatedCapable), else None: asked once
     # here, not on every request.
@@ -77,6 +81,34 @@ class ServingVersion:
                 "outputs": [t.to_dict() for t in self.model.outputs]}
 
 
+class _Admitted(threading.local):
+    """Per thread: the model whose in-flight slot the HTTP layer holds (``Registry.admit``)."""
+
+    admitted: str | None = None
+
+
+class HttpSlot:
+    """``Registry.admit``: a model's in-flight slot held by the HTTP layer for one request (no
+    slot for a model not serving: its call is refused)."""
+
+    __slots__ = ("_gate", "_local", "_name")
+
+    def __init__(self, gate: Admission | None, local: _Admitted, name: str) -> None:
+        self._gate = gate
+        self._local = local
+        self._name = name
+
+    def __enter__(self) -> None:
+        if self._gate is not None:
+            self._gate.enter()
+            self._local.admitted = self._name
+
+    def __exit__(self, *exc: object) -> None:
+        if self._gate is not None:
+            self._local.admitted = None
+            self._gate.leave()
+
+
 class Registry:
     """name → serving version; thread-safe."""
 
@@ -88,8 +120,7 @@ class Registry:
         self.limits = limits or Limits()
         self.shapes = ShapeBook()  # input shapes known to be computable, per model
         self._admission: dict[str, Admission] = {}
-        self._body_limits: dict[str, tuple[ServingVersion, int]] = {}
-        self._local = threading.local()  # the model whose slot this thread holds (admit())
+        self._local = _Admitted()  # the model whose slot this thread holds (admit())
 
     def set_observer(self, observer: LatencyObserver | None) -> None:
         self._observer = observer
@@ -106,37 +137,53 @@ class Registry:
         with self._lock:
             return [self._serving[n] for n in sorted(self._serving)]
 
-    def acquire(self, name: str, version: int | None = None) -> ServingVersion:
-        """Bind a request to the serving version (and count it in flight); release() after."""
-        with self._lock:
-            sv = self._serving.get(name)
-            if sv is None:
-                raise errors.RejectError(errors.UNKNOWN_MODEL, f"model {name!r} is not serving")
-            if version is not None and sv.version != version:
-                raise errors.RejectError(errors.UNKNOWN_MODEL,
-                                         f"model {name!r} version {version} is not serving (serving: {sv.version})")
-            sv.gate.enter()
-            return sv
+    @staticmethod
+    def _not_serving(name: str, version: int | None, sv: ServingVersion | None) -> errors.RejectError:
+        if sv is None:
+            return errors.RejectError(errors.UNKNOWN_MODEL, f"model {name!r} is not serving")
+        return errors.RejectError(errors.UNKNOWN_MODEL,
+                                  f"model {name!r} version {version} is not serving (serving: {sv.version})")
 
     def infer(self, name: str, inputs: dict[str, Any], version: int | None = None
               ) -> tuple[ServingVersion, dict[str, np.ndarray]]:
         """Run one inference on the serving version; records latency and errors."""
+        held = self._local.admitted == name  # the HTTP layer holds the model's slot (admit())
+        refused: Exception | None = None
+        key: admission.ShapeKey = ()
         lock = self._lock
-        lock.acquire()  # acquire(), inlined: this runs on every call
-        try:
+        lock.acquire()
+        try:  # bind to the version, then take a slot (a full queue: busy; a wait releases the lock)
             sv = self._serving.get(name)
-            if sv is not None and (version is None or sv.version == version):
-                sv.gate.enter()
-            else:
-                sv = None
+            if sv is None or (version is not None and sv.version != version):
+                raise self._not_serving(name, version, sv)
+            gate, slot, size = sv.gate, None if held else sv.admission_gate, sv.size_check
+            assert gate is not None and size is not None, "set on activation"
+            gate.enter_held()
+            try:
+                key = size(inputs)  # refuses a request over the bound, else its shape key
+                if slot is not None:
+                    slot.take_held()
+            except Exception as e:  # too_large, busy: counted and observed as a call, holding no slot
+                refused, slot = e, None
+            except BaseException:
+                gate.leave_held()
+                raise
         finally:
             lock.release()
-        if sv is None:
-            sv = self.acquire(name, version)  # refuses with the precise reason (or it was just activated)
         t0 = _perf()
         ok = False
         try:
-            out = self._call(sv, inputs)
+            if refused is not None:
+                raise refused
+            try:
+                b = sv.batcher
+                out = sv.model.infer(inputs) if b is None else b.infer(inputs)
+            except errors.AgentError as e:  # on shapes not known to be computable: the caller's invalid_input
+                if e.code == errors.INFERENCE_FAILED and not self.shapes.knows(name, key):
+                    raise admission.runtime_failure(name, inputs, e) from e
+                raise
+            if not self.shapes.knows(name, key):
+                self.shapes.add(name, (key,), report=True)
             ok = True
             return sv, out
         except errors.AgentError as e:
@@ -148,59 +195,31 @@ class Registry:
             raise
         finally:
             sv.calls += 1
-            sv.gate.leave()
+            lock.acquire()
+            try:
+                if slot is not None:
+                    slot.give_held()
+                gate.leave_held()
+            finally:
+                lock.release()
             obs = self._observer
             if obs is not None:
-                obs(sv.name, sv.version, sv.model.backend_id, _perf() - t0, ok)
+                obs(name, sv.version, sv.model.backend_id, _perf() - t0, ok)
 
-    def _call(self, sv: ServingVersion, inputs: dict[str, Any]) -> dict[str, np.ndarray]:
-        """The runtime call behind the model's admission; a runtime failure on shapes not known
-        to be computable is the caller's ``invalid_input``."""
-        size = sv.size_check
-        if size is None:
-            size = sv.size_check = admission.SizeCheck(sv.model.inputs, self.limits.max_batch)
-        size(inputs)
-        key = admission.shape_key(inputs)
-        if getattr(self._local, "admitted", None) == sv.name:  # the HTTP layer holds the slot
-            out = self._run(sv, inputs, key)
-        else:
-            with self._gate(sv.name):
-                out = self._run(sv, inputs, key)
-        if not self.shapes.knows(sv.name, key):
-            self.shapes.add(sv.name, (key,), report=True)
-        return out
-
-    def _run(self, sv: ServingVersion, inputs: dict[str, Any], key: admission.ShapeKey) -> dict[str, np.ndarray]:
-        try:
-            b = sv.batcher
-            if b is not None:
-                return b.infer(inputs)
-            return sv.model.infer(inputs)
-        except errors.AgentError as e:
-            if e.code == errors.INFERENCE_FAILED and not self.shapes.knows(sv.name, key):
-                raise admission.runtime_failure(sv.name, inputs, e) from e
-            raise
-
-    @contextlib.contextmanager
-    def admit(self, name: str) -> Iterator[None]:
+    def admit(self, name: str) -> HttpSlot:
         """Hold one of ``name``'s in-flight slots (``busy`` when none frees up in time): the HTTP
         layer holds it from decoding a request to encoding its answer, so that decoding, too, is
         bounded per model (and cannot starve the runtime calls of the worker's interpreter)."""
-        if self.get(name) is None:  # not serving: the call is refused (no table entry per name asked)
-            yield
-            return
-        with self._gate(name):
-            self._local.admitted = name
-            try:
-                yield
-            finally:
-                self._local.admitted = None
+        sv = self.get(name)
+        if sv is None:  # not serving: the call is refused (no table entry per name asked)
+            return HttpSlot(None, self._local, name)
+        return HttpSlot(sv.admission_gate or self._gate(name), self._local, name)
 
     def _gate(self, name: str) -> Admission:
         """``name``'s admission (a serving model's: made on its first call)."""
         gate = self._admission.get(name)
         if gate is None:
-            gate = self._admission.setdefault(name, Admission(name, self.limits))
+            gate = self._admission.setdefault(name, Admission(name, self.limits, self._lock))
         return gate
 
     def body_limit(self, name: str, cap: int) -> int:
@@ -208,10 +227,10 @@ class Registry:
         sv = self.get(name)
         if sv is None:
             return cap
-        hit = self._body_limits.get(name)
-        if hit is None or hit[0] is not sv:
-            hit = self._body_limits[name] = (sv, admission.body_bound(sv.model.inputs, self.limits.max_batch, 1 << 62))
-        return min(cap, hit[1])
+        bound = sv.body_bound
+        if bound is None:  # a version not activated here
+            bound = sv.body_bound = admission.body_bound(sv.model.inputs, self.limits.max_batch, 1 << 62)
+        return min(cap, bound)
 
     def _model_limits(self, sv: ServingVersion) -> Limits:
         """The config's limits with the manifest's ``serving.max_batch`` / ``max_queue_delay_us``
@@ -234,6 +253,11 @@ class Registry:
         """Make ``sv`` the serving version; the previous one drains and closes in the background."""
         limits = self._model_limits(sv)
         sv.batcher = self._batcher(sv, limits)
+        sv.size_check = admission.SizeCheck(sv.model.inputs, self.limits.max_batch)
+        sv.admission_gate = self._gate(sv.name)
+        if sv.gate is None:  # (a version served again keeps its gate: a drain may wait on it)
+            sv.gate = InflightGate(self._lock)
+        sv.body_bound = admission.body_bound(sv.model.inputs, self.limits.max_batch, 1 << 62)
         self.shapes.add(sv.name, sv.model.known_shapes)  # its golden samples
         if sv.worker is not None:  # a worker that answers HTTP itself reports its calls back here
             sv.worker.bind(sv.name, sv.version,
@@ -272,9 +296,10 @@ class Registry:
 
     def _retire(self, old: ServingVersion) -> None:
         def drain() -> None:
-            if not old.gate.wait_idle(DRAIN_TIMEOUT_S):
+            gate = old.gate
+            if gate is not None and not gate.wait_idle(DRAIN_TIMEOUT_S):
                 log.warning("%s v%d: %d call(s) still in flight after %.0f s; closing anyway",
-                            old.name, old.version, old.gate.count, DRAIN_TIMEOUT_S)
+                            old.name, old.version, gate.count, DRAIN_TIMEOUT_S)
             old.model.close()
 
         t = threading.Thread(target=drain, name=f"drain-{old.name}-{old.version}", daemon=True)
@@ -288,7 +313,8 @@ class Registry:
             self._serving.clear()
         deadline = time.monotonic() + timeout_s
         for old in olds:
-            old.gate.wait_idle(max(0.0, deadline - time.monotonic()))
+            if old.gate is not None:
+                old.gate.wait_idle(max(0.0, deadline - time.monotonic()))
             old.model.close()
         for t in self._draining:
             t.join(max(0.0, deadline - time.monotonic()))

@@ -26,10 +26,25 @@ from typing import TYPE_CHECKING, Any
 
 from agent import errors
 
-try:  # a maintained parser built for large number arrays; the standard library is the fallback
-    import orjson as _orjson
-except ImportError:  # pragma: no cover - a core dependency; absent only in a stripped install
-    _orjson = None  # type: ignore[assignment]
+# orjson, a maintained parser built for large number arrays (the standard library is the
+# fallback), imported at the first JSON body: an idle daemon has none. None: the standard
+# library only (orjson not installed: a core dependency, absent only in a stripped install).
+_UNLOADED: Any = object()
+_orjson: Any = _UNLOADED
+
+
+def _fast_json() -> Any:
+    """orjson (imported on first use), or None for the standard library."""
+    global _orjson
+    if _orjson is _UNLOADED:
+        try:
+            import orjson
+        except ImportError:  # pragma: no cover - see above
+            _orjson = None
+        else:
+            _orjson = orjson
+    return _orjson
+
 
 if TYPE_CHECKING:
     import numpy as np
@@ -62,10 +77,11 @@ _DECODER = json.JSONDecoder()
 def to_json(obj: Any, exact: bool = False) -> bytes:
     """Compact JSON. ``exact``: the standard library's text, for values orjson would write
     differently (NaN and ±Infinity, which orjson writes as null)."""
-    if _orjson is not None and not exact:
+    oj = _orjson if _orjson is not _UNLOADED else _fast_json()
+    if oj is not None and not exact:
         try:
-            return _orjson.dumps(obj)
-        except (_orjson.JSONEncodeError, TypeError):
+            return oj.dumps(obj)
+        except (oj.JSONEncodeError, TypeError):
             pass  # integers beyond 64 bits, very deep values: the standard library writes or refuses them
     return _ENCODER.encode(obj).encode()
 
@@ -77,10 +93,11 @@ def from_json(text: bytes | memoryview, fast: bool = True) -> Any:
     Raises what the standard library raises (``ValueError``, ``UnicodeDecodeError``,
     ``RecursionError``), so both paths accept the same documents and fail with the same messages.
     One difference in values: orjson reads an integer beyond 64 bits as a float."""
-    if fast and _orjson is not None:
+    oj = _orjson if _orjson is not _UNLOADED else _fast_json()
+    if fast and oj is not None:
         try:
-            return _orjson.loads(text)
-        except _orjson.JSONDecodeError:
+            return oj.loads(text)
+        except oj.JSONDecodeError:
             pass
     # UTF-8 (RFC 8259): decoded here rather than by json.loads' encoding sniffing
     return _DECODER.decode(str(text, "utf-8"))
@@ -112,6 +129,21 @@ def kserve_dtype(dtype: str) -> str:
 
 
 def _parse_shape(name: str, shape: Any) -> list[int]:
+    if type(shape) is list and len(shape) <= MAX_DIMS:  # the common case in one pass
+        n = 1
+        for d in shape:
+            if type(d) is not int or not 0 <= d <= MAX_DIM:
+                break
+            n *= d
+            if n > MAX_ELEMENTS:
+                break
+        else:
+            return shape
+    return _check_shape(name, shape)
+
+
+def _check_shape(name: str, shape: Any) -> list[int]:
+    """Every check of a shape, in the order their refusals are worded."""
     if not isinstance(shape, list) or not all(
             isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
         raise _invalid(f"input {name!r}: shape must be a list of non-negative integers, got {str(shape)[:200]}")
@@ -147,7 +179,7 @@ def _tensor_from_json(name: str, datatype: str, np_dtype: str, shape: list[int],
         raise _invalid(f"input {name!r}: data is not a rectangular list of numbers ({e})") from e
     if a.size != n:
         raise _invalid(f"input {name!r}: shape {shape} has {n} element(s), data has {a.size}")
-    target = np.dtype(np_dtype)
+    target = _np_dtype(np_dtype)
     if a.size:
         kind = a.dtype.kind
         if target.kind == "b":
@@ -171,11 +203,33 @@ def _tensor_from_json(name: str, datatype: str, np_dtype: str, shape: list[int],
     return a.astype(target, copy=False).reshape(shape)
 
 
+_NP_DTYPES: dict[str, Any] = {}  # numpy dtype name → dtype; np.dtype() is slow
+_WIRE_DTYPES: dict[str, Any] = {}  # numpy dtype name → its little-endian dtype
+
+
+def _np_dtype(np_dtype: str) -> Any:
+    dt = _NP_DTYPES.get(np_dtype)
+    if dt is None:
+        import numpy as np
+
+        dt = _NP_DTYPES[np_dtype] = np.dtype(np_dtype)
+    return dt
+
+
+def _wire_dtype(np_dtype: str) -> Any:
+    dt = _WIRE_DTYPES.get(np_dtype)
+    if dt is None:
+        import numpy as np
+
+        dt = _WIRE_DTYPES[np_dtype] = np.dtype(np_dtype).newbyteorder("<")
+    return dt
+
+
 def _tensor_from_binary(name: str, datatype: str, np_dtype: str, shape: list[int],
                         buf: memoryview) -> np.ndarray:
     import numpy as np
 
-    target = np.dtype(np_dtype).newbyteorder("<")
+    target = _wire_dtype(np_dtype)
     need = math.prod(shape) * target.itemsize
     if len(buf) != need:
         raise _invalid(f"input {name!r}: shape {shape} of {datatype} needs {need} byte(s), "
@@ -271,6 +325,17 @@ def _out_datatype(dtype: Any) -> str | None:
     return dt
 
 
+SMALL_OUTPUT = 64  # elements below which Python checks finiteness faster than numpy starts to
+
+
+def _all_finite(a: np.ndarray, values: list[Any]) -> bool:
+    if a.size <= SMALL_OUTPUT and a.dtype.kind == "f":
+        return all(map(math.isfinite, values))
+    import numpy as np
+
+    return bool(np.isfinite(a).all())
+
+
 def _tensor_to_binary(a: np.ndarray) -> bytes:
     import numpy as np
 
@@ -287,7 +352,7 @@ def decode_request(headers: dict[str, str], body: bytes) -> InferRequest:
     try:
         return _decode_request(headers, body, True)
     except errors.RejectError:
-        if _orjson is None:
+        if _fast_json() is None:
             raise
     return _decode_request(headers, body, False)
 
@@ -410,12 +475,10 @@ def encode_response(sv: ServingVersion, results: dict[str, Any], r: InferRequest
             out_meta.append({"name": oname, "datatype": dt, "shape": list(a.shape),
                              "parameters": {"binary_data_size": len(blob)}})
         else:
-            if a.dtype.kind in "fc" and a.size and not exact:
-                import numpy as np
-
-                exact = not bool(np.isfinite(a).all())  # NaN/Infinity are written as the stdlib does
-            out_meta.append({"name": oname, "datatype": dt, "shape": list(a.shape),
-                             "data": a.ravel().tolist()})
+            values = a.ravel().tolist()
+            if a.dtype.kind in "fc" and a.size and not exact:  # NaN/Infinity are written as the stdlib does
+                exact = not _all_finite(a, values)
+            out_meta.append({"name": oname, "datatype": dt, "shape": list(a.shape), "data": values})
     resp: dict[str, Any] = {"model_name": sv.name, "model_version": str(sv.version)}
     if r.id is not None:
         resp["id"] = r.id

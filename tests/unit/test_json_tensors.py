@@ -54,7 +54,9 @@ def _body(*inputs: dict[str, Any], **extra: Any) -> bytes:
 
 
 def test_orjson_is_the_path_taken() -> None:
-    """The fast path is really orjson (installed as a core dependency), not the fallback."""
+    """The fast path is really orjson (installed as a core dependency, imported at the first
+    JSON body), not the fallback."""
+    tensors.from_json(b"[1]")
     assert tensors._orjson is orjson
 
 
