@@ -169,6 +169,21 @@ class Handler(socketserver.BaseRequestHandler):
         finally:
             app.body_budget.release(need)
 
+    def reserve(self, req: Request) -> tuple[int, int] | None:
+        """For a reader that reads bodies without blocking (agent/serving/connpool.py): the body
+        limit and the bytes reserved for the body in the budget, when the request passes the
+        checks; None (nothing reserved) when it is refused: ``serve`` then answers it."""
+        app = self._app
+        try:
+            guard.check(app.policy, req, req.target.split("?", 1)[0], self.local_socket)
+            limit = app.body_limit(req.method, req.target)
+        except HttpFail:
+            return None
+        need = body_need(req, limit)
+        if not app.body_budget.reserve(need):
+            return None
+        return limit, need
+
     def _read_and_respond(self, req: Request, limit: int) -> Response:
         app = self._app
         try:
