@@ -12,7 +12,8 @@ Design (leader/followers on epoll):
   per arrival, never a thread.
 - A request read in full (head and body) is a job. When another thread waits, the leader hands
   it the polling and answers the job itself: no hand-over between threads on a request's way, so
-  one client is served as fast as by a thread of its own. Otherwise the job waits in the queue
+  one client is served as fast as by a thread of its own (and when it is the only connection, the
+  leader keeps the reading role while it answers: no thread wakes at all). Otherwise the job waits in the queue
   (slot state ``QUEUED``) for the next thread that finishes while the leader goes on reading: at
   most ``threads - 1`` requests are answered at once, and there is always a reader.
 - The queue holds at most ``max_queue`` jobs, each for at most ``queue_wait_s`` (the model's
@@ -117,6 +118,7 @@ class ConnPool:
         self._queue: deque[_Conn] = deque()
         self._leader = False
         self._waiting = 0  # threads with nothing to do
+        self._inline = False  # the leader answers the only connection and goes on reading after
         self._next_sweep = 0.0
         self.threads = [threading.Thread(target=self._run, name=f"http-{i}", daemon=True)
                         for i in range(max(MIN_THREADS, threads))]
@@ -132,6 +134,7 @@ class ConnPool:
         c = _Conn(sock, slot, h)
         self._conns[c.fd] = c
         self._ep.register(c.fd, 0)  # disarmed until _arm
+        self._wake_reader()
         c.deadline = time.monotonic() + HEAD_TIMEOUT_S
         self._set(c, READING)  # taken: no longer the daemon's PENDING
         if self._step(c):
@@ -139,29 +142,37 @@ class ConnPool:
 
     # -- threads -------------------------------------------------------------------------------
     def _run(self) -> None:
+        lead = False  # still the reader after answering alone
         while True:
             job: _Conn | None = None
-            with self._cv:
-                while self._leader and not self._queue:
-                    self._waiting += 1
-                    self._cv.wait()
-                    self._waiting -= 1
-                if not self._leader:
-                    self._leader = True
-                else:
-                    job = self._queue.popleft()
+            if not lead:
+                with self._cv:
+                    while self._leader and not self._queue:
+                        self._waiting += 1
+                        self._cv.wait()
+                        self._waiting -= 1
+                    if not self._leader:
+                        self._leader = True
+                    else:
+                        job = self._queue.popleft()
             if job is None:
                 job = self._lead()
             while job is not None:
                 job = self._serve_safely(job)
+            with self._cv:
+                lead, self._inline = self._inline, False
 
     def _lead(self) -> _Conn:
-        """Read until a job is ready and another thread can take over the reading; that job."""
+        """Read until a job is ready and another thread can take over the reading (or there is
+        nothing else to read); that job."""
         while True:
             ready = self._poll()
             if not ready:
                 continue
             with self._cv:
+                if len(ready) == 1 and not self._queue and len(self._conns) == 1:
+                    self._inline = True  # the only connection: answer it and keep reading after (``add`` ends this)
+                    return ready[0]
                 if self._waiting:
                     self._leader = False
                     job = ready.pop(0)
@@ -174,6 +185,14 @@ class ConnPool:
                 self._busy(c, f"{self.max_queue} requests already wait for this model's worker; retry")
             if job is not None:
                 return job
+
+    def _wake_reader(self) -> None:
+        """A new connection: the leader answering the only other one alone hands the reading on."""
+        with self._cv:
+            if self._inline:
+                self._inline = False
+                self._leader = False
+                self._cv.notify()
 
     def _enqueue(self, jobs: list[_Conn], free: int) -> list[_Conn]:
         """Queue ``jobs`` (under the lock) for ``free`` threads about to take them and ``max_queue``

@@ -1,7 +1,8 @@
 """One HTTP connection of the local inference API: its request loop, replies and refusals.
 
-The same handler runs in the daemon (a thread per accepted connection) and, subclassed by
-agent/serving/adopted.py, inside a model's worker process for the connections handed to it.
+The same handler runs in the daemon (a thread per accepted connection) and, driven by
+agent/serving/connpool.py without its blocking loop (``reserve``, ``serve``, ``send_reply``),
+inside a model's worker process for the connections handed to it.
 
 Invariants:
 - A fresh connection must send its first head within ``HEAD_TIMEOUT_S``; between requests it
