@@ -10,6 +10,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import signal
 import socket
 import threading
 import time
@@ -22,7 +23,7 @@ import onnxruntime as ort
 import pytest
 from test_worker_handoff import TIMEOUT_S, Env, _body, _post, _wait
 
-from agent.backends.wire import INFER
+from agent.backends.wire import IDLE, INFER, QUEUED, DeathReason
 from agent.serving.admission import Limits
 
 X = np.arange(8, dtype=np.float32).reshape(2, 4) / 8
@@ -245,3 +246,28 @@ def test_worker_threads_stay_bounded_with_many_connections(env: Env) -> None:
         for c in conns:
             c.close()
         first.close()
+
+
+def test_a_queued_request_is_hung_only_past_the_queue_wait_and_the_deadline(env: Env) -> None:
+    """The daemon's rule for ``QUEUED`` (a request read in full, waiting for a worker thread):
+    not hung at ``infer_timeout_s``, since the worker itself answers ``busy`` after the queue
+    wait; hung once that and the deadline have both passed. The state is written into the
+    shared slot table while the worker is stopped (SIGSTOP): nothing else can make a worker
+    leave a queued request unanswered."""
+    _limits(env, queue_wait_s=1.5)
+    m, _ = env.serve("lin", 1, seed=1, infer_timeout_s=0.5)
+    c = env.conn()
+    assert _post(c)[0] == 200
+    slot = next(iter(m._held))
+    _wait(lambda: m._slots.get(slot)[0] == IDLE, "the worker back to waiting")
+    os.kill(m.pid, signal.SIGSTOP)
+    try:
+        m._slots.set(slot, QUEUED)
+        time.sleep(1.0)  # twice infer_timeout_s, within the queue wait
+        assert m.alive and m.death_reason is None, m.death
+        _wait(lambda: m.death_reason is not None, "the hung rule for a queued request")
+        assert m.death_reason is DeathReason.HUNG and "queued request" in m.death, m.death
+    finally:
+        if m._proc.poll() is None:
+            os.kill(m.pid, signal.SIGCONT)
+    c.close()
