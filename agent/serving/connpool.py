@@ -40,6 +40,7 @@ from typing import Any, Protocol
 
 from agent import errors
 from agent.backends.wire import IDLE, QUEUED, READING, WRITING, SlotTable
+from agent.serving import guard
 from agent.serving.admission import RETRY_AFTER_S
 from agent.serving.handler import IDLE_TIMEOUT_S, Handler, error_response
 from agent.serving.httpconn import (
@@ -238,6 +239,14 @@ class ConnPool:
         owner, h = self._owner, c.h
         conn = h.conn
         try:
+            if conn.discarding:  # a refused body, after its answer
+                self._set(c, READING)
+                if not conn.discard_pending():
+                    self._close(c)
+                    return False
+                if not conn.buf:
+                    self._idle(c)
+                    return False
             if c.req is None:
                 if not conn.in_message:  # the first bytes of a request (or the end of the connection)
                     c.deadline = time.monotonic() + HEAD_TIMEOUT_S
@@ -288,7 +297,11 @@ class ConnPool:
             if not c.armed:
                 continue
             conn = c.h.conn
-            if c.req is None:
+            if conn.discarding:  # a refused body still arriving: not yet at a request boundary
+                if now > conn.discard_deadline:
+                    c.armed = False
+                    self._close(c)
+            elif c.req is None:
                 if retiring:  # at a request boundary: back to the daemon with what was read
                     c.armed = False
                     self._give_back(c, conn.unread())
@@ -342,20 +355,22 @@ class ConnPool:
         return self._next(c)
 
     def _refusal(self, c: _Conn) -> Any:
-        """A refused request, answered by the handler's blocking code (bounded by its deadlines)."""
-        h = c.h
-        h.conn.nonblocking = False
-        try:
-            if c.kind == _REFUSE:
-                return h.serve(c.req)  # checks again: refuses (or, with room now, answers)
-            if c.kind == _BODY_FAIL:
-                assert c.err is not None
-                h._skip_body(c.req, c.err)
-                return error_response(c.err.status, c.err.code, c.err.message, c.err.headers)
+        """The answer to a request refused before or while its body was read; a body still on
+        its way is dropped afterwards by the leader (``HttpConn.discarding``), never waited for."""
+        h, req, e = c.h, c.req, c.err
+        if c.kind == _REFUSE:  # the checks of Handler.serve, without its blocking read
+            try:
+                guard.check(h._app.policy, req, req.target.split("?", 1)[0], h.local_socket)
+                h._app.body_limit(req.method, req.target)
+            except HttpFail as refused:
+                e = refused
+            else:
+                return h._over_budget(req)  # what reserve() found
+        if c.kind == _LATE or e is None:
             h.close_connection = True
             return error_response(408, errors.TIMEOUT, "request body did not arrive within its deadline")
-        finally:
-            h.conn.nonblocking = True
+        h._skip_body(req, e)
+        return error_response(e.status, e.code, e.message, e.headers)
 
     def _next(self, c: _Conn) -> _Conn | None:
         """After a reply: close, give back, go on with a pipelined request, or wait in epoll."""
@@ -367,11 +382,9 @@ class ConnPool:
         if self._owner.retiring:
             self._give_back(c, h.conn.unread())
             return None
-        if h.conn.buf:  # the next request is here already
+        if h.conn.buf or h.conn.discarding:  # the next request is here already, or a body to drop
             return c if self._step(c) else None
-        self._set(c, IDLE)  # answered in full: a crash from here on loses nothing
-        c.since = time.monotonic()
-        self._arm(c)  # (a retire racing this is caught by the leader's next sweep)
+        self._idle(c)  # (a retire racing this is caught by the leader's next sweep)
         return None
 
     def _late_job(self, c: _Conn) -> None:
@@ -397,15 +410,19 @@ class ConnPool:
             self._close(c)
             return
         c.req, c.body = None, b""
-        self._set(c, IDLE)
-        c.since = time.monotonic()
-        self._arm(c)
+        self._idle(c)
 
     # -- connection table ----------------------------------------------------------------------
     def _set(self, c: _Conn, state: int) -> None:
         slots = self._owner.slots
         if slots is not None:
             slots.set(c.slot, state)
+
+    def _idle(self, c: _Conn) -> None:
+        """Between requests, answered in full (a crash from here on loses nothing): into epoll."""
+        self._set(c, IDLE)
+        c.since = time.monotonic()
+        self._arm(c)
 
     def _arm(self, c: _Conn) -> None:
         c.armed = True

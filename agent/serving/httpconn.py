@@ -166,6 +166,8 @@ class HttpConn:
         self._head: list[object] | None = None  # a head being parsed: parser, raw pieces, size, scan start
         self._body_deadline: float | None = None  # of the body being read
         self._fed = 0  # chunked bytes fed so far
+        self.discarding = 0  # bytes of a refused body still to drop (non-blocking mode)
+        self._discard_deadline = 0.0
 
     # -- reading ----------------------------------------------------------------------------------
     def unread(self) -> bytes:
@@ -379,20 +381,36 @@ class HttpConn:
         return self._body_deadline
 
     def discard_body(self, limit: int) -> bool:
-        """Read and drop a refused body of up to ``limit`` bytes so keep-alive survives."""
+        """Read and drop a refused body of up to ``limit`` bytes so keep-alive survives. In
+        non-blocking mode what has not arrived yet is left to ``discard_pending``."""
         n, self.body_left = self.body_left, 0
         if n > limit:
             return False
-        deadline = time.monotonic() + body_deadline_s(n)
+        self.discarding = n
+        self._discard_deadline = time.monotonic() + body_deadline_s(n)
         try:
-            while len(self.buf) < n:
-                n -= len(self.buf)
-                self.buf.clear()
-                if not self._recv(deadline):
-                    return False
+            return self.discard_pending()
+        except NeedMore:
+            return True
         except (ReadTimeout, OSError):
+            self.discarding = 0
             return False
-        del self.buf[:n]
+
+    @property
+    def discard_deadline(self) -> float:
+        return self._discard_deadline
+
+    def discard_pending(self) -> bool:
+        """Go on dropping a refused body (``discarding`` bytes left); False at end of stream.
+        Raises NeedMore (non-blocking mode) or ReadTimeout."""
+        while len(self.buf) < self.discarding:
+            self.discarding -= len(self.buf)
+            self.buf.clear()
+            if not self._recv(self._discard_deadline):
+                self.discarding = 0
+                return False
+        del self.buf[:self.discarding]
+        self.discarding = 0
         return True
 
     # -- writing ----------------------------------------------------------------------------------

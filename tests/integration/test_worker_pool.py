@@ -271,3 +271,39 @@ def test_a_queued_request_is_hung_only_past_the_queue_wait_and_the_deadline(env:
         if m._proc.poll() is None:
             os.kill(m.pid, signal.SIGCONT)
     c.close()
+
+
+def test_refused_bodies_dribbling_in_hold_no_thread_and_keep_alive_survives(env: Env) -> None:
+    """Requests refused before their body is read (413: over the model's bound), more of them than the worker
+    has threads, each body dribbling in for longer than the hung-worker deadline: each is
+    answered at once, another client meanwhile too, the bodies are dropped as they arrive and
+    each connection then serves an infer request."""
+    _limits(env, max_inflight=1)
+    m, _ = env.serve("lin", 1, seed=1, infer_timeout_s=1.0)
+    junk = b"x" * 100_000  # lin takes at most ≈ 72 KB (admission.body_bound)
+    piece = len(junk) // 24
+    slow = []
+    for _ in range(3):
+        s = socket.create_connection(("127.0.0.1", env.server.port), timeout=TIMEOUT_S)
+        s.sendall(b"POST /v2/models/lin/infer HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: " + str(len(junk)).encode() + b"\r\n\r\n" + junk[:piece])
+        slow.append(s)
+    for s in slow:
+        status, doc = _read_reply(s)  # before the body is in
+        assert status == 413 and doc["code"] == "too_large", doc
+    c = env.conn()
+    for k in range(piece, len(junk), piece):  # ≈ 2.4 s
+        for s in slow:
+            s.sendall(junk[k:k + piece])
+        t0 = time.monotonic()
+        assert _post(c)[0] == 200
+        assert time.monotonic() - t0 < 1.0
+        time.sleep(0.1)
+    body = _body()
+    for s in slow:
+        s.sendall(b"POST /v2/models/lin/infer HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        status, doc = _read_reply(s)
+        assert status == 200 and doc["model_version"] == "1", doc
+        s.close()
+    assert m.alive and m.death_reason is None
