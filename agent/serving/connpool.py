@@ -85,6 +85,10 @@ class _Handler(Handler):
         self.server = SimpleNamespace(app=app)  # type: ignore[assignment]
         self.setup()
 
+    def _linger(self) -> None:
+        if not self.conn.outbuf:  # else the pool closes once the reply is out
+            super()._linger()
+
 
 class _Conn:
     __slots__ = ("armed", "body", "deadline", "err", "fd", "h", "kind", "limit", "need", "queued_at", "req",
@@ -239,6 +243,11 @@ class ConnPool:
         owner, h = self._owner, c.h
         conn = h.conn
         try:
+            if conn.outbuf:  # the rest of a reply
+                if not conn.flush():
+                    self._arm(c, select.EPOLLOUT)
+                    return False
+                return self._after_reply(c)
             if conn.discarding:  # a refused body, after its answer
                 self._set(c, READING)
                 if not conn.discard_pending():
@@ -297,7 +306,11 @@ class ConnPool:
             if not c.armed:
                 continue
             conn = c.h.conn
-            if conn.discarding:  # a refused body still arriving: not yet at a request boundary
+            if conn.outbuf:  # a reply going out
+                if now > c.deadline:
+                    c.armed = False
+                    self._close(c)
+            elif conn.discarding:  # a refused body still arriving: not yet at a request boundary
                 if now > conn.discard_deadline:
                     c.armed = False
                     self._close(c)
@@ -342,9 +355,9 @@ class ConnPool:
         owner.local.slot = c.slot  # its runtime call marks the slot INFER (adopted.py)
         if c.kind == _HEAD_FAIL:
             assert c.err is not None
+            h.close_connection = True
             h._write(error_response(c.err.status, c.err.code, c.err.message, c.err.headers), close=True)
-            self._close(c)
-            return None
+            return self._next(c)
         self._set(c, READING)
         try:
             resp = h._app.respond(req, c.body) if c.kind == _SERVE else self._refusal(c)
@@ -373,19 +386,29 @@ class ConnPool:
         return error_response(e.status, e.code, e.message, e.headers)
 
     def _next(self, c: _Conn) -> _Conn | None:
-        """After a reply: close, give back, go on with a pipelined request, or wait in epoll."""
-        h = c.h
         c.req, c.body, c.err = None, b"", None
+        return c if self._after_reply(c) else None
+
+    def _after_reply(self, c: _Conn) -> bool:
+        """Once a reply is out: close, give back, go on with a pipelined request (True when it
+        is a job now), or wait in epoll. A reply the client does not take at once is sent on by
+        the leader as the socket takes it (``SEND_TIMEOUT_S`` in all), never waited for."""
+        h = c.h
+        if h.conn.outbuf:
+            self._set(c, WRITING)
+            c.deadline = time.monotonic() + SEND_TIMEOUT_S
+            self._arm(c, select.EPOLLOUT)
+            return False
         if h.close_connection or h.body_unread:
             self._close(c)
-            return None
+            return False
         if self._owner.retiring:
             self._give_back(c, h.conn.unread())
-            return None
+            return False
         if h.conn.buf or h.conn.discarding:  # the next request is here already, or a body to drop
-            return c if self._step(c) else None
+            return self._step(c)
         self._idle(c)  # (a retire racing this is caught by the leader's next sweep)
-        return None
+        return False
 
     def _late_job(self, c: _Conn) -> None:
         if c.kind == _SERVE:
@@ -424,10 +447,10 @@ class ConnPool:
         c.since = time.monotonic()
         self._arm(c)
 
-    def _arm(self, c: _Conn) -> None:
+    def _arm(self, c: _Conn, event: int = select.EPOLLIN) -> None:
         c.armed = True
         with contextlib.suppress(OSError, ValueError):
-            self._ep.modify(c.fd, _ARM)
+            self._ep.modify(c.fd, event | select.EPOLLONESHOT)
 
     def _release(self, c: _Conn) -> None:
         if c.need:

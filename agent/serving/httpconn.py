@@ -17,7 +17,9 @@ Invariants:
 - A body over ``max_body`` is refused (413) before it is buffered.
 - In non-blocking mode (``nonblocking``; agent/serving/connpool.py) a read that would wait raises
   ``NeedMore`` instead, keeping what was parsed and the deadline: calling ``read_head`` or
-  ``read_body`` again when more bytes arrived goes on where it stopped.
+  ``read_body`` again when more bytes arrived goes on where it stopped. A reply the socket does
+  not take at once waits in ``outbuf`` (``flush``), and a refused body not there yet is dropped
+  later (``discard_pending``).
 """
 
 from __future__ import annotations
@@ -167,6 +169,7 @@ class HttpConn:
         self._body_deadline: float | None = None  # of the body being read
         self._fed = 0  # chunked bytes fed so far
         self.discarding = 0  # bytes of a refused body still to drop (non-blocking mode)
+        self.outbuf: list[bytes] = []  # reply bytes the socket did not take yet (non-blocking mode)
         self._discard_deadline = 0.0
 
     # -- reading ----------------------------------------------------------------------------------
@@ -415,10 +418,37 @@ class HttpConn:
 
     # -- writing ----------------------------------------------------------------------------------
     def send(self, data: bytes) -> None:
+        """Send ``data`` in full (within ``SEND_TIMEOUT_S``); in non-blocking mode what the socket
+        does not take now stays in ``outbuf`` for ``flush``."""
+        if self.nonblocking:
+            if not self.outbuf:
+                try:
+                    n = os.write(self.sock.fileno(), data)
+                except BlockingIOError:
+                    n = 0
+                if n == len(data):
+                    return
+                data = data[n:]
+            self.outbuf.append(data)
+            return
         if self._timeout != SEND_TIMEOUT_S:
             self._timeout = SEND_TIMEOUT_S
             self.sock.settimeout(SEND_TIMEOUT_S)
         self.sock.sendall(data)
+
+    def flush(self) -> bool:
+        """Send what ``outbuf`` holds without blocking; whether all of it went out."""
+        out = self.outbuf
+        while out:
+            try:
+                n = os.write(self.sock.fileno(), out[0])
+            except BlockingIOError:
+                return False
+            if n < len(out[0]):
+                out[0] = out[0][n:]
+                return False
+            out.pop(0)
+        return True
 
 
 SEND_TIMEOUT_S = 60.0  # a reply must be taken by the client within this

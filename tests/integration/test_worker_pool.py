@@ -307,3 +307,50 @@ def test_refused_bodies_dribbling_in_hold_no_thread_and_keep_alive_survives(env:
         assert status == 200 and doc["model_version"] == "1", doc
         s.close()
     assert m.alive and m.death_reason is None
+
+
+WIDE_OUT = 16384  # outputs per row of the wide model: a reply of megabytes
+
+
+def test_clients_not_reading_large_replies_hold_no_thread(env: Env, tmp_path: Path) -> None:
+    """More clients than answering threads ask for replies of megabytes and do not read them:
+    another client is answered meanwhile, each reply arrives whole once its client reads, and
+    the worker is neither killed nor replaced."""
+    from conftest import make_linear_onnx
+
+    from agent.backends.base import LoadOptions
+    from agent.backends.isolated import IsolatedModel
+    from agent.backends.onnxruntime import CPU
+    from agent.serving.registry import ServingVersion
+
+    _limits(env, max_inflight=1)
+    wide = make_linear_onnx(tmp_path / "wide.onnx", out_dim=WIDE_OUT, seed=4)
+    m = IsolatedModel("onnxruntime", CPU, wide, LoadOptions(threads=1), infer_timeout_s=1.0)
+    env.models.append(m)
+    env.registry.activate(ServingVersion("wide", 1, "onnx-fp32", m))
+    env.serve("lin", 1, seed=1, infer_timeout_s=1.0)
+    x = np.ones((64, 4), np.float32)
+    body = _body(x)
+    head = (b"POST /v2/models/wide/infer HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+            b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n")
+    quiet = []
+    for _ in range(3):
+        s = socket.create_connection(("127.0.0.1", env.server.port), timeout=TIMEOUT_S)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)  # the kernel holds a few MB of the reply at most
+        s.sendall(head + body)
+        quiet.append(s)
+    _wait(lambda: len(m._held) == 3, "the quiet connections handed to the worker")
+    c = env.conn()
+    t_end = time.monotonic() + 2.0  # twice the hung-worker deadline
+    while time.monotonic() < t_end:
+        t0 = time.monotonic()
+        status, _ = _post(c, "/v2/models/wide/infer", _body(np.ones((1, 4), np.float32)))
+        assert status == 200
+        assert time.monotonic() - t0 < 1.0
+        time.sleep(0.1)
+    want = ort.InferenceSession(str(wide), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    for s in quiet:
+        status, doc = _read_reply(s)
+        assert status == 200 and np.allclose(_answer(doc, 64), want, rtol=1e-5)
+        s.close()
+    assert m.alive and m.death_reason is None
