@@ -19,10 +19,10 @@ Design (leader/followers on epoll):
 - The queue holds at most ``max_queue`` jobs, each for at most ``queue_wait_s`` (the model's
   ``backends.max_queue`` and ``queue_wait_s``): beyond either the request is answered 503
   ``busy`` with Retry-After, and the connection goes on.
-- Deadlines (head, body, idle) are those of the thread-per-connection handler, checked every
-  ``SWEEP_INTERVAL_S`` by the leader. A request refused before its body is read (a check, the
-  body budget, a malformed body) is answered by the handler's own blocking code in a thread,
-  bounded by the same deadlines.
+- Nothing a client does holds a thread: a refused body still arriving is dropped by the leader
+  as it comes (after the answer), and a reply the socket does not take at once is sent on by the
+  leader as the client reads (``HttpConn.outbuf``). Deadlines (head, body, idle, send) are those
+  of the thread-per-connection handler, checked every ``SWEEP_INTERVAL_S`` by the leader.
 """
 
 from __future__ import annotations
