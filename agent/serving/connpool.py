@@ -203,7 +203,10 @@ class ConnPool:
         """Queue ``jobs`` (under the lock) for ``free`` threads about to take them and ``max_queue``
         more; those beyond are returned."""
         room = max(0, self.max_queue + free - len(self._queue))
-        self._queue.extend(jobs[:room])
+        for c in jobs[:room]:
+            if c.kind == _SERVE:
+                self._set(c, QUEUED)  # its own hung rule in the daemon (agent/backends/isolated.py)
+            self._queue.append(c)
         return jobs[room:]
 
     def _submit(self, jobs: list[_Conn]) -> None:
@@ -294,8 +297,6 @@ class ConnPool:
     def _job(self, c: _Conn, kind: int) -> bool:
         c.kind = kind
         c.queued_at = time.monotonic()
-        if kind == _SERVE:
-            self._set(c, QUEUED)  # its own hung rule in the daemon (agent/backends/isolated.py)
         return True
 
     def _sweep(self, now: float) -> list[_Conn]:
@@ -358,7 +359,8 @@ class ConnPool:
             h.close_connection = True
             h._write(error_response(c.err.status, c.err.code, c.err.message, c.err.headers), close=True)
             return self._next(c)
-        self._set(c, READING)
+        if c.kind == _SERVE:
+            self._set(c, READING)  # (QUEUED if it waited for this thread)
         try:
             resp = h._app.respond(req, c.body) if c.kind == _SERVE else self._refusal(c)
         finally:
