@@ -39,7 +39,6 @@ from agent.backends.base import LoadOptions, Sink, check_inputs
 from agent.backends.wire import (  # noqa: F401 (the worker side imports these from here)
     BACK,
     CTL_MAX_BYTES,
-    DEFAULT_QUEUE_WAIT_S,
     FREE,
     IDLE,
     INFER,
@@ -64,6 +63,7 @@ from agent.backends.wire import (  # noqa: F401 (the worker side imports these f
     Serve,
     SlotTable,
     Stats,
+    queue_wait_s,
     recv_ctl,
     send_ctl,
 )
@@ -433,7 +433,7 @@ class IsolatedModel:
         taken), and a stamp left by an earlier connection or request would make a new one look
         hung at once."""
         limit_ns = int(self.infer_timeout_s * 1e9)
-        queued_ns = limit_ns + int(self._queue_wait_s() * 1e9)  # the worker answers ``busy`` before
+        queued_ns = limit_ns + int(queue_wait_s(self._bound[3] if self._bound else {}) * 1e9)  # ``busy`` before
         now = time.monotonic_ns()
         with self._lock:
             held = {slot: entry[0] for slot, entry in self._held.items()}
@@ -452,8 +452,8 @@ class IsolatedModel:
                 suspect.pop(slot, None)
                 continue
             if now - since > (queued_ns if state == QUEUED else limit_ns) and suspect.get(slot) == (sock, since, since):
-                what = {PENDING: "a handed-over request was not taken", QUEUED: "a queued request was neither "
-                        "answered nor refused"}.get(state, "a request got no answer")
+                what = {PENDING: "a handed-over request was not taken", QUEUED: "a queued request was not answered"
+                        }.get(state, "a request got no answer")
                 self._mark_dead(DeathReason.HUNG,
                                 f"worker {self.pid} hung: {what} within {self.infer_timeout_s:.1f} s; killed")
                 return
@@ -475,11 +475,6 @@ class IsolatedModel:
                     self._mark_dead(DeathReason.HUNG, f"worker {self.pid} hung: a request waited unread for "
                                                       f"{self.infer_timeout_s:.1f} s; killed")
                     return
-
-    def _queue_wait_s(self) -> float:
-        """How long the worker lets a request wait for one of its threads (the model's limits)."""
-        wait = ((self._bound[3] if self._bound else {}).get("limits") or {}).get("queue_wait_s")
-        return float(wait) if isinstance(wait, (int, float)) else DEFAULT_QUEUE_WAIT_S
 
     def _on_exit(self) -> None:
         """The worker is gone: settle every connection it held."""

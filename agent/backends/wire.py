@@ -212,6 +212,13 @@ class SlotTable:
             self._mm.close()
 
 
+def queue_wait_s(serving: dict[str, Any]) -> float:
+    """How long a worker lets a request wait for one of its threads: the model's limits as the
+    daemon sent them (``Serve.serving``), else the default."""
+    wait = (serving.get("limits") or {}).get("queue_wait_s")
+    return float(wait) if isinstance(wait, (int, float)) else DEFAULT_QUEUE_WAIT_S
+
+
 def send_ctl(sock: socket.socket, msg: CtlMessage, fd: int | None = None) -> None:
     """One control message (SOCK_SEQPACKET keeps it whole), optionally with a descriptor."""
     data = pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL)
