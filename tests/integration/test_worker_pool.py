@@ -28,7 +28,8 @@ from agent.serving.admission import Limits
 
 X = np.arange(8, dtype=np.float32).reshape(2, 4) / 8
 LOOP_SIDE = 256  # the slow model multiplies LOOP_SIDE² matrices n times
-HEAVY_S = 1.5  # about how long the heavy request runs (calibrated on this machine)
+HEAVY_S = 3.0  # about how long the heavy request runs (calibrated on this machine)
+PROMPT_S = 2.0  # "answered promptly": well under what waiting behind a slow client would take (seconds)
 
 
 @pytest.fixture
@@ -128,7 +129,7 @@ def test_slow_senders_hold_no_thread_and_do_not_look_hung(env: Env) -> None:
         status, doc = _read_reply(s)
         assert status == 200 and np.allclose(_answer(doc), want, rtol=1e-5), doc
         s.close()
-    assert max(latencies) < 1.0, latencies  # never behind a slow sender
+    assert max(latencies) < PROMPT_S, latencies  # never behind a slow sender
     assert m.alive and m.death_reason is None and m.pid == pid
     assert env.registry.get("lin").version == 1  # type: ignore[union-attr]
 
@@ -297,7 +298,7 @@ def test_refused_bodies_dribbling_in_hold_no_thread_and_keep_alive_survives(env:
             s.sendall(junk[k:k + piece])
         t0 = time.monotonic()
         assert _post(c)[0] == 200
-        assert time.monotonic() - t0 < 1.0
+        assert time.monotonic() - t0 < PROMPT_S
         time.sleep(0.1)
     body = _body()
     for s in slow:
@@ -346,7 +347,7 @@ def test_clients_not_reading_large_replies_hold_no_thread(env: Env, tmp_path: Pa
         t0 = time.monotonic()
         status, _ = _post(c, "/v2/models/wide/infer", _body(np.ones((1, 4), np.float32)))
         assert status == 200
-        assert time.monotonic() - t0 < 1.0
+        assert time.monotonic() - t0 < PROMPT_S
         time.sleep(0.1)
     want = ort.InferenceSession(str(wide), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     for s in quiet:
