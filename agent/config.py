@@ -308,39 +308,66 @@ def _validate_retention(r: RetentionConfig) -> None:
 
 
 def validate(cfg: Config) -> None:
-    """Range and format checks; each error names the key."""
+    """Range and format checks, section by section; each error names the key."""
+    _validate_identity(cfg)
+    _validate_mqtt(cfg.mqtt)
+    _validate_trust(cfg.trust)
+    _validate_retention(cfg.retention)
+    _validate_telemetry(cfg.telemetry)
+    _validate_api(cfg.api)
+    if cfg.hardware.profile != "auto" and not NAME_RE.match(cfg.hardware.profile):
+        raise ConfigError(f"hardware.profile: {cfg.hardware.profile!r} is not a profile name")
+    _validate_backends(cfg.backends)
+    _validate_serving(cfg.serving, cfg.backends)
+    _validate_storage(cfg.storage)
+    _validate_downloads(cfg.downloads)
+    _validate_deploy(cfg.deploy)
+    if not cfg.state_dir:
+        raise ConfigError("state_dir: must not be empty")
+    if cfg.log_format not in ("text", "json"):
+        raise ConfigError(f"log_format: {cfg.log_format!r}: expected \"text\" or \"json\"")
+
+
+def _validate_identity(cfg: Config) -> None:
     if not NAME_RE.match(cfg.device_id):
         raise ConfigError(f"device_id: {cfg.device_id!r} must match [A-Za-z0-9_.-]{{1,64}}")
     for g in cfg.groups:
         if not NAME_RE.match(g):
             raise ConfigError(f"groups: {g!r} must match [A-Za-z0-9_.-]{{1,64}}")
-    u = urlsplit(cfg.mqtt.url)
+
+
+def _validate_mqtt(m: MqttConfig) -> None:
+    u = urlsplit(m.url)
     if u.scheme not in ("mqtt", "mqtts") or not u.hostname:
-        raise ConfigError(f"mqtt.url: {cfg.mqtt.url!r} must be mqtt://host[:port] or mqtts://host[:port]")
+        raise ConfigError(f"mqtt.url: {m.url!r} must be mqtt://host[:port] or mqtts://host[:port]")
     try:
         _ = u.port
     except ValueError as e:
-        raise ConfigError(f"mqtt.url: bad port in {cfg.mqtt.url!r}") from e
-    if not NAME_RE.match(cfg.mqtt.topic_prefix):
-        raise ConfigError(f"mqtt.topic_prefix: {cfg.mqtt.topic_prefix!r} must match [A-Za-z0-9_.-]{{1,64}}")
-    if not 5 <= cfg.mqtt.keepalive_s <= 3600:
-        raise ConfigError(f"mqtt.keepalive_s: {cfg.mqtt.keepalive_s} not in 5..3600")
-    if cfg.mqtt.protocol not in ("auto", "5", "3.1.1"):
-        raise ConfigError(f"mqtt.protocol: {cfg.mqtt.protocol!r} not one of auto, 5, 3.1.1")
-    if cfg.mqtt.session_expiry_s < 0:
+        raise ConfigError(f"mqtt.url: bad port in {m.url!r}") from e
+    if not NAME_RE.match(m.topic_prefix):
+        raise ConfigError(f"mqtt.topic_prefix: {m.topic_prefix!r} must match [A-Za-z0-9_.-]{{1,64}}")
+    if not 5 <= m.keepalive_s <= 3600:
+        raise ConfigError(f"mqtt.keepalive_s: {m.keepalive_s} not in 5..3600")
+    if m.protocol not in ("auto", "5", "3.1.1"):
+        raise ConfigError(f"mqtt.protocol: {m.protocol!r} not one of auto, 5, 3.1.1")
+    if m.session_expiry_s < 0:
         raise ConfigError("mqtt.session_expiry_s: must be >= 0")
-    if not 1 <= cfg.trust.threshold <= 16:
-        raise ConfigError(f"trust.threshold: {cfg.trust.threshold} not in 1..16")
-    _validate_retention(cfg.retention)
-    if not 0 <= cfg.trust.max_clock_skew_s <= 86400:
-        raise ConfigError(f"trust.max_clock_skew_s: {cfg.trust.max_clock_skew_s} not in 0..86400")
-    if not 0.05 <= cfg.telemetry.heartbeat_s <= 86400:
-        raise ConfigError(f"telemetry.heartbeat_s: {cfg.telemetry.heartbeat_s} not in 0.05..86400")
-    if not 0.05 <= cfg.telemetry.window_s <= 86400:
-        raise ConfigError(f"telemetry.window_s: {cfg.telemetry.window_s} not in 0.05..86400")
-    if not 0.01 <= cfg.telemetry.outbox_max_mb <= 65536:
-        raise ConfigError(f"telemetry.outbox_max_mb: {cfg.telemetry.outbox_max_mb} not in 0.01..65536")
-    t = cfg.telemetry
+
+
+def _validate_trust(t: TrustConfig) -> None:
+    if not 1 <= t.threshold <= 16:
+        raise ConfigError(f"trust.threshold: {t.threshold} not in 1..16")
+    if not 0 <= t.max_clock_skew_s <= 86400:
+        raise ConfigError(f"trust.max_clock_skew_s: {t.max_clock_skew_s} not in 0..86400")
+
+
+def _validate_telemetry(t: TelemetryConfig) -> None:
+    if not 0.05 <= t.heartbeat_s <= 86400:
+        raise ConfigError(f"telemetry.heartbeat_s: {t.heartbeat_s} not in 0.05..86400")
+    if not 0.05 <= t.window_s <= 86400:
+        raise ConfigError(f"telemetry.window_s: {t.window_s} not in 0.05..86400")
+    if not 0.01 <= t.outbox_max_mb <= 65536:
+        raise ConfigError(f"telemetry.outbox_max_mb: {t.outbox_max_mb} not in 0.01..65536")
     for key, value, lo, hi in (("daily_budget_mb", t.daily_budget_mb, 0, 1e6),
                                ("thin_period_s", t.thin_period_s, 0.05, 86400),
                                ("drain_rate_per_s", t.drain_rate_per_s, 0.1, 10000),
@@ -350,27 +377,27 @@ def validate(cfg: Config) -> None:
                                ("slo_p99_ms", t.slo_p99_ms, 0, 1e7)):
         if not lo <= value <= hi:
             raise ConfigError(f"telemetry.{key}: {value:g} not in {lo:g}..{hi:g}")
-    if cfg.api.listen:
-        host, _, port = cfg.api.listen.rpartition(":")
+
+
+def _validate_api(a: ApiConfig) -> None:
+    if a.listen:
+        host, _, port = a.listen.rpartition(":")
         if not host or not port.isdigit() or int(port) > 65535:
-            raise ConfigError(f"api.listen: {cfg.api.listen!r} must be host:port (or empty to disable)")
-    if not 1 <= cfg.api.max_connections <= 65536:
-        raise ConfigError(f"api.max_connections: {cfg.api.max_connections} not in 1..65536")
-    if not 1 <= cfg.api.max_body_inflight_mb <= 65536:
-        raise ConfigError(f"api.max_body_inflight_mb: {cfg.api.max_body_inflight_mb} not in 1..65536")
-    if cfg.hardware.profile != "auto" and not NAME_RE.match(cfg.hardware.profile):
-        raise ConfigError(f"hardware.profile: {cfg.hardware.profile!r} is not a profile name")
-    for p in cfg.backends.prefer:
+            raise ConfigError(f"api.listen: {a.listen!r} must be host:port (or empty to disable)")
+    if not 1 <= a.max_connections <= 65536:
+        raise ConfigError(f"api.max_connections: {a.max_connections} not in 1..65536")
+    if not 1 <= a.max_body_inflight_mb <= 65536:
+        raise ConfigError(f"api.max_body_inflight_mb: {a.max_body_inflight_mb} not in 1..65536")
+
+
+def _validate_backends(b: BackendsConfig) -> None:
+    for p in b.prefer:
         if ":" not in p:
             raise ConfigError(f"backends.prefer: {p!r} must be runtime:target, e.g. onnxruntime:CPUExecutionProvider")
-    for key in ("download_timeout_s", "load_timeout_s", "validate_timeout_s"):
-        if not 0.1 <= getattr(cfg.deploy, key) <= 86400:
-            raise ConfigError(f"deploy.{key}: {getattr(cfg.deploy, key)} not in 0.1..86400")
-    if cfg.backends.isolation not in ("process", "none"):
-        raise ConfigError(f"backends.isolation: {cfg.backends.isolation!r} not one of process, none")
-    if not 0.1 <= cfg.backends.infer_timeout_s <= 3600:
-        raise ConfigError(f"backends.infer_timeout_s: {cfg.backends.infer_timeout_s} not in 0.1..3600")
-    b = cfg.backends
+    if b.isolation not in ("process", "none"):
+        raise ConfigError(f"backends.isolation: {b.isolation!r} not one of process, none")
+    if not 0.1 <= b.infer_timeout_s <= 3600:
+        raise ConfigError(f"backends.infer_timeout_s: {b.infer_timeout_s} not in 0.1..3600")
     if b.autotune_objective not in AUTOTUNE_OBJECTIVES:
         raise ConfigError(f"backends.autotune_objective: {b.autotune_objective!r} not one of "
                           f"{', '.join(AUTOTUNE_OBJECTIVES)}")
@@ -379,35 +406,45 @@ def validate(cfg: Config) -> None:
                               ("max_queue", b.max_queue, 0, 65536)):
         if not lo <= ival <= hi:
             raise ConfigError(f"backends.{key}: {ival} not in {lo}..{hi}")
-    if not 0 <= cfg.serving.max_batch <= b.max_batch:
-        raise ConfigError(f"serving.max_batch: {cfg.serving.max_batch} not in 0..{b.max_batch} (backends.max_batch)")
-    if not 0 <= cfg.serving.max_queue_delay_us <= 1_000_000:
-        raise ConfigError(f"serving.max_queue_delay_us: {cfg.serving.max_queue_delay_us} not in 0..1000000")
     if not 0 <= b.worker_memory_max_mb <= 1 << 30:
         raise ConfigError(f"backends.worker_memory_max_mb: {b.worker_memory_max_mb} must be 0 (off) or positive")
-    if not 0 <= cfg.backends.threads <= 256:
-        raise ConfigError(f"backends.threads: {cfg.backends.threads} not in 0..256")
-    if not 1 <= cfg.storage.keep_versions <= 32:
-        raise ConfigError(f"storage.keep_versions: {cfg.storage.keep_versions} not in 1..32")
-    if cfg.storage.max_disk_mb <= 0:
-        raise ConfigError(f"storage.max_disk_mb: {cfg.storage.max_disk_mb} must be positive")
-    d = cfg.downloads
+    if not 0 <= b.threads <= 256:
+        raise ConfigError(f"backends.threads: {b.threads} not in 0..256")
+
+
+def _validate_serving(s: ServingConfig, b: BackendsConfig) -> None:
+    if not 0 <= s.max_batch <= b.max_batch:
+        raise ConfigError(f"serving.max_batch: {s.max_batch} not in 0..{b.max_batch} (backends.max_batch)")
+    if not 0 <= s.max_queue_delay_us <= 1_000_000:
+        raise ConfigError(f"serving.max_queue_delay_us: {s.max_queue_delay_us} not in 0..1000000")
+
+
+def _validate_storage(s: StorageConfig) -> None:
+    if not 1 <= s.keep_versions <= 32:
+        raise ConfigError(f"storage.keep_versions: {s.keep_versions} not in 1..32")
+    if s.max_disk_mb <= 0:
+        raise ConfigError(f"storage.max_disk_mb: {s.max_disk_mb} must be positive")
+
+
+def _validate_downloads(d: DownloadsConfig) -> None:
     for key, val, lo, hi in (("read_timeout_s", d.read_timeout_s, 0.05, 3600), ("min_rate_bps", d.min_rate_bps, 1, 1e10),
                              ("deadline_base_s", d.deadline_base_s, 0, 86400), ("max_attempts", d.max_attempts, 1, 100)):
         if not lo <= val <= hi:
             raise ConfigError(f"downloads.{key}: {val} not in {lo:g}..{hi:g}")
-    if not 0 <= cfg.deploy.probation_s <= 86400:
-        raise ConfigError(f"deploy.probation_s: {cfg.deploy.probation_s} not in 0..86400")
-    if cfg.deploy.probation_max_errors < 1:
+
+
+def _validate_deploy(d: DeployConfig) -> None:
+    for key in ("download_timeout_s", "load_timeout_s", "validate_timeout_s"):
+        if not 0.1 <= getattr(d, key) <= 86400:
+            raise ConfigError(f"deploy.{key}: {getattr(d, key)} not in 0.1..86400")
+    if not 0 <= d.probation_s <= 86400:
+        raise ConfigError(f"deploy.probation_s: {d.probation_s} not in 0..86400")
+    if d.probation_max_errors < 1:
         raise ConfigError("deploy.probation_max_errors: must be at least 1")
-    if not 0 < cfg.deploy.probation_max_error_ratio <= 1:
+    if not 0 < d.probation_max_error_ratio <= 1:
         raise ConfigError("deploy.probation_max_error_ratio: must be in (0, 1]")
-    if not 1 <= cfg.deploy.max_resumes <= 100:
-        raise ConfigError(f"deploy.max_resumes: {cfg.deploy.max_resumes} not in 1..100")
-    if not cfg.state_dir:
-        raise ConfigError("state_dir: must not be empty")
-    if cfg.log_format not in ("text", "json"):
-        raise ConfigError(f"log_format: {cfg.log_format!r}: expected \"text\" or \"json\"")
+    if not 1 <= d.max_resumes <= 100:
+        raise ConfigError(f"deploy.max_resumes: {d.max_resumes} not in 1..100")
 
 
 def config_path(explicit: str | None = None) -> Path | None:

@@ -20,6 +20,7 @@ BUSY_TIMEOUT_S = 5.0
 CACHE_KIB = 512  # SQLite's page cache (default 2 MiB): small tables, read through the OS's file cache
 TRUSTED_TIME_KEY = "last_trusted_time"  # kv: the latest verified signed time; the clock never goes back past it
 TERMINAL = ("SUCCEEDED", "FAILED", "REJECTED", "CANCELED", "TIMED_OUT")
+MODEL_DOWN = "down"  # models.state of a model taken down (its serving version crash-looped, nothing to go back to)
 LEGACY_RECOVERY_PREFIXES = ("job_version:", "resumes:")  # kv entries older databases kept per job id
 
 SCHEMA = """
@@ -278,6 +279,15 @@ class StateDB:
             if backend is not None:
                 self._db.execute("UPDATE versions SET backend = ? WHERE name = ? AND version = ?",
                                  (backend, name, version))
+
+    def set_down(self, name: str, version: int) -> bool:
+        """``version`` stopped serving with nothing to fall back to (a crash loop): nothing serves
+        ``name`` now, the version stays kept, the row says ``down`` (a restart does not load it
+        again). False when ``version`` was not the recorded serving one (nothing changed)."""
+        with self._lock:
+            cur = self._db.execute("UPDATE models SET serving = NULL, state = ?, updated = ? "
+                                   "WHERE name = ? AND serving = ?", (MODEL_DOWN, time.time(), name, version))
+        return cur.rowcount == 1
 
     def delete_version(self, name: str, version: int) -> None:
         with self._lock:

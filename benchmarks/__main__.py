@@ -1,7 +1,7 @@
 """``python -m benchmarks [--quick | --smoke] [--only SECTION,...] [--peers]``: run the benchmarks on
 loopback and write docs/benchmarks.md, docs/benchmarks/*.png and benchmarks/results.json.
 
-Bounded: ``full`` ≈ 10 minutes, ``--quick`` ≤ 3 minutes, ``--smoke`` (CI) ≈ 30 seconds.
+Bounded: ``full`` ≈ 12 minutes, ``--quick`` ≤ 3 minutes, ``--smoke`` (CI) ≈ 30 seconds.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from benchmarks import harness as h
 from benchmarks.context import SCALES, Context
 
 SECTIONS = ("footprint", "serving", "deploy", "swap", "telemetry", "fleet", "collect", "sources", "sealed",
-            "jsoncodec", "batching")
+            "jsoncodec", "batching", "autotune")
 OPTIONAL = ("peers",)  # installs other servers from PyPI: only when asked (``--peers``)
 RESULTS_NAME = "results.json"
 

@@ -32,6 +32,7 @@ BROKER_START_TIMEOUT_S = 10.0
 DAEMON_START_TIMEOUT_S = 60.0
 DAEMON_STOP_TIMEOUT_S = 10.0
 DEPLOY_TIMEOUT_S = 240.0
+DRIVE_START_TIMEOUT_S = 300.0  # every client warmed up and at the start line (a client that died breaks it)
 SETTLE_S = 1.0  # after start: let lazy allocations (first heartbeat, threads) happen before RSS is read
 PREFIX = "edge"
 
@@ -725,9 +726,9 @@ class KeepAlive:
 
 
 def drive(port: int, req: bytes, clients: int, duration_s: float, max_requests: int = 0,
-          warmup: int = 20) -> tuple[list[float], int, float]:
-    """``clients`` keep-alive connections, each sending ``req`` back to back for ``duration_s``
-    (or ``max_requests`` in all). Returns (latencies in s, errors, wall seconds)."""
+          warmup: int = 20, client: Callable[[int], KeepAlive] = KeepAlive) -> tuple[list[float], int, float]:
+    """``clients`` keep-alive connections (``client(port)`` each), each sending ``req`` back to back
+    for ``duration_s`` (or ``max_requests`` in all). Returns (latencies in s, errors, wall seconds)."""
     lat: list[list[float]] = [[] for _ in range(clients)]
     errs = [0] * clients
     stop_at = [0.0]
@@ -736,13 +737,16 @@ def drive(port: int, req: bytes, clients: int, duration_s: float, max_requests: 
     lock = threading.Lock()
 
     def one(i: int) -> None:
-        c = KeepAlive(port)
+        c = client(port)
         try:
             for _ in range(warmup):
                 c.request(req)
         except OSError:
             errs[i] += 1
-        go.wait()
+        except BaseException:
+            go.abort()  # an answer the client cannot read: the others and the caller leave the start line
+            raise
+        go.wait(DRIVE_START_TIMEOUT_S)
         mine = lat[i]
         pc = time.perf_counter
         while pc() < stop_at[0]:
@@ -766,7 +770,7 @@ def drive(port: int, req: bytes, clients: int, duration_s: float, max_requests: 
     for t in threads:
         t.start()
     stop_at[0] = time.perf_counter() + 3600
-    go.wait()
+    go.wait(DRIVE_START_TIMEOUT_S)
     t0 = time.perf_counter()
     stop_at[0] = t0 + duration_s
     for t in threads:

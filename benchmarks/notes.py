@@ -47,6 +47,22 @@ p50 moved between 105 and 150 µs across runs): compare the ratios of one run, n
 - *Swap p99 ≤ 2× steady* (missed in the latest quick run, zero errors): with `--quick` the steady
   p99 of a few hundred requests is ≈ 1.6–1.9 ms, so twice it is within the scheduling noise of
   starting a new worker on 2 cores; the full run measures it over more requests.
+- *At 8 clients, requests/s within ±10 % across the repeats* (section 12, judged per model and
+  encoding): missed on the small model in both trial runs of this round (JSON ±29 % and ±35 %,
+  binary ±39 % and ±54 %, at load averages 2.9–6.7), met on the CNN as JSON (±2–8 %), missed on
+  the CNN as binary (±18–23 %). The peers spread as much or more in the same runs (MLServer
+  ±37–58 %, KServe ±31–49 %; the FastAPI app ±4–19 %), so part of any spread here is other work
+  on the shared machine; the server-CPU-per-request figure tells the two apart. For the agent's
+  small model it rose in the slow repeats (JSON 88 → 147 µs, binary 76 → 214 µs per request),
+  while the CNN's moved less (JSON 2,110–2,445 µs, binary 419–513 µs): the small model's spread
+  is the agent's own cost per request growing under 8 concurrent connections (contention inside
+  the serving process), not only a busier machine. The verdict row gives requests/s and CPU per
+  repeat; a rerun with the final serving code is what judges the aim.
+- *Small model at 8 clients ≥ 1.5× the best peer* (section 12): met in both trial runs (3.0× and
+  3.6× the FastAPI app, the best peer at 8 clients), also in the agent's slowest repeat.
+- *Dynamic batching ≥ 1.3× unbatched* (missed over HTTP and in process): on 2 CPU cores one
+  request already keeps both cores busy and a batched call is no cheaper per image; section 11
+  gives the three steps, each with the figure measured in the run that checks it.
 - *Deploy at the defaults (autotune)*: the first deploy of a model layout loads and times the top
   candidates (here onnxruntime and OpenVINO, in parallel workers started during the download):
   at 200 MB that first deploy is the slowest repeat (the p99 column), just over the limit; later
@@ -117,18 +133,38 @@ of 574 KB came from another random tensor: the same shape, digits differ)."""
 
 BATCHING = """\
 A CNN shaped like the PP-OCR text classifier (input [N,3,48,192], four 3×3 convolutions 32→256
-channels, ≈ 130 M multiply-adds per image, a 2-way softmax) with a dynamic first dimension, served
-by `Registry.infer` in one process (no HTTP: the codec and connection cost is the same either way)
-to 8 client threads, batching off and on alternating, admission at its defaults (4 requests of a
-model in flight, so a batch holds at most 4). On this shared 2-vCPU machine the aim of 1.3× the
-unbatched throughput is missed: the convolutions are compute-bound, and onnxruntime already keeps
-both cores busy with 4 concurrent single-image calls, so one call of 4 images does the same work in
-no less time, and the calls of one batch no longer overlap the next batch's concatenation and wait
-(0.67× to 1.0× of the unbatched throughput across runs at load averages of 8 to 11); what batching
-buys here is the tail (p99 about half: fewer calls competing for the cores).
-The gain the aim expects comes where a call has a large fixed cost next to its arithmetic: an
-accelerator (GPU, NPU) or a model of small per-row work; `serving.max_batch` stays off by default
-and is set per model from the manifest where it helps."""
+channels, ≈ 130 M multiply-adds per image, a 2-way softmax) with a dynamic first dimension. The
+aim is judged over HTTP through the real daemon: one daemon per setting (`serving.max_batch` = 1
+or 8 with `serving.max_queue_delay_us` = 500; `backends.threads` = 0, onnxruntime's default, or
+1), the model deployed by a signed command and pinned to onnxruntime, 8 keep-alive clients
+sending binary tensors (JSON would add the same decoding to both settings, section 10), the
+daemons taking turns with the order reversed every other repeat, admission at its defaults
+(`backends.max_inflight` = 4, so a batch holds at most 4 requests). The in-process rows run the
+same load through `Registry.infer` without HTTP.
+
+Why the aim of 1.3× is missed on this 2-vCPU machine, step by step, each with the figure that
+checks it:
+- *One request already uses both cores.* onnxruntime's default intra-op pool (one thread per
+  core) runs one image in about half the time one thread takes (the per-image line, batch 1,
+  default threads against one: 0.70 against 1.23 ms and 1.18 against 2.53 ms in trial runs). With batching off the 4
+  calls admission lets in at once keep both cores busy, so one thread per call serves about as
+  many requests/s at 8 clients as the default (the two "off" rows).
+- *A batched call is no cheaper per image here.* The convolutions are compute-bound: 4 images in
+  one call cost about what 4 single calls cost (the per-image line, batch 4 against batch 1:
+  within ≈ 15 % in trial runs, either way). Batching trades on a fixed cost per call to share,
+  and on a CPU running this model there is almost none.
+- *What batching costs then shows.* With 4 requests admitted all 4 join one batch, so one
+  runtime call runs where four overlapped, and the next requests' decoding waits behind it (the
+  HTTP layer holds a request's admission slot from decoding to encoding); add the wait for the
+  batch to fill (≤ 500 µs), the concatenation and the split. With one intra-op thread that single
+  call uses one core of two: the on/threads=1 row is the slowest.
+
+Across trial runs at load averages of 1 to 7 (other work shares the machine) batching on gave
+0.77× to 1.17× the unbatched throughput over HTTP, and in process 0.66× to 1.11×; with the
+default threads its p99 at 8 clients was never worse than unbatched and down to half of it
+(fewer calls competing for the cores). The gain the aim expects comes where a call has a large fixed cost next to its
+arithmetic: an accelerator (GPU, NPU) or a model of small per-row work; `serving.max_batch`
+stays off by default and is set per model from the manifest where it helps."""
 
 SWAP = """\
 Four keep-alive clients send tiny-model JSON requests back to back. The steady window has nothing
@@ -265,3 +301,33 @@ First round:
 - **Worker round trip** (`agent/backends/isolated.py`): `Connection.poll()` builds a selector on
   every call; one `select.poll` object per channel, made once, saves ≈ 60 µs per call on this VM.
 """
+
+AUTOTUNE = """\
+The CNN of section 11 (shaped like the PP-OCR text classifier, input [N,3,48,192]) as a plain
+ONNX bundle, deployed at the defaults (autotune on, nothing pinned) to two fresh daemons that differ only in `backends.autotune_objective`
+(`"latency"`, `"throughput"`; `backends.autotune_concurrency = 8`, the load measured after).
+Autotune loads the runtimes that read the bundle (here onnxruntime and OpenVINO, both on the
+CPU) in the model's worker, checks each on the golden samples, and measures both figures for
+every candidate: the median of single calls and the calls per second of 8 callers at once. The
+objective only decides which figure picks the winner; the table is the deploy's verdict as
+`agentctl explain JOB` prints it. The served figures then check the choice under the load it was
+made for, through the daemon's HTTP API.
+
+How to read it on this machine: the two deploys measure the same two candidates seconds apart,
+so their figures for one candidate show the measurement's own noise. In trial runs at load
+averages of 5 to 9 (other work sharing the 2 cores) they differed by up to 2.7× (OpenVINO's
+single-call median 2.1 against 5.7 ms); the latency objective picked onnxruntime in all three
+trial runs, the throughput objective OpenVINO in two of three, by margins (2–45 %) within that
+noise. Served over HTTP the two picks gave requests/s within 10 % of each other either way: the
+HTTP handling and the codec share the same two cores, which autotune's in-worker measurement
+leaves out."""
+
+PEERS = """\
+Binary tensors help KServe's ModelServer little on the CNN: `InferRequest.from_bytes` (kserve
+0.21) turns every binary input into a Python list (`set_data_from_numpy(..., binary_data=False)`)
+before the model sees it, ≈ 7 ms for the 27,648 floats of one [1,3,48,192] image on this machine
+(timed alone in KServe's own virtual environment), and the model's `as_numpy()` turns the list
+back; KServe's trace then shows ≈ 1 ms of `predict` in a request of 15–40 ms. The agent reads
+the bytes with `np.frombuffer`. MLServer and the FastAPI app are measured with JSON only: the
+app takes what its users' apps take (a pydantic model of the JSON request), and MLServer's REST
+server reads JSON requests only (its binary tensor code is in its batch client, `mlserver infer`)."""

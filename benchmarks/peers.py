@@ -9,7 +9,9 @@ onnxruntime. The agent serves the same models as ONNX: the pipeline converted by
 build model.joblib`` (skl2onnx), and a small CNN with a [1,3,48,192] input built here. Per server and
 repeat (the servers alternate, three repeats): start-up to the model answering ready, RSS of the
 process tree idle (models loaded, no request yet) and loaded (after the load runs), single-client
-p50/p99, requests/s at 1 and 8 keep-alive clients, KServe v2 JSON. A peer that cannot be installed
+p50/p99, requests/s at 1 and 8 keep-alive clients (and the server tree's CPU per request there), KServe v2 JSON, and binary tensors (KServe's
+binary tensor data extension, input and output) where the server speaks them: the agent and KServe's
+ModelServer; MLServer's REST API and the FastAPI app take JSON only. A peer that cannot be installed
 is reported with pip's last line, never measured in another way.
 """
 
@@ -32,6 +34,8 @@ SERVERS = ("agent", *PEERS)
 PIP_TIMEOUT_S = 900.0
 READY_TIMEOUT_S = 120.0
 CLIENTS = (1, 8)
+SPREAD_CLIENTS = 8  # the concurrency whose spread over the repeats is judged
+BINARY = ("agent", "kserve")  # the servers here that speak the binary tensor extension
 CNN_SHAPE = (1, 3, 48, 192)
 FEATURES = 16
 APPS = Path(__file__).resolve().parent / "peer_apps"
@@ -83,10 +87,23 @@ def _sklearn_pipeline(src: Path) -> Path:
     return src
 
 
-def _request(model: str, input_name: str, x: Any, port: int) -> bytes:
-    body = json.dumps({"inputs": [{"name": input_name, "shape": list(x.shape), "datatype": "FP32",
-                                   "data": x.ravel().tolist()}]}, separators=(",", ":")).encode()
-    return (f"POST /v2/models/{model}/infer HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
+def _request(model: str, input_name: str, x: Any, port: int, binary: bool = False) -> bytes:
+    """A KServe v2 infer request: JSON, or binary tensors in and out (the binary tensor extension:
+    ``binary_data_size`` on the input, ``binary_data_output`` on the request, the JSON part's length
+    in ``Inference-Header-Content-Length``)."""
+    tensor: dict[str, Any] = {"name": input_name, "shape": list(x.shape), "datatype": "FP32"}
+    if binary:
+        blob = x.astype("<f4").tobytes()
+        tensor["parameters"] = {"binary_data_size": len(blob)}
+        head = json.dumps({"inputs": [tensor], "parameters": {"binary_data_output": True}},
+                          separators=(",", ":")).encode()
+        body = head + blob
+        extra = f"Inference-Header-Content-Length: {len(head)}\r\nContent-Type: application/octet-stream\r\n"
+    else:
+        tensor["data"] = x.ravel().tolist()
+        body = json.dumps({"inputs": [tensor]}, separators=(",", ":")).encode()
+        extra = "Content-Type: application/json\r\n"
+    return (f"POST /v2/models/{model}/infer HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n{extra}"
             f"Content-Length: {len(body)}\r\n\r\n").encode() + body
 
 
@@ -104,6 +121,47 @@ def _wait_ready(port: int, model: str, proc: subprocess.Popen[Any] | None, timeo
             pass
         time.sleep(0.05)
     raise TimeoutError(f"{model} not ready on port {port} after {timeout_s} s")
+
+
+class Client(h.KeepAlive):
+    """The harness's keep-alive client, also reading chunked bodies: KServe's ModelServer sends its
+    binary-tensor answers with ``Transfer-Encoding: chunked`` (its JSON ones with a length)."""
+
+    def _more(self, s: Any) -> bytes:
+        chunk: bytes = s.recv(262144)
+        if not chunk:
+            raise ConnectionError("connection closed by the server")
+        return chunk
+
+    def _read(self, s: Any) -> tuple[int, bytes]:
+        buf = self._buf
+        while b"\r\n\r\n" not in buf:
+            buf += self._more(s)
+        head, _, rest = buf.partition(b"\r\n\r\n")
+        low = head.lower()
+        if b"transfer-encoding: chunked" not in low:
+            self._buf = buf
+            return super()._read(s)
+        status = int(head.split(b"\r\n", 1)[0].split(b" ", 2)[1])
+        body: list[bytes] = []
+        buf = rest
+        while True:
+            while b"\r\n" not in buf:
+                buf += self._more(s)
+            line, _, buf = buf.partition(b"\r\n")
+            size = int(line.split(b";", 1)[0], 16)
+            while len(buf) < size + 2:
+                buf += self._more(s)
+            if size == 0:  # the last chunk, then trailers (none expected) up to an empty line
+                while not buf.startswith(b"\r\n") and b"\r\n\r\n" not in buf:
+                    buf += self._more(s)
+                self._buf = buf[2:] if buf.startswith(b"\r\n") else buf.partition(b"\r\n\r\n")[2]
+                break
+            body.append(buf[:size])
+            buf = buf[size + 2:]
+        if b"connection: close" in low:
+            self.close()
+        return status, b"".join(body)
 
 
 class Peer:
@@ -151,14 +209,26 @@ class Peer:
         h.stop_process(self.proc, group=True)
 
 
-def _measure(port: int, req: bytes, n: int, seconds: float) -> dict[str, Any]:
-    lat, errs, _ = h.drive(port, req, 1, duration_s=600, max_requests=n, warmup=max(5, n // 20))
-    row: dict[str, Any] = {"ms": h.stats([x * 1000 for x in lat]).to_dict(), "errors": errs, "rps": {}}
+def _measure(port: int, pid: int, req: bytes, n: int, seconds: float) -> dict[str, Any]:
+    """Single-client latency, then requests/s and the server's CPU per request (its whole process
+    tree: user + system) at each of CLIENTS."""
+    lat, errs, _ = h.drive(port, req, 1, duration_s=600, max_requests=n, warmup=max(5, n // 20), client=Client)
+    row: dict[str, Any] = {"ms": h.stats([x * 1000 for x in lat]).to_dict(), "errors": errs, "rps": {},
+                           "cpu_us": {}}
     for c in CLIENTS:
-        tl, te, wall = h.drive(port, req, c, duration_s=seconds, warmup=3)
-        row["rps"][str(c)] = (len(tl) - te) / wall  # answered requests only: errors do not count
+        cpu0 = h.tree_cpu_s([pid])
+        tl, te, wall = h.drive(port, req, c, duration_s=seconds, warmup=3, client=Client)
+        answered = len(tl) - te  # answered requests only: errors do not count
+        row["rps"][str(c)] = answered / wall
+        row["cpu_us"][str(c)] = (h.tree_cpu_s([pid]) - cpu0) / max(1, answered) * 1e6
         row["errors"] += te
     return row
+
+
+def _kinds(server: str, models: Any) -> list[str]:
+    """What ``server`` is measured on: each model as JSON, and as binary tensors ("MODEL_bin")
+    where the server speaks them."""
+    return [*models, *(f"{m}_bin" for m in models if server in BINARY)]
 
 
 def _agent_run(ctx: Context, manifests: dict[str, Path], reqs: dict[str, Any], n: dict[str, int]) -> dict[str, Any]:
@@ -173,8 +243,8 @@ def _agent_run(ctx: Context, manifests: dict[str, Path], reqs: dict[str, Any], n
             d.deploy(obs, ctx.fleet, m, ctx.url(man), backend="onnxruntime:CPUExecutionProvider")
         time.sleep(ctx.scale.settle_s)
         out["rss_idle_mb"] = d.footprint().rss_mb
-        for m in manifests:
-            out["models"][m] = _measure(d.api_port, reqs[m]("agent", d.api_port), n[m], ctx.scale.throughput_s)
+        for kind in _kinds("agent", manifests):
+            out["models"][kind] = _measure(d.api_port, d.pid, reqs[kind](d.api_port), n[kind], ctx.scale.throughput_s)
         out["rss_loaded_mb"] = d.footprint().rss_mb
         return out
     finally:
@@ -189,8 +259,8 @@ def _peer_run(ctx: Context, peer: str, py: Path, models: dict[str, Path], reqs: 
         out: dict[str, Any] = {"startup_s": p.startup_s, "models": {}}
         time.sleep(ctx.scale.settle_s)
         out["rss_idle_mb"] = p.footprint().rss_mb
-        for m in models:
-            out["models"][m] = _measure(p.port, reqs[m](peer, p.port), n[m], ctx.scale.throughput_s)
+        for kind in _kinds(peer, models):
+            out["models"][kind] = _measure(p.port, p.proc.pid, reqs[kind](p.port), n[kind], ctx.scale.throughput_s)
         out["rss_loaded_mb"] = p.footprint().rss_mb
         return out
     finally:
@@ -215,11 +285,15 @@ def run(ctx: Context) -> dict[str, Any]:
     x_sk = np.random.default_rng(1).standard_normal((1, FEATURES)).astype(np.float32)
     x_cnn = np.random.default_rng(1).standard_normal(CNN_SHAPE).astype(np.float32)
     # the converted model's input is "input"; MLServer names its input freely; the CNN's is "x"
-    reqs = {"sk": lambda srv, port: _request("sk", "input", x_sk, port),
-            "cnn": lambda srv, port: _request("cnn", "x", x_cnn, port)}
+    reqs = {"sk": lambda port: _request("sk", "input", x_sk, port),
+            "sk_bin": lambda port: _request("sk", "input", x_sk, port, binary=True),
+            "cnn": lambda port: _request("cnn", "x", x_cnn, port),
+            "cnn_bin": lambda port: _request("cnn", "x", x_cnn, port, binary=True)}
     n = {"sk": min(sc.tiny_requests, 1000), "cnn": sc.cnn_requests}
+    n.update({f"{m}_bin": v for m, v in n.items()})
     res: dict[str, Any] = {"repeats": repeats, "servers": {}, "not_installed": {}, "failed": {}, "versions": pins(),
-                           "load_avg": [], "cnn_shape": list(CNN_SHAPE)}
+                           "load_avg": [], "cnn_shape": list(CNN_SHAPE),
+                           "binary": [b for b in BINARY if b in chosen]}
     pys: dict[str, Path] = {}
     venvs = ctx.peers_cache or (ctx.work / "peer-venvs")
     for peer in [p for p in chosen if p in PEERS]:
@@ -261,7 +335,7 @@ def summarise(servers: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, A
     for srv, runs in servers.items():
         s: dict[str, Any] = {k: statistics.median(r[k] for r in runs) for k in ("startup_s", "rss_idle_mb",
                                                                                 "rss_loaded_mb")}
-        for m in runs[0]["models"]:
+        for m in runs[0]["models"]:  # "sk", "cnn", and "sk_bin", "cnn_bin" where binary was measured
             s[f"{m}/p50_ms"] = statistics.median(r["models"][m]["ms"]["median"] for r in runs)
             s[f"{m}/p99_ms"] = statistics.median(r["models"][m]["ms"]["p99"] for r in runs)
             s[f"{m}/errors"] = sum(r["models"][m]["errors"] for r in runs)
@@ -269,5 +343,18 @@ def summarise(servers: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, A
                 vals = [r["models"][m]["rps"][str(c)] for r in runs]
                 s[f"{m}/rps{c}"] = statistics.median(vals)
                 s[f"{m}/rps{c}_range"] = [min(vals), max(vals)]
+                s[f"{m}/rps{c}_spread_pct"] = spread_pct(vals)
+                s[f"{m}/rps{c}_repeats"] = vals
+                cpu = [r["models"][m].get("cpu_us", {}).get(str(c)) for r in runs]
+                if all(v is not None for v in cpu):
+                    s[f"{m}/cpu_us{c}"] = statistics.median(cpu)
+                    s[f"{m}/cpu_us{c}_range"] = [min(cpu), max(cpu)]
+                    s[f"{m}/cpu_us{c}_repeats"] = cpu
         out[srv] = s
     return out
+
+
+def spread_pct(vals: list[float]) -> float:
+    """The farthest repeat from the median, in % of the median (± this much covers every repeat)."""
+    med = statistics.median(vals)
+    return max(abs(v - med) for v in vals) / med * 100 if med else 0.0

@@ -131,13 +131,15 @@ def aims(res: dict[str, Any]) -> list[list[str]]:
                      f"{o:.2f} ms ({st / o:.1f}× faster)", f"standard library {st:.2f} ms", _ok(st >= 3 * o)])
     bt = s.get("batching", {})
     if bt and "error" not in bt:
-        on, off = bt["on"], bt["off"]
-        ratio = on["rps"]["median"] / off["rps"]["median"]
-        p99_on, p99_off = on["latency_ms"]["p99"], off["latency_ms"]["p99"]
-        rows.append([f"dynamic batching, CNN at {bt['clients']} clients: ≥ 1.3× unbatched req/s, p99 ≤ 2× unbatched",
-                     f"{on['rps']['median']:,.0f} req/s ({ratio:.2f}×), p99 {p99_on:.1f} ms",
-                     f"unbatched {off['rps']['median']:,.0f} req/s, p99 {p99_off:.1f} ms",
-                     _ok(ratio >= 1.3 and p99_on <= 2 * p99_off)])
+        rows += _batching_aims(bt)
+    pr = s.get("peers", {})
+    if pr and "error" not in pr:
+        from benchmarks import peers_report
+
+        rows += peers_report.aims(pr)
+    at = s.get("autotune", {})
+    if at and "error" not in at:
+        rows += _autotune_aims(at)
     sw = s.get("swap", {})
     if sw and "error" not in sw:
         for mode, row in sw.items():
@@ -163,6 +165,48 @@ def aims(res: dict[str, Any]) -> list[list[str]]:
                              f"{_f(t, 2)} s" if t is not None else f"{row['reached']}/{row['devices']} reached",
                              "", _ok(t is not None and t <= 60)])
     return rows
+
+
+def _batching_verdict(on: dict[str, Any], off: dict[str, Any], label: str, judged: bool) -> list[str]:
+    ratio = on["rps"]["median"] / off["rps"]["median"]
+    p99_on, p99_off = on["latency_ms"]["p99"], off["latency_ms"]["p99"]
+    return [label, f"{on['rps']['median']:,.0f} req/s ({ratio:.2f}×), p99 {p99_on:.1f} ms",
+            f"unbatched {off['rps']['median']:,.0f} req/s, p99 {p99_off:.1f} ms (×2 = {2 * p99_off:.1f})",
+            _ok(ratio >= 1.3 and p99_on <= 2 * p99_off) if judged else "–"]
+
+
+def _batching_aims(bt: dict[str, Any]) -> list[list[str]]:
+    """Batching on against off: judged over HTTP through the daemon (intra-op threads at the
+    runtime's default), the other settings and the in-process figures reported."""
+    rows: list[list[str]] = []
+    aim = f"dynamic batching, CNN at {bt['clients']} clients: ≥ 1.3× unbatched req/s, p99 ≤ 2× unbatched"
+    st = bt.get("http", {}).get("settings", {})
+    for threads in ("default", "1"):
+        on, off = st.get(f"on/threads={threads}"), st.get(f"off/threads={threads}")
+        if on and off:
+            judged = threads == "default"
+            label = (f"{aim} (HTTP through the daemon, binary tensors)" if judged else
+                     f"(same, onnxruntime intra-op threads = {threads}, reported)")
+            rows.append(_batching_verdict(on, off, label, judged))
+    if "on" in bt and "off" in bt:
+        rows.append(_batching_verdict(bt["on"], bt["off"], "(same, in one process through Registry.infer, no HTTP, "
+                                      "reported)" if rows else aim, not rows))
+    return rows
+
+
+def _autotune_aims(at: dict[str, Any]) -> list[list[str]]:
+    """What autotune chose under each objective and what the chosen model then served (reported)."""
+    objs = at.get("objectives", {})
+    parts, served = [], []
+    for obj, v in objs.items():
+        w = v.get("winner") or {}
+        parts.append(f"{obj} → {w.get('backend', '?')}")
+        sv = v.get("served", {})
+        if sv:
+            served.append(f"{obj}: {_f(_med(sv, 'rps'), 0)} req/s at {at['concurrency']} clients, "
+                          f"p50 {_f(_med(sv, 'p50_ms'), 2)} ms")
+    return [["autotune's choice under each objective (`backends.autotune_objective`), reported",
+             "; ".join(parts), "served: " + "; ".join(served), "–"]] if parts else []
 
 
 def write(res: dict[str, Any], out_dir: Path, plots: bool = True) -> None:
@@ -195,7 +239,7 @@ def render(res: dict[str, Any], images: dict[str, str]) -> str:
           "program needs to do the same job, measured in the same run on the same machine. Tables give the "
           "median, then p99 and min–max over the repeats (one number when there was one repeat). "
           "Raw figures: `benchmarks/results.json`. Reproduce: `pip install -e '.[test,bench]' && python -m "
-          "benchmarks` (≈ 10 min; `--quick` ≤ 3 min).", "")
+          "benchmarks` (≈ 12 min; `--quick` ≤ 3 min).", "")
     d.add("## Machine", "")
     pk = m.get("packages", {})
     d.table(["", ""], [["CPU", f"{m.get('cpu')} ({m.get('cores')} cores, {m.get('usable_cores')} usable)"],
@@ -208,7 +252,7 @@ def render(res: dict[str, Any], images: dict[str, str]) -> str:
     for name, fn in (("footprint", _footprint), ("serving", _serving), ("deploy", _deploy), ("swap", _swap),
                      ("telemetry", _telemetry), ("fleet", _fleet), ("collect", _collect),
                      ("sources", _sources), ("sealed", _sealed), ("jsoncodec", _jsoncodec),
-                     ("batching", _batching), ("peers", _peers)):
+                     ("batching", _batching), ("peers", _peers), ("autotune", _autotune)):
         sec = s.get(name)
         if sec is None:
             continue
@@ -369,13 +413,76 @@ def _batching(d: Doc, bt: dict[str, Any], images: dict[str, str]) -> None:
     from benchmarks import notes
 
     d.add("## 11. Dynamic batching", "", notes.BATCHING, "")
+    on_label = f"on (max_batch {bt['max_batch']}, delay {bt['delay_us']} µs)"
+    http = bt.get("http", {})
+    st = http.get("settings", {})
+    if st:
+        d.add(f"**Over HTTP through the daemon** ({bt['clients']} keep-alive clients, KServe v2 binary tensors, "
+              f"{http['load_s']:g} s per setting and repeat, {http['repeats']} repeats alternating; "
+              f"`backends.max_inflight` = {http['max_inflight']}):", "")
+        rows = []
+        for key, v in st.items():
+            mode, threads = key.split("/")
+            rows.append([("off (serving.max_batch = 1)" if mode == "off" else on_label) + f", intra-op {threads}",
+                         _s(v["rps"], 0), _s(v["latency_ms"], 2, " ms"), _s(v["single_p50_ms"], 2, " ms"),
+                         str(v["errors"])])
+        d.table(["setting", f"req/s at {bt['clients']} clients", f"latency at {bt['clients']} clients",
+                 "p50 at 1 client (median over repeats)", "errors"], rows)
+        one, dflt = _med(st, "off/threads=1", "single_p50_ms"), _med(st, "off/threads=default", "single_p50_ms")
+        r1, rd = _med(st, "off/threads=1", "rps"), _med(st, "off/threads=default", "rps")
+        if one and dflt and r1 and rd:
+            d.add(f"Intra-op threads, batching off: one request at a time takes {dflt:.2f} ms with onnxruntime's "
+                  f"default threads and {one:.2f} ms with one thread ({one / dflt:.2f}×); at {bt['clients']} "
+                  f"clients {rd:,.0f} against {r1:,.0f} req/s ({rd / r1:.2f}×).", "")
+    pr = bt.get("per_row_ms", {})
+    if pr:
+        d.add("Runtime time per image, one call at a time (onnxruntime directly, median of alternating rounds): "
+              + "; ".join(f"intra-op {k}: " + ", ".join(f"batch {b} {v:.2f} ms" for b, v in row.items())
+                          for k, row in pr.items()) + ".", "")
+    d.add(f"**In one process** through `Registry.infer` (no HTTP, {bt['clients']} client threads):", "")
     rows = [[label, _s(bt[mode]["rps"], 0), _s(bt[mode]["latency_ms"], 2, " ms"), str(bt[mode]["errors"])]
-            for mode, label in (("off", "off (serving.max_batch = 1)"),
-                                ("on", f"on (max_batch {bt['max_batch']}, delay {bt['delay_us']} µs)"))]
+            for mode, label in (("off", "off (serving.max_batch = 1)"), ("on", on_label))]
     d.table([f"{bt['clients']} clients × {bt['requests_per_client']} requests, {bt['repeats']} repeats",
              "req/s", "latency", "errors"], rows)
-    d.add(f"{bt['batched_calls']} runtime calls carried more than one request. Load average at the end: "
+    d.add(f"{bt['batched_calls']} runtime calls carried more than one request in process. Load average at the end: "
           f"{bt['load_avg_1m']:g} on {bt['cores']} cores.", "")
+
+
+def _autotune(d: Doc, at: dict[str, Any], images: dict[str, str]) -> None:
+    from benchmarks import notes
+
+    d.add("## 13. Autotune under each objective", "", notes.AUTOTUNE, "")
+    n = at["concurrency"]
+    rows = []
+    for obj, v in at.get("objectives", {}).items():
+        w = v.get("winner") or {}
+        for r in v.get("measured", []):
+            won = (r.get("backend"), r.get("variant")) == (w.get("backend"), w.get("variant"))
+            rows.append([obj, f"{r.get('backend')} ({r.get('variant')})", _f(r.get("median_ms"), 3),
+                         _f(r.get("throughput_rps"), 0), (r.get("error") or {}).get("code", "") or
+                         ("**chosen**" if won else "")])
+    d.table(["objective", "candidate", "single-call median ms", f"req/s at {n} callers", "verdict"], rows)
+    for obj, v in at.get("objectives", {}).items():
+        d.add(f"- `{obj}`: {v.get('won') or v.get('error') or '–'} (deploy {_f(v.get('deploy_s'), 2)} s).")
+    d.add("")
+    srows = []
+    for obj, v in at.get("objectives", {}).items():
+        sv = v.get("served", {})
+        if sv:
+            srows.append([obj, str((v.get("winner") or {}).get("backend", "–")), _s(sv["p50_ms"], 3, " ms"),
+                          _s(sv["p99_ms"], 3, " ms"), _s(sv["rps"], 0), _f(sv.get("rss_mb"), 1), str(sv["errors"])])
+    if srows:
+        d.add(f"The model each daemon then served, over HTTP (binary tensors, {at['repeats']} repeat(s), the daemons "
+              f"alternating; load average at the end {at['load_avg_1m']:g} on {at['cores']} cores):", "")
+        d.table(["objective", "served by", "p50 at 1 client", "p99 at 1 client", f"req/s at {n} clients",
+                 "RSS MiB of the daemon's tree after the load", "errors"], srows)
+    for obj, v in at.get("objectives", {}).items():
+        text = v.get("explain", "")
+        lines = text.splitlines()
+        start = next((i for i, ln in enumerate(lines) if ln.startswith("autotune (")), None)
+        if start is not None:
+            d.add(f"`agentctl explain` for the `{obj}` deploy (its autotune lines):", "", "```",
+                  *lines[start:start + 8], "```", "")
 
 
 def _swap(d: Doc, sw: dict[str, Any], images: dict[str, str]) -> None:

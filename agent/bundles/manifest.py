@@ -196,6 +196,32 @@ def parse_document(doc: Any) -> Manifest:
     """Validate a decoded manifest document against the schema."""
     if not isinstance(doc, dict):
         raise _bad("manifest is not a JSON object")
+    name, version, created_at, expires_at = _header(doc)
+    io = _req(doc, "io", dict, "manifest")
+    inputs = tuple(_tensor(t, f"io.inputs[{i}]") for i, t in enumerate(_req(io, "inputs", list, "io")))
+    outputs = tuple(_tensor(t, f"io.outputs[{i}]") for i, t in enumerate(_req(io, "outputs", list, "io")))
+    if not inputs or not outputs:
+        raise _bad("io: at least one input and one output are required")
+    seen_ids: set[str] = set()
+    variants = tuple(_variant(vd, f"variants[{i}]", seen_ids)
+                     for i, vd in enumerate(_req(doc, "variants", list, "manifest")))
+    if not variants:
+        raise _bad("manifest: no variants")
+    common = tuple(_file(f, f"files[{j}]") for j, f in enumerate(doc.get("files", []) or []))
+    by_path = _files_by_path([*common, *(f for v in variants for f in v.files)])
+    vd = doc.get("validation")
+    validation = None if vd is None else _validation(vd, by_path)
+    requires = doc.get("requires") or {}
+    if not isinstance(requires, dict):
+        raise _bad("requires: not an object")
+    return Manifest(name=name, version=version, created_at=created_at, expires_at=expires_at,
+                    inputs=inputs, outputs=outputs, variants=variants, files=common,
+                    validation=validation, description=str(doc.get("description", ""))[:1024],
+                    requires=requires, source=_source(doc.get("source")), raw=doc)
+
+
+def _header(doc: dict[str, Any]) -> tuple[str, int, str, str]:
+    """(name, version, created_at, expires_at), after the schema version ``v`` this agent reads."""
     v = doc.get("v", 1)
     if not isinstance(v, int) or isinstance(v, bool) or v < 1:
         raise _bad(f"manifest v {v!r} is not a positive integer")
@@ -215,35 +241,32 @@ def parse_document(doc: Any) -> Manifest:
                 parse_rfc3339(val)
             except ValueError as e:
                 raise _bad(f"manifest.{key}: {e}") from e
-    io = _req(doc, "io", dict, "manifest")
-    inputs = tuple(_tensor(t, f"io.inputs[{i}]") for i, t in enumerate(_req(io, "inputs", list, "io")))
-    outputs = tuple(_tensor(t, f"io.outputs[{i}]") for i, t in enumerate(_req(io, "outputs", list, "io")))
-    if not inputs or not outputs:
-        raise _bad("io: at least one input and one output are required")
-    variants = []
-    seen_ids = set()
-    for i, vd in enumerate(_req(doc, "variants", list, "manifest")):
-        where = f"variants[{i}]"
-        if not isinstance(vd, dict):
-            raise _bad(f"{where}: not an object")
-        vid = _req(vd, "id", str, where)
-        if not NAME_RE.match(vid) or vid in seen_ids:
-            raise _bad(f"{where}.id {vid!r} invalid or repeated")
-        seen_ids.add(vid)
-        fmt = _req(vd, "format", str, where)
-        if fmt not in FORMATS:
-            raise _bad(f"{where}.format {fmt!r} not one of {', '.join(FORMATS)}")
-        prec = _req(vd, "precision", str, where)
-        if prec not in PRECISIONS:
-            raise _bad(f"{where}.precision {prec!r} not one of {', '.join(PRECISIONS)}")
-        vfiles = tuple(_file(f, f"{where}.files[{j}]") for j, f in enumerate(_req(vd, "files", list, where)))
-        if not vfiles:
-            raise _bad(f"{where}: no files")
-        variants.append(Variant(vid, fmt, prec, vfiles, _operators(vd.get("operators"), where)))
-    if not variants:
-        raise _bad("manifest: no variants")
-    common = tuple(_file(f, f"files[{j}]") for j, f in enumerate(doc.get("files", []) or []))
-    all_files = [*common, *(f for v in variants for f in v.files)]
+    return name, version, created_at, expires_at
+
+
+def _variant(vd: Any, where: str, seen_ids: set[str]) -> Variant:
+    """One entry of ``variants``; its id must not be in ``seen_ids`` (it is added)."""
+    if not isinstance(vd, dict):
+        raise _bad(f"{where}: not an object")
+    vid = _req(vd, "id", str, where)
+    if not NAME_RE.match(vid) or vid in seen_ids:
+        raise _bad(f"{where}.id {vid!r} invalid or repeated")
+    seen_ids.add(vid)
+    fmt = _req(vd, "format", str, where)
+    if fmt not in FORMATS:
+        raise _bad(f"{where}.format {fmt!r} not one of {', '.join(FORMATS)}")
+    prec = _req(vd, "precision", str, where)
+    if prec not in PRECISIONS:
+        raise _bad(f"{where}.precision {prec!r} not one of {', '.join(PRECISIONS)}")
+    vfiles = tuple(_file(f, f"{where}.files[{j}]") for j, f in enumerate(_req(vd, "files", list, where)))
+    if not vfiles:
+        raise _bad(f"{where}: no files")
+    return Variant(vid, fmt, prec, vfiles, _operators(vd.get("operators"), where))
+
+
+def _files_by_path(all_files: list[FileEntry]) -> dict[str, FileEntry]:
+    """Every file the manifest lists (common and per variant) by path: at most MAX_FILES, a path
+    listed twice only with the same size and sha256, and no path both a file and a folder."""
     if len(all_files) > MAX_FILES:
         raise _bad(f"manifest: {len(all_files)} files, at most {MAX_FILES}")
     by_path: dict[str, FileEntry] = {}
@@ -252,32 +275,28 @@ def parse_document(doc: Any) -> Manifest:
             raise _bad(f"manifest: file {f.path!r} listed twice with different size or sha256")
         by_path[f.path] = f
     _check_no_file_is_a_folder(by_path)
-    validation = None
-    vd = doc.get("validation")
-    if vd is not None:
-        if not isinstance(vd, dict):
-            raise _bad("validation: not an object")
-        vin = check_path(vd.get("inputs"), "validation.inputs")
-        vexp = check_path(vd.get("expected"), "validation.expected")
-        for p in (vin, vexp):
-            if p not in by_path:
-                raise _bad(f"validation: sample file {p!r} not listed in files")
-        rtol = vd.get("rtol", DEFAULT_RTOL)
-        atol = vd.get("atol", DEFAULT_ATOL)
-        p95 = vd.get("max_p95_ms")
-        for k, val in (("rtol", rtol), ("atol", atol)):
-            if not isinstance(val, (int, float)) or isinstance(val, bool) or val < 0:
-                raise _bad(f"validation.{k}: {val!r} is not a non-negative number")
-        if p95 is not None and (not isinstance(p95, (int, float)) or isinstance(p95, bool) or p95 <= 0):
-            raise _bad(f"validation.max_p95_ms: {p95!r} is not a positive number")
-        validation = Validation(vin, vexp, float(rtol), float(atol), None if p95 is None else float(p95))
-    requires = doc.get("requires") or {}
-    if not isinstance(requires, dict):
-        raise _bad("requires: not an object")
-    return Manifest(name=name, version=version, created_at=created_at, expires_at=expires_at,
-                    inputs=inputs, outputs=outputs, variants=tuple(variants), files=common,
-                    validation=validation, description=str(doc.get("description", ""))[:1024],
-                    requires=requires, source=_source(doc.get("source")), raw=doc)
+    return by_path
+
+
+def _validation(vd: Any, by_path: dict[str, FileEntry]) -> Validation:
+    """The optional ``validation`` object: golden samples among the listed files, tolerances and
+    the latency SLO."""
+    if not isinstance(vd, dict):
+        raise _bad("validation: not an object")
+    vin = check_path(vd.get("inputs"), "validation.inputs")
+    vexp = check_path(vd.get("expected"), "validation.expected")
+    for p in (vin, vexp):
+        if p not in by_path:
+            raise _bad(f"validation: sample file {p!r} not listed in files")
+    rtol = vd.get("rtol", DEFAULT_RTOL)
+    atol = vd.get("atol", DEFAULT_ATOL)
+    p95 = vd.get("max_p95_ms")
+    for k, val in (("rtol", rtol), ("atol", atol)):
+        if not isinstance(val, (int, float)) or isinstance(val, bool) or val < 0:
+            raise _bad(f"validation.{k}: {val!r} is not a non-negative number")
+    if p95 is not None and (not isinstance(p95, (int, float)) or isinstance(p95, bool) or p95 <= 0):
+        raise _bad(f"validation.max_p95_ms: {p95!r} is not a positive number")
+    return Validation(vin, vexp, float(rtol), float(atol), None if p95 is None else float(p95))
 
 
 def _operators(ops: Any, where: str) -> tuple[str, ...]:

@@ -5,18 +5,17 @@ local API and control socket → MQTT (birth status, subscriptions) → telemetr
 Stop (SIGTERM/SIGINT): STOPPING → no new commands → in-flight requests and the running deploy
 step finish (bounded) → final status ``online: false`` → disconnect → state closed.
 
-`Agent` wires the parts here; its other methods are grouped by concern in daemon/status.py
-(status documents, telemetry timers), daemon/commands.py (command routing, deploy queue, crash
-recovery) and daemon/control.py (the agentctl control API).
+`Agent` wires the parts here: the serving owner, the deploy queue and runner, recovery at start
+(agent/deploy/), and each command handler with only the parts it uses (``_handlers``). Its other
+methods are grouped by concern in daemon/status.py (status documents, telemetry timers),
+daemon/commands.py (command routing) and daemon/control.py (the agentctl control API).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import os
-import queue
 import signal
 import sys
 import threading
@@ -31,14 +30,27 @@ from agent.backends.probed import probed_backends
 from agent.bundles.fetch import fetcher_from_config
 from agent.bundles.store import Store
 from agent.bundles.trust import TrustStore, describe_writable, folder_problem
-from agent.commands.handlers import REMOTE_CONFIG_FILE, Handlers, apply_remote_overrides
+from agent.commands.bench import Bench
+from agent.commands.handlers import (
+    REMOTE_CONFIG_FILE,
+    Cancel,
+    Handler,
+    RemoteConfig,
+    Remove,
+    Rollback,
+    TrustRotation,
+    apply_remote_overrides,
+)
 from agent.commands.intake import CommandIntake
 from agent.commands.verify import CommandVerifier
-from agent.daemon.commands import DEPLOY_QUEUE_MAX, CommandRouting
+from agent.daemon.commands import CommandRouting
 from agent.daemon.control import LOCAL_BENCH_MAX, ControlApi
 from agent.daemon.status import StatusReports
 from agent.deploy.jobs import JobReporter
+from agent.deploy.owner import ServingOwner
 from agent.deploy.probation import ProbationSettings, Supervisor
+from agent.deploy.queue import DeployQueue
+from agent.deploy.recovery import Recovery, RecoverySettings
 from agent.deploy.runner import (
     DOWNLOADING,
     LOADING,
@@ -50,6 +62,7 @@ from agent.deploy.runner import (
     check_clock,
     recheck,
 )
+from agent.deploy.versions import VersionLoader
 from agent.mqtt.connection import Connection
 from agent.mqtt.topics import Topics
 from agent.retention import Sweeper
@@ -102,8 +115,12 @@ class Agent(StatusReports, CommandRouting, ControlApi):
         # Targets listed by a child process (cached under state_dir): no runtime import in an idle daemon.
         self.backends = probed_backends(self._backends(), self.state_dir / "cache" / "backend-targets.json")
         self.profile = self._profile()
+        self.owner = ServingOwner(self.db, self.registry, self.store)  # the only writer of what serves
+        self.loader = VersionLoader(self.db, self.store, self.backends, self.deploy_settings)
         self.runner = DeployRunner(self.db, self.store, fetcher_from_config(cfg.downloads), lambda: self.trust, self.registry,
-                                   self.backends, self.reporter, self.deploy_settings, probation=self._begin_probation)
+                                   self.backends, self.reporter, self.deploy_settings, probation=self._begin_probation,
+                                   owner=self.owner)
+        self.deploys = DeployQueue(self.runner.run, after=self.publish_status)
         self.verifier = CommandVerifier(self.trust, cfg.trust.threshold, cfg.device_id, cfg.groups,
                                         cfg.trust.max_clock_skew_s, cfg.trust.require_signed_commands)
         subs = [self.topics.cmd] + [self.topics.group_cmd(g) for g in cfg.groups]
@@ -117,16 +134,14 @@ class Agent(StatusReports, CommandRouting, ControlApi):
         self._telemetry_parts()
         self.notifier = Notifier()
         self.stopping = threading.Event()
-        self._deploys: queue.Queue[DeployContext | None] = queue.Queue(DEPLOY_QUEUE_MAX)
-        self._current: DeployContext | None = None
-        self._queued: dict[str, DeployContext] = {}
-        self._queue_lock = threading.Lock()
-        self.handlers = Handlers(self)
         self.supervisor = Supervisor(self.registry, self.db, self.reporter,
-                                     lambda name, v: self.handlers.load_version(name, v, validate_samples=False),
-                                     self.runner.owner, self.probation_settings, self.publish_status,
-                                     recheck=lambda name, v: recheck(self.handlers.load_version(name, v, validate_samples=False),
+                                     lambda name, v: self.loader.load(name, v, validate_samples=False),
+                                     self.owner, self.probation_settings, self.publish_status,
+                                     recheck=lambda name, v: recheck(self.loader.load(name, v, validate_samples=False),
                                                                      self.store.version_dir(name, v)))
+        self.recovery = Recovery(self.db, self.reporter, self.owner, self.loader, self.outbox.reported,
+                                 self.supervisor.begin, self.recovery_settings)
+        self.handlers = self._handlers()
         self._ops = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ops")  # fleet and admin changes, in order
         # agentctl bench (any control-socket user): its own worker and bound, so local read-only
         # work never delays a fleet rollback or remove on the ops worker.
@@ -138,6 +153,15 @@ class Agent(StatusReports, CommandRouting, ControlApi):
         self.control: ControlServer | None = None
 
     # -- parts -------------------------------------------------------------------------------
+    def _handlers(self) -> dict[str, Handler]:
+        """Each command handler with only the parts it uses (agent/commands/handlers.py)."""
+        return {"rollback": Rollback(self.db, self.loader, self.owner, self.reporter, self.publish_status),
+                "remove": Remove(self.db, self.owner, self.publish_status),
+                "cancel": Cancel(self.deploys.cancel, self.db),
+                "config": RemoteConfig(self.cfg, self.state_dir / REMOTE_CONFIG_FILE, self.config_changed),
+                "trust": TrustRotation(self.trust, lambda: self.cfg.trust.threshold, self.reporter),
+                "bench": Bench(self.registry, self.loader, self.backends)}
+
     def _telemetry_parts(self) -> None:
         """Byte budget, Prometheus metrics and the heartbeat/window reporter (docs/telemetry.md)."""
         t = self.cfg.telemetry
@@ -198,6 +222,9 @@ class Agent(StatusReports, CommandRouting, ControlApi):
         return ProbationSettings(d.probation_s, d.probation_max_errors, d.probation_max_error_ratio,
                                  self.cfg.backends.worker_memory_max_mb)
 
+    def recovery_settings(self) -> RecoverySettings:
+        return RecoverySettings(self.cfg.deploy.max_resumes, self.cfg.backends.isolation == "none")
+
     def _begin_probation(self, ctx: DeployContext, result: dict[str, Any]) -> bool:
         if self.cfg.deploy.probation_s <= 0 or ctx.previous is None or ctx.manifest is None:
             return False
@@ -222,13 +249,13 @@ class Agent(StatusReports, CommandRouting, ControlApi):
         self.control = ControlServer(self.cfg.api.control_socket, self.cfg.api.control_group, self.cfg.api.admin_group)
         self._control_handlers(self.control)
         self.control.start()  # first: it also refuses a second daemon on the same socket
-        resumed = self.restore()
+        resumed = self.recovery.run()
         if not resumed:
             freed = self.runner.sweep()  # what a crash left behind: partial downloads, half-made folders
             if freed:
                 log.info("removed %d bytes of files no version references", freed)
         for ctx in resumed:
-            self.submit_deploy(ctx)
+            self.deploys.submit(ctx)
         self.supervisor.start()
         if self.cfg.api.listen:
             from agent.serving.kserve import KServeServer, api_options, parse_listen
@@ -239,7 +266,8 @@ class Agent(StatusReports, CommandRouting, ControlApi):
             self.kserve.start()
         self.telemetry.report_recoveries()  # a corrupt outbox replaced at open: say so
         self.mqtt.start()
-        for target, name in ((self._deploy_loop, "deploy"), (self._heartbeat_loop, "heartbeat"),
+        self.deploys.start()
+        for target, name in ((self._heartbeat_loop, "heartbeat"),
                              (self._window_loop, "telemetry"), (lambda: self.sweeper.run(self.stopping), "retention")):
             t = threading.Thread(target=target, name=name, daemon=True)
             t.start()
@@ -260,15 +288,12 @@ class Agent(StatusReports, CommandRouting, ControlApi):
         open_probations = self.supervisor.stop()  # first: nothing is rolled back while stopping
         if open_probations:
             log.info("%d probation(s) still open; they continue at the next start", len(open_probations))
-        if self._current is not None:
-            self._current.cancel_code = errors.CANCELED
-            self._current.cancel.set()
-        with contextlib.suppress(queue.Full):
-            self._deploys.put_nowait(None)
+        self.deploys.stop()  # the running deploy canceled; the queued ones resume at the next start
         if self.kserve is not None:
             self.kserve.stop(timeout_s=max(0.5, deadline - time.monotonic() - 2))
         if self.control is not None:
             self.control.stop()
+        self.deploys.join(max(0.0, min(1.0, deadline - time.monotonic() - 1.5)))
         for t in self._threads:
             t.join(max(0.0, min(1.0, deadline - time.monotonic() - 1.5)))
         final_status = self.status_doc(False, "shutdown")  # the models it served, before they close
@@ -281,7 +306,7 @@ class Agent(StatusReports, CommandRouting, ControlApi):
         self._ops.shutdown(wait=False, cancel_futures=True)
         self._bench.shutdown(wait=False, cancel_futures=True)
         self.outbox.close()
-        self.db.put("clean_shutdown", True)
+        self.recovery.stopped_cleanly()
         self.db.close()
         log.info("stopped")
 

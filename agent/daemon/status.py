@@ -10,6 +10,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from agent import __version__
+from agent.state import MODEL_DOWN
 from agent.timeutil import now_rfc3339
 
 if TYPE_CHECKING:
@@ -28,7 +29,8 @@ class StatusReports:
             sv = self.registry.get(rec["name"])
             if sv is None and rec["state"] == "removed":
                 continue  # its row stays only for the version high-water mark
-            entry: dict[str, Any] = {"name": rec["name"], "version": rec["serving"], "state": rec["state"] if sv else "not_loaded",
+            state = rec["state"] if sv is not None or rec["state"] == MODEL_DOWN else "not_loaded"
+            entry: dict[str, Any] = {"name": rec["name"], "version": rec["serving"], "state": state,
                                      "previous": rec["previous"]}
             if sv is not None:
                 entry.update(variant=sv.variant, backend=sv.backend)
@@ -64,7 +66,7 @@ class StatusReports:
                 "retention": self.sweeper.status(),
                 "models": self.models_status(), "config": self.cfg.source,
                 "api": self.kserve.address if self.kserve else None,
-                "deploying": self._current.job_id if self._current else None}
+                "deploying": self.deploys.running()}
 
     # -- telemetry ---------------------------------------------------------------------------
     def _heartbeat_loop(self: Agent) -> None:

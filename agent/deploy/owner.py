@@ -14,8 +14,10 @@ Invariants:
 - A refused request's loaded model is closed here: the caller hands it over with the request.
 - A worker replacement (restart, memory recycle) swaps a worker of the same version and is
   applied only while the version it replaces is still the registry's entry.
-- The registry and the table agree whenever the lock is free: a request that fails halfway
-  re-raises after leaving the table as it was (the registry is changed last).
+- The registry and the table agree whenever the lock is free: a request whose write fails
+  re-raises after leaving both as they were (the table is written first, in one transaction, and
+  the registry changed after it), and closes the model it was handed. What follows a change
+  (an activation's pruning of old versions) cannot undo it: its failure is logged.
 
 Callers: the deploy runner (activate), the ops commands (rollback, remove), the supervisor
 (probation verdicts, worker replacement, model down) and the daemon at start (restore).
@@ -25,6 +27,7 @@ docs/deployments.md ("One owner of what serves") says the same for readers of th
 from __future__ import annotations
 
 import logging
+import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -94,10 +97,18 @@ class ServingOwner:
                                              f"activation of {sv.name} v{sv.version} refused: no longer kept")
             except errors.AgentError as e:
                 raise self._refuse(sv, e) from None
-            self.db.set_serving(sv.name, sv.version, previous, backend)
+            try:
+                self.db.set_serving(sv.name, sv.version, previous, backend)
+            except Exception:  # nothing changed (the write rolled back): the model is not kept
+                sv.model.close()
+                raise
             self.registry.activate(sv)
             if then is not None:
-                then()
+                try:
+                    then()
+                except (OSError, sqlite3.Error) as e:  # housekeeping after the change: the change stands
+                    log.warning("%s v%d serves; the clean-up after it failed (retried at the next "
+                                "deploy): %s", sv.name, sv.version, e)
         log.info("%s: v%s → v%d", sv.name, expect, sv.version)
         return Applied(sv.name, expect, sv.version)
 
@@ -122,11 +133,11 @@ class ServingOwner:
         stays: no replays); returns the bytes freed."""
         with self._lock:
             self._check(name, expect, "removal")
-            self.registry.remove(name)
             with self.db.tx() as db:
                 db.execute("UPDATE models SET serving = NULL, previous = NULL, state = 'removed', "
                            "updated = ? WHERE name = ?", (time.time(), name))
                 db.execute("DELETE FROM versions WHERE name = ?", (name,))
+            self.registry.remove(name)  # after the table: a failed write leaves the model serving
             for vdir in sorted(self.store.versions.glob(f"{name}/*")):
                 if vdir.name.isdigit():
                     self.store.remove_version(name, int(vdir.name))
@@ -144,9 +155,11 @@ class ServingOwner:
         return False
 
     def take_down(self, sv: ServingVersion) -> bool:
-        """Stop serving ``sv`` (a crash loop with nothing to roll back to) while it still serves."""
+        """Stop serving ``sv`` (a crash loop with nothing to roll back to) while it still serves;
+        the models row says ``down`` (serving NULL, the version kept)."""
         with self._lock:
             if self.registry.get(sv.name) is not sv:
                 return False
+            self.db.set_down(sv.name, sv.version)  # the table says what the registry will: nothing serves
             self.registry.remove(sv.name)
             return True

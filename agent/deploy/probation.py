@@ -127,28 +127,35 @@ class Supervisor:
         for w in watches:
             sv = self.registry.get(w.name)
             if sv is None or sv.version != w.version:
-                with self._lock:
-                    self._watches.pop(w.name, None)
-                self._finish(w, "SUCCEEDED", note="replaced or removed during probation")
+                if self._take(w):
+                    self._finish(w, "SUCCEEDED", note="replaced or removed during probation")
                 continue
             reason = self._verdict(w, sv)
             if reason is not None:
+                if not self._take(w):  # a newer deploy ended this watch while it was judged
+                    continue
                 code, message = reason
-                with self._lock:
-                    self._watches.pop(w.name, None)
                 if self._rollback(sv, w.previous, f"probation: {message}"):
                     w.result["rolled_back_to"] = w.previous
                     outcome = f"rolled back to v{w.previous}"
                 else:
                     outcome = "not rolled back (it no longer serves or the rollback failed)"
                 self._finish(w, "FAILED", error=errors.AgentError(code, f"{w.name} v{w.version} {message}; {outcome}"))
-            elif now >= w.until:
-                with self._lock:
-                    self._watches.pop(w.name, None)
+            elif now >= w.until and self._take(w):
                 w.result["probation"] = {"calls": sv.calls - w.calls0, "errors": sv.errors - w.errors0}
                 self._finish(w, "SUCCEEDED")
         self._check_health(now)
         self._check_memory(now)
+
+    def _take(self, w: Watch) -> bool:
+        """Stop watching ``w`` if it is still its model's watch. False when ``begin`` of a newer
+        deploy took (and ended) it meanwhile: then it must neither end again nor roll anything
+        back, and the newer deploy's watch stays."""
+        with self._lock:
+            if self._watches.get(w.name) is not w:
+                return False
+            del self._watches[w.name]
+            return True
 
     def _verdict(self, w: Watch, sv: ServingVersion) -> tuple[str, str] | None:
         if not sv.alive:
@@ -243,11 +250,11 @@ class Supervisor:
                                 new_pid=fresh.worker.pid if fresh.worker else None)
 
     def _rollback(self, bad: ServingVersion, to: int, reason: str) -> bool:
-        """Serve ``to`` in place of ``bad`` — only while ``bad`` still serves (a deploy that
-        replaced it meanwhile stays); True when it did."""
+        """Serve ``to`` in place of ``bad`` — only while ``bad`` still serves (a deploy, rollback
+        or remove that replaced it meanwhile stays, and the refusal says ``serving_moved``);
+        True when it did."""
         try:
-            good = self.reload(bad.name, to)
-            self.owner.rollback(good, bad.version)
+            self._rollback_unless_moved(bad, to)
         except errors.AgentError as e:
             log.error("%s: rollback v%d → v%d not applied: %s", bad.name, bad.version, to, e)
             self.reporter.event("rollback_failed", model=bad.name, frm=bad.version, to=to, error=e.to_dict())
@@ -256,6 +263,21 @@ class Supervisor:
         log.warning("%s: rolled back v%d → v%d (%s)", bad.name, bad.version, to, reason)
         self.on_change()
         return True
+
+    def _moved(self, bad: ServingVersion, to: int, cause: str) -> errors.RejectError:
+        return errors.RejectError(errors.SERVING_MOVED, f"rollback of {bad.name} v{bad.version} to v{to} refused: "
+                                  f"v{bad.version} no longer serves ({cause})")
+
+    def _rollback_unless_moved(self, bad: ServingVersion, to: int) -> None:
+        if self.owner.serving(bad.name) != bad.version:  # moved before anything was loaded
+            raise self._moved(bad, to, "moved before the rollback began")
+        try:
+            good = self.reload(bad.name, to)
+        except errors.AgentError as e:  # a remove or prune meanwhile took ``to``'s files with it
+            if self.owner.serving(bad.name) != bad.version:
+                raise self._moved(bad, to, f"moved while v{to} loaded, which then failed: {e.code}") from e
+            raise
+        self.owner.rollback(good, bad.version)  # the owner refuses it if what serves moved since
 
     # -- thread ---------------------------------------------------------------------------------
     def start(self) -> None:

@@ -16,12 +16,11 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from agent import errors
 from agent.backends import RUNTIME_MODULES, find_backend  # noqa: F401 (re-exported)
-from agent.backends.base import Backend, LoadedModel, LoadOptions
+from agent.backends.base import Backend, LoadedModel
 from agent.backends.selection import (
     Candidate,
     Decision,
@@ -29,17 +28,17 @@ from agent.backends.selection import (
     all_targets,
     select,
 )
-from agent.backends.unseal import load as sealed_load
 from agent.bundles.fetch import Fetcher, join_url
-from agent.bundles.manifest import MAX_MANIFEST_BYTES, Manifest, Variant, verify_manifest
+from agent.bundles.manifest import MAX_MANIFEST_BYTES, Manifest, verify_manifest
 from agent.bundles.sealed import CODES as SEALED_CODES
-from agent.bundles.sealed import SPEC_KEY, check_recipient, load_spec
+from agent.bundles.sealed import check_recipient
 from agent.bundles.store import Store
 from agent.bundles.trust import TrustStore
 from agent.deploy.deadline import StepRun, StepTimedOut
 from agent.deploy.jobs import JobReporter
 from agent.deploy.owner import ServingOwner
 from agent.deploy.validation import SLO_RUNS_MIN, recheck, validate  # noqa: F401 (recheck re-exported)
+from agent.deploy.versions import load_model, sealed_spec
 from agent.serving.registry import Registry, ServingVersion
 from agent.state import StateDB
 from agent.timeutil import parse_rfc3339
@@ -80,6 +79,7 @@ TRANSITIONS: dict[tuple[str, str], str] = {
 # deploy.max_resumes times); SETTLE ends it from what the database says serves: when the job's
 # version serves, probation continues (or the job succeeds, or rolls back after an unclean stop
 # with in-process runtimes); when it does not, the deploy never activated and RESUME applies.
+# agent/deploy/recovery.py applies it (``decide``: the event and the database → one action).
 RESUME, SETTLE = "resume", "settle"
 RECOVERY: dict[str | None, str] = {
     None: RESUME, FETCHING: RESUME, VERIFYING: RESUME, SELECTING: RESUME, DOWNLOADING: RESUME,
@@ -168,6 +168,15 @@ class DeployContext:
     def candidate(self) -> Candidate:
         assert self.decision is not None
         return self.decision.candidates[self.candidate_index]
+
+
+def deploy_result(ctx: DeployContext) -> dict[str, Any]:
+    """The final job update's ``result`` for a deploy that activated."""
+    m = ctx.manifest
+    assert m is not None
+    return {"name": m.name, "version": m.version, "variant": ctx.candidate.variant.id,
+            "backend": ctx.candidate.target.id, "previous": ctx.previous, "figures": ctx.figures,
+            "selection": ctx.decision.explain() if ctx.decision else None}
 
 
 @dataclass
@@ -259,7 +268,7 @@ class DeployRunner:
         self._close_spares(ctx)
         self.sweep()
         if step == DONE:
-            self.reporter.update(ctx.job_id, "deploy", "SUCCEEDED", None, result=self.result(ctx))
+            self.reporter.update(ctx.job_id, "deploy", "SUCCEEDED", None, result=deploy_result(ctx))
 
     def _run_step(self, ctx: DeployContext, step: str) -> str:
         """Run one step under its deadline, cut off at it (agent/deploy/deadline.py): a download
@@ -288,14 +297,6 @@ class DeployRunner:
         kill = getattr(ctx.loaded, "kill", None)
         if kill is not None:
             kill(f"{step} ran past its deadline of {limit:g} s; worker killed")
-
-    def result(self, ctx: DeployContext) -> dict[str, Any]:
-        """The final job update's ``result`` for a deploy that activated."""
-        m = ctx.manifest
-        assert m is not None
-        return {"name": m.name, "version": m.version, "variant": ctx.candidate.variant.id,
-                "backend": ctx.candidate.target.id, "previous": ctx.previous, "figures": ctx.figures,
-                "selection": ctx.decision.explain() if ctx.decision else None}
 
     def sweep(self) -> int:
         """Remove files no kept version references (a crash or a failed deploy leaves some)."""
@@ -533,7 +534,7 @@ class DeployRunner:
         """Hand the job to the supervisor when there is a previous version to fall back to."""
         if self.probation is None or ctx.previous is None:
             return OK
-        return DEFERRED if self.probation(ctx, self.result(ctx)) else OK
+        return DEFERRED if self.probation(ctx, deploy_result(ctx)) else OK
 
     # -- helpers -----------------------------------------------------------------------------
     def _fallback(self, ctx: DeployContext, e: errors.AgentError) -> str:
@@ -582,33 +583,3 @@ class DeployRunner:
             freed = self.store.collect(referenced)
             log.info("%s: removed versions %s, freed %d bytes", name, excess, freed)
 
-
-def sealed_spec(m: Manifest, variant: Variant, vdir: Path, settings: DeploySettings) -> dict[str, Any] | None:
-    """What loading ``variant`` of an encrypted bundle decrypts (agent/bundles/sealed.py); None
-    for a plain one."""
-    return load_spec(m.raw, vdir, [f.path for f in variant.files], settings.decryption_keys)
-
-
-def load_model(backends: Sequence[Backend], runtime: str, target: str, path: Path,
-               settings: DeploySettings, precision: str = "", spares: Sequence[Any] = (),
-               sealed: dict[str, Any] | None = None) -> LoadedModel:
-    """Load on ``runtime:target``, in a worker process unless ``backends.isolation = "none"`` (one
-    of ``spares``, started ahead for that runtime, when there is one).
-
-    ``precision`` is the variant's: backends pick their compute precision from it explicitly.
-    ``sealed`` (``sealed_spec``): the encrypted files the loading process decrypts into memory."""
-    options = LoadOptions(threads=settings.threads, allow_spinning=settings.allow_spinning, precision=precision,
-                          cache_dir=Path(settings.cache_dir) if settings.cache_dir else None,
-                          extra={"precision": precision, "cache_dir": settings.cache_dir,  # survive the worker
-                                 **({SPEC_KEY: sealed} if sealed else {})})
-    if not any(b.runtime == runtime for b in backends):
-        raise errors.RejectError(errors.NO_COMPATIBLE_BACKEND, f"runtime {runtime!r} is not available")
-    if settings.isolation == "process":
-        from agent.backends.isolated import IsolatedModel
-
-        spare = next((sp for sp in spares if sp.runtime == runtime and sp.claim()), None)
-        return IsolatedModel(runtime, target, path, options, infer_timeout_s=settings.infer_timeout_s, spare=spare)
-    for b in backends:
-        if b.runtime == runtime:
-            return sealed_load(b, path, target, options)
-    raise AssertionError("unreachable")

@@ -1,6 +1,11 @@
 """KServe's Python ModelServer with a custom Model wrapping onnxruntime (KServe's "custom model"
 guide: load() in the constructor, predict() on an InferRequest, an InferResponse back).
 
+Binary tensors (KServe's binary tensor data extension) as KServe's own model servers answer them
+(``kserve.utils.utils.get_predict_response``): the request's inputs arrive decoded by the
+ModelServer (``Inference-Header-Content-Length``), and the outputs are written as binary when the
+request asks for it (``binary_data_output``), JSON otherwise.
+
 ``python kserve_ort.py PORT NAME=MODEL.onnx ...`` (run with the peer's own environment).
 """
 
@@ -31,9 +36,10 @@ class OnnxModel(Model):
         outputs = []
         for n, r in zip(self.outs, res, strict=True):
             out = InferOutput(name=n, shape=list(r.shape), datatype=DATATYPES.get(str(r.dtype), "BYTES"))
-            out.set_data_from_numpy(r, binary_data=False)
+            out.set_data_from_numpy(r, binary_data=payload.use_binary_outputs)
             outputs.append(out)
-        return InferResponse(model_name=self.name, infer_outputs=outputs, response_id=payload.id or generate_uuid())
+        return InferResponse(model_name=self.name, infer_outputs=outputs, response_id=payload.id or generate_uuid(),
+                             use_binary_outputs=payload.use_binary_outputs, requested_outputs=payload.request_outputs)
 
 
 if __name__ == "__main__":

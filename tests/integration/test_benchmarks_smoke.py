@@ -87,7 +87,21 @@ def test_batching(tmp_path: Path) -> None:
     bt = res["batching"]
     assert bt["on"]["errors"] == 0 and bt["off"]["errors"] == 0
     assert bt["on"]["rps"]["median"] > 0 and bt["off"]["rps"]["median"] > 0
-    assert "## 11. Dynamic batching" in doc
+    http = bt["http"]["settings"]  # on and off through real daemons' HTTP API
+    assert set(http) == {"off/threads=default", "on/threads=default"}
+    assert all(v["errors"] == 0 and v["rps"]["median"] > 0 for v in http.values())
+    assert "## 11. Dynamic batching" in doc and "Over HTTP through the daemon" in doc
+
+
+def test_autotune(tmp_path: Path) -> None:
+    res, doc = smoke(tmp_path, "autotune")
+    objs = res["autotune"]["objectives"]
+    assert set(objs) == {"latency", "throughput"}
+    for obj, v in objs.items():
+        assert v["objective"] == obj and v["winner"] and v["served"]["errors"] == 0
+        assert all("median_ms" in r and "throughput_rps" in r for r in v["measured"])  # both figures per candidate
+        assert "won: objective " + obj in v["explain"]  # as agentctl explain prints it
+    assert "## 13. Autotune under each objective" in doc
 
 
 def test_peers_agent_side(tmp_path: Path) -> None:
@@ -99,5 +113,6 @@ def test_peers_agent_side(tmp_path: Path) -> None:
     assert list(pr["servers"]) == ["agent"] and not pr["not_installed"] and not pr["failed"]
     s = pr["summary"]["agent"]
     assert s["sk/errors"] == 0 and s["sk/p50_ms"] > 0 and s["sk/rps8"] > 0
+    assert s["sk_bin/errors"] == 0 and s["sk_bin/rps8"] > 0  # binary tensors too
     assert s["rss_loaded_mb"] > 0 and s["startup_s"] > 0
     assert "## 12. Peers" in doc and "agent (process)" in doc

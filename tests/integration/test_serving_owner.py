@@ -6,13 +6,17 @@ tells which version computed it).
   sample the table and the registry agree, and every KServe answer comes from exactly the version
   it names.
 - A probation verdict against v2 that lands after a deploy activated v3 is refused: v3 keeps
-  serving and the job ends once.
+  serving and the job ends once; a deploy landing while v2 is judged keeps its own probation.
+- A change whose write the state database refuses leaves the table and the registry as they were
+  (and closes the model it was handed); a failed clean-up after an activation does not undo it.
 """
 
 from __future__ import annotations
 
+import errno
 import http.client
 import json
+import sqlite3
 import threading
 import time
 from collections import Counter
@@ -216,3 +220,118 @@ def test_remove_and_rollback_refused_when_serving_moved(env: Env) -> None:
     assert env.owner.snapshot(NAME) == (2, 2)
     env.owner.remove(NAME, 2)
     assert env.owner.snapshot(NAME) == (None, None)
+
+
+def test_deploy_landing_while_a_verdict_is_judged_keeps_its_probation(env: Env) -> None:
+    """The supervisor judges v2 (it fails); before the verdict is applied, a deploy activates v3
+    and starts v3's probation (ending v2's job: a newer version replaced it). The verdict then
+    neither ends v2's job a second time nor drops v3's watch: v3's job still ends, once."""
+    env.owner.restore(env.load(1))
+    env.owner.activate(env.load(2), 1, 1)
+    for jid, v in (("j2", 2), ("j3", 3)):
+        env.db.create_job(jid, "deploy", NAME, {"model": NAME, "version": v}, time.time() + 600, state="IN_PROGRESS")
+    failing = ProbationSettings(window_s=600, max_errors=1, max_error_ratio=0.1)
+    landed = threading.Event()
+
+    def settings() -> ProbationSettings:  # read by the verdict on v2: the deploy of v3 lands here
+        if not landed.is_set():
+            landed.set()
+            env.owner.activate(env.load(3), 2, 2)
+            sup.begin("j3", NAME, 3, 2, {"name": NAME, "version": 3}, window_s=0)
+        return failing
+
+    sup = Supervisor(env.registry, env.db, env.reporter, lambda name, v: env.load(v), env.owner, settings,
+                     on_change=lambda: None)
+    sup.begin("j2", NAME, 2, 1, {"name": NAME, "version": 2}, window_s=600)
+    sv2 = env.registry.get(NAME)
+    assert sv2 is not None and sv2.version == 2
+    sv2.calls, sv2.errors = 10, 10  # v2 fails its probation
+    sup.tick()
+    assert landed.is_set()
+    assert env.owner.snapshot(NAME) == (3, 3)
+    assert env.reporter.ends["j2"] == 1
+    j2 = env.db.job("j2")
+    assert j2 is not None and j2["state"] == "SUCCEEDED", j2  # cut short by v3, not judged after it
+    assert sup.in_probation(NAME), "the verdict on v2 dropped v3's probation"
+    sup.tick()  # v3's window (0 s) is over: its job ends
+    j3 = env.db.job("j3")
+    assert j3 is not None and j3["state"] == "SUCCEEDED", j3
+    assert env.reporter.ends == Counter({"j2": 1, "j3": 1})
+    assert not sup.in_probation(NAME)
+
+
+def test_verdict_after_a_remove_says_serving_moved(env: Env) -> None:
+    """The verdict judged v2; while v1 loads for the rollback, a remove takes every version (and
+    v1's load fails for it). The verdict reports ``serving_moved``, not the load's failure."""
+    env.owner.restore(env.load(1))
+    env.owner.activate(env.load(2), 1, 1)
+    env.db.create_job("j2", "deploy", NAME, {"model": NAME}, time.time() + 600, state="IN_PROGRESS")
+    events: list[dict[str, Any]] = []
+
+    class Reporter(CountingReporter):
+        def event(self, kind: str, **fields: Any) -> None:
+            events.append({"event": kind, **fields})
+            super().event(kind, **fields)
+
+    reporter = Reporter(env.db, Outbox(env.db.path.parent / "outbox2.db", 2**20), Topics("edge", "dev1"))
+
+    def reload(name: str, v: int) -> ServingVersion:
+        env.owner.remove(NAME, 2)
+        raise errors.RejectError(errors.UNKNOWN_MODEL, f"{name} v{v} is not installed")
+
+    sup = Supervisor(env.registry, env.db, reporter, reload, env.owner,
+                     lambda: ProbationSettings(window_s=600, max_errors=1, max_error_ratio=0.1),
+                     on_change=lambda: None)
+    sup.begin("j2", NAME, 2, 1, {"name": NAME, "version": 2})
+    sv2 = env.registry.get(NAME)
+    assert sv2 is not None
+    sv2.calls, sv2.errors = 10, 10
+    sup.tick()
+    assert env.owner.snapshot(NAME) == (None, None)
+    failed = [e for e in events if e["event"] == "rollback_failed"]
+    assert len(failed) == 1 and failed[0]["error"]["code"] == errors.SERVING_MOVED, events
+    assert not [e for e in events if e["event"] == "rollback"], events
+    assert reporter.ends["j2"] == 1
+
+
+def _refuse_writes(db: StateDB, trigger: str) -> None:
+    """A write the state database itself refuses (from a second connection, as another process
+    would): ``trigger`` is ``BEFORE DELETE ON versions`` or the like."""
+    with sqlite3.connect(db.path) as other:
+        other.execute(f"CREATE TRIGGER refuse {trigger} BEGIN SELECT RAISE(ABORT, 'refused by a test trigger'); END")
+
+
+def test_remove_whose_write_fails_leaves_the_model_serving(env: Env) -> None:
+    env.owner.restore(env.load(1))
+    env.owner.activate(env.load(2), 1, 1)
+    _refuse_writes(env.db, "BEFORE DELETE ON versions")
+    with pytest.raises(sqlite3.Error):
+        env.owner.remove(NAME, 2)
+    assert env.owner.snapshot(NAME) == (2, 2)
+    c = http.client.HTTPConnection("127.0.0.1", env.server.port, timeout=TIMEOUT_S)
+    status, doc = _ask(c)
+    c.close()
+    assert status == 200 and int(doc["model_version"]) == 2, doc
+
+
+def test_activation_whose_write_fails_changes_nothing_and_closes_the_model(env: Env) -> None:
+    env.owner.restore(env.load(1))
+    env.owner.activate(env.load(2), 1, 1)
+    _refuse_writes(env.db, "BEFORE UPDATE ON models")
+    sv3 = env.load(3)
+    with pytest.raises(sqlite3.Error):
+        env.owner.activate(sv3, 2, 2)
+    assert env.owner.snapshot(NAME) == (2, 2)
+    with pytest.raises(Exception):  # noqa: B017 - closed: any failure will do, an answer would not
+        sv3.model.infer({"x": X})
+
+
+def test_a_failed_clean_up_after_activation_does_not_undo_it(env: Env) -> None:
+    env.owner.restore(env.load(1))
+
+    def prune() -> None:
+        raise OSError(errno.EIO, "the store's disk failed while old versions were removed")
+
+    applied = env.owner.activate(env.load(2), 1, 1, then=prune)
+    assert (applied.replaced, applied.serving) == (1, 2)
+    assert env.owner.snapshot(NAME) == (2, 2)

@@ -118,6 +118,24 @@ def infer(agent: AgentProcess, model: str = "lin", x: np.ndarray = X) -> tuple[i
     return int(doc["model_version"]), np.asarray(out["data"], dtype=np.float32).reshape(out["shape"])
 
 
+def reshape_model(path: Path) -> Path:
+    """x[-1,4] → Reshape to [3,-1]: valid for a batch of 3 (the golden samples), a runtime
+    error inside onnxruntime for a batch of 2 (the requests)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Reshape", ["x", "shape"], ["y"])], "reshaper",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, None])],
+        initializer=[numpy_helper.from_array(np.array([3, -1], dtype=np.int64), "shape")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(path))
+    return path
+
+
 def models(agent: AgentProcess) -> dict[str, dict[str, Any]]:
     r = agent.agentctl("models", "--json")
     assert r.returncode == 0, r.stderr

@@ -27,6 +27,7 @@ from fleet import (
     infer,
     models,
     pid_alive,
+    reshape_model,
     wait_until,
 )
 
@@ -208,31 +209,13 @@ def test_worker_hang_in_probation_rolls_back(fleet: Fleet, mosquitto: Mosquitto)
         agent.stop()
 
 
-def _reshape_model(path: Path) -> Path:
-    """x[-1,4] → Reshape to [3,-1]: valid for a batch of 3 (the golden samples), a runtime
-    error inside onnxruntime for a batch of 2 (the requests)."""
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
-    graph = helper.make_graph(
-        [helper.make_node("Reshape", ["x", "shape"], ["y"])], "reshaper",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, None])],
-        initializer=[numpy_helper.from_array(np.array([3, -1], dtype=np.int64), "shape")])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(model, str(path))
-    return path
-
-
 def test_repeated_errors_in_probation_roll_back(fleet: Fleet, mosquitto: Mosquitto) -> None:
     agent = fleet.agent("dev", mosquitto.url, "\n[deploy]\nprobation_s = 30\nprobation_max_errors = 5\n")
     agent.start()
     try:
         _deploy_ok(fleet, 1, seed=1)
         assert infer(agent)[0] == 1  # v1 answers a batch of 2: v2 failing on it is v2's fault
-        bad = _reshape_model(fleet.root / "src" / "reshape.onnx")
+        bad = reshape_model(fleet.root / "src" / "reshape.onnx")
         samples = fleet.root / "src" / "in3.npz"
         np.savez(samples, x=np.ones((3, 4), np.float32))
         job = fleet.deploy("lin", fleet.bundle("lin", 2, seed=0, model_file=bad, inputs=samples))
