@@ -9,7 +9,8 @@ Invariants:
 - HTTP connections handed to the worker (``adopt``; agent/serving/adopted.py) are at most
   ``MAX_ADOPTED``. The daemon keeps its copy of each socket and a shared slot table says what
   each connection is doing: when the worker dies or hangs (a request pending or in the runtime
-  longer than ``infer_timeout_s``), idle connections go back to the daemon untouched and the ones
+  longer than ``infer_timeout_s``, or queued for a worker thread longer than the model's
+  ``queue_wait_s`` plus that), idle connections go back to the daemon untouched and the ones
   with a request in flight are answered with the error.
 - The worker dies with the daemon (pipe EOF, and a parent watch for stuck calls): no orphans after
   a SIGKILL. It is a plain child process on socket pairs, not ``multiprocessing``: no resource
@@ -42,6 +43,7 @@ from agent.backends.wire import (  # noqa: F401 (the worker side imports these f
     IDLE,
     INFER,
     PENDING,
+    QUEUED,
     READING,
     WRITING,
     Adopt,
@@ -61,6 +63,7 @@ from agent.backends.wire import (  # noqa: F401 (the worker side imports these f
     Serve,
     SlotTable,
     Stats,
+    queue_wait_s,
     recv_ctl,
     send_ctl,
 )
@@ -82,8 +85,6 @@ CTL_SNDBUF_BYTES = 1024 * 1024
 CTL_SEND_TIMEOUT_S = 1.0  # a worker that does not take a message within this is not handed more
 WORKER_CRASHED = errors.WORKER_CRASHED
 WORKER_HUNG = errors.WORKER_HUNG
-
-
 
 
 def _unsent(sock: socket.socket) -> int:
@@ -432,6 +433,7 @@ class IsolatedModel:
         taken), and a stamp left by an earlier connection or request would make a new one look
         hung at once."""
         limit_ns = int(self.infer_timeout_s * 1e9)
+        queued_ns = limit_ns + int(queue_wait_s(self._bound[3] if self._bound else {}) * 1e9)  # ``busy`` before
         now = time.monotonic_ns()
         with self._lock:
             held = {slot: entry[0] for slot, entry in self._held.items()}
@@ -446,11 +448,12 @@ class IsolatedModel:
                 suspect.pop(slot, None)
                 continue
             suspect.pop(-1 - slot, None)  # the worker is at it: nothing waits unread
-            if state not in (PENDING, INFER):
+            if state not in (PENDING, INFER, QUEUED):
                 suspect.pop(slot, None)
                 continue
-            if now - since > limit_ns and suspect.get(slot) == (sock, since, since):
-                what = "a handed-over request was not taken" if state == PENDING else "a request got no answer"
+            if now - since > (queued_ns if state == QUEUED else limit_ns) and suspect.get(slot) == (sock, since, since):
+                what = {PENDING: "a handed-over request was not taken", QUEUED: "a queued request was not answered"
+                        }.get(state, "a request got no answer")
                 self._mark_dead(DeathReason.HUNG,
                                 f"worker {self.pid} hung: {what} within {self.infer_timeout_s:.1f} s; killed")
                 return
@@ -503,7 +506,7 @@ class IsolatedModel:
                     host.resume_connection(sock.dup(), prefix)
                 elif state == IDLE:  # between requests: the daemon takes the connection over
                     host.resume_connection(sock.dup(), b"")
-                elif state in (READING, INFER):
+                elif state in (READING, INFER, QUEUED):
                     host.fail_connection(sock.dup(), code, why)
                 else:  # part of a response may be out: end the connection
                     with contextlib.suppress(OSError):

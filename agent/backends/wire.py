@@ -28,8 +28,11 @@ from typing import Any
 from agent import errors
 
 CTL_MAX_BYTES = 256 * 1024  # largest control message: a request head and the bytes read ahead
-# Slot states of an adopted connection (SlotTable).
-FREE, PENDING, IDLE, READING, INFER, WRITING, BACK = range(7)
+# Slot states of an adopted connection (SlotTable). QUEUED: a request read in full, waiting for a
+# free thread of the worker (agent/serving/connpool.py); the worker answers it ``busy`` itself
+# after the model's ``queue_wait_s``.
+FREE, PENDING, IDLE, READING, INFER, WRITING, BACK, QUEUED = range(8)
+DEFAULT_QUEUE_WAIT_S = 10.0  # a QUEUED request's wait when the serving limits do not say (admission.py's default)
 _SLOT = struct.Struct("=iiq")
 _LEN = struct.Struct("!Q")
 SMALL_MESSAGE_BYTES = 64 * 1024  # messages up to this size go out in one send with their length
@@ -207,6 +210,13 @@ class SlotTable:
     def close(self) -> None:
         with contextlib.suppress(BufferError, ValueError):
             self._mm.close()
+
+
+def queue_wait_s(serving: dict[str, Any]) -> float:
+    """How long a worker lets a request wait for one of its threads: the model's limits as the
+    daemon sent them (``Serve.serving``), else the default."""
+    wait = (serving.get("limits") or {}).get("queue_wait_s")
+    return float(wait) if isinstance(wait, (int, float)) else DEFAULT_QUEUE_WAIT_S
 
 
 def send_ctl(sock: socket.socket, msg: CtlMessage, fd: int | None = None) -> None:

@@ -5,7 +5,8 @@ pipe pays two cross-process wake-ups and a pickle each way (≈ 0.2 ms on a 2-co
 the whole HTTP exchange). Instead the daemon parses a request's head, sees an infer for a model
 that runs in a worker, and hands the connection over (its descriptor over the worker's control
 socket, with the bytes already read). The worker answers that request and the ones that follow on
-the connection with the daemon's own handler code (agent/serving/kserve.py), in one process.
+the connection with the daemon's own handler code (agent/serving/kserve.py), in one process, on
+a bounded set of threads whatever the number of connections (agent/serving/connpool.py).
 
 Invariants:
 - The worker serves only ``POST …/infer`` of its own model and version; any other request is
@@ -14,7 +15,9 @@ Invariants:
   is answered by exactly one version and never cut.
 - Each connection has a slot in a table shared with the daemon (agent/backends/isolated.py) that
   says whether a request is in flight and since when: if the worker dies or hangs, the daemon
-  takes idle connections over untouched and answers in-flight ones with an error.
+  takes idle connections over untouched and answers in-flight ones with an error. A request read
+  in full and waiting for a thread is ``QUEUED``: the worker answers it 503 ``busy`` itself after
+  the model's ``queue_wait_s``, so the daemon's hung rule for it allows that much more.
 - Calls, errors and latencies reach the daemon's probation and telemetry every
   ``STATS_INTERVAL_S``, before the worker acknowledges a retire, and once more when it exits, so a
   stop or swap right after a call still counts it; the sample buffer is bounded.
@@ -22,25 +25,20 @@ Invariants:
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-import select
 import socket
 import threading
 import time
 from array import array
-from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
 from agent.backends.base import LoadedModel
 from agent.backends.wire import (
     BACK,
     CTL_MAX_BYTES,
-    IDLE,
     INFER,
     READING,
-    WRITING,
     Adopt,
     Back,
     CtlMessage,
@@ -53,10 +51,9 @@ from agent.backends.wire import (
     recv_ctl,
     send_ctl,
 )
+from agent.serving.connpool import ConnPool
 from agent.serving.guard import ApiPolicy
-from agent.serving.handler import IDLE_TIMEOUT_S, Handler
-from agent.serving.httpconn import HEAD_TIMEOUT_S, Request
-from agent.serving.kserve import KServeServer, infer_target
+from agent.serving.kserve import KServeServer
 
 if TYPE_CHECKING:
     import numpy as np
@@ -66,6 +63,7 @@ log = logging.getLogger(__name__)
 STATS_INTERVAL_S = 0.25  # how often calls/errors/latencies go to the daemon
 MAX_STATS_SAMPLES = 16384  # latency samples kept per interval; more are counted, not timed
 MAX_STATS_SHAPES = 64  # newly computable input shapes reported per interval (the rest are dropped)
+MAX_ANSWERING_THREADS = 32  # threads answering requests at once per worker, whatever backends.max_inflight says
 
 
 class _SlotMarking:
@@ -97,61 +95,6 @@ class _SlotMarking:
             slots.set(slot, READING)
 
 
-class _AdoptedHandler(Handler):
-    """The daemon's request handler, serving one adopted connection inside the worker."""
-
-    _idle = False  # the slot already says IDLE (set after the last response went out in full)
-
-    def handle(self) -> None:
-        ctx: Any = self.server
-        owner: Adopted = ctx.owner
-        slot: int = ctx.slot
-        slots = owner.slots
-        assert slots is not None
-        self.close_connection = True
-        waiter = owner.waiter(self.conn.sock)
-        while True:
-            if owner.retiring:
-                self._give_back(self.conn.unread())
-                return
-            if not self.conn.buf:
-                if not self._idle:
-                    slots.set(slot, IDLE)
-                if not waiter.poll(IDLE_TIMEOUT_S * 1000):
-                    return  # idle too long: close, as the daemon would
-                if owner.retiring:
-                    self._give_back(b"")
-                    return
-            slots.set(slot, READING)
-            self._idle = False
-            if not self.handle_one_request(time.monotonic() + HEAD_TIMEOUT_S):
-                return
-
-    def dispatch(self, req: Request) -> None:
-        ctx: Any = self.server
-        owner: Adopted = ctx.owner
-        t = infer_target(req.target) if req.method == "POST" else None
-        if t is None or owner.retiring or not owner.serves(*t) or "expect" in req.headers:
-            self._give_back(req.raw_head + self.conn.unread())
-            return
-        slots = owner.slots
-        assert slots is not None
-        owner.local.slot = ctx.slot  # the runtime call marks it INFER (_SlotMarking): decoding is not timed
-        resp = self.serve(req)
-        slots.set(ctx.slot, WRITING)
-        self.send_reply(req, resp)
-        if not self.body_unread and not self.conn.buf:
-            slots.set(ctx.slot, IDLE)  # answered in full: a crash from here on loses nothing
-            self._idle = True
-
-    def _give_back(self, unread: bytes) -> None:
-        ctx: Any = self.server
-        owner: Adopted = ctx.owner
-        self.close_connection = True
-        if owner.give_back(ctx.slot, self.conn.sock, unread):
-            self.handed = True
-
-
 class Adopted:
     """Connections the daemon handed to this worker, and the control channel they come on."""
 
@@ -160,6 +103,7 @@ class Adopted:
         self.ctl = ctl
         self.slots: SlotTable | None = None
         self.app: KServeServer | None = None
+        self.pool: ConnPool | None = None
         self.name = ""
         self.version = ""
         self.retiring = False
@@ -191,11 +135,13 @@ class Adopted:
             self._start_serving(msg, fds.pop(0))
         elif isinstance(msg, Adopt):
             sock = socket.socket(fileno=fds.pop(0))
-            threading.Thread(target=self._serve_conn, args=(sock, msg.slot, msg.prefix),
-                             name=f"conn-{msg.slot}", daemon=True).start()
+            if self.pool is None:
+                sock.close()
+            else:
+                self.pool.add(sock, msg.slot, msg.prefix)
         elif isinstance(msg, Retire):
             self.retiring = True
-            os.write(self._wake_w, b"r")  # never drained: every idle connection wakes
+            os.write(self._wake_w, b"r")  # never drained: the pool gives idle connections back
             self.flush_stats()  # before the acknowledgement: the daemon has every call answered so far
             send_ctl(self.ctl, Retired())
         for fd in fds:
@@ -209,7 +155,8 @@ class Adopted:
         policy = msg.policy if isinstance(msg.policy, ApiPolicy) else ApiPolicy()
         self.slots = SlotTable(slots_fd, msg.n_slots)
         os.close(slots_fd)
-        reg = Registry(observer=self._observe, limits=Limits(**serving.get("limits", {})))
+        limits = Limits(**serving.get("limits", {}))
+        reg = Registry(observer=self._observe, limits=limits)
         reg.shapes.add(name, serving.get("shapes", ()))  # computable shapes the daemon knows of
         self._sv = ServingVersion(name, int(version), "", _SlotMarking(self.model, self))
         self._reg = reg
@@ -217,40 +164,16 @@ class Adopted:
         self.app = KServeServer(reg, max_body_bytes=msg.max_body, server_name=msg.server_name,
                                 server_version=msg.server_version, policy=policy)
         self.name, self.version = name, str(version)
+        # One thread reads, the others answer: as many as the model's calls in flight (admission
+        # would hold back any more), so that concurrent requests still share a dynamic batch.
+        answering = max(1, min(limits.max_inflight, MAX_ANSWERING_THREADS))
+        self.pool = ConnPool(self, answering + 1, limits.max_queue, limits.queue_wait_s, self._wake_r)
         threading.Thread(target=self._flush_loop, name="stats", daemon=True).start()
 
     def serves(self, name: str, version: str | None) -> bool:
         return name == self.name and (version is None or version == self.version)
 
-    # -- connections ---------------------------------------------------------------------------
-    def _serve_conn(self, sock: socket.socket, slot: int, prefix: bytes) -> None:
-        handed = False
-        try:
-            assert self.app is not None
-            self.app.carry_prefix(sock, prefix)
-            ctx = SimpleNamespace(app=self.app, owner=self, slot=slot)  # what Handler reads of a server
-            h = _AdoptedHandler(sock, ("", 0), ctx)  # type: ignore[arg-type]
-            handed = h.handed
-        except OSError:
-            pass  # the client went away
-        except Exception:
-            if self.app is not None:
-                self.app.gate.log(log, logging.ERROR, "conn", "worker: connection %d failed", slot, exc_info=True)
-        finally:
-            if not handed:
-                with contextlib.suppress(OSError):
-                    sock.shutdown(socket.SHUT_WR)
-                with contextlib.suppress(OSError):
-                    send_ctl(self.ctl, Done(slot))
-            sock.close()
-
-    def waiter(self, sock: socket.socket) -> select.poll:
-        """A poll object that wakes on the connection's next request or on a retire."""
-        po = select.poll()
-        po.register(sock, select.POLLIN | select.POLLPRI)
-        po.register(self._wake_r, select.POLLIN)
-        return po
-
+    # -- connections (agent/serving/connpool.py calls these) ----------------------------------
     def give_back(self, slot: int, sock: socket.socket, unread: bytes) -> bool:
         assert self.slots is not None
         if len(unread) > CTL_MAX_BYTES - 1024:
@@ -261,6 +184,10 @@ class Adopted:
         except OSError:
             return False
         return True
+
+    def done(self, slot: int) -> None:
+        """The worker closed the connection in ``slot``."""
+        send_ctl(self.ctl, Done(slot))
 
     # -- statistics ----------------------------------------------------------------------------
     def _observe(self, name: str, version: int, backend: str, latency_s: float, ok: bool) -> None:

@@ -1,7 +1,8 @@
 """One HTTP connection of the local inference API: its request loop, replies and refusals.
 
-The same handler runs in the daemon (a thread per accepted connection) and, subclassed by
-agent/serving/adopted.py, inside a model's worker process for the connections handed to it.
+The same handler runs in the daemon (a thread per accepted connection) and, driven by
+agent/serving/connpool.py without its blocking loop (``reserve``, ``serve``, ``send_reply``),
+inside a model's worker process for the connections handed to it.
 
 Invariants:
 - A fresh connection must send its first head within ``HEAD_TIMEOUT_S``; between requests it
@@ -168,6 +169,21 @@ class Handler(socketserver.BaseRequestHandler):
             return self._read_and_respond(req, limit)
         finally:
             app.body_budget.release(need)
+
+    def reserve(self, req: Request) -> tuple[int, int] | None:
+        """For a reader that reads bodies without blocking (agent/serving/connpool.py): the body
+        limit and the bytes reserved for the body in the budget, when the request passes the
+        checks; None (nothing reserved) when it is refused: ``serve`` then answers it."""
+        app = self._app
+        try:
+            guard.check(app.policy, req, req.target.split("?", 1)[0], self.local_socket)
+            limit = app.body_limit(req.method, req.target)
+        except HttpFail:
+            return None
+        need = body_need(req, limit)
+        if not app.body_budget.reserve(need):
+            return None
+        return limit, need
 
     def _read_and_respond(self, req: Request, limit: int) -> Response:
         app = self._app

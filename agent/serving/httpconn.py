@@ -15,10 +15,16 @@ Invariants:
   ``HEAD_TIMEOUT_S`` of its first byte (or of the connection's start); a body within
   ``body_deadline_s(n)``. A missed deadline ends the connection (``ReadTimeout``).
 - A body over ``max_body`` is refused (413) before it is buffered.
+- In non-blocking mode (``nonblocking``; agent/serving/connpool.py) a read that would wait raises
+  ``NeedMore`` instead, keeping what was parsed and the deadline: calling ``read_head`` or
+  ``read_body`` again when more bytes arrived goes on where it stopped. A reply the socket does
+  not take at once waits in ``outbuf`` (``flush``), and a refused body not there yet is dropped
+  later (``discard_pending``).
 """
 
 from __future__ import annotations
 
+import os
 import socket
 import time
 from collections.abc import Sequence
@@ -66,6 +72,10 @@ class HttpFail(errors.RejectError):
 
 class ReadTimeout(Exception):
     """A head or body missed its deadline: the connection is dropped without a reply."""
+
+
+class NeedMore(BlockingIOError):
+    """Non-blocking mode: the message is not complete yet; call again when the socket is readable."""
 
 
 class Request:
@@ -154,14 +164,32 @@ class HttpConn:
         self._parser: httptools.HttpRequestParser | None = None
         self.body_left = 0  # bytes of a refused body still on the wire
         self._timeout: float | None = None  # the socket's timeout as last set (settimeout is a syscall)
+        self.nonblocking = False  # a read that would wait raises NeedMore (the socket has a timeout set)
+        self._head: list[object] | None = None  # a head being parsed: parser, raw pieces, size, scan start
+        self._body_deadline: float | None = None  # of the body being read
+        self._fed = 0  # chunked bytes fed so far
+        self.discarding = 0  # bytes of a refused body still to drop (non-blocking mode)
+        self.outbuf: list[bytes] = []  # reply bytes the socket did not take yet (non-blocking mode)
+        self._discard_deadline = 0.0
 
     # -- reading ----------------------------------------------------------------------------------
     def unread(self) -> bytes:
-        """Bytes read from the socket and not consumed (the start of a next request)."""
+        """Bytes read from the socket and not consumed (the start of a next request), with the
+        pieces of a head whose parsing is under way."""
+        if self._head is not None:
+            raw = cast(list[bytes], self._head[1])
+            return b"".join(raw) + bytes(self.buf)
         return bytes(self.buf)
+
+    @property
+    def in_message(self) -> bool:
+        """Whether part of a request was read (a head under way, or bytes buffered)."""
+        return self._head is not None or bool(self.buf)
 
     def _recv(self, deadline: float) -> bool:
         """Read more into ``buf`` before ``deadline``; False at end of stream."""
+        if self.nonblocking:
+            return self._recv_now(deadline)
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
@@ -174,6 +202,20 @@ class HttpConn:
                 break
             except TimeoutError:
                 continue  # an earlier, shorter timeout: the deadline decides
+        if not data:
+            self.eof = True
+            return False
+        self.buf += data
+        return True
+
+    def _recv_now(self, deadline: float) -> bool:
+        """Non-blocking ``_recv``: NeedMore when nothing is there yet."""
+        if time.monotonic() > deadline:
+            raise ReadTimeout("deadline passed")
+        try:
+            data = os.read(self.sock.fileno(), RECV_BYTES)  # the descriptor is O_NONBLOCK (a timeout is set)
+        except BlockingIOError:
+            raise NeedMore from None
         if not data:
             self.eof = True
             return False
@@ -211,17 +253,31 @@ class HttpConn:
     def read_head(self, deadline: float) -> Request | None:
         """The next request's head, read before ``deadline``; None if the peer closed first."""
         ev = self._ev
-        ev.reset(self.max_body)
-        self._parser = parser = httptools.HttpRequestParser(ev)
-        raw: list[bytes] = []
-        size = 0
-        start = 0
+        st = self._head
+        if st is None:
+            ev.reset(self.max_body)
+            st = self._head = [httptools.HttpRequestParser(ev), [], 0, 0]
+        try:
+            req = self._parse_head(st, deadline)
+        except NeedMore:
+            raise
+        except BaseException:
+            self._head = None
+            raise
+        self._head = None
+        return req
+
+    def _parse_head(self, st: list[object], deadline: float) -> Request | None:
+        ev = self._ev
+        parser = cast(httptools.HttpRequestParser, st[0])
+        raw = cast(list[bytes], st[1])
         while not ev.headers_done:
+            size, start = cast(int, st[2]), cast(int, st[3])
             end = self.buf.find(CRLF2, start)
             if end < 0:
                 if size + len(self.buf) > MAX_HEAD_BYTES:
                     raise HttpFail(431, errors.TOO_LARGE, f"request head exceeds {MAX_HEAD_BYTES} bytes")
-                start = max(0, len(self.buf) - 3)
+                st[3] = max(0, len(self.buf) - 3)
                 if not self._recv(deadline):
                     if size or self.buf:
                         raise HttpFail(400, errors.INVALID_INPUT, "connection closed within a request head")
@@ -229,8 +285,9 @@ class HttpConn:
                 continue
             piece = bytes(self.buf[:end + 4])
             del self.buf[:end + 4]
-            start = 0
+            st[3] = 0
             size += len(piece)
+            st[2] = size
             if size > MAX_HEAD_BYTES:
                 raise HttpFail(431, errors.TOO_LARGE, f"request head exceeds {MAX_HEAD_BYTES} bytes")
             raw.append(piece)
@@ -250,11 +307,30 @@ class HttpConn:
         target = str(ev.url, "latin-1")
         if target.startswith("//"):
             target = "/" + target.lstrip("/")
+        self._parser = parser
         return Request(method, target, version, ev.headers, raw[0] if len(raw) == 1 else b"".join(raw))
 
     def read_body(self, req: Request, limit: int | None = None) -> bytes:
         """The body of ``req`` (after ``read_head``), bounded by ``limit`` (default ``max_body``)
         and its deadline."""
+        try:
+            body = self._read_body(req, limit)
+        except NeedMore:
+            raise
+        except BaseException:
+            self._body_deadline = None
+            raise
+        self._body_deadline = None
+        return body
+
+    def _deadline(self, n: int) -> float:
+        """The body's deadline, fixed when its reading began."""
+        if self._body_deadline is None:
+            self._body_deadline = time.monotonic() + body_deadline_s(n)
+            self._fed = 0
+        return self._body_deadline
+
+    def _read_body(self, req: Request, limit: int | None) -> bytes:
         cap = self.max_body if limit is None else min(limit, self.max_body)
         h = req.headers
         te = h.get("transfer-encoding")
@@ -267,10 +343,11 @@ class HttpConn:
         if n > cap:
             self.body_left = n
             raise HttpFail(413, errors.TOO_LARGE, f"request body is {n} bytes; the limit is {cap}")
-        deadline = time.monotonic() + body_deadline_s(n)
-        while len(self.buf) < n:
-            if not self._recv(deadline):
-                raise HttpFail(400, errors.INVALID_INPUT, f"request body ended after {len(self.buf)} of {n} bytes")
+        if len(self.buf) < n:
+            deadline = self._deadline(n)
+            while len(self.buf) < n:
+                if not self._recv(deadline):
+                    raise HttpFail(400, errors.INVALID_INPUT, f"request body ended after {len(self.buf)} of {n} bytes")
         body = bytes(self.buf[:n]) if len(self.buf) != n else bytes(self.buf)
         del self.buf[:n]
         return body
@@ -278,8 +355,7 @@ class HttpConn:
     def _read_chunked(self, cap: int) -> bytes:
         ev = self._ev
         ev.cap = cap
-        deadline = time.monotonic() + body_deadline_s(cap)
-        fed = 0
+        deadline = self._deadline(cap)
         while not ev.complete:
             end = self.buf.find(CRLF2)
             if end >= 0:
@@ -291,8 +367,8 @@ class HttpConn:
             if cut:
                 piece = bytes(self.buf[:cut])
                 del self.buf[:cut]
-                fed += len(piece)
-                if fed > 2 * cap + CHUNKED_OVERHEAD_BYTES:
+                self._fed += len(piece)
+                if self._fed > 2 * cap + CHUNKED_OVERHEAD_BYTES:
                     raise HttpFail(413, errors.TOO_LARGE, "chunked request body exceeds its framing limit")
                 self._feed(piece)
                 if ev.messages > 1:  # cannot happen with the cut rule; never serve half a message
@@ -302,29 +378,77 @@ class HttpConn:
                 raise HttpFail(400, errors.INVALID_INPUT, "connection closed within a chunked body")
         return b"".join(ev.body)
 
+    @property
+    def body_deadline(self) -> float | None:
+        """The deadline of a body being read (None when none is)."""
+        return self._body_deadline
+
     def discard_body(self, limit: int) -> bool:
-        """Read and drop a refused body of up to ``limit`` bytes so keep-alive survives."""
+        """Read and drop a refused body of up to ``limit`` bytes so keep-alive survives. In
+        non-blocking mode what has not arrived yet is left to ``discard_pending``."""
         n, self.body_left = self.body_left, 0
         if n > limit:
             return False
-        deadline = time.monotonic() + body_deadline_s(n)
+        self.discarding = n
+        self._discard_deadline = time.monotonic() + body_deadline_s(n)
         try:
-            while len(self.buf) < n:
-                n -= len(self.buf)
-                self.buf.clear()
-                if not self._recv(deadline):
-                    return False
+            return self.discard_pending()
+        except NeedMore:
+            return True
         except (ReadTimeout, OSError):
+            self.discarding = 0
             return False
-        del self.buf[:n]
+
+    @property
+    def discard_deadline(self) -> float:
+        return self._discard_deadline
+
+    def discard_pending(self) -> bool:
+        """Go on dropping a refused body (``discarding`` bytes left); False at end of stream.
+        Raises NeedMore (non-blocking mode) or ReadTimeout."""
+        while len(self.buf) < self.discarding:
+            self.discarding -= len(self.buf)
+            self.buf.clear()
+            if not self._recv(self._discard_deadline):
+                self.discarding = 0
+                return False
+        del self.buf[:self.discarding]
+        self.discarding = 0
         return True
 
     # -- writing ----------------------------------------------------------------------------------
     def send(self, data: bytes) -> None:
+        """Send ``data`` in full (within ``SEND_TIMEOUT_S``); in non-blocking mode what the socket
+        does not take now stays in ``outbuf`` for ``flush``."""
+        if self.nonblocking:
+            if not self.outbuf:
+                try:
+                    n = os.write(self.sock.fileno(), data)
+                except BlockingIOError:
+                    n = 0
+                if n == len(data):
+                    return
+                data = data[n:]
+            self.outbuf.append(data)
+            return
         if self._timeout != SEND_TIMEOUT_S:
             self._timeout = SEND_TIMEOUT_S
             self.sock.settimeout(SEND_TIMEOUT_S)
         self.sock.sendall(data)
+
+    def flush(self) -> bool:
+        """Send what ``outbuf`` holds without blocking; whether all of it went out."""
+        out = self.outbuf
+        while out:
+            try:
+                n = os.write(self.sock.fileno(), out[0])
+            except BlockingIOError:
+                return False
+            if n < len(out[0]):
+                out[0] = out[0][n:]
+                return False
+            out.pop(0)
+        return True
 
 
 SEND_TIMEOUT_S = 60.0  # a reply must be taken by the client within this
