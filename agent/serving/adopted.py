@@ -5,7 +5,7 @@ pipe pays two cross-process wake-ups and a pickle each way (≈ 0.2 ms on a 2-co
 the whole HTTP exchange). Instead the daemon parses a request's head, sees an infer for a model
 that runs in a worker, and hands the connection over (its descriptor over the worker's control
 socket, with the bytes already read). The worker answers that request and the ones that follow on
-the connection with the daemon's own handler code (agent/serving/kserve.py), in one process, on
+the connection with the daemon's own handler and routes (agent/serving/handler.py, routes.py), in one process, on
 a bounded set of threads whatever the number of connections (agent/serving/connpool.py).
 
 Invariants:

@@ -51,7 +51,7 @@ from agent.serving.httpconn import (
     ReadTimeout,
     reply_head,
 )
-from agent.serving.kserve import infer_target
+from agent.serving.routes import infer_target
 
 log = logging.getLogger(__name__)
 

@@ -42,7 +42,8 @@ from agent.serving.httpconn import (
 from agent.serving.tensors import JSON_TYPE, to_json
 
 if TYPE_CHECKING:
-    from agent.serving.kserve import ConnSlot, KServeServer
+    from agent.serving.kserve import KServeServer
+    from agent.serving.listeners import ConnSlot
 
 log = logging.getLogger(__name__)
 
