@@ -214,12 +214,12 @@ class Handler(socketserver.BaseRequestHandler):
         cl = req.headers.get("content-length")
         if "expect" in req.headers or "transfer-encoding" in req.headers or not cl:
             self.close_connection = True  # an Expect client waits for a 100; a chunked body is not skipped
-            self._unread_body = "expect" not in req.headers
+            self.body_unread = "expect" not in req.headers
         else:
             self.conn.body_left = int(cl)
             if not self.conn.discard_body(DISCARD_MAX_BYTES):
                 self.close_connection = True
-                self._unread_body = True
+                self.body_unread = True
         return error_response(503, errors.BUSY, f"request bodies in flight are at this process's limit of "
                               f"{app.body_budget.limit} bytes; retry", (("Retry-After", str(RETRY_AFTER_S)),))
 

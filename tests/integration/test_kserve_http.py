@@ -533,3 +533,70 @@ def test_bodies_beyond_the_budget_are_refused_busy_unread() -> None:
         assert s.body_budget.used == 0
     finally:
         s.stop()
+
+
+
+
+STREAMED_BODY_BYTES = 6 * 1024 * 1024  # more than the socket buffers take without the server reading
+
+
+def _send_all(c: socket.socket, data: bytes, failed: list[BaseException]) -> None:
+    try:
+        c.sendall(data)
+    except OSError as e:
+        failed.append(e)
+
+
+@pytest.mark.parametrize("framing", ["chunked", "content-length"])
+def test_a_body_refused_for_the_budget_and_left_unread_is_lingered_over(framing: str) -> None:
+    """A body the budget refuses and the server does not drop (chunked, or longer than
+    ``DISCARD_MAX_BYTES``) closes the connection after the 503; the server first reads what the
+    client is still sending, so a client streaming its body gets it out and sees the 503 and an
+    orderly close, not a reset, and the request pipelined after the body is never parsed."""
+    s, _ = serve(policy=ApiPolicy(body_inflight_bytes=1000))
+    try:
+        assert s.body_budget.reserve(990)  # another request's body being read
+        data = b"x" * STREAMED_BODY_BYTES
+        if framing == "chunked":
+            head = (b"POST /v2/models/m/infer HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+                    b"Transfer-Encoding: chunked\r\n\r\n")
+            data = (f"{len(data):x}\r\n".encode() + data + b"\r\n0\r\n\r\n"
+                    + b"GET /v2 HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        else:
+            head = infer_head(handler.DISCARD_MAX_BYTES + 1)  # of which only ``data`` is sent
+        failed: list[BaseException] = []
+        got = b""
+        with socket.create_connection(("127.0.0.1", s.port), timeout=TIMEOUT_S) as c:
+            c.sendall(head)
+            sender = threading.Thread(target=_send_all, args=(c, data, failed))
+            sender.start()
+            try:
+                while more := c.recv(65536):
+                    got += more
+            except OSError as e:
+                failed.append(e)
+            sender.join(TIMEOUT_S)
+        assert not failed, f"the connection was reset under the client: {failed}"
+        [(status, doc)] = replies(got)  # the 503 and nothing else
+        assert (status, doc["code"]) == (503, "busy")
+        s.body_budget.release(990)
+        assert s.body_budget.used == 0
+    finally:
+        s.stop()
+
+
+def test_a_small_body_refused_for_the_budget_is_dropped_and_the_pipelined_request_answered() -> None:
+    """A Content-Length body the budget refuses is read and dropped, not parsed: the request
+    pipelined right behind it on the keep-alive connection is answered as itself."""
+    s, _ = serve(policy=ApiPolicy(body_inflight_bytes=1000))
+    try:
+        assert s.body_budget.reserve(990)  # another request's body being read
+        junk = b"GET /v2/health/ready HTTP/1.1\r\nHost: localhost\r\n\r\n" * 40  # a body that reads as requests
+        raw = infer_head(len(junk)) + junk + b"GET /v2 HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+        got = replies(exchange(s, raw))
+        assert [st for st, _ in got] == [503, 200], got
+        assert got[0][1]["code"] == "busy" and got[1][1]["name"] == "edge-agent"
+        s.body_budget.release(990)
+        assert s.body_budget.used == 0
+    finally:
+        s.stop()
