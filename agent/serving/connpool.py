@@ -20,8 +20,9 @@ Design (leader/followers on epoll):
   ``backends.max_queue`` and ``queue_wait_s``): beyond either the request is answered 503
   ``busy`` with Retry-After, and the connection goes on.
 - Nothing a client does holds a thread: a refused body still arriving is dropped by the leader
-  as it comes (after the answer), and a reply the socket does not take at once is sent on by the
-  leader as the client reads (``HttpConn.outbuf``). Deadlines (head, body, idle, send) are those
+  as it comes (after the answer), as is what a client still sends after a refusal that closes
+  (the lingering close, ``_linger``), and a reply the socket does not take at once is sent on by
+  the leader as the client reads (``HttpConn.outbuf``). Deadlines (head, body, idle, send) are those
   of the thread-per-connection handler, checked every ``SWEEP_INTERVAL_S`` by the leader.
 """
 
@@ -42,7 +43,13 @@ from agent import errors
 from agent.backends.wire import IDLE, QUEUED, READING, WRITING, SlotTable
 from agent.serving import guard
 from agent.serving.admission import RETRY_AFTER_S
-from agent.serving.handler import IDLE_TIMEOUT_S, Handler, error_response
+from agent.serving.handler import (
+    IDLE_TIMEOUT_S,
+    LINGER_MAX_BYTES,
+    LINGER_TIMEOUT_S,
+    Handler,
+    error_response,
+)
 from agent.serving.httpconn import (
     HEAD_TIMEOUT_S,
     SEND_TIMEOUT_S,
@@ -86,18 +93,18 @@ class _Handler(Handler):
         self.setup()
 
     def _linger(self) -> None:
-        if not self.conn.outbuf:  # else the pool closes once the reply is out
-            super()._linger()
+        pass  # no thread waits on a client: the leader lingers once the reply is out (ConnPool._linger)
 
 
 class _Conn:
-    __slots__ = ("armed", "body", "deadline", "err", "fd", "h", "kind", "limit", "need", "queued_at", "req",
-                 "since", "slot", "sock")
+    __slots__ = ("armed", "body", "deadline", "err", "fd", "h", "kind", "limit", "lingering", "need", "queued_at",
+                 "req", "since", "slot", "sock")
 
     def __init__(self, sock: socket.socket, slot: int, h: _Handler) -> None:
         self.sock, self.slot, self.h = sock, slot, h
         self.fd = sock.fileno()
         self.armed = False  # waiting in epoll (only the leader touches it then)
+        self.lingering = False  # answered and closing: what the client still sends is dropped
         self.req: Any = None  # the request whose body is being read or that is a job
         self.body = b""
         self.limit = self.need = 0  # body limit; bytes reserved in the body budget
@@ -253,7 +260,7 @@ class ConnPool:
                 return self._after_reply(c)
             if conn.discarding:  # a refused body, after its answer
                 self._set(c, READING)
-                if not conn.discard_pending():
+                if not conn.discard_pending() or c.lingering:
                     self._close(c)
                     return False
                 if not conn.buf:
@@ -401,7 +408,10 @@ class ConnPool:
             c.deadline = time.monotonic() + SEND_TIMEOUT_S
             self._arm(c, select.EPOLLOUT)
             return False
-        if h.close_connection or h.body_unread:
+        if h.body_unread:
+            self._linger(c)
+            return False
+        if h.close_connection:
             self._close(c)
             return False
         if self._owner.retiring:
@@ -411,6 +421,20 @@ class ConnPool:
             return self._step(c)
         self._idle(c)  # (a retire racing this is caught by the leader's next sweep)
         return False
+
+    def _linger(self, c: _Conn) -> None:
+        """After a refusal that closes with the body unread: end our side, then let the leader drop
+        what the client still sends (``LINGER_MAX_BYTES``, ``LINGER_TIMEOUT_S``) and close at its
+        end or at the deadline (``_sweep``), so the client sees the reply rather than a reset."""
+        h = c.h
+        h.body_unread = False
+        h.close_connection = True
+        c.lingering = True
+        with contextlib.suppress(OSError):
+            c.sock.shutdown(socket.SHUT_WR)
+        h.conn.linger(LINGER_MAX_BYTES, LINGER_TIMEOUT_S)
+        self._set(c, READING)
+        self._arm(c)
 
     def _late_job(self, c: _Conn) -> None:
         if c.kind == _SERVE:

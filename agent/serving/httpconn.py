@@ -403,6 +403,15 @@ class HttpConn:
     def discard_deadline(self) -> float:
         return self._discard_deadline
 
+    def linger(self, limit: int, timeout_s: float) -> None:
+        """After a reply that closes with a body still on its way (non-blocking mode): drop up to
+        ``limit`` more bytes for ``timeout_s`` through ``discard_pending``, so that the client sees
+        the reply and the close rather than a reset."""
+        self.buf.clear()
+        self.body_left = 0
+        self.discarding = limit
+        self._discard_deadline = time.monotonic() + timeout_s
+
     def discard_pending(self) -> bool:
         """Go on dropping a refused body (``discarding`` bytes left); False at end of stream.
         Raises NeedMore (non-blocking mode) or ReadTimeout."""

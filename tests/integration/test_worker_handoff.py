@@ -26,6 +26,7 @@ from agent.backends.base import LoadOptions
 from agent.backends.isolated import IDLE, IsolatedModel
 from agent.backends.onnxruntime import CPU
 from agent.backends.wire import DeathReason
+from agent.serving.guard import ApiPolicy
 from agent.serving.kserve import KServeServer
 from agent.serving.registry import Registry, ServingVersion
 
@@ -65,11 +66,11 @@ def _proc_state(pid: int) -> str:
 
 
 class Env:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, policy: ApiPolicy | None = None) -> None:
         self.root = root
         self.seen: list[tuple[str, int, bool]] = []
         self.registry = Registry(observer=lambda n, v, b, s, ok: self.seen.append((n, v, ok)))
-        self.server = KServeServer(self.registry, "127.0.0.1", 0)
+        self.server = KServeServer(self.registry, "127.0.0.1", 0, policy=policy)
         self.server.start()
         self.models: list[IsolatedModel] = []
 

@@ -23,8 +23,9 @@ import onnxruntime as ort
 import pytest
 from test_worker_handoff import TIMEOUT_S, Env, _body, _post, _wait
 
-from agent.backends.wire import IDLE, INFER, QUEUED, DeathReason
+from agent.backends.wire import IDLE, INFER, PENDING, QUEUED, DeathReason
 from agent.serving.admission import Limits
+from agent.serving.guard import ApiPolicy
 
 X = np.arange(8, dtype=np.float32).reshape(2, 4) / 8
 LOOP_SIDE = 256  # the slow model multiplies LOOP_SIDE² matrices n times
@@ -355,3 +356,57 @@ def test_clients_not_reading_large_replies_hold_no_thread(env: Env, tmp_path: Pa
         assert status == 200 and np.allclose(_answer(doc, 64), want, rtol=1e-5)
         s.close()
     assert m.alive and m.death_reason is None
+
+
+HELD_BODY_BYTES = 60_000  # a slow sender's body, of the worker's budget below (lin takes ≈ 72 KB)
+WORKER_BUDGET_BYTES = 100_000
+STREAMED_BODY_BYTES = 6 * 1024 * 1024  # more than the socket buffers take without the worker reading
+
+
+def _send_all(c: socket.socket, data: bytes, failed: list[BaseException]) -> None:
+    try:
+        c.sendall(data)
+    except OSError as e:
+        failed.append(e)
+
+
+def test_a_body_refused_for_the_budget_closes_in_order_not_with_a_reset(tmp_path: Path) -> None:
+    """In the worker: while a slow sender's body holds most of the body budget, a chunked infer
+    request is refused 503 ``busy`` before its body is read and its connection closes; the
+    leader drops what the client still sends first, so a client streaming its body gets it out
+    and sees the 503 and an orderly close, not a reset; the worker serves on."""
+    env = Env(tmp_path, policy=ApiPolicy(body_inflight_bytes=WORKER_BUDGET_BYTES))
+    try:
+        m, _ = env.serve("lin", 1, seed=1)
+        held = socket.create_connection(("127.0.0.1", env.server.port), timeout=TIMEOUT_S)
+        held.sendall(b"POST /v2/models/lin/infer HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: " + str(HELD_BODY_BYTES).encode() + b"\r\n\r\n{")
+        _wait(lambda: len(m._held) == 1 and all(m._slots.get(s)[0] != PENDING for s in m._held),
+              "the worker to take the slow sender (it reserves the body's bytes as it takes it)")
+        data = b"x" * STREAMED_BODY_BYTES
+        data = (f"{len(data):x}\r\n".encode() + data + b"\r\n0\r\n\r\n"
+                + b"POST /v2/models/lin/infer HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\n\r\n")
+        failed: list[BaseException] = []
+        got = b""
+        with socket.create_connection(("127.0.0.1", env.server.port), timeout=TIMEOUT_S) as c:
+            c.sendall(b"POST /v2/models/lin/infer HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+                      b"Transfer-Encoding: chunked\r\n\r\n")
+            sender = threading.Thread(target=_send_all, args=(c, data, failed))
+            sender.start()
+            try:
+                while more := c.recv(65536):
+                    got += more
+            except OSError as e:
+                failed.append(e)
+            sender.join(TIMEOUT_S)
+        assert not failed, f"the connection was reset under the client: {failed}"
+        head, _, rest = got.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 503 ") and b"Retry-After: 1" in head, got[:300]
+        assert json.loads(rest)["code"] == "busy"  # one reply: the request after the body was never parsed
+        held.close()  # its bytes go back to the budget
+        c2 = env.conn()
+        assert _post(c2)[0] == 200
+        c2.close()
+        assert m.alive and m.death_reason is None
+    finally:
+        env.close()
