@@ -74,7 +74,7 @@ def test_unit_has_what_the_agent_needs() -> None:
     # The trust folder must stay writable for the signed `trust` command under ProtectSystem=strict.
     assert d["ProtectSystem"] == ["strict"] and "-/etc/edge-agent/trust" in d["ReadWritePaths"]
     # Bounds: the descriptor limit leaves the API's connection cap with room for the rest of the
-    # daemon (agent/serving/kserve.py connection_cap), and memory is limited for daemon and workers.
+    # daemon (agent/serving/listeners.py connection_cap), and memory is limited for daemon and workers.
     from agent.serving.kserve import FD_RESERVE, MAX_CONNECTIONS
 
     nofile = int(d["LimitNOFILE"][0])
