@@ -68,7 +68,7 @@ class Routes:
         self._metrics_fn = metrics_fn
         self._meta_cache: dict[str, tuple[weakref.ref[ServingVersion], bytes]] = {}
         self._server_meta = to_json({"name": server_name, "version": server_version,
-                                     "extensions": list(EXTENSIONS)})
+                                     "extensions": list(EXTENSIONS)}, exact=True)  # no orjson at start
 
     def respond(self, req: Request, body: bytes) -> Response:
         """One request → one response; never raises."""

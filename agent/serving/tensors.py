@@ -76,13 +76,15 @@ _DECODER = json.JSONDecoder()
 
 def to_json(obj: Any, exact: bool = False) -> bytes:
     """Compact JSON. ``exact``: the standard library's text, for values orjson would write
-    differently (NaN and ±Infinity, which orjson writes as null)."""
-    oj = _orjson if _orjson is not _UNLOADED else _fast_json()
-    if oj is not None and not exact:
-        try:
-            return oj.dumps(obj)
-        except (oj.JSONEncodeError, TypeError):
-            pass  # integers beyond 64 bits, very deep values: the standard library writes or refuses them
+    differently (NaN and ±Infinity, which orjson writes as null), and for documents written once,
+    which need not load orjson (≈ 2 MB of a process's memory) before a request does."""
+    if not exact:
+        oj = _orjson if _orjson is not _UNLOADED else _fast_json()
+        if oj is not None:
+            try:
+                return oj.dumps(obj)
+            except (oj.JSONEncodeError, TypeError):
+                pass  # integers beyond 64 bits, very deep values: the standard library writes or refuses them
     return _ENCODER.encode(obj).encode()
 
 
