@@ -6,6 +6,7 @@ import os
 import shutil
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -33,6 +34,32 @@ def wait_port(host: str, port: int, timeout_s: float) -> None:
         except OSError:
             time.sleep(0.05)
     raise TimeoutError(f"nothing listening on {host}:{port} after {timeout_s} s")
+
+
+def stream_and_read(port: int, head: bytes, data: bytes, timeout_s: float) -> tuple[bytes, list[BaseException]]:
+    """Send ``head``, then stream ``data`` from a second thread while reading every reply until the
+    server closes: what a client still sending its body sees (the bytes, and any reset or broken
+    pipe met on either side)."""
+    failed: list[BaseException] = []
+    got = b""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout_s) as c:
+
+        def send() -> None:
+            try:
+                c.sendall(data)
+            except OSError as e:
+                failed.append(e)
+
+        c.sendall(head)
+        sender = threading.Thread(target=send)
+        sender.start()
+        try:
+            while more := c.recv(65536):
+                got += more
+        except OSError as e:
+            failed.append(e)
+        sender.join(timeout_s)
+    return got, failed
 
 
 @dataclass

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from conftest import stream_and_read
 
 from agent.bundles.manifest import TensorSpec
 from agent.serving import handler
@@ -540,13 +541,6 @@ def test_bodies_beyond_the_budget_are_refused_busy_unread() -> None:
 STREAMED_BODY_BYTES = 6 * 1024 * 1024  # more than the socket buffers take without the server reading
 
 
-def _send_all(c: socket.socket, data: bytes, failed: list[BaseException]) -> None:
-    try:
-        c.sendall(data)
-    except OSError as e:
-        failed.append(e)
-
-
 @pytest.mark.parametrize("framing", ["chunked", "content-length"])
 def test_a_body_refused_for_the_budget_and_left_unread_is_lingered_over(framing: str) -> None:
     """A body the budget refuses and the server does not drop (chunked, or longer than
@@ -564,18 +558,7 @@ def test_a_body_refused_for_the_budget_and_left_unread_is_lingered_over(framing:
                     + b"GET /v2 HTTP/1.1\r\nHost: localhost\r\n\r\n")
         else:
             head = infer_head(handler.DISCARD_MAX_BYTES + 1)  # of which only ``data`` is sent
-        failed: list[BaseException] = []
-        got = b""
-        with socket.create_connection(("127.0.0.1", s.port), timeout=TIMEOUT_S) as c:
-            c.sendall(head)
-            sender = threading.Thread(target=_send_all, args=(c, data, failed))
-            sender.start()
-            try:
-                while more := c.recv(65536):
-                    got += more
-            except OSError as e:
-                failed.append(e)
-            sender.join(TIMEOUT_S)
+        got, failed = stream_and_read(s.port, head, data, TIMEOUT_S)
         assert not failed, f"the connection was reset under the client: {failed}"
         [(status, doc)] = replies(got)  # the 503 and nothing else
         assert (status, doc["code"]) == (503, "busy")

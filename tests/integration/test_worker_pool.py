@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 import pytest
+from conftest import stream_and_read
 from test_worker_handoff import TIMEOUT_S, Env, _body, _post, _wait
 
 from agent.backends.wire import IDLE, INFER, PENDING, QUEUED, DeathReason
@@ -363,13 +364,6 @@ WORKER_BUDGET_BYTES = 100_000
 STREAMED_BODY_BYTES = 6 * 1024 * 1024  # more than the socket buffers take without the worker reading
 
 
-def _send_all(c: socket.socket, data: bytes, failed: list[BaseException]) -> None:
-    try:
-        c.sendall(data)
-    except OSError as e:
-        failed.append(e)
-
-
 def test_a_body_refused_for_the_budget_closes_in_order_not_with_a_reset(tmp_path: Path) -> None:
     """In the worker: while a slow sender's body holds most of the body budget, a chunked infer
     request is refused 503 ``busy`` before its body is read and its connection closes; the
@@ -386,19 +380,9 @@ def test_a_body_refused_for_the_budget_closes_in_order_not_with_a_reset(tmp_path
         data = b"x" * STREAMED_BODY_BYTES
         data = (f"{len(data):x}\r\n".encode() + data + b"\r\n0\r\n\r\n"
                 + b"POST /v2/models/lin/infer HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\n\r\n")
-        failed: list[BaseException] = []
-        got = b""
-        with socket.create_connection(("127.0.0.1", env.server.port), timeout=TIMEOUT_S) as c:
-            c.sendall(b"POST /v2/models/lin/infer HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
-                      b"Transfer-Encoding: chunked\r\n\r\n")
-            sender = threading.Thread(target=_send_all, args=(c, data, failed))
-            sender.start()
-            try:
-                while more := c.recv(65536):
-                    got += more
-            except OSError as e:
-                failed.append(e)
-            sender.join(TIMEOUT_S)
+        head = (b"POST /v2/models/lin/infer HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+                b"Transfer-Encoding: chunked\r\n\r\n")
+        got, failed = stream_and_read(env.server.port, head, data, TIMEOUT_S)
         assert not failed, f"the connection was reset under the client: {failed}"
         head, _, rest = got.partition(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 503 ") and b"Retry-After: 1" in head, got[:300]
